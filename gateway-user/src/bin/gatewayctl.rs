@@ -1,0 +1,72 @@
+//! `gatewayctl`: the operator's view of a node. `gatewayctl stats` prints the connect hook's
+//! verdict counters from the pinned maps.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use gateway_common::Verdict;
+use gateway_user::{config::DEFAULT_BPFFS_DIR, redirect};
+
+#[derive(Debug, Parser)]
+#[command(name = "gatewayctl", version, about = "Inspect a node gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print how many connects the hook redirected or let pass, by reason.
+    Stats {
+        /// Pin directory of the gateway's maps.
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const VERDICTS: [(Verdict, &str); 10] = [
+    (Verdict::Redirected, "redirected"),
+    (Verdict::RedirectedStale, "redirected_stale_heartbeat"),
+    (Verdict::PassNotTarget, "pass_not_target"),
+    (Verdict::PassHostNetns, "pass_host_netns"),
+    (Verdict::PassMarked, "pass_marked"),
+    (Verdict::PassExcludedCgroup, "pass_excluded_cgroup"),
+    (Verdict::PassAlreadyProxy, "pass_already_proxy"),
+    (Verdict::PassStaleHeartbeat, "pass_stale_heartbeat"),
+    (Verdict::PassDisabled, "pass_disabled"),
+    (Verdict::PassNotTcp, "pass_not_tcp"),
+];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gatewayctl: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Stats { bpffs, json } => {
+            let stats = redirect::read_stats(&bpffs)?;
+            if json {
+                let object: serde_json::Map<String, serde_json::Value> = VERDICTS
+                    .iter()
+                    .map(|(verdict, name)| ((*name).to_string(), stats.get(*verdict).into()))
+                    .collect();
+                println!("{}", serde_json::Value::Object(object));
+            } else {
+                for (verdict, name) in VERDICTS {
+                    println!("{name:<28} {}", stats.get(verdict));
+                }
+            }
+            Ok(())
+        }
+    }
+}

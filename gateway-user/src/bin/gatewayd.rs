@@ -1,0 +1,115 @@
+//! `gatewayd`: the node daemon. `gatewayd run --config FILE` attaches the redirect programs and
+//! runs the proxy; `gatewayd check` validates a configuration and probes the kernel without
+//! changing anything; `gatewayd uninstall` detaches the programs and removes their pins.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use gateway_user::{config::Config, daemon, redirect};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "gatewayd", version, about = "Node gateway daemon: eBPF redirect, proxy and session recording")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach the redirect programs and run the proxy until SIGTERM.
+    Run {
+        /// Configuration file (YAML).
+        #[arg(long, short, env = "GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// File to create once the daemon is ready (it holds the daemon's pid).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate a configuration and probe the kernel, changing nothing.
+    Check {
+        #[arg(long, short, env = "GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Detach the redirect programs and remove their pinned links and maps.
+    Uninstall {
+        /// Configuration file; its `redirect.bpffs` names the pin directory.
+        #[arg(long, short, env = "GATEWAY_CONFIG", conflicts_with = "bpffs")]
+        config: Option<PathBuf>,
+        /// Pin directory, when no configuration file is at hand.
+        #[arg(long)]
+        bpffs: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gatewayd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config, ready_file } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(daemon::run(config, daemon::RunOptions { ready_file }))
+        }
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let mounts = gateway_user::cgroup::find_mounts(std::path::Path::new(redirect::MOUNTINFO))?;
+            let cgroup = match &config.redirect.cgroup {
+                Some(configured) => gateway_user::cgroup::resolve(&mounts.unified, configured)?,
+                None => gateway_user::cgroup::detect_kubepods(&mounts.unified)?,
+            };
+            redirect::probe_kernel()?;
+            println!("configuration valid: {} target(s)", config.targets.len());
+            println!("cgroup2 mount: {}", mounts.unified.display());
+            if !mounts.v1.is_empty() {
+                println!("warning: hybrid cgroup host ({} cgroup v1 mounts beside cgroup2)", mounts.v1.len());
+            }
+            println!("attach cgroup: {}", cgroup.display());
+            println!("kernel: all needed eBPF program types, maps and helpers are available");
+            Ok(())
+        }
+        Command::Uninstall { config, bpffs } => {
+            let dir = match (config, bpffs) {
+                (Some(config), _) => Config::load(&config)?.redirect.bpffs,
+                (None, Some(dir)) => dir,
+                (None, None) => PathBuf::from(gateway_user::config::DEFAULT_BPFFS_DIR),
+            };
+            let removed = redirect::uninstall(&dir)?;
+            println!(
+                "removed {} link(s) and {} map(s) from {}",
+                removed.links.len(),
+                removed.maps.len(),
+                dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("GATEWAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,542 @@
+//! The daemon's configuration: one YAML file given with `--config`, parsed into typed structs
+//! and validated before anything is attached, so a mistake is reported with the field it is
+//! in instead of surfacing later as odd behaviour.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// Default bpffs directory for the gateway's pinned maps and links.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/gateway";
+/// Default directory of the session recordings.
+pub const DEFAULT_RECORDING_DIR: &str = "/var/lib/gateway/sessions";
+/// Default `SO_MARK` of the proxy's upstream sockets: the ASCII bytes "GW", chosen to stay clear
+/// of the low marks and of the 0x4000/0x8000 bits kube-proxy and Calico use.
+pub const DEFAULT_MARK: u32 = 0x4757_0000;
+/// Default limit on concurrent proxied connections. Each idle one costs a few KiB of proxy
+/// memory and two file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Default idle time after which a connection with no bytes in either direction is closed.
+/// One hour, like pgbouncer's `server_idle_timeout` default, so quiet database sessions and
+/// API watches survive.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default time allowed for the upstream TCP handshake.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time open connections get to finish after SIGTERM before they are closed.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default interval between heartbeats written to the `CONFIG` map.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default heartbeat age after which the fail mode applies.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Kubernetes' default NodePort range, which the redirect port must stay out of.
+const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// Errors while reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema; `field` is the path to the offending value.
+    #[error("invalid config file {path}: field `{field}`: {message}")]
+    Parse {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    /// The values parse but contradict each other or are out of range.
+    #[error("invalid config file {path}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this node, written into recordings. Defaults to the host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub redirect: RedirectSettings,
+    #[serde(default)]
+    pub recording: RecordingConfig,
+    /// Destinations whose connects are redirected.
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+}
+
+/// The proxy's listeners and limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// IPv4 redirect address: a node address pods can reach.
+    #[serde(default)]
+    pub listen_v4: Option<SocketAddrV4>,
+    /// IPv6 redirect address.
+    #[serde(default)]
+    pub listen_v6: Option<SocketAddrV6>,
+    /// Maximum number of proxied connections open at once; further ones are reset.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Close a connection after this long with no bytes either way (e.g. `30m`).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed for the upstream TCP handshake.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time open connections get to finish after SIGTERM.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// What to do when the daemon stops refreshing its heartbeat.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Connects go direct, unproxied and unrecorded: availability first.
+    #[default]
+    Open,
+    /// Connects keep going to the proxy and fail while it is down: control first.
+    Closed,
+}
+
+/// Where and how the eBPF programs are attached.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectSettings {
+    /// Turns redirection off while keeping the programs attached.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// cgroup to attach to, absolute or relative to the cgroup2 mount. Default: the kubelet's
+    /// `kubepods.slice` or `kubepods`.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    /// `SO_MARK` of the proxy's upstream sockets; connects carrying it are never redirected.
+    #[serde(default = "default_mark")]
+    pub mark: u32,
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Heartbeat age after which the fail mode applies.
+    #[serde(default = "default_heartbeat_timeout", with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// cgroups (with everything below them) whose connects are never redirected.
+    #[serde(default)]
+    pub exclude_cgroups: Vec<PathBuf>,
+}
+
+impl Default for RedirectSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cgroup: None,
+            bpffs: default_bpffs(),
+            mark: DEFAULT_MARK,
+            fail_mode: FailMode::Open,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            exclude_cgroups: Vec::new(),
+        }
+    }
+}
+
+/// Where session recordings go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingConfig {
+    #[serde(default = "default_recording_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_recording_dir(),
+        }
+    }
+}
+
+/// Protocol class of a target.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetClass {
+    KubeApi,
+    Postgres,
+    Mysql,
+    Tcp,
+}
+
+impl TargetClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KubeApi => "kube_api",
+            Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
+            Self::Tcp => "tcp",
+        }
+    }
+
+    pub fn to_kernel(self) -> gateway_common::TargetClass {
+        match self {
+            Self::KubeApi => gateway_common::TargetClass::KubeApi,
+            Self::Postgres => gateway_common::TargetClass::Postgres,
+            Self::Mysql => gateway_common::TargetClass::Mysql,
+            Self::Tcp => gateway_common::TargetClass::Tcp,
+        }
+    }
+}
+
+impl fmt::Display for TargetClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One statically listed target.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Name used in recordings; defaults to `address:port`.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub address: IpAddr,
+    pub port: u16,
+    pub class: TargetClass,
+}
+
+impl TargetConfig {
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.socket_addr().to_string())
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_bpffs() -> PathBuf {
+    PathBuf::from(DEFAULT_BPFFS_DIR)
+}
+fn default_recording_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_RECORDING_DIR)
+}
+fn default_mark() -> u32 {
+    DEFAULT_MARK
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_drain_timeout() -> Duration {
+    DEFAULT_DRAIN_TIMEOUT
+}
+fn default_heartbeat_interval() -> Duration {
+    DEFAULT_HEARTBEAT_INTERVAL
+}
+fn default_heartbeat_timeout() -> Duration {
+    DEFAULT_HEARTBEAT_TIMEOUT
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let deserializer = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let field = error.path().to_string();
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                field: if field == "." { "(top level)".to_string() } else { field },
+                message: error.into_inner().to_string(),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+
+        let proxy = &self.proxy;
+        if proxy.listen_v4.is_none() && proxy.listen_v6.is_none() {
+            return Err(invalid(
+                "proxy",
+                "set listen_v4, listen_v6 or both: the proxy needs a redirect address".into(),
+            ));
+        }
+        for (field, addr) in [
+            ("proxy.listen_v4", proxy.listen_v4.map(SocketAddr::V4)),
+            ("proxy.listen_v6", proxy.listen_v6.map(SocketAddr::V6)),
+        ] {
+            let Some(addr) = addr else { continue };
+            if addr.ip().is_unspecified() {
+                return Err(invalid(
+                    field,
+                    format!("{addr}: the redirect address must be a specific node address, not a wildcard"),
+                ));
+            }
+            if addr.port() == 0 || NODE_PORT_RANGE.contains(&addr.port()) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "port {} is not allowed: use a fixed port outside the NodePort range {}-{}",
+                        addr.port(),
+                        NODE_PORT_RANGE.start(),
+                        NODE_PORT_RANGE.end()
+                    ),
+                ));
+            }
+        }
+        if proxy.max_connections == 0 {
+            return Err(invalid("proxy.max_connections", "must be at least 1".into()));
+        }
+        for (field, value) in [
+            ("proxy.idle_timeout", proxy.idle_timeout),
+            ("proxy.connect_timeout", proxy.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(field, "must be longer than zero".into()));
+            }
+        }
+
+        let redirect = &self.redirect;
+        if redirect.mark == 0 {
+            return Err(invalid(
+                "redirect.mark",
+                "must be non-zero: mark 0 is what unmarked sockets carry".into(),
+            ));
+        }
+        if redirect.heartbeat_interval.is_zero() {
+            return Err(invalid("redirect.heartbeat_interval", "must be longer than zero".into()));
+        }
+        if redirect.heartbeat_timeout < redirect.heartbeat_interval * 2 {
+            return Err(invalid(
+                "redirect.heartbeat_timeout",
+                format!(
+                    "{} is too short: it must be at least twice heartbeat_interval ({}), or a \
+                     single late heartbeat would trip the fail mode",
+                    humantime::format_duration(redirect.heartbeat_timeout),
+                    humantime::format_duration(redirect.heartbeat_interval)
+                ),
+            ));
+        }
+        if !redirect.bpffs.is_absolute() {
+            return Err(invalid("redirect.bpffs", "must be an absolute path".into()));
+        }
+
+        let mut seen = HashSet::new();
+        for (index, target) in self.targets.iter().enumerate() {
+            let field = |name: &str| format!("targets[{index}].{name}");
+            let addr = target.socket_addr();
+            if target.port == 0 {
+                return Err(invalid(&field("port"), "must be between 1 and 65535".into()));
+            }
+            if target.address.is_unspecified() || target.address.is_multicast() {
+                return Err(invalid(
+                    &field("address"),
+                    format!("{}: a target must be a unicast address", target.address),
+                ));
+            }
+            let is_proxy = proxy.listen_v4.map(SocketAddr::V4) == Some(addr)
+                || proxy.listen_v6.map(SocketAddr::V6) == Some(addr);
+            if is_proxy {
+                return Err(invalid(
+                    &field("address"),
+                    format!("{addr} is the proxy's own redirect address"),
+                ));
+            }
+            let needs_v6 = matches!(target.address, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none());
+            if needs_v6 && proxy.listen_v6.is_none() {
+                return Err(invalid(
+                    &field("address"),
+                    format!("{} is IPv6 but proxy.listen_v6 is not set", target.address),
+                ));
+            }
+            if !needs_v6 && proxy.listen_v4.is_none() {
+                return Err(invalid(
+                    &field("address"),
+                    format!("{} is IPv4 but proxy.listen_v4 is not set", target.address),
+                ));
+            }
+            if !seen.insert(normalize(addr)) {
+                return Err(invalid(&field("address"), format!("{addr} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Folds a mapped IPv6 address onto its IPv4 form so duplicates are found across forms.
+fn normalize(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+proxy:
+  listen_v4: 10.0.0.1:15001
+  listen_v6: '[fd00::1]:15001'
+redirect:
+  fail_mode: closed
+  heartbeat_interval: 500ms
+  heartbeat_timeout: 2s
+targets:
+  - name: payments-db
+    address: 10.96.0.20
+    port: 5432
+    class: postgres
+  - address: fd00::20
+    port: 443
+    class: kube_api
+";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.yaml"), text)
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).expect_err("config must be rejected").to_string()
+    }
+
+    #[test]
+    fn config_valid_file() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!(config.redirect.fail_mode, FailMode::Closed);
+        assert_eq!(config.redirect.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(config.targets.len(), 2);
+        assert_eq!(config.targets[0].class, TargetClass::Postgres);
+        assert_eq!(config.targets[1].display_name(), "[fd00::20]:443");
+        assert_eq!(config.proxy.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.recording.dir, PathBuf::from(DEFAULT_RECORDING_DIR));
+    }
+
+    #[test]
+    fn config_unknown_class() {
+        let text = GOOD.replace("class: postgres", "class: ftp");
+        let message = error_of(&text);
+        assert!(message.contains("targets[0].class"), "{message}");
+        assert!(message.contains("ftp"), "{message}");
+    }
+
+    #[test]
+    fn config_bad_address() {
+        let text = GOOD.replace("10.96.0.20", "10.96.0.300");
+        let message = error_of(&text);
+        assert!(message.contains("targets[0].address"), "{message}");
+    }
+
+    #[test]
+    fn config_missing_field() {
+        let text = GOOD.replace("    port: 5432\n", "");
+        let message = error_of(&text);
+        assert!(message.contains("targets[0]"), "{message}");
+        assert!(message.contains("missing field `port`"), "{message}");
+    }
+
+    #[test]
+    fn config_unknown_field() {
+        let text = GOOD.replace("  fail_mode: closed", "  failmode: closed");
+        let message = error_of(&text);
+        assert!(message.contains("redirect"), "{message}");
+        assert!(message.contains("failmode"), "{message}");
+    }
+
+    #[test]
+    fn config_bad_fail_mode() {
+        let text = GOOD.replace("fail_mode: closed", "fail_mode: sometimes");
+        let message = error_of(&text);
+        assert!(message.contains("redirect.fail_mode"), "{message}");
+    }
+
+    #[test]
+    fn config_node_port_range_rejected() {
+        let text = GOOD.replace("10.0.0.1:15001", "10.0.0.1:30080");
+        let message = error_of(&text);
+        assert!(message.contains("proxy.listen_v4"), "{message}");
+        assert!(message.contains("NodePort"), "{message}");
+    }
+
+    #[test]
+    fn config_ipv6_target_needs_v6_listener() {
+        let text = GOOD.replace("  listen_v6: '[fd00::1]:15001'\n", "");
+        let message = error_of(&text);
+        assert!(message.contains("targets[1].address"), "{message}");
+    }
+
+    #[test]
+    fn config_duplicate_target_across_forms() {
+        let text = GOOD.replace("fd00::20", "::ffff:10.96.0.20").replace("443", "5432");
+        let message = error_of(&text);
+        assert!(message.contains("listed twice"), "{message}");
+    }
+
+    #[test]
+    fn config_short_heartbeat_timeout() {
+        let text = GOOD.replace("heartbeat_timeout: 2s", "heartbeat_timeout: 600ms");
+        let message = error_of(&text);
+        assert!(message.contains("redirect.heartbeat_timeout"), "{message}");
+    }
+
+    #[test]
+    fn config_target_is_proxy() {
+        let text = GOOD.replace("10.96.0.20", "10.0.0.1").replace("5432", "15001");
+        let message = error_of(&text);
+        assert!(message.contains("proxy's own"), "{message}");
+    }
+
+    #[test]
+    fn config_no_listener() {
+        let text = "proxy: {}\n";
+        let message = error_of(text);
+        assert!(message.contains("field `proxy`"), "{message}");
+    }
+}

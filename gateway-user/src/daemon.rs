@@ -1,0 +1,116 @@
+//! The daemon's life cycle: start the redirect, bind the proxy, keep the heartbeat going, and
+//! stop cleanly.
+//!
+//! Signals: SIGTERM and SIGINT start a graceful stop (stop accepting, drain open sessions until
+//! `proxy.drain_timeout`, then close the rest); a second signal during the drain stops at once.
+//! The eBPF programs stay attached across a stop, so a restarted daemon takes over without a
+//! gap; with `fail_mode: open` the heartbeat is expired on a graceful stop so new connects go
+//! direct immediately rather than into a closed port.
+
+use std::{path::PathBuf, sync::Arc};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, FailMode},
+    identity::Identity,
+    proxy::Proxy,
+    record::Recorder,
+    redirect::Redirect,
+};
+
+/// Options of `gatewayd run` beyond the configuration file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// File created once the programs are attached and the proxy listens, for supervisors and
+    /// tests that need to wait for readiness.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Runs the daemon until it is told to stop.
+pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let node = config.node_name.clone().unwrap_or_else(hostname);
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+
+    let redirect = {
+        let config = Arc::clone(&config);
+        tokio::task::spawn_blocking(move || Redirect::start(&config)).await??
+    };
+    let redirect = Arc::new(redirect);
+    let identity = Arc::new(Identity::new(
+        redirect.mounts.unified.clone(),
+        redirect.cgroup.clone(),
+    ));
+    let recorder = Recorder::new(config.recording.dir.clone(), node.clone());
+    let proxy = Proxy::new(Arc::clone(&config), Arc::clone(&redirect), identity, recorder);
+    let listeners = proxy.bind()?;
+
+    let heartbeat = tokio::spawn(heartbeat_loop(Arc::clone(&redirect), config.redirect.heartbeat_interval));
+    let accept_loops = proxy.serve(listeners);
+
+    if let Some(path) = &options.ready_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))?;
+    }
+    info!(
+        node = %node,
+        targets = config.targets.len(),
+        fail_mode = ?config.redirect.fail_mode,
+        recordings = %config.recording.dir.display(),
+        "gatewayd ready"
+    );
+
+    tokio::select! {
+        _ = terminate.recv() => info!(signal = "SIGTERM", "stopping"),
+        _ = interrupt.recv() => info!(signal = "SIGINT", "stopping"),
+    }
+
+    if config.redirect.fail_mode == FailMode::Open {
+        heartbeat.abort();
+        if let Err(error) = redirect.expire_heartbeat() {
+            warn!(%error, "failed to expire the heartbeat; new connects go direct once it times out");
+        }
+    }
+    let drain = proxy.shutdown(accept_loops);
+    tokio::select! {
+        () = drain => {}
+        _ = terminate.recv() => warn!("second signal: stopping without waiting for open sessions"),
+        _ = interrupt.recv() => warn!("second signal: stopping without waiting for open sessions"),
+    }
+    heartbeat.abort();
+    if let Some(path) = &options.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    info!("gatewayd stopped; eBPF programs stay attached (remove them with `gatewayd uninstall`)");
+    Ok(())
+}
+
+async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures: u64 = 0;
+    loop {
+        ticker.tick().await;
+        let redirect = Arc::clone(&redirect);
+        let result = tokio::task::spawn_blocking(move || redirect.heartbeat()).await;
+        match result {
+            Ok(Ok(())) => failures = 0,
+            Ok(Err(error)) => {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    error!(%error, consecutive_failures = failures, "heartbeat update failed");
+                }
+            }
+            Err(join_error) => error!(%join_error, "heartbeat task failed"),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}

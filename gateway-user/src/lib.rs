@@ -1,0 +1,28 @@
+//! The gateway's user-space side: the daemon `gatewayd` and the CLI `gatewayctl` are thin
+//! binaries over this library.
+//!
+//! Modules, one concern each:
+//! - `config`: the YAML configuration and its validation;
+//! - `cgroup`: the cgroup2 mount, the pods cgroup and cgroup id lookups;
+//! - `redirect`: loading, attaching, pinning and adopting the eBPF programs and their maps;
+//! - `proxy`: accepting redirected connections and dispatching them to a protocol handler;
+//! - `protocol`: the handlers, one per target class;
+//! - `identity`: the subject behind a connection;
+//! - `record`: the session recordings;
+//! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
+//! - `sys`: the only module with unsafe code, wrapping system calls;
+//! - `testing` (feature `testing`): the one-machine test node.
+#![deny(unsafe_code)]
+
+pub mod cgroup;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod protocol;
+pub mod proxy;
+pub mod record;
+pub mod redirect;
+#[expect(unsafe_code, reason = "the one module that wraps system calls")]
+pub mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,331 @@
+//! The node-local proxy: accepts redirected connections on the redirect addresses, recovers
+//! each one's original destination and subject, opens the upstream connection with the
+//! gateway's socket mark, and hands both to the handler for the target's class.
+//!
+//! Limits: at most `max_connections` sessions at once (more are reset at accept, so clients
+//! fail fast instead of hanging); an idle timeout per session; a connect timeout upstream.
+//! Shutdown: `shutdown()` stops accepting, open sessions get `drain_timeout` to finish, then
+//! the remaining ones are closed and recorded as such.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
+
+use crate::{
+    config::{Config, TargetConfig},
+    identity::{Identity, Subject},
+    protocol,
+    record::{Outcome, Recorder, SessionEnd, TargetInfo},
+    redirect::{Redirect, socket_addr_of},
+};
+
+/// Listen backlog of the redirect sockets: connects that arrive while the accept loop is busy
+/// wait here rather than being refused.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Errors while setting up the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("failed to listen on redirect address {addr}: {source}; check that the address is assigned to this node")]
+    Listen { addr: SocketAddr, source: io::Error },
+}
+
+/// The running proxy, shared by its accept loops and sessions.
+#[derive(Debug)]
+pub struct Proxy {
+    config: Arc<Config>,
+    redirect: Arc<Redirect>,
+    identity: Arc<Identity>,
+    recorder: Recorder,
+    permits: Arc<Semaphore>,
+    sessions: TaskTracker,
+    /// Cancelled to stop accepting.
+    stop_accepting: CancellationToken,
+    /// Cancelled when the drain deadline passes; open sessions then end.
+    force_close: CancellationToken,
+    /// Connections reset because the limit was reached, for rate-limited logging.
+    rejected_limit: AtomicU64,
+    /// Connections with no `CONN` entry, for rate-limited logging.
+    rejected_unknown: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, redirect: Arc<Redirect>, identity: Arc<Identity>, recorder: Recorder) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(config.proxy.max_connections)),
+            config,
+            redirect,
+            identity,
+            recorder,
+            sessions: TaskTracker::new(),
+            stop_accepting: CancellationToken::new(),
+            force_close: CancellationToken::new(),
+            rejected_limit: AtomicU64::new(0),
+            rejected_unknown: AtomicU64::new(0),
+        })
+    }
+
+    /// Binds every configured redirect address.
+    pub fn bind(&self) -> Result<Vec<TcpListener>, ProxyError> {
+        let mut listeners = Vec::new();
+        let addrs = [
+            self.config.proxy.listen_v4.map(SocketAddr::V4),
+            self.config.proxy.listen_v6.map(SocketAddr::V6),
+        ];
+        for addr in addrs.into_iter().flatten() {
+            let listener = bind_listener(addr).map_err(|source| ProxyError::Listen { addr, source })?;
+            info!(%addr, "proxy listening");
+            listeners.push(listener);
+        }
+        Ok(listeners)
+    }
+
+    /// Runs one accept loop per listener until `shutdown` is called.
+    pub fn serve(self: &Arc<Self>, listeners: Vec<TcpListener>) -> TaskTracker {
+        let loops = TaskTracker::new();
+        for listener in listeners {
+            let proxy = Arc::clone(self);
+            loops.spawn(async move { proxy.accept_loop(listener).await });
+        }
+        loops.close();
+        loops
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                () = self.stop_accepting.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (client, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and the like: back off briefly instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let local = match client.local_addr() {
+                Ok(local) => local,
+                Err(error) => {
+                    warn!(%error, %peer, "accepted socket has no local address");
+                    continue;
+                }
+            };
+            let peer = unmap(peer);
+            let local = unmap(local);
+
+            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                self.reject_over_limit(client, peer, local);
+                continue;
+            };
+            let proxy = Arc::clone(&self);
+            let span = info_span!("session", client = %peer);
+            self.sessions.spawn(
+                async move {
+                    proxy.handle(client, peer, local).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn reject_over_limit(&self, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+        // Free the entry the kernel left for this connection.
+        let _ = self.redirect.take_original(peer, local);
+        // Linger 0 turns the close into a reset, which the client sees at once.
+        let _ = client.set_zero_linger();
+        let count = self.rejected_limit.fetch_add(1, Ordering::Relaxed) + 1;
+        if count.is_power_of_two() {
+            warn!(
+                %peer,
+                max_connections = self.config.proxy.max_connections,
+                rejected_total = count,
+                "connection limit reached, resetting new connections"
+            );
+        }
+    }
+
+    /// Stops accepting and lets open sessions drain until the deadline, then closes them.
+    pub async fn shutdown(&self, accept_loops: TaskTracker) {
+        self.stop_accepting.cancel();
+        accept_loops.wait().await;
+        self.sessions.close();
+        let open = self.sessions.len();
+        info!(open_sessions = open, drain_timeout = ?self.config.proxy.drain_timeout, "draining sessions");
+        if tokio::time::timeout(self.config.proxy.drain_timeout, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(open_sessions = self.sessions.len(), "drain deadline passed, closing remaining sessions");
+            self.force_close.cancel();
+            self.sessions.wait().await;
+        }
+        info!("all sessions closed");
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+        let started = Instant::now();
+        let Some(orig) = self.redirect.take_original(peer, local) else {
+            // Someone dialed the proxy port directly, or the entry was evicted.
+            let count = self.rejected_unknown.fetch_add(1, Ordering::Relaxed) + 1;
+            if count.is_power_of_two() {
+                warn!(%peer, %local, rejected_total = count, "no original destination for connection; closing it");
+            }
+            let _ = client.set_zero_linger();
+            return;
+        };
+        let destination = socket_addr_of(orig.orig_addr, orig.orig_port);
+        let target = self.target_info(orig.target_id, orig.class, destination);
+
+        let identity = Arc::clone(&self.identity);
+        let subject = tokio::task::spawn_blocking(move || identity.resolve(&orig))
+            .await
+            .unwrap_or_else(|_| Subject::default());
+
+        let recorder = self.recorder.clone();
+        let (record_subject, record_target) = (subject.clone(), target.clone());
+        let record = tokio::task::spawn_blocking(move || recorder.start(&record_subject, peer, &record_target)).await;
+        let record = match record {
+            Ok(Ok(record)) => record,
+            Ok(Err(error)) => {
+                // NOTE: no session may run unrecorded, so a failing recorder refuses sessions
+                // whatever the fail mode; the recorder's own fail mode is not built yet.
+                error!(%error, %peer, %destination, "cannot record session, refusing it");
+                let _ = client.set_zero_linger();
+                return;
+            }
+            Err(join_error) => {
+                error!(%join_error, "recording task failed, refusing session");
+                return;
+            }
+        };
+        debug!(session = %record.id, %destination, cgroup = ?subject.cgroup, "session started");
+
+        let end = match self.connect_upstream(destination).await {
+            Ok(upstream) => {
+                let result = protocol::tcp::relay(
+                    client,
+                    upstream,
+                    self.config.proxy.idle_timeout,
+                    self.force_close.clone(),
+                )
+                .await;
+                SessionEnd {
+                    outcome: result.outcome,
+                    reason: result.reason,
+                    bytes_from_client: result.bytes_from_client,
+                    bytes_from_upstream: result.bytes_from_upstream,
+                    duration: started.elapsed(),
+                }
+            }
+            Err(error) => {
+                let _ = client.set_zero_linger();
+                SessionEnd {
+                    outcome: Outcome::UpstreamFailed,
+                    reason: Some(format!("connect to {destination} failed: {error}")),
+                    bytes_from_client: 0,
+                    bytes_from_upstream: 0,
+                    duration: started.elapsed(),
+                }
+            }
+        };
+
+        // The access log: one event per session, fields only.
+        info!(
+            session = %record.id,
+            client.addr = %peer,
+            client.cgroup = subject.cgroup.as_deref().unwrap_or("unknown"),
+            client.pid = subject.pid,
+            target.name = %target.name,
+            target.addr = %destination,
+            target.class = %target.class,
+            outcome = ?end.outcome,
+            reason = end.reason.as_deref().unwrap_or(""),
+            bytes.from_client = end.bytes_from_client,
+            bytes.from_upstream = end.bytes_from_upstream,
+            duration_ms = end.duration.as_millis() as u64,
+            "session ended"
+        );
+        let session_id = record.id.clone();
+        match tokio::task::spawn_blocking(move || record.finish(&end)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => error!(%error, session = %session_id, "failed to write the end of the session recording"),
+            Err(join_error) => error!(%join_error, session = %session_id, "recording task failed"),
+        }
+    }
+
+    fn target_info(&self, target_id: u32, class: u8, destination: SocketAddr) -> TargetInfo {
+        let configured: Option<&TargetConfig> = self.config.targets.get(target_id as usize);
+        let class_name = match gateway_common::TargetClass::try_from(class) {
+            Ok(gateway_common::TargetClass::KubeApi) => "kube_api",
+            Ok(gateway_common::TargetClass::Postgres) => "postgres",
+            Ok(gateway_common::TargetClass::Mysql) => "mysql",
+            Ok(gateway_common::TargetClass::Tcp) | Err(_) => "tcp",
+        };
+        TargetInfo {
+            name: configured.map_or_else(|| destination.to_string(), TargetConfig::display_name),
+            class: class_name.to_string(),
+            addr: destination,
+        }
+    }
+
+    /// Connects to the original destination with the gateway's mark, so the connect hook lets
+    /// this connection through even if the daemon runs inside the pods' cgroup.
+    async fn connect_upstream(&self, destination: SocketAddr) -> io::Result<TcpStream> {
+        let domain = Domain::for_address(destination);
+        let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+        socket.set_mark(self.config.redirect.mark)?;
+        socket.set_tcp_nodelay(true)?;
+        let socket = TcpSocket::from_std_stream(socket.into());
+        match tokio::time::timeout(self.config.proxy.connect_timeout, socket.connect(destination)).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "timed out after {}",
+                    humantime::format_duration(self.config.proxy.connect_timeout)
+                ),
+            )),
+        }
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Folds an IPv4-mapped IPv6 address onto IPv4.
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}

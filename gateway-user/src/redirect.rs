@@ -1,0 +1,844 @@
+//! Loading, attaching, pinning and adopting the eBPF programs, and the maps the daemon keeps
+//! filled: `TARGETS`, `CONFIG` (with the heartbeat), `EXCLUDED_CGROUPS`, and `CONN`, which the
+//! proxy reads on every accept.
+//!
+//! Links and maps are pinned under the configured bpffs directory (`maps/` and `links/`), so
+//! they outlive the daemon. A restarted daemon loads the embedded programs against the pinned
+//! maps and swaps each pinned link over to its new program with `BPF_LINK_UPDATE`, which the
+//! kernel does atomically: at no point is a hook left empty. `uninstall` removes the pins,
+//! which detaches the programs and frees the maps.
+
+use std::{
+    fs,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramType, SockOps, links::FdLink,
+    },
+    sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
+};
+use gateway_common::{
+    AF_INET, AF_INET6, CONFIG_ENABLED, CONFIG_FAIL_CLOSED, CONFIG_HAS_V4, CONFIG_HAS_V6, ConnKey,
+    MAP_CONFIG, MAP_CONN, MAP_EXCLUDED_CGROUPS, MAP_STATS, MAP_TARGETS, OrigInfo, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, RedirectConfig,
+    TargetKey, TargetValue, VERDICT_COUNT, mapped_v4,
+};
+use tracing::{info, warn};
+
+use crate::{
+    cgroup::{self, CgroupError, CgroupMounts},
+    config::{Config, FailMode},
+    sys::{self, AttachType, BPF_F_ALLOW_MULTI, BPF_F_ALLOW_OVERRIDE},
+};
+
+/// The eBPF object built from `gateway-ebpf` by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
+
+/// Where `/proc/self/mountinfo` is; the cgroup2 mount is read from it.
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// The conventional bpffs mount point, which the daemon mounts when nothing is there.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// The programs and the hooks they go on, in attach order: `sock_ops` and `getpeername` first,
+/// so every redirected connect is already followed up when `connect` starts redirecting.
+const PROGRAMS: [(&str, AttachType); 5] = [
+    (PROG_SOCK_OPS, AttachType::SockOps),
+    (PROG_GETPEERNAME4, AttachType::Inet4Getpeername),
+    (PROG_GETPEERNAME6, AttachType::Inet6Getpeername),
+    (PROG_CONNECT4, AttachType::Inet4Connect),
+    (PROG_CONNECT6, AttachType::Inet6Connect),
+];
+
+/// Errors of the redirect data path.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The kernel lacks a program type, map type or helper the programs need.
+    #[error(
+        "this kernel cannot run the gateway's eBPF programs: missing {}; the gateway needs \
+         Linux 5.15 or later with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF",
+        missing.join(", ")
+    )]
+    KernelProbe { missing: Vec<String> },
+    /// Probing itself failed (typically: no permission to use `bpf()`).
+    #[error("failed to probe the kernel for {feature}: {message}; run gatewayd as root or with CAP_BPF and CAP_NET_ADMIN")]
+    ProbeFailed { feature: String, message: String },
+    /// The pin directory is not on a bpffs and none could be mounted.
+    #[error("{path} is not on a bpf filesystem: {message}; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { path: PathBuf, message: String },
+    /// An ancestor of the pods cgroup holds an exclusive attachment, so the kernel refuses ours.
+    #[error(
+        "cgroup {cgroup} has an exclusive {hook:?} program attached (attached without \
+         BPF_F_ALLOW_MULTI or BPF_F_ALLOW_OVERRIDE), so the kernel rejects programs on the cgroups \
+         below it; find it with `bpftool cgroup show {cgroup}` and reattach it with multi mode"
+    )]
+    ExclusiveAncestor { cgroup: PathBuf, hook: AttachType },
+    /// The embedded object could not be parsed or a map could not be created or reused.
+    #[error("failed to load the eBPF object: {source}")]
+    Object {
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// The verifier rejected a program.
+    #[error("the kernel rejected eBPF program {program}: {source}")]
+    Load {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// Attaching a program to the cgroup failed.
+    #[error("failed to attach {program} to cgroup {cgroup}: {source}")]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    /// A map or link pin operation failed.
+    #[error("failed to {action} {path}: {source}")]
+    Pin {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A map the object should contain is missing or has the wrong type.
+    #[error("eBPF map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    /// Reading or writing a map failed.
+    #[error("failed to update eBPF map {name}: {source}")]
+    MapUpdate {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// The daemon's own network namespace cookie could not be read.
+    #[error("failed to read this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14 or later): {source}")]
+    NetnsCookie {
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Paths of the pinned objects under the bpffs directory.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links().join(program)
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+}
+
+/// How the redirect came up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartKind {
+    /// Nothing was pinned: the programs were attached fresh.
+    Installed,
+    /// Pinned links were found and switched to the newly loaded programs.
+    Adopted,
+}
+
+/// The attached data path: the map handles the daemon writes and reads while it runs.
+pub struct Redirect {
+    pub mounts: CgroupMounts,
+    /// The cgroup the programs are attached to.
+    pub cgroup: PathBuf,
+    pub start_kind: StartKind,
+    pins: PinLayout,
+    base_config: RedirectConfig,
+    config_map: Mutex<Array<MapData, RedirectConfig>>,
+    conn_map: Mutex<BpfHashMap<MapData, ConnKey, OrigInfo>>,
+}
+
+impl std::fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirect")
+            .field("cgroup", &self.cgroup)
+            .field("start_kind", &self.start_kind)
+            .field("pins", &self.pins)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redirect {
+    /// Probes the kernel, loads the programs, fills the maps and attaches (or adopts) the
+    /// links. On return connects towards the configured targets are being redirected.
+    pub fn start(config: &Config) -> Result<Self, RedirectError> {
+        let mounts = cgroup::find_mounts(Path::new(MOUNTINFO))?;
+        if !mounts.v1.is_empty() {
+            warn!(
+                cgroup2 = %mounts.unified.display(),
+                v1_mounts = mounts.v1.len(),
+                "hybrid cgroup host: cgroup v1 controllers are mounted beside cgroup2; pods whose \
+                 processes are not placed in the cgroup2 hierarchy will not be redirected"
+            );
+        }
+        let cgroup = match &config.redirect.cgroup {
+            Some(configured) => cgroup::resolve(&mounts.unified, configured)?,
+            None => cgroup::detect_kubepods(&mounts.unified)?,
+        };
+
+        probe_kernel()?;
+        let pins = PinLayout::new(&config.redirect.bpffs);
+        ensure_bpffs(&pins.root)?;
+        for dir in [pins.maps(), pins.links()] {
+            fs::create_dir_all(&dir).map_err(|source| RedirectError::Pin {
+                action: "create directory",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .load(EBPF_OBJECT)
+            .map_err(|source| RedirectError::Object { source })?;
+
+        let base_config = kernel_config(config)?;
+        let mut config_map: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
+        write_config(&mut config_map, &base_config, sys::monotonic_ns())?;
+        let mut targets: BpfHashMap<MapData, TargetKey, TargetValue> = take_map(&mut ebpf, MAP_TARGETS)?;
+        sync_targets(&mut targets, config)?;
+        let mut excluded: BpfHashMap<MapData, u64, u8> = take_map(&mut ebpf, MAP_EXCLUDED_CGROUPS)?;
+        sync_excluded(&mut excluded, &mounts, config)?;
+        let conn_map: BpfHashMap<MapData, ConnKey, OrigInfo> = take_map(&mut ebpf, MAP_CONN)?;
+
+        let start_kind = attach_all(&mut ebpf, &pins, &cgroup)?;
+        info!(
+            cgroup = %cgroup.display(),
+            bpffs = %pins.root.display(),
+            adopted = start_kind == StartKind::Adopted,
+            "redirect programs attached"
+        );
+
+        // The links now hold the programs; the loader object and its program fds can go.
+        drop(ebpf);
+        Ok(Self {
+            mounts,
+            cgroup,
+            start_kind,
+            pins,
+            base_config,
+            config_map: Mutex::new(config_map),
+            conn_map: Mutex::new(conn_map),
+        })
+    }
+
+    /// Refreshes the heartbeat in `CONFIG`.
+    pub fn heartbeat(&self) -> Result<(), RedirectError> {
+        let mut map = self.config_map.lock().expect("config map lock poisoned");
+        write_config(&mut map, &self.base_config, sys::monotonic_ns())
+    }
+
+    /// Marks the heartbeat stale at once, so that in the open fail mode new connects go direct
+    /// instead of waiting for the timeout; used on a graceful stop.
+    pub fn expire_heartbeat(&self) -> Result<(), RedirectError> {
+        let mut map = self.config_map.lock().expect("config map lock poisoned");
+        write_config(&mut map, &self.base_config, 0)
+    }
+
+    /// Takes the original-destination entry of an accepted connection out of `CONN`.
+    pub fn take_original(&self, client: SocketAddr, proxy: SocketAddr) -> Option<OrigInfo> {
+        let key = conn_key(client, proxy);
+        let mut map = self.conn_map.lock().expect("conn map lock poisoned");
+        let info = map.get(&key, 0).ok()?;
+        // The entry is single-use; sock_ops would also remove it when the client closes.
+        let _ = map.remove(&key);
+        Some(info)
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+}
+
+/// Builds the `CONN` key for an accepted connection: the peer is the client, the local
+/// address the proxy.
+pub fn conn_key(client: SocketAddr, proxy: SocketAddr) -> ConnKey {
+    ConnKey {
+        client_addr: kernel_addr(client.ip()),
+        proxy_addr: kernel_addr(proxy.ip()),
+        client_port: client.port(),
+        proxy_port: proxy.port(),
+    }
+}
+
+/// Converts an address to the kernel form used in keys: network byte order words, IPv4 in
+/// mapped form.
+pub fn kernel_addr(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => mapped_v4(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let octets = v6.octets();
+            let mut words = [0u32; 4];
+            for (i, word) in words.iter_mut().enumerate() {
+                *word = u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+            }
+            words
+        }
+    }
+}
+
+/// Converts a kernel-form address back; mapped IPv4 comes back as IPv4.
+pub fn socket_addr_of(addr: [u32; 4], port: u16) -> SocketAddr {
+    let mut octets = [0u8; 16];
+    for (i, word) in addr.iter().enumerate() {
+        octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
+        None => SocketAddr::new(IpAddr::V6(v6), port),
+    }
+}
+
+fn kernel_config(config: &Config) -> Result<RedirectConfig, RedirectError> {
+    let mut flags = 0;
+    if config.redirect.enabled {
+        flags |= CONFIG_ENABLED;
+    }
+    if config.redirect.fail_mode == FailMode::Closed {
+        flags |= CONFIG_FAIL_CLOSED;
+    }
+    let (proxy_addr4, proxy_port4) = match config.proxy.listen_v4 {
+        Some(addr) => {
+            flags |= CONFIG_HAS_V4;
+            (u32::from_ne_bytes(addr.ip().octets()), addr.port())
+        }
+        None => (0, 0),
+    };
+    let (proxy_addr6, proxy_port6) = match config.proxy.listen_v6 {
+        Some(addr) => {
+            flags |= CONFIG_HAS_V6;
+            (kernel_addr(IpAddr::V6(*addr.ip())), addr.port())
+        }
+        None => ([0; 4], 0),
+    };
+
+    // The daemon runs in the host network namespace (hostNetwork: true), so its own cookie is
+    // the one to exempt.
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|source| RedirectError::NetnsCookie { source })?;
+    let host_netns_cookie =
+        sys::netns_cookie(probe.as_fd()).map_err(|source| RedirectError::NetnsCookie { source })?;
+
+    Ok(RedirectConfig {
+        flags,
+        proxy_addr4,
+        proxy_addr6,
+        proxy_port4,
+        proxy_port6,
+        mark: config.redirect.mark,
+        host_netns_cookie,
+        heartbeat_ns: 0,
+        stale_after_ns: config.redirect.heartbeat_timeout.as_nanos() as u64,
+    })
+}
+
+fn write_config(
+    map: &mut Array<MapData, RedirectConfig>,
+    base: &RedirectConfig,
+    heartbeat_ns: u64,
+) -> Result<(), RedirectError> {
+    let value = RedirectConfig {
+        heartbeat_ns,
+        ..*base
+    };
+    map.set(0, value, 0)
+        .map_err(|source| RedirectError::MapUpdate {
+            name: MAP_CONFIG,
+            source,
+        })
+}
+
+/// Makes `TARGETS` hold exactly the configured targets: adds the new ones first, then removes
+/// the ones no longer configured, so a target listed before and after never disappears.
+fn sync_targets(
+    map: &mut BpfHashMap<MapData, TargetKey, TargetValue>,
+    config: &Config,
+) -> Result<(), RedirectError> {
+    let mut wanted = Vec::with_capacity(config.targets.len());
+    for (index, target) in config.targets.iter().enumerate() {
+        let addr = target.socket_addr();
+        let family = match addr.ip() {
+            IpAddr::V4(_) => AF_INET,
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => AF_INET,
+            IpAddr::V6(_) => AF_INET6,
+        };
+        let key = TargetKey {
+            addr: kernel_addr(addr.ip()),
+            port: addr.port(),
+            family,
+        };
+        let value = TargetValue {
+            class: target.class.to_kernel() as u8,
+            _pad: [0; 3],
+            target_id: index as u32,
+        };
+        map.insert(key, value, 0).map_err(|source| RedirectError::MapUpdate {
+            name: MAP_TARGETS,
+            source,
+        })?;
+        wanted.push(key);
+    }
+
+    let stale: Vec<TargetKey> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !wanted.contains(key))
+        .collect();
+    for key in stale {
+        let _ = map.remove(&key);
+    }
+    Ok(())
+}
+
+fn sync_excluded(
+    map: &mut BpfHashMap<MapData, u64, u8>,
+    mounts: &CgroupMounts,
+    config: &Config,
+) -> Result<(), RedirectError> {
+    let mut wanted = Vec::new();
+    for configured in &config.redirect.exclude_cgroups {
+        let path = cgroup::resolve(&mounts.unified, configured)?;
+        let id = cgroup::cgroup_id(&path)?;
+        map.insert(id, 1, 0).map_err(|source| RedirectError::MapUpdate {
+            name: MAP_EXCLUDED_CGROUPS,
+            source,
+        })?;
+        wanted.push(id);
+    }
+    let stale: Vec<u64> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|id| !wanted.contains(id))
+        .collect();
+    for id in stale {
+        let _ = map.remove(&id);
+    }
+    Ok(())
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| RedirectError::Map {
+        name,
+        message: "not found in the eBPF object".into(),
+    })?;
+    T::try_from(map).map_err(|error| RedirectError::Map {
+        name,
+        message: format!(
+            "{error}; a pinned map from an incompatible version may be in the way: run \
+             `gatewayd uninstall` and start again"
+        ),
+    })
+}
+
+/// Checks that the kernel has every program type, map type and helper the programs use, and
+/// names all that are missing at once.
+pub fn probe_kernel() -> Result<(), RedirectError> {
+    let failed = |feature: &str, error: &dyn std::fmt::Display| RedirectError::ProbeFailed {
+        feature: feature.to_string(),
+        message: error.to_string(),
+    };
+    let mut missing = Vec::new();
+
+    for (program_type, name) in [
+        (ProgramType::CgroupSockAddr, "program type cgroup_sock_addr"),
+        (ProgramType::SockOps, "program type sock_ops"),
+    ] {
+        match is_program_supported(program_type) {
+            Ok(true) => {}
+            Ok(false) => missing.push(name.to_string()),
+            Err(error) => return Err(failed(name, &error)),
+        }
+    }
+    for (map_type, name) in [
+        (aya::maps::MapType::LruHash, "map type lru_hash"),
+        (aya::maps::MapType::PerCpuArray, "map type percpu_array"),
+    ] {
+        match is_map_supported(map_type) {
+            Ok(true) => {}
+            Ok(false) => missing.push(name.to_string()),
+            Err(error) => return Err(failed(name, &error)),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(RedirectError::KernelProbe { missing });
+    }
+
+    let helpers = [
+        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in cgroup_sock_addr (Linux 5.7)"),
+        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_socket_cookie, "bpf_get_socket_cookie in cgroup_sock_addr"),
+        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_cgroup_id, "bpf_get_current_cgroup_id in cgroup_sock_addr"),
+        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id, "bpf_get_current_ancestor_cgroup_id in cgroup_sock_addr"),
+        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_pid_tgid, "bpf_get_current_pid_tgid in cgroup_sock_addr"),
+        (ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie, "bpf_get_socket_cookie in sock_ops"),
+        (ProgramType::SockOps, BpfHelper::BPF_FUNC_sock_ops_cb_flags_set, "bpf_sock_ops_cb_flags_set in sock_ops"),
+    ];
+    for (program_type, helper, name) in helpers {
+        match is_helper_supported(program_type, helper) {
+            Ok(true) => {}
+            Ok(false) => missing.push(name.to_string()),
+            Err(error) => return Err(failed(name, &error)),
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(RedirectError::KernelProbe { missing })
+    }
+}
+
+/// Makes sure `dir` lives on a bpffs, mounting one at `/sys/fs/bpf` when that is where `dir`
+/// is meant to be and nothing is mounted there yet.
+fn ensure_bpffs(dir: &Path) -> Result<(), RedirectError> {
+    let not_bpffs = |message: String| RedirectError::NotBpffs {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let existing = nearest_existing(dir);
+    let on_bpffs = sys::filesystem_type(&existing)
+        .map_err(|error| not_bpffs(format!("statfs {} failed: {error}", existing.display())))?
+        == sys::BPF_FS_MAGIC;
+    if on_bpffs {
+        return Ok(());
+    }
+
+    let mount_point = Path::new(BPFFS_MOUNT);
+    if !dir.starts_with(mount_point) {
+        return Err(not_bpffs(format!("{} is on another filesystem", existing.display())));
+    }
+    fs::create_dir_all(mount_point).map_err(|error| {
+        not_bpffs(format!("failed to create {}: {error}", mount_point.display()))
+    })?;
+    sys::mount_bpffs(mount_point)
+        .map_err(|error| not_bpffs(format!("mounting bpffs at {} failed: {error}", mount_point.display())))?;
+    info!(path = BPFFS_MOUNT, "mounted bpffs");
+    Ok(())
+}
+
+fn nearest_existing(path: &Path) -> PathBuf {
+    let mut current = path.to_path_buf();
+    while !current.exists() {
+        match current.parent() {
+            Some(parent) => current = parent.to_path_buf(),
+            None => break,
+        }
+    }
+    current
+}
+
+/// Loads each program and puts it on its hook: a pinned link on the same cgroup is switched to
+/// the new program in place; otherwise a new link is created and pinned.
+fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup: &Path) -> Result<StartKind, RedirectError> {
+    let cgroup_dir = fs::File::open(cgroup).map_err(|source| CgroupError::NotFound {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    let cgroup_id = cgroup::cgroup_id(cgroup)?;
+    let mut adopted_all = true;
+
+    for (name, hook) in PROGRAMS {
+        let program = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
+            name,
+            message: "program not found in the eBPF object".into(),
+        })?;
+        let load = |source| RedirectError::Load {
+            program: name,
+            source,
+        };
+
+        let link_path = pins.link(name);
+        let pinned = open_pinned_link(&link_path, cgroup_id)?;
+        if pinned.is_none() {
+            adopted_all = false;
+            check_ancestors(cgroup, hook)?;
+        }
+
+        let attach_error = |source| RedirectError::Attach {
+            program: name,
+            cgroup: cgroup.to_path_buf(),
+            source,
+        };
+        let new_link: FdLink = if hook == AttachType::SockOps {
+            let program: &mut SockOps = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+            if let Some(link) = &pinned {
+                update_link(link, program.fd().map_err(load)?.as_fd(), &link_path)?;
+                continue;
+            }
+            let id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            let link = program.take_link(id).map_err(attach_error)?;
+            link.try_into().map_err(|error: aya::programs::links::LinkError| RedirectError::Pin {
+                action: "take the link of",
+                path: link_path.clone(),
+                source: io::Error::other(error.to_string()),
+            })?
+        } else {
+            let program: &mut CgroupSockAddr = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+            if let Some(link) = &pinned {
+                update_link(link, program.fd().map_err(load)?.as_fd(), &link_path)?;
+                continue;
+            }
+            let id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            let link = program.take_link(id).map_err(attach_error)?;
+            link.try_into().map_err(|error: aya::programs::links::LinkError| RedirectError::Pin {
+                action: "take the link of",
+                path: link_path.clone(),
+                source: io::Error::other(error.to_string()),
+            })?
+        };
+
+        // A stale pin (link on another cgroup, or one whose cgroup is gone) is replaced only
+        // after the new link is in place.
+        if link_path.exists() {
+            remove_pin(&link_path)?;
+        }
+        new_link
+            .pin(&link_path)
+            .map_err(|error| RedirectError::Pin {
+                action: "pin link at",
+                path: link_path.clone(),
+                source: io::Error::other(error.to_string()),
+            })?;
+    }
+    Ok(if adopted_all {
+        StartKind::Adopted
+    } else {
+        StartKind::Installed
+    })
+}
+
+/// Opens the link pinned at `path` if it is attached to cgroup `cgroup_id`; `None` when
+/// nothing is pinned or the pin belongs to another (or a removed) cgroup.
+fn open_pinned_link(path: &Path, cgroup_id: u64) -> Result<Option<OwnedFd>, RedirectError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let fd = sys::bpf_obj_get(path).map_err(|source| RedirectError::Pin {
+        action: "open pinned link",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let info = sys::bpf_cgroup_link_info(fd.as_fd()).map_err(|source| RedirectError::Pin {
+        action: "read pinned link",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if info.cgroup_id == cgroup_id {
+        Ok(Some(fd))
+    } else {
+        warn!(
+            link = %path.display(),
+            pinned_cgroup_id = info.cgroup_id,
+            configured_cgroup_id = cgroup_id,
+            "pinned link is attached to another cgroup; attaching anew and replacing it"
+        );
+        Ok(None)
+    }
+}
+
+fn update_link(
+    link: &OwnedFd,
+    program: std::os::fd::BorrowedFd<'_>,
+    path: &Path,
+) -> Result<(), RedirectError> {
+    sys::bpf_link_update(link.as_fd(), program).map_err(|source| RedirectError::Pin {
+        action: "switch pinned link to the new program at",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn remove_pin(path: &Path) -> Result<(), RedirectError> {
+    fs::remove_file(path).map_err(|source| RedirectError::Pin {
+        action: "remove pin",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Refuses to attach below a cgroup whose attachment for `hook` is exclusive, with a message
+/// naming it, instead of the kernel's bare `EPERM`.
+fn check_ancestors(cgroup: &Path, hook: AttachType) -> Result<(), RedirectError> {
+    let mut current = cgroup.parent();
+    while let Some(dir) = current {
+        // Stop at the top of the cgroup2 mount.
+        if sys::filesystem_type(dir).ok() != Some(sys::CGROUP2_SUPER_MAGIC) {
+            break;
+        }
+        let Ok(file) = fs::File::open(dir) else {
+            break;
+        };
+        if let Ok(attachments) = sys::bpf_prog_query(file.as_fd(), hook) {
+            // The kernel decides at the nearest ancestor that has programs for the hook.
+            if attachments.attach_flags & BPF_F_ALLOW_MULTI != 0 {
+                return Ok(());
+            }
+            if attachments.program_count > 0 {
+                if attachments.attach_flags & BPF_F_ALLOW_OVERRIDE != 0 {
+                    return Ok(());
+                }
+                return Err(RedirectError::ExclusiveAncestor {
+                    cgroup: dir.to_path_buf(),
+                    hook,
+                });
+            }
+        }
+        current = dir.parent();
+    }
+    Ok(())
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    pub links: Vec<PathBuf>,
+    pub maps: Vec<PathBuf>,
+}
+
+/// Removes every pinned link (detaching its program) and map under `bpffs_dir`, then the
+/// directories themselves. Running it again finds nothing and succeeds.
+pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, RedirectError> {
+    let pins = PinLayout::new(bpffs_dir);
+    let mut removed = Uninstalled::default();
+    for (dir, list) in [(pins.links(), &mut removed.links), (pins.maps(), &mut removed.maps)] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            remove_pin(&path)?;
+            list.push(path);
+        }
+        fs::remove_dir(&dir).map_err(|source| RedirectError::Pin {
+            action: "remove directory",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    if pins.root.exists() {
+        fs::remove_dir(&pins.root).map_err(|source| RedirectError::Pin {
+            action: "remove directory",
+            path: pins.root.clone(),
+            source,
+        })?;
+    }
+    Ok(removed)
+}
+
+/// Connect-hook verdict counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Indexed by `gateway_common::Verdict`.
+    pub verdicts: Vec<u64>,
+}
+
+impl Stats {
+    pub fn get(&self, verdict: gateway_common::Verdict) -> u64 {
+        self.verdicts.get(verdict as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Reads the verdict counters from the pinned `STATS` map.
+pub fn read_stats(bpffs_dir: &Path) -> Result<Stats, RedirectError> {
+    let path = PinLayout::new(bpffs_dir).map(MAP_STATS);
+    let data = MapData::from_pin(&path).map_err(|error| RedirectError::Map {
+        name: MAP_STATS,
+        message: format!("failed to open {}: {error}", path.display()),
+    })?;
+    let map: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|error| RedirectError::Map {
+            name: MAP_STATS,
+            message: error.to_string(),
+        })?;
+    let mut verdicts = Vec::with_capacity(VERDICT_COUNT as usize);
+    for index in 0..VERDICT_COUNT {
+        let per_cpu = map.get(&index, 0).map_err(|source| RedirectError::MapUpdate {
+            name: MAP_STATS,
+            source,
+        })?;
+        verdicts.push(per_cpu.iter().sum());
+    }
+    Ok(Stats { verdicts })
+}
+
+/// Counts the programs attached directly to `cgroup` for `hook` (links included).
+pub fn attached_program_count(cgroup: &Path, hook: AttachType) -> io::Result<u32> {
+    let file = fs::File::open(cgroup)?;
+    Ok(sys::bpf_prog_query(file.as_fd(), hook)?.program_count)
+}
+
+/// Formats an IPv4 address held in network byte order, for messages.
+pub fn ipv4_of(addr_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr_be.to_ne_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_addr_round_trip() {
+        for text in ["10.1.2.3:80", "[fd00::1:2]:5432", "[::ffff:10.9.8.7]:443"] {
+            let addr: SocketAddr = text.parse().expect("valid address");
+            let back = socket_addr_of(kernel_addr(addr.ip()), addr.port());
+            let expected = match addr {
+                SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                    Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+                    None => addr,
+                },
+                SocketAddr::V4(_) => addr,
+            };
+            assert_eq!(back, expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn kernel_addr_ipv4_is_mapped_network_order() {
+        let words = kernel_addr("10.1.2.3".parse().expect("valid address"));
+        assert_eq!(words[0], 0);
+        assert_eq!(words[1], 0);
+        assert_eq!(words[2].to_ne_bytes(), [0, 0, 0xff, 0xff]);
+        assert_eq!(words[3].to_ne_bytes(), [10, 1, 2, 3]);
+    }
+}

@@ -1,0 +1,322 @@
+//! The crate's only unsafe code: the few system calls that neither the standard library,
+//! socket2 nor aya wrap. Each function checks its arguments and returns `io::Result`, so
+//! callers stay safe code.
+//!
+//! The `bpf(2)` commands here use a zeroed attribute buffer with the fields written at the
+//! offsets of `union bpf_attr` in `include/uapi/linux/bpf.h`; the kernel accepts a buffer
+//! longer than the command needs as long as the tail is zero.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+};
+
+use std::os::unix::ffi::OsStrExt as _;
+
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `enum bpf_attach_type` values of the hooks the gateway uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachType {
+    SockOps = 3,
+    Inet4Connect = 10,
+    Inet6Connect = 11,
+    Inet4Getpeername = 29,
+    Inet6Getpeername = 30,
+}
+
+/// `BPF_F_ALLOW_OVERRIDE` and `BPF_F_ALLOW_MULTI`: a cgroup attachment with neither is
+/// exclusive and keeps descendants from attaching programs of the same type.
+pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
+pub const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// Size of the attribute buffer, larger than any command here needs.
+const ATTR_WORDS: usize = 16;
+
+struct Attr([u64; ATTR_WORDS]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; ATTR_WORDS])
+    }
+
+    fn put_u32(&mut self, offset: usize, value: u32) {
+        let bytes = self.bytes_mut();
+        bytes[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+    }
+
+    fn put_u64(&mut self, offset: usize, value: u64) {
+        let bytes = self.bytes_mut();
+        bytes[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
+    }
+
+    fn get_u32(&self, offset: usize) -> u32 {
+        let bytes = self.bytes();
+        u32::from_ne_bytes(bytes[offset..offset + 4].try_into().expect("4-byte slice"))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: a `[u64; N]` is `8 * N` initialized bytes with no padding.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), ATTR_WORDS * 8) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and every bit pattern is a valid `u64`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), ATTR_WORDS * 8) }
+    }
+}
+
+fn bpf(command: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, writable buffer of the size passed, laid out as
+    // `union bpf_attr` for `command`; pointers inside it point at live buffers owned by the
+    // caller for the duration of the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr.0.as_mut_ptr(),
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Opens a pinned BPF object (map, program or link) and returns its file descriptor.
+pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = path_cstring(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, path.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Replaces the program of a BPF link in place, atomically for the hook.
+pub fn bpf_link_update(link: BorrowedFd<'_>, new_program: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, new_program.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` reports about a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub program_id: u32,
+    /// Id of the cgroup the link is attached to; 0 once the cgroup is gone.
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// Reads the attachment of a cgroup link.
+pub fn bpf_cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    // `struct bpf_link_info`: type, id, prog_id (u32 each), then at offset 16 the union whose
+    // cgroup member is { u64 cgroup_id; u32 attach_type; }.
+    let mut info = [0u8; 128];
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, info.len() as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+
+    let u32_at = |offset: usize| u32::from_ne_bytes(info[offset..offset + 4].try_into().expect("4 bytes"));
+    let u64_at = |offset: usize| u64::from_ne_bytes(info[offset..offset + 8].try_into().expect("8 bytes"));
+    Ok(CgroupLinkInfo {
+        link_id: u32_at(4),
+        program_id: u32_at(8),
+        cgroup_id: u64_at(16),
+        attach_type: u32_at(24),
+    })
+}
+
+/// Programs attached to one cgroup for one hook, as `BPF_PROG_QUERY` reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupAttachments {
+    /// Flags the cgroup's attachments were made with (`BPF_F_ALLOW_*`).
+    pub attach_flags: u32,
+    /// Number of programs attached directly to this cgroup.
+    pub program_count: u32,
+}
+
+/// Lists the programs attached directly to `cgroup` for `attach_type`.
+pub fn bpf_prog_query(cgroup: BorrowedFd<'_>, attach_type: AttachType) -> io::Result<CgroupAttachments> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, cgroup.as_raw_fd() as u32);
+    attr.put_u32(4, attach_type as u32);
+    // prog_ids stays null and prog_cnt 0: the kernel then only reports the count.
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    Ok(CgroupAttachments {
+        attach_flags: attr.get_u32(12),
+        program_count: attr.get_u32(24),
+    })
+}
+
+/// Attaches a program to a cgroup with the legacy `BPF_PROG_ATTACH` and the given flags
+/// (0 makes it exclusive). The gateway itself attaches with links; this exists so tests can
+/// build the conflicting setups the loader must detect.
+pub fn bpf_prog_attach(
+    cgroup: BorrowedFd<'_>,
+    program: BorrowedFd<'_>,
+    attach_type: AttachType,
+    flags: u32,
+) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, cgroup.as_raw_fd() as u32);
+    attr.put_u32(4, program.as_raw_fd() as u32);
+    attr.put_u32(8, attach_type as u32);
+    attr.put_u32(12, flags);
+    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
+}
+
+/// Detaches every program attached with `BPF_PROG_ATTACH` to `cgroup` for `attach_type`,
+/// given the program's file descriptor.
+pub fn bpf_prog_detach(
+    cgroup: BorrowedFd<'_>,
+    program: BorrowedFd<'_>,
+    attach_type: AttachType,
+) -> io::Result<()> {
+    const BPF_PROG_DETACH: libc::c_long = 9;
+    let mut attr = Attr::new();
+    attr.put_u32(0, cgroup.as_raw_fd() as u32);
+    attr.put_u32(4, program.as_raw_fd() as u32);
+    attr.put_u32(8, attach_type as u32);
+    bpf(BPF_PROG_DETACH, &mut attr).map(|_| ())
+}
+
+/// Returns the cookie of the network namespace `socket` belongs to (`SO_NETNS_COOKIE`,
+/// Linux 5.14 and later).
+pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are live locals of the sizes the option expects.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Returns `CLOCK_MONOTONIC` in nanoseconds, the clock `bpf_ktime_get_ns()` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a live, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    assert_eq!(ret, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux");
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// `statfs(2)` magic number of bpffs.
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `statfs(2)` magic number of cgroup2.
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Returns the `f_type` of the filesystem holding `path`.
+pub fn filesystem_type(path: &Path) -> io::Result<i64> {
+    let path = path_cstring(path)?;
+    // SAFETY: an all-zero `statfs` is a valid value to be overwritten.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` is a live, writable statfs.
+    let ret = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_type as i64)
+}
+
+/// Mounts a bpffs instance at `target`.
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let source = c"bpf";
+    let fstype = c"bpf";
+    let target = path_cstring(target)?;
+    // SAFETY: all strings are NUL-terminated and live for the call; no data argument.
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `signal` to process `pid`.
+pub fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill(2) has no memory arguments.
+    let ret = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace `netns` (an open `/var/run/netns`
+/// or `/proc/PID/ns/net` file). Safe to call between `fork` and `exec`: it allocates nothing.
+pub fn setns_net(netns: RawFd) -> io::Result<()> {
+    // SAFETY: setns(2) takes a file descriptor and a flag; no memory arguments.
+    let ret = unsafe { libc::setns(netns, libc::CLONE_NEWNET) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes "0" to an open `cgroup.procs` file, moving the calling process into that cgroup.
+/// Safe to call between `fork` and `exec`: it allocates nothing.
+pub fn join_cgroup(cgroup_procs: RawFd) -> io::Result<()> {
+    let zero = b"0";
+    // SAFETY: `zero` is a live 1-byte buffer.
+    let ret = unsafe { libc::write(cgroup_procs, zero.as_ptr().cast(), zero.len()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` in the child between `fork` and `exec` of `command`.
+///
+/// `f` must only make async-signal-safe calls (no allocation, no locks), as the functions
+/// marked safe to call between `fork` and `exec` in this module do.
+pub fn pre_exec<F>(command: &mut std::process::Command, f: F)
+where
+    F: FnMut() -> io::Result<()> + Send + Sync + 'static,
+{
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the caller's `f` keeps to async-signal-safe calls, as documented above.
+    unsafe {
+        command.pre_exec(f);
+    }
+}

@@ -1,0 +1,560 @@
+//! A Kubernetes node on one machine, for tests: network namespaces for the node, its pods and
+//! the servers they dial, joined by veth pairs, with each pod's processes in a cgroup v2
+//! directory laid out the way the kubelet lays them out with the systemd driver
+//! (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<UID>.slice/
+//! cri-containerd-<ID>.scope`).
+//!
+//! Addresses (the same in every test node; namespaces keep them apart):
+//! - node: `10.244.255.1` and `fd00:244:ff::1` on its loopback, the redirect address;
+//! - pod N: `10.244.N.2/24` and `fd00:244:N::2/64`, its gateway the node at `.1`/`::1`;
+//! - server N: `10.245.N.2/24` and `fd00:245:N::2/64`, plus any service addresses given.
+//!
+//! Safety of the host: forwarding is switched on only inside the node namespace, every
+//! namespace gets unreachable default routes (IPv4 and IPv6), and nothing is connected to the
+//! machine's own namespace, so no packet can leave for the real network.
+//!
+//! Names derive from the test name; a node left behind by a crashed run with the same name is
+//! removed first. Everything is removed on drop, unless the test panicked and
+//! `GATEWAY_TEST_KEEP=1` is set, in which case the commands to enter the namespaces are printed.
+
+use std::{
+    collections::hash_map::DefaultHasher,
+    fs,
+    hash::{Hash as _, Hasher as _},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{cgroup, sys};
+
+/// The node's redirect address (IPv4).
+pub const NODE_PROXY_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 255, 1);
+/// The node's redirect address (IPv6).
+pub const NODE_PROXY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0xff, 0, 0, 0, 0, 1);
+/// Port the test daemon's proxy listens on.
+pub const PROXY_PORT: u16 = 15001;
+
+/// Environment variable that keeps a failed test's namespaces for inspection.
+const KEEP_ENV: &str = "GATEWAY_TEST_KEEP";
+
+/// A pod: its network namespace and its container's cgroup.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub uid: String,
+    /// The container cgroup's directory.
+    pub cgroup: PathBuf,
+    /// The container cgroup's path relative to the cgroup2 mount, as recordings show it.
+    pub cgroup_path: String,
+    pub addr_v4: Ipv4Addr,
+    pub addr_v6: Ipv6Addr,
+}
+
+/// A server namespace.
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub name: String,
+    pub netns: String,
+    pub addr_v4: Ipv4Addr,
+    pub addr_v6: Ipv6Addr,
+    /// The address the node uses towards this server: what a server sees as the peer address of
+    /// a proxied connection.
+    pub node_side_v4: Ipv4Addr,
+}
+
+/// A running `gatewayd` inside the node.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = sys::kill(self.child.id(), libc::SIGTERM);
+        self.child.wait().expect("wait for gatewayd")
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, leaving its pins behind.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One test node with its pods and servers.
+#[derive(Debug)]
+pub struct TestNode {
+    pub name: String,
+    /// Short id used in namespace names.
+    pub id: String,
+    pub node_netns: String,
+    /// The cgroup2 mount.
+    pub unified: PathBuf,
+    /// This test's top cgroup; `kubepods.slice` is below it.
+    pub cgroup_root: PathBuf,
+    /// The pods cgroup the daemon attaches to.
+    pub kubepods: PathBuf,
+    /// Scratch directory: configs, logs, recordings, and the bpffs mount.
+    pub dir: PathBuf,
+    /// A bpffs mounted for this test alone.
+    pub bpffs: PathBuf,
+    pods: Vec<Pod>,
+    servers: Vec<Server>,
+}
+
+impl TestNode {
+    /// Creates the node namespace, the test's cgroups and a private bpffs.
+    pub fn new(test_name: &str) -> Self {
+        let id = short_id(test_name);
+        let mounts = cgroup::find_mounts(Path::new("/proc/self/mountinfo"))
+            .expect("the test node needs a cgroup2 mount");
+        let unified = mounts.unified;
+        let cgroup_root = unified.join(format!("gw-test-{id}"));
+        let dir = std::env::temp_dir().join(format!("gw-test-{id}"));
+        let node = Self {
+            name: test_name.to_string(),
+            node_netns: format!("gw-{id}-node"),
+            kubepods: cgroup_root.join("kubepods.slice"),
+            bpffs: dir.join("bpffs"),
+            id,
+            unified,
+            cgroup_root,
+            dir,
+            pods: Vec::new(),
+            servers: Vec::new(),
+        };
+        node.remove_leftovers();
+
+        fs::create_dir_all(&node.dir).expect("create the test directory");
+        fs::create_dir_all(&node.bpffs).expect("create the bpffs mount point");
+        sys::mount_bpffs(&node.bpffs).expect("mount a private bpffs");
+        fs::create_dir_all(node.kubepods.join("kubepods-besteffort.slice"))
+            .expect("create the kubepods cgroups");
+
+        let ns = &node.node_netns;
+        ip(&["netns", "add", ns]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "addr", "add", &format!("{NODE_PROXY_V4}/32"), "dev", "lo"]);
+        ip(&["-n", ns, "-6", "addr", "add", &format!("{NODE_PROXY_V6}/128"), "dev", "lo", "nodad"]);
+        unreachable_defaults(ns);
+        // Forwarding between pods and servers, in the node namespace only.
+        run_in_netns(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        run_in_netns(ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        node
+    }
+
+    /// Adds a pod with the given name; its container cgroup is created below `kubepods.slice`.
+    pub fn add_pod(&mut self, name: &str) -> Pod {
+        let index = self.pods.len() as u8;
+        let netns = format!("gw-{}-p{index}", self.id);
+        let uid = pod_uid(&self.id, index);
+        let pod_slice = self
+            .kubepods
+            .join("kubepods-besteffort.slice")
+            .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")));
+        let container = pod_slice.join(format!("cri-containerd-{}.scope", container_id(&self.id, index)));
+        fs::create_dir_all(&container).expect("create the pod's container cgroup");
+
+        let addr_v4 = Ipv4Addr::new(10, 244, index, 2);
+        let addr_v6 = Ipv6Addr::new(0xfd00, 0x244, u16::from(index), 0, 0, 0, 0, 2);
+        self.link_namespace(&netns, &format!("vp{index}"), (10, 244, index), (0x244, u16::from(index)));
+
+        let pod = Pod {
+            name: name.to_string(),
+            netns,
+            uid,
+            cgroup_path: cgroup::display_path(&self.unified, &container),
+            cgroup: container,
+            addr_v4,
+            addr_v6,
+        };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// Adds a server namespace; `service_addrs` are extra addresses on its loopback (like
+    /// Service ClusterIPs), routed to it from the node.
+    pub fn add_server(&mut self, name: &str, service_addrs: &[IpAddr]) -> Server {
+        let index = self.servers.len() as u8;
+        let netns = format!("gw-{}-s{index}", self.id);
+        self.link_namespace(&netns, &format!("vs{index}"), (10, 245, index), (0x245, u16::from(index)));
+        let addr_v4 = Ipv4Addr::new(10, 245, index, 2);
+        let addr_v6 = Ipv6Addr::new(0xfd00, 0x245, u16::from(index), 0, 0, 0, 0, 2);
+        for service in service_addrs {
+            match service {
+                IpAddr::V4(v4) => {
+                    ip(&["-n", &netns, "addr", "add", &format!("{v4}/32"), "dev", "lo"]);
+                    ip(&["-n", &self.node_netns, "route", "add", &format!("{v4}/32"), "via", &addr_v4.to_string()]);
+                }
+                IpAddr::V6(v6) => {
+                    ip(&["-n", &netns, "-6", "addr", "add", &format!("{v6}/128"), "dev", "lo", "nodad"]);
+                    ip(&["-n", &self.node_netns, "-6", "route", "add", &format!("{v6}/128"), "via", &addr_v6.to_string()]);
+                }
+            }
+        }
+        let server = Server {
+            name: name.to_string(),
+            netns,
+            addr_v4,
+            addr_v6,
+            node_side_v4: Ipv4Addr::new(10, 245, index, 1),
+        };
+        self.servers.push(server.clone());
+        server
+    }
+
+    /// Creates namespace `netns` joined to the node by a veth pair: `eth0` inside, `node_if` on
+    /// the node, with `/24` and `/64` subnets numbered by `v4` and `v6`.
+    fn link_namespace(&self, netns: &str, node_if: &str, v4: (u8, u8, u8), v6: (u16, u16)) {
+        let node = &self.node_netns;
+        let (a, b, c) = v4;
+        let (g, h) = v6;
+        ip(&["netns", "add", netns]);
+        ip(&["-n", netns, "link", "set", "lo", "up"]);
+        ip(&["-n", node, "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", netns]);
+        ip(&["-n", node, "addr", "add", &format!("{a}.{b}.{c}.1/24"), "dev", node_if]);
+        ip(&["-n", node, "-6", "addr", "add", &format!("fd00:{g:x}:{h:x}::1/64"), "dev", node_if, "nodad"]);
+        ip(&["-n", node, "link", "set", node_if, "up"]);
+        ip(&["-n", netns, "addr", "add", &format!("{a}.{b}.{c}.2/24"), "dev", "eth0"]);
+        ip(&["-n", netns, "-6", "addr", "add", &format!("fd00:{g:x}:{h:x}::2/64"), "dev", "eth0", "nodad"]);
+        ip(&["-n", netns, "link", "set", "eth0", "up"]);
+        // Everything test-made is in 10.0.0.0/8 and fd00::/8, reached through the node; the
+        // rest is unreachable.
+        ip(&["-n", netns, "route", "add", "10.0.0.0/8", "via", &format!("{a}.{b}.{c}.1")]);
+        ip(&["-n", netns, "-6", "route", "add", "fd00::/8", "via", &format!("fd00:{g:x}:{h:x}::1")]);
+        unreachable_defaults(netns);
+    }
+
+    /// Builds a command that runs in `netns` (and, when given, in `cgroup`): the child joins
+    /// the cgroup first, then the namespace, so no `ip netns exec` remount is involved.
+    pub fn command_in(&self, netns: &str, cgroup: Option<&Path>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let netns_file: OwnedFd = fs::File::open(Path::new("/var/run/netns").join(netns))
+            .unwrap_or_else(|error| panic!("open network namespace {netns}: {error}"))
+            .into();
+        let procs: Option<OwnedFd> = cgroup.map(|dir| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .unwrap_or_else(|error| panic!("open {}/cgroup.procs: {error}", dir.display()))
+                .into()
+        });
+        let mut command = Command::new(program);
+        sys::pre_exec(&mut command, move || {
+            if let Some(procs) = &procs {
+                sys::join_cgroup(procs.as_raw_fd())?;
+            }
+            sys::setns_net(netns_file.as_raw_fd())
+        });
+        command
+    }
+
+    /// A command in a pod: its network namespace and container cgroup.
+    pub fn in_pod(&self, pod: &Pod, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.command_in(&pod.netns, Some(&pod.cgroup), program)
+    }
+
+    /// A command in a server's namespace.
+    pub fn in_server(&self, server: &Server, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.command_in(&server.netns, None, program)
+    }
+
+    /// A command in the node's namespace (the host network namespace of this node).
+    pub fn in_node(&self, cgroup: Option<&Path>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.command_in(&self.node_netns, cgroup, program)
+    }
+
+    /// Writes a daemon configuration for this node: redirect addresses on the node, pins in the
+    /// private bpffs, recordings in the test directory, attached to this test's kubepods cgroup.
+    /// `extra` is appended as YAML (targets, redirect settings).
+    pub fn daemon_config(&self, file_name: &str, redirect_extra: &str, targets: &str) -> PathBuf {
+        let text = format!(
+            "node_name: {name}\n\
+             proxy:\n  listen_v4: {v4}:{port}\n  listen_v6: '[{v6}]:{port}'\n  drain_timeout: 2s\n\
+             redirect:\n  cgroup: {cgroup}\n  bpffs: {bpffs}\n{redirect_extra}\
+             recording:\n  dir: {recordings}\n\
+             targets:\n{targets}",
+            name = self.id,
+            v4 = NODE_PROXY_V4,
+            v6 = NODE_PROXY_V6,
+            port = PROXY_PORT,
+            cgroup = self.kubepods.display(),
+            bpffs = self.pin_dir().display(),
+            recordings = self.recordings().display(),
+        );
+        let path = self.dir.join(file_name);
+        fs::write(&path, text).expect("write daemon config");
+        path
+    }
+
+    /// The daemon's pin directory inside the private bpffs.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join("gateway")
+    }
+
+    pub fn recordings(&self) -> PathBuf {
+        self.dir.join("sessions")
+    }
+
+    /// Starts `gatewayd run` in the node namespace, inside `cgroup` when given, and waits until
+    /// it reports ready.
+    pub fn start_daemon(&self, gatewayd: &Path, config: &Path, cgroup: Option<&Path>) -> Daemon {
+        let log_path = self.dir.join("gatewayd.log");
+        let ready = self.dir.join("gatewayd.ready");
+        let _ = fs::remove_file(&ready);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("open daemon log");
+        let child = self
+            .in_node(cgroup, gatewayd)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("GATEWAY_LOG", "info,gateway_user=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gatewayd");
+        let mut daemon = Daemon {
+            child,
+            config_path: config.to_path_buf(),
+            log_path,
+        };
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("gatewayd exited with {status} before it was ready:\n{}", daemon.log());
+            }
+            assert!(Instant::now() < deadline, "gatewayd not ready after 30 s:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// Lists the session recordings written so far, oldest first.
+    pub fn session_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        let Ok(days) = fs::read_dir(self.recordings()) else {
+            return files;
+        };
+        for day in days.flatten() {
+            if let Ok(entries) = fs::read_dir(day.path()) {
+                files.extend(entries.flatten().map(|entry| entry.path()));
+            }
+        }
+        // Session ids are UUIDv7, so names sort by creation time.
+        files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+        files
+    }
+
+    /// Reads every recording as parsed JSON lines.
+    pub fn sessions(&self) -> Vec<Vec<serde_json::Value>> {
+        self.session_files()
+            .iter()
+            .map(|path| {
+                fs::read_to_string(path)
+                    .expect("read recording")
+                    .lines()
+                    .map(|line| serde_json::from_str(line).expect("recording line is JSON"))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Waits until `count` recordings have their `session.end` line.
+    pub fn wait_for_sessions(&self, count: usize) -> Vec<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let sessions = self.sessions();
+            let ended = sessions
+                .iter()
+                .filter(|lines| lines.iter().any(|line| line["event"] == "session.end"))
+                .count();
+            if ended >= count {
+                return sessions;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {count} finished recordings, found {ended}: {sessions:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn remove_leftovers(&self) {
+        // Processes first, so namespaces and cgroups can go.
+        kill_cgroup_tree(&self.cgroup_root);
+        if let Ok(list) = Command::new("ip").args(["netns", "list"]).output() {
+            let prefix = format!("gw-{}-", self.id);
+            for line in String::from_utf8_lossy(&list.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or("");
+                if name.starts_with(&prefix) {
+                    let _ = Command::new("ip").args(["netns", "del", name]).status();
+                }
+            }
+        }
+        remove_cgroup_tree(&self.cgroup_root);
+        if self.bpffs.exists() {
+            // Lazy unmount: pins in it go with it.
+            let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if std::env::var_os(KEEP_ENV).is_some_and(|value| value == "1") {
+                eprintln!("test node of {} kept for inspection:", self.name);
+                eprintln!("  node:    ip netns exec {} bash", self.node_netns);
+                for pod in &self.pods {
+                    eprintln!("  pod {}: ip netns exec {} bash   (cgroup {})", pod.name, pod.netns, pod.cgroup.display());
+                }
+                for server in &self.servers {
+                    eprintln!("  server {}: ip netns exec {} bash", server.name, server.netns);
+                }
+                eprintln!("  files:   {}", self.dir.display());
+                return;
+            }
+            eprintln!(
+                "test node of {} removed; rerun with {KEEP_ENV}=1 to keep its namespaces ({}) and files ({})",
+                self.name,
+                self.node_netns,
+                self.dir.display()
+            );
+        }
+        self.remove_leftovers();
+    }
+}
+
+/// Runs `ip` with the arguments and panics with its output on failure.
+pub fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    check_output(&format!("ip {}", args.join(" ")), &output);
+}
+
+fn run_in_netns(netns: &str, command: &[&str]) {
+    let output = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(command)
+        .output()
+        .expect("run ip netns exec");
+    check_output(&format!("ip netns exec {netns} {}", command.join(" ")), &output);
+}
+
+fn check_output(what: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn unreachable_defaults(netns: &str) {
+    ip(&["-n", netns, "route", "add", "unreachable", "default"]);
+    ip(&["-n", netns, "-6", "route", "add", "unreachable", "default"]);
+}
+
+fn short_id(test_name: &str) -> String {
+    let mut hasher = DefaultHasher::new();
+    test_name.hash(&mut hasher);
+    format!("{:08x}", hasher.finish() as u32)
+}
+
+fn pod_uid(id: &str, index: u8) -> String {
+    format!("{id}-0000-4000-8000-{index:012x}")
+}
+
+fn container_id(id: &str, index: u8) -> String {
+    format!("{id}{index:056x}")
+}
+
+/// Kills every process in the cgroups below `root`.
+fn kill_cgroup_tree(root: &Path) {
+    if !root.exists() {
+        return;
+    }
+    // cgroup.kill (Linux 5.14) kills the whole subtree at once.
+    let _ = fs::write(root.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && cgroup_has_processes(root) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cgroup_has_processes(dir: &Path) -> bool {
+    if fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| !procs.trim().is_empty()) {
+        return true;
+    }
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                .any(|entry| cgroup_has_processes(&entry.path()))
+        })
+        .unwrap_or(false)
+}
+
+/// Removes a cgroup directory tree, deepest first (cgroup directories are removed with rmdir).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Waits for a TCP listener to accept on `addr` from inside `netns`, by trying `connect`
+/// through the test peer.
+pub fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut condition: F) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a child's stdout to the end and returns it with the exit status.
+pub fn output_of(command: &mut Command) -> io::Result<Output> {
+    command.stdin(Stdio::null()).output()
+}
+
+/// Socket address helper for test configs.
+pub fn sockaddr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
