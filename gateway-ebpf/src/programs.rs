@@ -209,18 +209,18 @@ fn decide(ctx: &SockAddrContext, key: &TargetKey, socket_is_v6: bool) -> Result<
     };
     let target = *target;
 
-    // SAFETY: the helper takes the program context it was called with.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if netns_cookie == cfg.host_netns_cookie {
-        // Host-network pods and node daemons (the proxy included) are not redirected.
-        return Ok(Decision::Pass(Verdict::PassHostNetns));
-    }
-
     // SAFETY: `sk` is always set for connect programs and points at the connecting socket.
     let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
     if cfg.mark != 0 && mark == cfg.mark {
         // The proxy's own upstream connection, wherever it runs.
         return Ok(Decision::Pass(Verdict::PassMarked));
+    }
+
+    // SAFETY: the helper takes the program context it was called with.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns_cookie == cfg.host_netns_cookie {
+        // Host-network pods and node daemons (the proxy included) are not redirected.
+        return Ok(Decision::Pass(Verdict::PassHostNetns));
     }
 
     // SAFETY: the helper reads the current task's cgroup and has no preconditions.
