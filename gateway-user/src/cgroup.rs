@@ -99,9 +99,12 @@ fn unescape_octal(field: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && bytes.len() >= i + 4
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
-            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(value);
             i += 4;
         } else {
@@ -240,12 +243,13 @@ pub fn parse_kubelet_path(path: &str) -> KubeletPath {
             break;
         }
         let name = component.strip_suffix(".slice").unwrap_or(component);
-        let last = name.rsplit('-').next().unwrap_or(name);
-        if let Some(uid) = last.strip_prefix("pod") {
-            if !uid.is_empty() {
-                result.pod_uid = Some(uid.replace('_', "-"));
-                after_pod = true;
-            }
+        // cgroupfs names the directory `pod<UID>`; systemd `kubepods-<qos>-pod<UID>`.
+        let uid = name
+            .strip_prefix("pod")
+            .or_else(|| name.rsplit_once("-pod").map(|(_, uid)| uid));
+        if let Some(uid) = uid.filter(|uid| !uid.is_empty()) {
+            result.pod_uid = Some(uid.replace('_', "-"));
+            after_pod = true;
         }
     }
     result
@@ -313,6 +317,9 @@ mod tests {
 
     #[test]
     fn kubelet_path_outside_pods() {
-        assert_eq!(parse_kubelet_path("/system.slice/kubelet.service"), KubeletPath::default());
+        assert_eq!(
+            parse_kubelet_path("/system.slice/kubelet.service"),
+            KubeletPath::default()
+        );
     }
 }

@@ -282,7 +282,11 @@ impl Config {
             let field = error.path().to_string();
             ConfigError::Parse {
                 path: path.to_path_buf(),
-                field: if field == "." { "(top level)".to_string() } else { field },
+                field: if field == "." {
+                    "(top level)".to_string()
+                } else {
+                    field
+                },
                 message: error.into_inner().to_string(),
             }
         })?;
@@ -312,7 +316,9 @@ impl Config {
             if addr.ip().is_unspecified() {
                 return Err(invalid(
                     field,
-                    format!("{addr}: the redirect address must be a specific node address, not a wildcard"),
+                    format!(
+                        "{addr}: the redirect address must be a specific node address, not a wildcard"
+                    ),
                 ));
             }
             if addr.port() == 0 || NODE_PORT_RANGE.contains(&addr.port()) {
@@ -328,7 +334,10 @@ impl Config {
             }
         }
         if proxy.max_connections == 0 {
-            return Err(invalid("proxy.max_connections", "must be at least 1".into()));
+            return Err(invalid(
+                "proxy.max_connections",
+                "must be at least 1".into(),
+            ));
         }
         for (field, value) in [
             ("proxy.idle_timeout", proxy.idle_timeout),
@@ -347,7 +356,10 @@ impl Config {
             ));
         }
         if redirect.heartbeat_interval.is_zero() {
-            return Err(invalid("redirect.heartbeat_interval", "must be longer than zero".into()));
+            return Err(invalid(
+                "redirect.heartbeat_interval",
+                "must be longer than zero".into(),
+            ));
         }
         if redirect.heartbeat_timeout < redirect.heartbeat_interval * 2 {
             return Err(invalid(
@@ -369,7 +381,10 @@ impl Config {
             let field = |name: &str| format!("targets[{index}].{name}");
             let addr = target.socket_addr();
             if target.port == 0 {
-                return Err(invalid(&field("port"), "must be between 1 and 65535".into()));
+                return Err(invalid(
+                    &field("port"),
+                    "must be between 1 and 65535".into(),
+                ));
             }
             if target.address.is_unspecified() || target.address.is_multicast() {
                 return Err(invalid(
@@ -385,7 +400,8 @@ impl Config {
                     format!("{addr} is the proxy's own redirect address"),
                 ));
             }
-            let needs_v6 = matches!(target.address, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none());
+            let needs_v6 =
+                matches!(target.address, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none());
             if needs_v6 && proxy.listen_v6.is_none() {
                 return Err(invalid(
                     &field("address"),
@@ -399,7 +415,10 @@ impl Config {
                 ));
             }
             if !seen.insert(normalize(addr)) {
-                return Err(invalid(&field("address"), format!("{addr} is listed twice")));
+                return Err(invalid(
+                    &field("address"),
+                    format!("{addr} is listed twice"),
+                ));
             }
         }
         Ok(())
@@ -444,14 +463,19 @@ targets:
     }
 
     fn error_of(text: &str) -> String {
-        parse(text).expect_err("config must be rejected").to_string()
+        parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
     }
 
     #[test]
     fn config_valid_file() {
         let config = parse(GOOD).expect("valid config");
         assert_eq!(config.redirect.fail_mode, FailMode::Closed);
-        assert_eq!(config.redirect.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(
+            config.redirect.heartbeat_interval,
+            Duration::from_millis(500)
+        );
         assert_eq!(config.targets.len(), 2);
         assert_eq!(config.targets[0].class, TargetClass::Postgres);
         assert_eq!(config.targets[1].display_name(), "[fd00::20]:443");
@@ -514,7 +538,9 @@ targets:
 
     #[test]
     fn config_duplicate_target_across_forms() {
-        let text = GOOD.replace("fd00::20", "::ffff:10.96.0.20").replace("443", "5432");
+        let text = GOOD
+            .replace("fd00::20", "::ffff:10.96.0.20")
+            .replace("443", "5432");
         let message = error_of(&text);
         assert!(message.contains("listed twice"), "{message}");
     }
@@ -528,7 +554,9 @@ targets:
 
     #[test]
     fn config_target_is_proxy() {
-        let text = GOOD.replace("10.96.0.20", "10.0.0.1").replace("5432", "15001");
+        let text = GOOD
+            .replace("10.96.0.20", "10.0.0.1")
+            .replace("5432", "15001");
         let message = error_of(&text);
         assert!(message.contains("proxy's own"), "{message}");
     }

@@ -31,6 +31,10 @@ pub struct RunOptions {
 /// Runs the daemon until it is told to stop.
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    match crate::sys::raise_nofile_limit() {
+        Ok(limit) => info!(open_files_limit = limit, "raised the open files limit"),
+        Err(error) => warn!(%error, "failed to raise the open files limit"),
+    }
     let node = config.node_name.clone().unwrap_or_else(hostname);
 
     let mut terminate = signal(SignalKind::terminate())?;
@@ -46,10 +50,18 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         redirect.cgroup.clone(),
     ));
     let recorder = Recorder::new(config.recording.dir.clone(), node.clone());
-    let proxy = Proxy::new(Arc::clone(&config), Arc::clone(&redirect), identity, recorder);
+    let proxy = Proxy::new(
+        Arc::clone(&config),
+        Arc::clone(&redirect),
+        identity,
+        recorder,
+    );
     let listeners = proxy.bind()?;
 
-    let heartbeat = tokio::spawn(heartbeat_loop(Arc::clone(&redirect), config.redirect.heartbeat_interval));
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        Arc::clone(&redirect),
+        config.redirect.heartbeat_interval,
+    ));
     let accept_loops = proxy.serve(listeners);
 
     if let Some(path) = &options.ready_file {

@@ -40,7 +40,9 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// Errors while setting up the proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("failed to listen on redirect address {addr}: {source}; check that the address is assigned to this node")]
+    #[error(
+        "failed to listen on redirect address {addr}: {source}; check that the address is assigned to this node"
+    )]
     Listen { addr: SocketAddr, source: io::Error },
 }
 
@@ -64,7 +66,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, redirect: Arc<Redirect>, identity: Arc<Identity>, recorder: Recorder) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        redirect: Arc<Redirect>,
+        identity: Arc<Identity>,
+        recorder: Recorder,
+    ) -> Arc<Self> {
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(config.proxy.max_connections)),
             config,
@@ -87,7 +94,8 @@ impl Proxy {
             self.config.proxy.listen_v6.map(SocketAddr::V6),
         ];
         for addr in addrs.into_iter().flatten() {
-            let listener = bind_listener(addr).map_err(|source| ProxyError::Listen { addr, source })?;
+            let listener =
+                bind_listener(addr).map_err(|source| ProxyError::Listen { addr, source })?;
             info!(%addr, "proxy listening");
             listeners.push(listener);
         }
@@ -173,7 +181,10 @@ impl Proxy {
             .await
             .is_err()
         {
-            warn!(open_sessions = self.sessions.len(), "drain deadline passed, closing remaining sessions");
+            warn!(
+                open_sessions = self.sessions.len(),
+                "drain deadline passed, closing remaining sessions"
+            );
             self.force_close.cancel();
             self.sessions.wait().await;
         }
@@ -201,7 +212,10 @@ impl Proxy {
 
         let recorder = self.recorder.clone();
         let (record_subject, record_target) = (subject.clone(), target.clone());
-        let record = tokio::task::spawn_blocking(move || recorder.start(&record_subject, peer, &record_target)).await;
+        let record = tokio::task::spawn_blocking(move || {
+            recorder.start(&record_subject, peer, &record_target)
+        })
+        .await;
         let record = match record {
             Ok(Ok(record)) => record,
             Ok(Err(error)) => {
@@ -266,7 +280,9 @@ impl Proxy {
         let session_id = record.id.clone();
         match tokio::task::spawn_blocking(move || record.finish(&end)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(error)) => error!(%error, session = %session_id, "failed to write the end of the session recording"),
+            Ok(Err(error)) => {
+                error!(%error, session = %session_id, "failed to write the end of the session recording")
+            }
             Err(join_error) => error!(%join_error, session = %session_id, "recording task failed"),
         }
     }
@@ -294,7 +310,12 @@ impl Proxy {
         socket.set_mark(self.config.redirect.mark)?;
         socket.set_tcp_nodelay(true)?;
         let socket = TcpSocket::from_std_stream(socket.into());
-        match tokio::time::timeout(self.config.proxy.connect_timeout, socket.connect(destination)).await {
+        match tokio::time::timeout(
+            self.config.proxy.connect_timeout,
+            socket.connect(destination),
+        )
+        .await
+        {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -308,7 +329,11 @@ impl Proxy {
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -173,7 +173,12 @@ impl SessionRecord {
         Ok(self.path)
     }
 
-    fn write_event(&mut self, event: &str, time: SystemTime, fields: Value) -> Result<(), RecordError> {
+    fn write_event(
+        &mut self,
+        event: &str,
+        time: SystemTime,
+        fields: Value,
+    ) -> Result<(), RecordError> {
         let mut object = self.base.clone();
         let map = object.as_object_mut().expect("base is an object");
         map.insert("seq".into(), json!(self.seq));
@@ -189,10 +194,12 @@ impl SessionRecord {
         let mut line = serde_json::to_vec(&object).expect("JSON values always serialize");
         line.push(b'\n');
 
-        self.file.write_all(&line).map_err(|source| RecordError::Write {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.file
+            .write_all(&line)
+            .map_err(|source| RecordError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
         self.prev = Sha256::digest(&line).into();
         self.seq += 1;
         Ok(())
@@ -222,7 +229,11 @@ mod tests {
             addr: "10.0.0.2:5432".parse().expect("valid address"),
         };
         let record = recorder
-            .start(&subject, "10.1.0.2:40000".parse().expect("valid address"), &target)
+            .start(
+                &subject,
+                "10.1.0.2:40000".parse().expect("valid address"),
+                &target,
+            )
             .expect("start recording");
         let path = record
             .finish(&SessionEnd {

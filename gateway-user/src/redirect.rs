@@ -9,8 +9,7 @@
 //! which detaches the programs and frees the maps.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -28,8 +27,8 @@ use aya::{
 use gateway_common::{
     AF_INET, AF_INET6, CONFIG_ENABLED, CONFIG_FAIL_CLOSED, CONFIG_HAS_V4, CONFIG_HAS_V6, ConnKey,
     MAP_CONFIG, MAP_CONN, MAP_EXCLUDED_CGROUPS, MAP_STATS, MAP_TARGETS, OrigInfo, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, RedirectConfig,
-    TargetKey, TargetValue, VERDICT_COUNT, mapped_v4,
+    PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS, RedirectConfig, TargetKey,
+    TargetValue, VERDICT_COUNT, mapped_v4,
 };
 use tracing::{info, warn};
 
@@ -40,7 +39,8 @@ use crate::{
 };
 
 /// The eBPF object built from `gateway-ebpf` by `build.rs`.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
 
 /// Where `/proc/self/mountinfo` is; the cgroup2 mount is read from it.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
@@ -71,10 +71,14 @@ pub enum RedirectError {
     )]
     KernelProbe { missing: Vec<String> },
     /// Probing itself failed (typically: no permission to use `bpf()`).
-    #[error("failed to probe the kernel for {feature}: {message}; run gatewayd as root or with CAP_BPF and CAP_NET_ADMIN")]
+    #[error(
+        "failed to probe the kernel for {feature}: {message}; run gatewayd as root or with CAP_BPF and CAP_NET_ADMIN"
+    )]
     ProbeFailed { feature: String, message: String },
     /// The pin directory is not on a bpffs and none could be mounted.
-    #[error("{path} is not on a bpf filesystem: {message}; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "{path} is not on a bpf filesystem: {message}; mount one with `mount -t bpf bpf /sys/fs/bpf`"
+    )]
     NotBpffs { path: PathBuf, message: String },
     /// An ancestor of the pods cgroup holds an exclusive attachment, so the kernel refuses ours.
     #[error(
@@ -123,7 +127,9 @@ pub enum RedirectError {
         source: aya::maps::MapError,
     },
     /// The daemon's own network namespace cookie could not be read.
-    #[error("failed to read this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14 or later): {source}")]
+    #[error(
+        "failed to read this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14 or later): {source}"
+    )]
     NetnsCookie {
         #[source]
         source: io::Error,
@@ -228,7 +234,8 @@ impl Redirect {
         let base_config = kernel_config(config)?;
         let mut config_map: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
         write_config(&mut config_map, &base_config, sys::monotonic_ns())?;
-        let mut targets: BpfHashMap<MapData, TargetKey, TargetValue> = take_map(&mut ebpf, MAP_TARGETS)?;
+        let mut targets: BpfHashMap<MapData, TargetKey, TargetValue> =
+            take_map(&mut ebpf, MAP_TARGETS)?;
         sync_targets(&mut targets, config)?;
         let mut excluded: BpfHashMap<MapData, u64, u8> = take_map(&mut ebpf, MAP_EXCLUDED_CGROUPS)?;
         sync_excluded(&mut excluded, &mounts, config)?;
@@ -406,10 +413,11 @@ fn sync_targets(
             _pad: [0; 3],
             target_id: index as u32,
         };
-        map.insert(key, value, 0).map_err(|source| RedirectError::MapUpdate {
-            name: MAP_TARGETS,
-            source,
-        })?;
+        map.insert(key, value, 0)
+            .map_err(|source| RedirectError::MapUpdate {
+                name: MAP_TARGETS,
+                source,
+            })?;
         wanted.push(key);
     }
 
@@ -433,10 +441,11 @@ fn sync_excluded(
     for configured in &config.redirect.exclude_cgroups {
         let path = cgroup::resolve(&mounts.unified, configured)?;
         let id = cgroup::cgroup_id(&path)?;
-        map.insert(id, 1, 0).map_err(|source| RedirectError::MapUpdate {
-            name: MAP_EXCLUDED_CGROUPS,
-            source,
-        })?;
+        map.insert(id, 1, 0)
+            .map_err(|source| RedirectError::MapUpdate {
+                name: MAP_EXCLUDED_CGROUPS,
+                source,
+            })?;
         wanted.push(id);
     }
     let stale: Vec<u64> = map
@@ -501,13 +510,41 @@ pub fn probe_kernel() -> Result<(), RedirectError> {
     }
 
     let helpers = [
-        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in cgroup_sock_addr (Linux 5.7)"),
-        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_socket_cookie, "bpf_get_socket_cookie in cgroup_sock_addr"),
-        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_cgroup_id, "bpf_get_current_cgroup_id in cgroup_sock_addr"),
-        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id, "bpf_get_current_ancestor_cgroup_id in cgroup_sock_addr"),
-        (ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_current_pid_tgid, "bpf_get_current_pid_tgid in cgroup_sock_addr"),
-        (ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie, "bpf_get_socket_cookie in sock_ops"),
-        (ProgramType::SockOps, BpfHelper::BPF_FUNC_sock_ops_cb_flags_set, "bpf_sock_ops_cb_flags_set in sock_ops"),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie in cgroup_sock_addr (Linux 5.7)",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_socket_cookie,
+            "bpf_get_socket_cookie in cgroup_sock_addr",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_current_cgroup_id,
+            "bpf_get_current_cgroup_id in cgroup_sock_addr",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id,
+            "bpf_get_current_ancestor_cgroup_id in cgroup_sock_addr",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_current_pid_tgid,
+            "bpf_get_current_pid_tgid in cgroup_sock_addr",
+        ),
+        (
+            ProgramType::SockOps,
+            BpfHelper::BPF_FUNC_get_socket_cookie,
+            "bpf_get_socket_cookie in sock_ops",
+        ),
+        (
+            ProgramType::SockOps,
+            BpfHelper::BPF_FUNC_sock_ops_cb_flags_set,
+            "bpf_sock_ops_cb_flags_set in sock_ops",
+        ),
     ];
     for (program_type, helper, name) in helpers {
         match is_helper_supported(program_type, helper) {
@@ -540,13 +577,23 @@ fn ensure_bpffs(dir: &Path) -> Result<(), RedirectError> {
 
     let mount_point = Path::new(BPFFS_MOUNT);
     if !dir.starts_with(mount_point) {
-        return Err(not_bpffs(format!("{} is on another filesystem", existing.display())));
+        return Err(not_bpffs(format!(
+            "{} is on another filesystem",
+            existing.display()
+        )));
     }
     fs::create_dir_all(mount_point).map_err(|error| {
-        not_bpffs(format!("failed to create {}: {error}", mount_point.display()))
+        not_bpffs(format!(
+            "failed to create {}: {error}",
+            mount_point.display()
+        ))
     })?;
-    sys::mount_bpffs(mount_point)
-        .map_err(|error| not_bpffs(format!("mounting bpffs at {} failed: {error}", mount_point.display())))?;
+    sys::mount_bpffs(mount_point).map_err(|error| {
+        not_bpffs(format!(
+            "mounting bpffs at {} failed: {error}",
+            mount_point.display()
+        ))
+    })?;
     info!(path = BPFFS_MOUNT, "mounted bpffs");
     Ok(())
 }
@@ -564,7 +611,11 @@ fn nearest_existing(path: &Path) -> PathBuf {
 
 /// Loads each program and puts it on its hook: a pinned link on the same cgroup is switched to
 /// the new program in place; otherwise a new link is created and pinned.
-fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup: &Path) -> Result<StartKind, RedirectError> {
+fn attach_all(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    cgroup: &Path,
+) -> Result<StartKind, RedirectError> {
     let cgroup_dir = fs::File::open(cgroup).map_err(|source| CgroupError::NotFound {
         path: cgroup.to_path_buf(),
         source,
@@ -605,11 +656,14 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup: &Path) -> Result<StartK
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .map_err(attach_error)?;
             let link = program.take_link(id).map_err(attach_error)?;
-            link.try_into().map_err(|error: aya::programs::links::LinkError| RedirectError::Pin {
-                action: "take the link of",
-                path: link_path.clone(),
-                source: io::Error::other(error.to_string()),
-            })?
+            link.try_into()
+                .map_err(
+                    |error: aya::programs::links::LinkError| RedirectError::Pin {
+                        action: "take the link of",
+                        path: link_path.clone(),
+                        source: io::Error::other(error.to_string()),
+                    },
+                )?
         } else {
             let program: &mut CgroupSockAddr = program.try_into().map_err(load)?;
             program.load().map_err(load)?;
@@ -621,11 +675,14 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup: &Path) -> Result<StartK
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .map_err(attach_error)?;
             let link = program.take_link(id).map_err(attach_error)?;
-            link.try_into().map_err(|error: aya::programs::links::LinkError| RedirectError::Pin {
-                action: "take the link of",
-                path: link_path.clone(),
-                source: io::Error::other(error.to_string()),
-            })?
+            link.try_into()
+                .map_err(
+                    |error: aya::programs::links::LinkError| RedirectError::Pin {
+                        action: "take the link of",
+                        path: link_path.clone(),
+                        source: io::Error::other(error.to_string()),
+                    },
+                )?
         };
 
         // A stale pin (link on another cgroup, or one whose cgroup is gone) is replaced only
@@ -741,7 +798,10 @@ pub struct Uninstalled {
 pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, RedirectError> {
     let pins = PinLayout::new(bpffs_dir);
     let mut removed = Uninstalled::default();
-    for (dir, list) in [(pins.links(), &mut removed.links), (pins.maps(), &mut removed.maps)] {
+    for (dir, list) in [
+        (pins.links(), &mut removed.links),
+        (pins.maps(), &mut removed.maps),
+    ] {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };
@@ -786,17 +846,19 @@ pub fn read_stats(bpffs_dir: &Path) -> Result<Stats, RedirectError> {
         name: MAP_STATS,
         message: format!("failed to open {}: {error}", path.display()),
     })?;
-    let map: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|error| RedirectError::Map {
-            name: MAP_STATS,
-            message: error.to_string(),
-        })?;
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(|error| RedirectError::Map {
+        name: MAP_STATS,
+        message: error.to_string(),
+    })?;
     let mut verdicts = Vec::with_capacity(VERDICT_COUNT as usize);
     for index in 0..VERDICT_COUNT {
-        let per_cpu = map.get(&index, 0).map_err(|source| RedirectError::MapUpdate {
-            name: MAP_STATS,
-            source,
-        })?;
+        let per_cpu = map
+            .get(&index, 0)
+            .map_err(|source| RedirectError::MapUpdate {
+                name: MAP_STATS,
+                source,
+            })?;
         verdicts.push(per_cpu.iter().sum());
     }
     Ok(Stats { verdicts })

@@ -136,8 +136,10 @@ pub fn bpf_cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> 
     attr.put_u64(8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
 
-    let u32_at = |offset: usize| u32::from_ne_bytes(info[offset..offset + 4].try_into().expect("4 bytes"));
-    let u64_at = |offset: usize| u64::from_ne_bytes(info[offset..offset + 8].try_into().expect("8 bytes"));
+    let u32_at =
+        |offset: usize| u32::from_ne_bytes(info[offset..offset + 4].try_into().expect("4 bytes"));
+    let u64_at =
+        |offset: usize| u64::from_ne_bytes(info[offset..offset + 8].try_into().expect("8 bytes"));
     Ok(CgroupLinkInfo {
         link_id: u32_at(4),
         program_id: u32_at(8),
@@ -156,7 +158,10 @@ pub struct CgroupAttachments {
 }
 
 /// Lists the programs attached directly to `cgroup` for `attach_type`.
-pub fn bpf_prog_query(cgroup: BorrowedFd<'_>, attach_type: AttachType) -> io::Result<CgroupAttachments> {
+pub fn bpf_prog_query(
+    cgroup: BorrowedFd<'_>,
+    attach_type: AttachType,
+) -> io::Result<CgroupAttachments> {
     let mut attr = Attr::new();
     attr.put_u32(0, cgroup.as_raw_fd() as u32);
     attr.put_u32(4, attach_type as u32);
@@ -230,7 +235,10 @@ pub fn monotonic_ns() -> u64 {
     };
     // SAFETY: `now` is a live, writable timespec; CLOCK_MONOTONIC always exists on Linux.
     let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    assert_eq!(ret, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux");
+    assert_eq!(
+        ret, 0,
+        "clock_gettime(CLOCK_MONOTONIC) cannot fail on Linux"
+    );
     (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
 }
 
@@ -319,4 +327,76 @@ where
     unsafe {
         command.pre_exec(f);
     }
+}
+
+/// A non-blocking pipe, the kernel buffer `splice(2)` moves bytes through.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+}
+
+impl Pipe {
+    /// Creates a non-blocking, close-on-exec pipe and asks for a `capacity`-byte buffer
+    /// (the kernel rounds it up to a power-of-two number of pages and may refuse a larger one,
+    /// in which case the default 64 KiB stays).
+    pub fn new(capacity: usize) -> io::Result<Self> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a live array of two file descriptors for pipe2 to fill.
+        let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are new and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl with F_SETPIPE_SZ takes an integer argument.
+        let _ = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                capacity as libc::c_int,
+            )
+        };
+        Ok(Self { read, write })
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to` without copying them through user space; one
+/// of the two must be a pipe. Non-blocking: returns `WouldBlock` when nothing can move now.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the call; null offsets mean "current position",
+    // which is what sockets and pipes require.
+    let ret = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret as usize)
+}
+
+/// Raises the soft limit on open files to the hard limit: each proxied session holds two
+/// sockets, two pipes and a recording file.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a live, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: `limit` is a live rlimit with the soft limit not above the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit.rlim_cur)
 }

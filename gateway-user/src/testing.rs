@@ -123,6 +123,8 @@ pub struct TestNode {
     pub dir: PathBuf,
     /// A bpffs mounted for this test alone.
     pub bpffs: PathBuf,
+    /// Where the daemon writes recordings; inside `dir` unless set with `set_recordings`.
+    recordings: Option<PathBuf>,
     pods: Vec<Pod>,
     servers: Vec<Server>,
 }
@@ -145,6 +147,7 @@ impl TestNode {
             unified,
             cgroup_root,
             dir,
+            recordings: None,
             pods: Vec::new(),
             servers: Vec::new(),
         };
@@ -159,8 +162,26 @@ impl TestNode {
         let ns = &node.node_netns;
         ip(&["netns", "add", ns]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
-        ip(&["-n", ns, "addr", "add", &format!("{NODE_PROXY_V4}/32"), "dev", "lo"]);
-        ip(&["-n", ns, "-6", "addr", "add", &format!("{NODE_PROXY_V6}/128"), "dev", "lo", "nodad"]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{NODE_PROXY_V4}/32"),
+            "dev",
+            "lo",
+        ]);
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_PROXY_V6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
         unreachable_defaults(ns);
         // Forwarding between pods and servers, in the node namespace only.
         run_in_netns(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -176,13 +197,24 @@ impl TestNode {
         let pod_slice = self
             .kubepods
             .join("kubepods-besteffort.slice")
-            .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")));
-        let container = pod_slice.join(format!("cri-containerd-{}.scope", container_id(&self.id, index)));
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+        let container = pod_slice.join(format!(
+            "cri-containerd-{}.scope",
+            container_id(&self.id, index)
+        ));
         fs::create_dir_all(&container).expect("create the pod's container cgroup");
 
         let addr_v4 = Ipv4Addr::new(10, 244, index, 2);
         let addr_v6 = Ipv6Addr::new(0xfd00, 0x244, u16::from(index), 0, 0, 0, 0, 2);
-        self.link_namespace(&netns, &format!("vp{index}"), (10, 244, index), (0x244, u16::from(index)));
+        self.link_namespace(
+            &netns,
+            &format!("vp{index}"),
+            (10, 244, index),
+            (0x244, u16::from(index)),
+        );
 
         let pod = Pod {
             name: name.to_string(),
@@ -202,18 +234,58 @@ impl TestNode {
     pub fn add_server(&mut self, name: &str, service_addrs: &[IpAddr]) -> Server {
         let index = self.servers.len() as u8;
         let netns = format!("gw-{}-s{index}", self.id);
-        self.link_namespace(&netns, &format!("vs{index}"), (10, 245, index), (0x245, u16::from(index)));
+        self.link_namespace(
+            &netns,
+            &format!("vs{index}"),
+            (10, 245, index),
+            (0x245, u16::from(index)),
+        );
         let addr_v4 = Ipv4Addr::new(10, 245, index, 2);
         let addr_v6 = Ipv6Addr::new(0xfd00, 0x245, u16::from(index), 0, 0, 0, 0, 2);
         for service in service_addrs {
             match service {
                 IpAddr::V4(v4) => {
-                    ip(&["-n", &netns, "addr", "add", &format!("{v4}/32"), "dev", "lo"]);
-                    ip(&["-n", &self.node_netns, "route", "add", &format!("{v4}/32"), "via", &addr_v4.to_string()]);
+                    ip(&[
+                        "-n",
+                        &netns,
+                        "addr",
+                        "add",
+                        &format!("{v4}/32"),
+                        "dev",
+                        "lo",
+                    ]);
+                    ip(&[
+                        "-n",
+                        &self.node_netns,
+                        "route",
+                        "add",
+                        &format!("{v4}/32"),
+                        "via",
+                        &addr_v4.to_string(),
+                    ]);
                 }
                 IpAddr::V6(v6) => {
-                    ip(&["-n", &netns, "-6", "addr", "add", &format!("{v6}/128"), "dev", "lo", "nodad"]);
-                    ip(&["-n", &self.node_netns, "-6", "route", "add", &format!("{v6}/128"), "via", &addr_v6.to_string()]);
+                    ip(&[
+                        "-n",
+                        &netns,
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{v6}/128"),
+                        "dev",
+                        "lo",
+                        "nodad",
+                    ]);
+                    ip(&[
+                        "-n",
+                        &self.node_netns,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("{v6}/128"),
+                        "via",
+                        &addr_v6.to_string(),
+                    ]);
                 }
             }
         }
@@ -236,23 +308,84 @@ impl TestNode {
         let (g, h) = v6;
         ip(&["netns", "add", netns]);
         ip(&["-n", netns, "link", "set", "lo", "up"]);
-        ip(&["-n", node, "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", netns]);
-        ip(&["-n", node, "addr", "add", &format!("{a}.{b}.{c}.1/24"), "dev", node_if]);
-        ip(&["-n", node, "-6", "addr", "add", &format!("fd00:{g:x}:{h:x}::1/64"), "dev", node_if, "nodad"]);
+        ip(&[
+            "-n", node, "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns",
+            netns,
+        ]);
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{a}.{b}.{c}.1/24"),
+            "dev",
+            node_if,
+        ]);
+        ip(&[
+            "-n",
+            node,
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:{g:x}:{h:x}::1/64"),
+            "dev",
+            node_if,
+            "nodad",
+        ]);
         ip(&["-n", node, "link", "set", node_if, "up"]);
-        ip(&["-n", netns, "addr", "add", &format!("{a}.{b}.{c}.2/24"), "dev", "eth0"]);
-        ip(&["-n", netns, "-6", "addr", "add", &format!("fd00:{g:x}:{h:x}::2/64"), "dev", "eth0", "nodad"]);
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{a}.{b}.{c}.2/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            netns,
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:{g:x}:{h:x}::2/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", netns, "link", "set", "eth0", "up"]);
         // Everything test-made is in 10.0.0.0/8 and fd00::/8, reached through the node; the
         // rest is unreachable.
-        ip(&["-n", netns, "route", "add", "10.0.0.0/8", "via", &format!("{a}.{b}.{c}.1")]);
-        ip(&["-n", netns, "-6", "route", "add", "fd00::/8", "via", &format!("fd00:{g:x}:{h:x}::1")]);
+        ip(&[
+            "-n",
+            netns,
+            "route",
+            "add",
+            "10.0.0.0/8",
+            "via",
+            &format!("{a}.{b}.{c}.1"),
+        ]);
+        ip(&[
+            "-n",
+            netns,
+            "-6",
+            "route",
+            "add",
+            "fd00::/8",
+            "via",
+            &format!("fd00:{g:x}:{h:x}::1"),
+        ]);
         unreachable_defaults(netns);
     }
 
     /// Builds a command that runs in `netns` (and, when given, in `cgroup`): the child joins
     /// the cgroup first, then the namespace, so no `ip netns exec` remount is involved.
-    pub fn command_in(&self, netns: &str, cgroup: Option<&Path>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    pub fn command_in(
+        &self,
+        netns: &str,
+        cgroup: Option<&Path>,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Command {
         let netns_file: OwnedFd = fs::File::open(Path::new("/var/run/netns").join(netns))
             .unwrap_or_else(|error| panic!("open network namespace {netns}: {error}"))
             .into();
@@ -298,7 +431,7 @@ impl TestNode {
              redirect:\n  cgroup: {cgroup}\n  bpffs: {bpffs}\n{redirect_extra}\
              recording:\n  dir: {recordings}\n\
              targets:\n{targets}",
-            name = self.id,
+            name = self.node_netns,
             v4 = NODE_PROXY_V4,
             v6 = NODE_PROXY_V6,
             port = PROXY_PORT,
@@ -317,7 +450,14 @@ impl TestNode {
     }
 
     pub fn recordings(&self) -> PathBuf {
-        self.dir.join("sessions")
+        self.recordings
+            .clone()
+            .unwrap_or_else(|| self.dir.join("sessions"))
+    }
+
+    /// Keeps recordings in `dir`, which outlives the node (the demo shows them afterwards).
+    pub fn set_recordings(&mut self, dir: PathBuf) {
+        self.recordings = Some(dir);
     }
 
     /// Starts `gatewayd run` in the node namespace, inside `cgroup` when given, and waits until
@@ -352,9 +492,16 @@ impl TestNode {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready.exists() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("gatewayd exited with {status} before it was ready:\n{}", daemon.log());
+                panic!(
+                    "gatewayd exited with {status} before it was ready:\n{}",
+                    daemon.log()
+                );
             }
-            assert!(Instant::now() < deadline, "gatewayd not ready after 30 s:\n{}", daemon.log());
+            assert!(
+                Instant::now() < deadline,
+                "gatewayd not ready after 30 s:\n{}",
+                daemon.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         daemon
@@ -438,10 +585,18 @@ impl Drop for TestNode {
                 eprintln!("test node of {} kept for inspection:", self.name);
                 eprintln!("  node:    ip netns exec {} bash", self.node_netns);
                 for pod in &self.pods {
-                    eprintln!("  pod {}: ip netns exec {} bash   (cgroup {})", pod.name, pod.netns, pod.cgroup.display());
+                    eprintln!(
+                        "  pod {}: ip netns exec {} bash   (cgroup {})",
+                        pod.name,
+                        pod.netns,
+                        pod.cgroup.display()
+                    );
                 }
                 for server in &self.servers {
-                    eprintln!("  server {}: ip netns exec {} bash", server.name, server.netns);
+                    eprintln!(
+                        "  server {}: ip netns exec {} bash",
+                        server.name, server.netns
+                    );
                 }
                 eprintln!("  files:   {}", self.dir.display());
                 return;
@@ -459,7 +614,10 @@ impl Drop for TestNode {
 
 /// Runs `ip` with the arguments and panics with its output on failure.
 pub fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
     check_output(&format!("ip {}", args.join(" ")), &output);
 }
 
@@ -469,7 +627,10 @@ fn run_in_netns(netns: &str, command: &[&str]) {
         .args(command)
         .output()
         .expect("run ip netns exec");
-    check_output(&format!("ip netns exec {netns} {}", command.join(" ")), &output);
+    check_output(
+        &format!("ip netns exec {netns} {}", command.join(" ")),
+        &output,
+    );
 }
 
 fn check_output(what: &str, output: &Output) {
@@ -544,7 +705,10 @@ fn remove_cgroup_tree(dir: &Path) {
 pub fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut condition: F) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -14,14 +14,19 @@ fn check(config: &str) -> (Option<i32>, String) {
         .arg(&path)
         .output()
         .expect("run gatewayd check");
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 const BASE: &str = "proxy:\n  listen_v4: 10.0.0.1:15001\ntargets:\n";
 
 #[test]
 fn check_rejects_unknown_class() {
-    let (code, stderr) = check(&format!("{BASE}  - address: 10.96.0.1\n    port: 443\n    class: ftp\n"));
+    let (code, stderr) = check(&format!(
+        "{BASE}  - address: 10.96.0.1\n    port: 443\n    class: ftp\n"
+    ));
     assert_eq!(code, Some(1));
     assert!(stderr.contains("targets[0].class"), "{stderr}");
     assert!(stderr.contains("unknown variant `ftp`"), "{stderr}");
@@ -29,7 +34,9 @@ fn check_rejects_unknown_class() {
 
 #[test]
 fn check_rejects_bad_address() {
-    let (code, stderr) = check(&format!("{BASE}  - address: 10.96.0.256\n    port: 443\n    class: tcp\n"));
+    let (code, stderr) = check(&format!(
+        "{BASE}  - address: 10.96.0.256\n    port: 443\n    class: tcp\n"
+    ));
     assert_eq!(code, Some(1));
     assert!(stderr.contains("targets[0].address"), "{stderr}");
 }
@@ -49,5 +56,8 @@ fn check_reports_missing_file() {
         .expect("run gatewayd check");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr.contains("failed to read config file /nonexistent/gatewayd.yaml"), "{stderr}");
+    assert!(
+        stderr.contains("failed to read config file /nonexistent/gatewayd.yaml"),
+        "{stderr}"
+    );
 }

@@ -54,7 +54,14 @@ impl Drop for EchoGuard {
 fn run_client(node: &TestNode, pod: &Pod, addr: SocketAddr, bytes: u64) -> Value {
     let output = node
         .in_pod(pod, TESTPEER)
-        .args(["client", "--greet", "--connect", &addr.to_string(), "--bytes", &bytes.to_string()])
+        .args([
+            "client",
+            "--greet",
+            "--connect",
+            &addr.to_string(),
+            "--bytes",
+            &bytes.to_string(),
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run test client");
@@ -71,7 +78,14 @@ fn run_client(node: &TestNode, pod: &Pod, addr: SocketAddr, bytes: u64) -> Value
 fn client_connects(node: &TestNode, pod: &Pod, addr: SocketAddr) -> Option<Value> {
     let output = node
         .in_pod(pod, TESTPEER)
-        .args(["client", "--greet", "--connect", &addr.to_string(), "--bytes", "16"])
+        .args([
+            "client",
+            "--greet",
+            "--connect",
+            &addr.to_string(),
+            "--bytes",
+            "16",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run test client");
@@ -122,9 +136,17 @@ fn redirects_bytes_intact_both_ways() {
         assert_eq!(report["intact"], true, "size {size}: {report}");
         assert_eq!(report["received"], size, "size {size}: {report}");
         // The application sees the server it dialed, not the proxy.
-        assert_eq!(report["peer"], target.to_string(), "size {size}: getpeername");
+        assert_eq!(
+            report["peer"],
+            target.to_string(),
+            "size {size}: getpeername"
+        );
         // The server sees the node, so the connection went through the proxy.
-        assert_eq!(greeting_peer(&report), IpAddr::V4(server.node_side_v4), "size {size}");
+        assert_eq!(
+            greeting_peer(&report),
+            IpAddr::V4(server.node_side_v4),
+            "size {size}"
+        );
     }
 
     let sessions = node.wait_for_sessions(3);
@@ -164,16 +186,30 @@ fn non_target_and_host_netns_pass() {
     // and is not redirected either.
     let output = node
         .in_node(Some(&pod.cgroup), TESTPEER)
-        .args(["client", "--greet", "--connect", &target.to_string(), "--bytes", "1024"])
+        .args([
+            "client",
+            "--greet",
+            "--connect",
+            &target.to_string(),
+            "--bytes",
+            "1024",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run client in the node namespace");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report: Value = serde_json::from_slice(&output.stdout).expect("client prints JSON");
     assert_eq!(report["intact"], true);
     assert_eq!(stats(&node).get(Verdict::PassHostNetns), 1);
     assert_eq!(stats(&node).get(Verdict::Redirected), 0);
-    assert!(node.session_files().is_empty(), "nothing was proxied, so nothing is recorded");
+    assert!(
+        node.session_files().is_empty(),
+        "nothing was proxied, so nothing is recorded"
+    );
     daemon.stop();
 }
 
@@ -195,8 +231,16 @@ fn proxy_upstream_not_redirected_again() {
     assert_eq!(report["intact"], true, "{report}");
     assert_eq!(greeting_peer(&report), IpAddr::V4(server.node_side_v4));
     let counters = stats(&node);
-    assert_eq!(counters.get(Verdict::Redirected), 1, "only the pod's connect is redirected");
-    assert_eq!(counters.get(Verdict::PassMarked), 1, "the proxy's own connect passes by its mark");
+    assert_eq!(
+        counters.get(Verdict::Redirected),
+        1,
+        "only the pod's connect is redirected"
+    );
+    assert_eq!(
+        counters.get(Verdict::PassMarked),
+        1,
+        "the proxy's own connect passes by its mark"
+    );
     assert_eq!(node.wait_for_sessions(1).len(), 1);
     daemon.stop();
 }
@@ -209,7 +253,11 @@ fn ipv6_and_mapped_ipv4_redirected() {
     let target_v4 = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
     let target_v6 = SocketAddr::new(server.addr_v6.into(), ECHO_PORT);
     let _echo = EchoGuard(start_echo(&node, &server, &[target_v4, target_v6]));
-    let targets = format!("{}{}", tcp_target(target_v4, "echo-v4"), tcp_target(target_v6, "echo-v6"));
+    let targets = format!(
+        "{}{}",
+        tcp_target(target_v4, "echo-v4"),
+        tcp_target(target_v6, "echo-v6")
+    );
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
@@ -217,7 +265,11 @@ fn ipv6_and_mapped_ipv4_redirected() {
     assert_eq!(report["intact"], true, "{report}");
     assert_eq!(report["peer"], target_v6.to_string());
     let node_side_v6: IpAddr = "fd00:245:0::1".parse().expect("valid address");
-    assert_eq!(greeting_peer(&report), node_side_v6, "IPv6 went through the proxy");
+    assert_eq!(
+        greeting_peer(&report),
+        node_side_v6,
+        "IPv6 went through the proxy"
+    );
 
     // An IPv6 socket dialing the IPv4 target in mapped form is matched as IPv4.
     let mapped: SocketAddr = format!("[::ffff:{}]:{ECHO_PORT}", server.addr_v4)
@@ -225,7 +277,11 @@ fn ipv6_and_mapped_ipv4_redirected() {
         .expect("valid address");
     let report = run_client(&node, &pod, mapped, 64 * 1024);
     assert_eq!(report["intact"], true, "{report}");
-    assert_eq!(report["peer"], mapped.to_string(), "getpeername keeps the mapped form");
+    assert_eq!(
+        report["peer"],
+        mapped.to_string(),
+        "getpeername keeps the mapped form"
+    );
     assert_eq!(greeting_peer(&report), IpAddr::V4(server.node_side_v4));
 
     let sessions = node.wait_for_sessions(2);
@@ -258,7 +314,12 @@ fn two_pods_told_apart() {
     assert_eq!(subject(&sessions[0])["pod_uid"], first.uid.as_str());
     assert_eq!(subject(&sessions[1])["pod_uid"], second.uid.as_str());
     assert_eq!(subject(&sessions[0])["comm"], "gateway-testpee");
-    assert_eq!(sessions[0][0]["origin"]["addr"].as_str().map(|a| a.starts_with(&first.addr_v4.to_string())), Some(true));
+    assert_eq!(
+        sessions[0][0]["origin"]["addr"]
+            .as_str()
+            .map(|a| a.starts_with(&first.addr_v4.to_string())),
+        Some(true)
+    );
     assert_eq!(sessions[1][1]["bytes"]["from_client"], 20);
     daemon.stop();
 }
@@ -271,9 +332,16 @@ fn excluded_cgroup_goes_direct() {
     let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
     let _echo = EchoGuard(start_echo(&node, &server, &[target]));
     // Excluding the pod's slice covers its container cgroup below it.
-    let pod_slice = pod.cgroup.parent().expect("container cgroup has a pod parent");
+    let pod_slice = pod
+        .cgroup
+        .parent()
+        .expect("container cgroup has a pod parent");
     let redirect_extra = format!("  exclude_cgroups: ['{}']\n", pod_slice.display());
-    let config = node.daemon_config("gatewayd.yaml", &redirect_extra, &tcp_target(target, "echo"));
+    let config = node.daemon_config(
+        "gatewayd.yaml",
+        &redirect_extra,
+        &tcp_target(target, "echo"),
+    );
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
     let report = run_client(&node, &pod, target, 100);
@@ -299,17 +367,30 @@ fn fail_open_goes_direct_when_stale() {
     // A crash: the heartbeat just stops.
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
     let report = run_client(&node, &pod, target, 10);
-    assert_eq!(greeting_peer(&report), IpAddr::V4(server.node_side_v4), "proxied while alive");
+    assert_eq!(
+        greeting_peer(&report),
+        IpAddr::V4(server.node_side_v4),
+        "proxied while alive"
+    );
     daemon.kill();
     std::thread::sleep(STALE_WAIT);
-    let report = client_connects(&node, &pod, target).expect("direct connect after a stale heartbeat");
-    assert_eq!(greeting_peer(&report), IpAddr::V4(pod.addr_v4), "direct once stale");
+    let report =
+        client_connects(&node, &pod, target).expect("direct connect after a stale heartbeat");
+    assert_eq!(
+        greeting_peer(&report),
+        IpAddr::V4(pod.addr_v4),
+        "direct once stale"
+    );
     assert_eq!(stats(&node).get(Verdict::PassStaleHeartbeat), 1);
 
     // A graceful stop expires the heartbeat at once: no wait, no refused connects.
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
     let report = run_client(&node, &pod, target, 10);
-    assert_eq!(greeting_peer(&report), IpAddr::V4(server.node_side_v4), "proxied after restart");
+    assert_eq!(
+        greeting_peer(&report),
+        IpAddr::V4(server.node_side_v4),
+        "proxied after restart"
+    );
     assert!(daemon.stop().success());
     let report = client_connects(&node, &pod, target).expect("direct connect right after SIGTERM");
     assert_eq!(greeting_peer(&report), IpAddr::V4(pod.addr_v4));
@@ -326,14 +407,20 @@ fn fail_closed_restart_adopts_uninstall() {
     let config = node.daemon_config("gatewayd.yaml", &extra, &tcp_target(target, "echo"));
 
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
-    assert!(daemon.log().contains("adopted=false"), "first start installs");
+    assert!(
+        daemon.log().contains("adopted=false"),
+        "first start installs"
+    );
     let link_pin = node.pin_dir().join("links").join("connect4");
     let link_before = std::fs::metadata(&link_pin).expect("connect4 link is pinned");
     daemon.kill();
     std::thread::sleep(STALE_WAIT);
 
     // Closed: with the daemon gone, a connect to the target fails instead of going direct.
-    assert!(client_connects(&node, &pod, target).is_none(), "connect must fail while the proxy is down");
+    assert!(
+        client_connects(&node, &pod, target).is_none(),
+        "connect must fail while the proxy is down"
+    );
     assert!(stats(&node).get(Verdict::RedirectedStale) >= 1);
 
     // Restart while a pod keeps connecting: every attempt either fails or is proxied; none
@@ -355,12 +442,21 @@ fn fail_closed_restart_adopts_uninstall() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         (probe.join().expect("probe thread"), daemon)
     });
-    assert!(!peers.is_empty(), "some connects succeed once the daemon is back");
     assert!(
-        peers.iter().all(|peer| *peer == IpAddr::V4(server.node_side_v4)),
+        !peers.is_empty(),
+        "some connects succeed once the daemon is back"
+    );
+    assert!(
+        peers
+            .iter()
+            .all(|peer| *peer == IpAddr::V4(server.node_side_v4)),
         "a connect bypassed the proxy during the restart: {peers:?}"
     );
-    assert!(daemon.log().contains("adopted=true"), "restart adopts the pinned links:\n{}", daemon.log());
+    assert!(
+        daemon.log().contains("adopted=true"),
+        "restart adopts the pinned links:\n{}",
+        daemon.log()
+    );
     let link_after = std::fs::metadata(&link_pin).expect("connect4 link still pinned");
     assert_eq!(
         std::os::unix::fs::MetadataExt::ino(&link_before),
@@ -375,7 +471,11 @@ fn fail_closed_restart_adopts_uninstall() {
         .arg(&config)
         .output()
         .expect("run gatewayd uninstall");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("removed 5 link(s) and 6 map(s)"));
     assert!(!node.pin_dir().exists(), "the pin directory is gone");
     for hook in [
@@ -436,7 +536,10 @@ fn exclusive_ancestor_rejected() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "gatewayd must refuse to start");
     assert!(stderr.contains("exclusive"), "{stderr}");
-    assert!(stderr.contains(&node.cgroup_root.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&node.cgroup_root.display().to_string()),
+        "{stderr}"
+    );
 
     gateway_user::sys::bpf_prog_detach(
         std::os::fd::AsFd::as_fd(&parent),
@@ -462,7 +565,10 @@ fn missing_cgroup2_reported() {
         .expect("run unshare");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("no cgroup2 filesystem is mounted"), "{stderr}");
+    assert!(
+        stderr.contains("no cgroup2 filesystem is mounted"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -475,8 +581,14 @@ fn connection_limit_resets_excess() {
     let _echo = EchoGuard(start_echo(&node, &server, &[target]));
     let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
     let text = std::fs::read_to_string(&config).expect("read config");
-    std::fs::write(&config, text.replace("  drain_timeout: 2s\n", "  drain_timeout: 2s\n  max_connections: 1\n"))
-        .expect("write config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "  drain_timeout: 2s\n",
+            "  drain_timeout: 2s\n  max_connections: 1\n",
+        ),
+    )
+    .expect("write config");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
     let mut holder = node
@@ -498,12 +610,22 @@ fn connection_limit_resets_excess() {
         !node.session_files().is_empty()
     });
 
-    assert!(client_connects(&node, &pod, target).is_none(), "over the limit: reset");
+    assert!(
+        client_connects(&node, &pod, target).is_none(),
+        "over the limit: reset"
+    );
     drop(holder.stdin.take());
     holder.wait().expect("holder exits");
     node.wait_for_sessions(1);
-    assert!(client_connects(&node, &pod, target).is_some(), "under the limit again");
-    assert!(daemon.log().contains("connection limit reached"), "{}", daemon.log());
+    assert!(
+        client_connects(&node, &pod, target).is_some(),
+        "under the limit again"
+    );
+    assert!(
+        daemon.log().contains("connection limit reached"),
+        "{}",
+        daemon.log()
+    );
     daemon.stop();
 }
 
@@ -531,7 +653,10 @@ fn sigterm_drains_then_closes() {
     // The held connection outlives the 2 s drain, so the daemon closes it and says so.
     let started = std::time::Instant::now();
     assert!(daemon.stop().success(), "graceful stop exits 0");
-    assert!(started.elapsed() >= Duration::from_secs(2), "the daemon waited for the drain");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the daemon waited for the drain"
+    );
     let sessions = node.wait_for_sessions(1);
     assert_eq!(sessions[0][1]["outcome"], "shutdown");
     drop(holder.stdin.take());

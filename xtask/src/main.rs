@@ -1,1 +1,271 @@
-fn main() {}
+//! Developer and CI tasks: `cargo xtask setup | test | demo | bench | ci`.
+//!
+//! `setup` installs, only where missing, what building and testing need on a Debian machine:
+//! Debian packages (LLVM 22 for bpf-linker, iproute2, the database servers and clients the
+//! tests drive), the nightly `rust-src` component the eBPF build uses, and bpf-linker. Every
+//! other task runs it first, so a fresh clone needs nothing else.
+//!
+//! This crate depends on nothing of the workspace, so it builds before the eBPF toolchain
+//! exists.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    about = "Build, test and demo tasks for the node gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the missing toolchain parts and Debian packages (idempotent).
+    Setup,
+    /// Set up, then run every test, the namespace tests included (needs root).
+    Test,
+    /// Set up, then redirect an unmodified client on a test node and show its recording.
+    Demo,
+    /// Set up, then measure the connect hook's cost, relay throughput and proxy memory.
+    Bench,
+    /// What CI runs: format check, clippy with warnings denied, then `test`.
+    Ci,
+}
+
+/// Debian packages the build and the tests need, with what each is for.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker links against LLVM 22"),
+    (
+        "libpolly-22-dev",
+        "LLVM 22's static libraries reference Polly",
+    ),
+    ("zlib1g-dev", "linking bpf-linker"),
+    ("libzstd-dev", "linking bpf-linker"),
+    ("iproute2", "`ip` builds the test node's namespaces"),
+    ("util-linux", "`unshare` and `mount` in the tests"),
+    ("curl", "the demo's unmodified client"),
+    ("python3", "the demo's HTTP server"),
+    ("postgresql", "PostgreSQL server for the database tests"),
+    ("postgresql-client", "psql and pgbench"),
+    ("mariadb-server", "MariaDB server for the database tests"),
+    ("mariadb-client", "the mysql client"),
+];
+
+/// bpf-linker release that builds against LLVM 22 with the toolchains used here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup(),
+        Task::Test => setup().and_then(|()| test()),
+        Task::Demo => setup().and_then(|()| demo()),
+        Task::Bench => setup().and_then(|()| bench()),
+        Task::Ci => setup().and_then(|()| ci()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command, failing with its name when it cannot start or exits non-zero.
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let description = format!("{command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("failed to start {description}"))?;
+    if !status.success() {
+        bail!("{description} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn is_root() -> bool {
+    // `id -u` avoids an unsafe geteuid() call in a crate that has no other need for libc.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
+fn setup() -> anyhow::Result<()> {
+    install_debian_packages()?;
+    install_rust_src()?;
+    install_bpf_linker()?;
+    Ok(())
+}
+
+fn install_debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !debian_package_installed(name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {}; run `cargo xtask setup` as root or install them with apt-get",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn debian_package_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .is_ok_and(|output| {
+            String::from_utf8_lossy(&output.stdout).contains("install ok installed")
+        })
+}
+
+fn install_rust_src() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("failed to run rustup; the eBPF build needs rustup with a nightly toolchain")?;
+    let listing = String::from_utf8_lossy(&installed.stdout);
+    if installed.status.success() && listing.lines().any(|line| line.starts_with("rust-src")) {
+        return Ok(());
+    }
+    if !installed.status.success() {
+        eprintln!("xtask: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let present = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+fn require_root(task: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask {task}` creates network namespaces, cgroups and eBPF links: run it as root"
+        );
+    }
+    Ok(())
+}
+
+fn test() -> anyhow::Result<()> {
+    require_root("test")?;
+    run(cargo().args([
+        "test",
+        "--features",
+        "gateway-user/testing",
+        "--no-fail-fast",
+    ]))
+}
+
+fn ci() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--all-targets",
+        "--features",
+        "gateway-user/testing",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    test()
+}
+
+fn demo() -> anyhow::Result<()> {
+    require_root("demo")?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--features",
+        "gateway-user/testing",
+        "--bins",
+    ]))?;
+    run(cargo().args([
+        "run",
+        "--quiet",
+        "--features",
+        "gateway-user/testing",
+        "--package",
+        "gateway-user",
+        "--example",
+        "demo",
+    ]))
+}
+
+fn bench() -> anyhow::Result<()> {
+    require_root("bench")?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "--features",
+        "gateway-user/testing",
+        "--bins",
+    ]))?;
+    run(cargo().args([
+        "run",
+        "--quiet",
+        "--release",
+        "--features",
+        "gateway-user/testing",
+        "--package",
+        "gateway-user",
+        "--example",
+        "bench",
+    ]))
+}

@@ -9,7 +9,11 @@ use gateway_user::{config::Config, daemon, redirect};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "gatewayd", version, about = "Node gateway daemon: eBPF redirect, proxy and session recording")]
+#[command(
+    name = "gatewayd",
+    version,
+    about = "Node gateway daemon: eBPF redirect, proxy and session recording"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text", global = true)]
@@ -67,12 +71,15 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config, ready_file } => {
             let config = Config::load(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(daemon::run(config, daemon::RunOptions { ready_file }))
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;
-            let mounts = gateway_user::cgroup::find_mounts(std::path::Path::new(redirect::MOUNTINFO))?;
+            let mounts =
+                gateway_user::cgroup::find_mounts(std::path::Path::new(redirect::MOUNTINFO))?;
             let cgroup = match &config.redirect.cgroup {
                 Some(configured) => gateway_user::cgroup::resolve(&mounts.unified, configured)?,
                 None => gateway_user::cgroup::detect_kubepods(&mounts.unified)?,
@@ -81,7 +88,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("configuration valid: {} target(s)", config.targets.len());
             println!("cgroup2 mount: {}", mounts.unified.display());
             if !mounts.v1.is_empty() {
-                println!("warning: hybrid cgroup host ({} cgroup v1 mounts beside cgroup2)", mounts.v1.len());
+                println!(
+                    "warning: hybrid cgroup host ({} cgroup v1 mounts beside cgroup2)",
+                    mounts.v1.len()
+                );
             }
             println!("attach cgroup: {}", cgroup.display());
             println!("kernel: all needed eBPF program types, maps and helpers are available");

@@ -2,10 +2,12 @@
 //! and servers. It is an ordinary, unmodified TCP program: nothing in it knows about the
 //! gateway.
 //!
-//! - `serve --listen ADDR... [--greet]`: echo server; with `--greet` it first sends
-//!   `PEER <addr>\n`, the client address it sees.
+//! - `serve --listen ADDR... [--greet | --discard | --sink]`: echo server; with `--greet` it first
+//!   sends `PEER <addr>\n`, the client address it sees; with `--discard` it closes every
+//!   connection at once; with `--sink` it reads to the end and reports the byte count.
 //! - `client --connect ADDR --bytes N [--greet]`: sends N bytes of a fixed pseudo-random
 //!   stream while reading the echo, checks every byte, and prints one JSON object.
+//! - `upload --connect ADDR --bytes N`: sends N bytes one way to a `--sink` server, timed.
 //! - `connect-loop --connect ADDR --count N`: N connect-and-close rounds, timed.
 //! - `hold --connect ADDR --count N`: opens N idle connections, prints `ready`, and holds them
 //!   until its standard input closes.
@@ -20,7 +22,10 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(name = "gateway-testpeer", about = "TCP client and echo server for the gateway's tests")]
+#[command(
+    name = "gateway-testpeer",
+    about = "TCP client and echo server for the gateway's tests"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,6 +38,19 @@ enum Command {
         listen: Vec<SocketAddr>,
         #[arg(long)]
         greet: bool,
+        /// Close each connection as soon as it is accepted (for connect benchmarks).
+        #[arg(long, conflicts_with = "greet")]
+        discard: bool,
+        /// Read each connection to its end, then send `RECEIVED <count>` (for throughput).
+        #[arg(long, conflicts_with_all = ["greet", "discard"])]
+        sink: bool,
+    },
+    /// Send N bytes one way to a `--sink` server and time it until the server confirms.
+    Upload {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
     },
     Client {
         #[arg(long)]
@@ -58,20 +76,38 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { listen, greet } => serve(&listen, greet),
-        Command::Client { connect, bytes, greet } => client(connect, bytes, greet),
+        Command::Serve {
+            listen,
+            greet,
+            discard,
+            sink,
+        } => serve(&listen, greet, discard, sink),
+        Command::Upload { connect, bytes } => upload(connect, bytes),
+        Command::Client {
+            connect,
+            bytes,
+            greet,
+        } => client(connect, bytes, greet),
         Command::ConnectLoop { connect, count } => connect_loop(connect, count),
         Command::Hold { connect, count } => hold(connect, count),
     }
 }
 
-fn serve(addrs: &[SocketAddr], greet: bool) -> anyhow::Result<()> {
+fn serve(addrs: &[SocketAddr], greet: bool, discard: bool, sink: bool) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for addr in addrs {
         let listener = TcpListener::bind(addr)?;
         handles.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                if discard {
+                    drop(stream);
+                    continue;
+                }
                 std::thread::spawn(move || {
+                    if sink {
+                        let _ = drain(stream);
+                        return;
+                    }
                     let _ = echo(stream, greet);
                 });
             }
@@ -93,6 +129,38 @@ fn echo(mut stream: TcpStream, greet: bool) -> io::Result<()> {
     let mut reader = stream.try_clone()?;
     io::copy(&mut reader, &mut stream)?;
     stream.shutdown(Shutdown::Write)
+}
+
+fn drain(mut stream: TcpStream) -> io::Result<()> {
+    let mut reader = stream.try_clone()?;
+    let count = io::copy(&mut reader, &mut io::sink())?;
+    stream.write_all(format!("RECEIVED {count}\n").as_bytes())?;
+    stream.shutdown(Shutdown::Write)
+}
+
+fn upload(addr: SocketAddr, total: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr)?;
+    let block = vec![0x5a_u8; BLOCK];
+    let mut left = total;
+    while left > 0 {
+        let step = left.min(BLOCK as u64) as usize;
+        stream.write_all(&block[..step])?;
+        left -= step as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    let received: u64 = reply
+        .trim()
+        .strip_prefix("RECEIVED ")
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "{}",
+        json!({ "sent": total, "received": received, "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0 })
+    );
+    Ok(())
 }
 
 /// Block size of the client's pattern stream and of its reads and writes.

@@ -1,12 +1,13 @@
 //! Byte-for-byte relay between the client and the upstream connection, used for targets of
 //! class `tcp` (and, for now, every other class).
 //!
-//! Each direction waits for its socket to become readable before it takes a buffer, and gives
-//! the buffer back as soon as the socket has nothing more to read, so an idle connection holds
-//! no buffer at all. A write blocks the reading side of the same direction, which is the
-//! backpressure: the proxy never holds more than one buffer per direction. End of stream in one
-//! direction is passed on as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps
-//! flowing until it ends too.
+//! Bytes move with `splice(2)` through a pipe per direction, so they never pass through user
+//! space. Each direction creates its pipe when data arrives and closes it as soon as the socket
+//! has nothing more to read, so an idle connection holds no pipe and no buffer. A direction
+//! empties its pipe into the destination before it reads again, which is the backpressure: at
+//! most one pipe's worth is in flight per direction. End of stream in one direction is passed
+//! on as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps flowing until it
+//! ends too.
 
 use std::{
     io,
@@ -17,21 +18,20 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::AsyncWriteExt as _,
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-    time::Instant,
-};
+use std::{net::Shutdown, os::fd::AsFd as _};
+
+use socket2::SockRef;
+use tokio::{io::Interest, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::record::Outcome;
+use crate::{
+    record::Outcome,
+    sys::{self, Pipe},
+};
 
-/// Size of the buffer a direction uses while data is flowing. 64 KiB matches the kernel's
-/// default maximum TCP window step on loopback and veth, so one read usually drains the socket.
-pub const RELAY_BUFFER_SIZE: usize = 64 * 1024;
+/// Pipe buffer requested per direction while data flows. 256 KiB lets one splice move several
+/// socket buffers' worth at a time; the kernel caps it at `/proc/sys/fs/pipe-max-size`.
+pub const PIPE_CAPACITY: usize = 1024 * 1024;
 
 /// Result of a relayed session.
 #[derive(Debug)]
@@ -78,11 +78,8 @@ pub async fn relay(
         last_activity_ms: AtomicU64::new(0),
         start: Instant::now(),
     });
-    let (client_read, client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
-
-    let to_upstream = pump(client_read, upstream_write, &counters, Side::Client);
-    let to_client = pump(upstream_read, client_write, &counters, Side::Upstream);
+    let to_upstream = pump(&client, &upstream, &counters, Side::Client);
+    let to_client = pump(&upstream, &client, &counters, Side::Upstream);
     let both = async { tokio::try_join!(to_upstream, to_client) };
 
     let (outcome, reason) = tokio::select! {
@@ -107,10 +104,10 @@ pub async fn relay(
     }
 }
 
-/// Copies one direction until end of stream, then half-closes the destination.
+/// Moves one direction until end of stream, then half-closes the destination.
 async fn pump(
-    source: OwnedReadHalf,
-    mut destination: OwnedWriteHalf,
+    source: &TcpStream,
+    destination: &TcpStream,
     counters: &Counters,
     side: Side,
 ) -> Result<(), (Side, io::Error)> {
@@ -130,25 +127,38 @@ async fn pump(
     loop {
         source.readable().await.map_err(read_error)?;
 
-        // Only now take a buffer, and keep it while the socket has data.
-        let mut buffer = Vec::with_capacity(RELAY_BUFFER_SIZE);
+        // Only now take a pipe, and keep it while the socket has data.
+        let pipe = Pipe::new(PIPE_CAPACITY).map_err(read_error)?;
         loop {
-            buffer.clear();
-            match source.try_read_buf(&mut buffer) {
+            let filled = source.try_io(Interest::READABLE, || {
+                sys::splice(source.as_fd(), pipe.write.as_fd(), PIPE_CAPACITY)
+            });
+            let mut in_pipe = match filled {
                 Ok(0) => {
-                    destination.shutdown().await.map_err(write_error)?;
+                    SockRef::from(destination)
+                        .shutdown(Shutdown::Write)
+                        .map_err(write_error)?;
                     return Ok(());
                 }
-                Ok(read) => {
-                    destination
-                        .write_all(&buffer[..read])
-                        .await
-                        .map_err(write_error)?;
-                    counter.fetch_add(read as u64, Ordering::Relaxed);
-                    counters.touch();
-                }
+                Ok(moved) => moved,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) => return Err(read_error(error)),
+            };
+
+            while in_pipe > 0 {
+                destination.writable().await.map_err(write_error)?;
+                let drained = destination.try_io(Interest::WRITABLE, || {
+                    sys::splice(pipe.read.as_fd(), destination.as_fd(), in_pipe)
+                });
+                match drained {
+                    Ok(moved) => {
+                        in_pipe -= moved;
+                        counter.fetch_add(moved as u64, Ordering::Relaxed);
+                        counters.touch();
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Err(write_error(error)),
+                }
             }
         }
     }
@@ -170,13 +180,15 @@ async fn idle(counters: &Counters, timeout: Duration) {
 mod tests {
     use super::*;
     use tokio::{
-        io::AsyncReadExt as _,
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
         net::TcpListener,
     };
 
     /// Returns (client end, proxy's client-side end, proxy's upstream end, server end).
     async fn socket_pairs() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local address");
         let client = TcpStream::connect(addr).await.expect("connect client");
         let (proxy_client, _) = listener.accept().await.expect("accept client");
@@ -198,14 +210,23 @@ mod tests {
         client.write_all(b"request").await.expect("client write");
         client.shutdown().await.expect("client half-close");
         let mut request = Vec::new();
-        server.read_to_end(&mut request).await.expect("server reads to EOF");
+        server
+            .read_to_end(&mut request)
+            .await
+            .expect("server reads to EOF");
         assert_eq!(request, b"request");
 
         // The client's half-close must not have closed the way back.
-        server.write_all(b"late reply").await.expect("server write after EOF");
+        server
+            .write_all(b"late reply")
+            .await
+            .expect("server write after EOF");
         server.shutdown().await.expect("server close");
         let mut reply = Vec::new();
-        client.read_to_end(&mut reply).await.expect("client reads reply");
+        client
+            .read_to_end(&mut reply)
+            .await
+            .expect("client reads reply");
         assert_eq!(reply, b"late reply");
 
         let result = relay.await.expect("relay task");
@@ -217,7 +238,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn relay_idle_timeout_closes() {
         let (_client, proxy_client, upstream, _server) = socket_pairs().await;
-        let result = relay(proxy_client, upstream, Duration::from_secs(5), CancellationToken::new()).await;
+        let result = relay(
+            proxy_client,
+            upstream,
+            Duration::from_secs(5),
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(result.outcome, Outcome::IdleTimeout);
         assert_eq!(result.bytes_from_client, 0);
     }

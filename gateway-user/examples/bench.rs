@@ -1,0 +1,322 @@
+//! The benchmarks behind `cargo xtask bench`, on a test node with release binaries:
+//!
+//! 1. connect hook cost on connects that are not redirected: a connect-and-close loop from a
+//!    pod to a non-target port, with the programs attached and detached, as a ratio;
+//! 2. relay throughput: 100 MiB echoed through the proxy and directly, as a ratio;
+//! 3. proxy memory per idle connection: the daemon's resident set before and after holding
+//!    many idle proxied connections.
+//!
+//! Each figure is the median of several rounds. Results depend on the machine; the README
+//! lists the ones measured and where.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use gateway_user::testing::{Pod, TestNode};
+use serde_json::Value;
+
+const TARGET_PORT: u16 = 7000;
+const OTHER_PORT: u16 = 7001;
+const DISCARD_PORT: u16 = 7002;
+const SINK_TARGET_PORT: u16 = 7003;
+const SINK_OTHER_PORT: u16 = 7004;
+const CONNECTS_PER_ROUND: u64 = 5000;
+const ROUNDS: usize = 5;
+const THROUGHPUT_BYTES: u64 = 100 * 1024 * 1024;
+const THROUGHPUT_ROUNDS: usize = 3;
+const IDLE_CONNECTIONS: usize = 1000;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let binaries = binary_dir()?;
+    let gatewayd = binaries.join("gatewayd");
+    let testpeer = binaries.join("gateway-testpeer");
+
+    let mut node = TestNode::new("gateway-bench");
+    let pod = node.add_pod("bench-client");
+    let server = node.add_server("bench-server", &[]);
+    // TIME_WAIT sockets from thousands of short connects would exhaust the pod's ports.
+    sysctl_in(&pod.netns, "net.ipv4.tcp_tw_reuse=1")?;
+
+    let target = SocketAddr::new(server.addr_v4.into(), TARGET_PORT);
+    let other = SocketAddr::new(server.addr_v4.into(), OTHER_PORT);
+    let discard = SocketAddr::new(server.addr_v4.into(), DISCARD_PORT);
+    let _echo = KillOnDrop(start_server(
+        &node,
+        &testpeer,
+        &server,
+        &[
+            "--listen",
+            &target.to_string(),
+            "--listen",
+            &other.to_string(),
+        ],
+    )?);
+    let sink_target = SocketAddr::new(server.addr_v4.into(), SINK_TARGET_PORT);
+    let sink_other = SocketAddr::new(server.addr_v4.into(), SINK_OTHER_PORT);
+    let _sink = KillOnDrop(start_server(
+        &node,
+        &testpeer,
+        &server,
+        &[
+            "--sink",
+            "--listen",
+            &sink_target.to_string(),
+            "--listen",
+            &sink_other.to_string(),
+        ],
+    )?);
+    let _discard = KillOnDrop(start_server(
+        &node,
+        &testpeer,
+        &server,
+        &["--discard", "--listen", &discard.to_string()],
+    )?);
+
+    let targets = format!(
+        "  - name: bench\n    address: {ip}\n    port: {TARGET_PORT}\n    class: tcp\n  - name: bench-sink\n    address: {ip}\n    port: {SINK_TARGET_PORT}\n    class: tcp\n",
+        ip = target.ip()
+    );
+    let config = node.daemon_config("gatewayd.yaml", "", &targets);
+
+    // 1. Connect hook cost.
+    let mut detached = Vec::new();
+    let mut attached = Vec::new();
+    for round in 0..ROUNDS {
+        // Alternate which state goes first, so warm-up and TIME_WAIT build-up fall on both.
+        if round % 2 == 0 {
+            detached.push(connect_loop(&node, &testpeer, &pod, discard)?);
+        }
+        let daemon = node.start_daemon(&gatewayd, &config, None);
+        attached.push(connect_loop(&node, &testpeer, &pod, discard)?);
+        daemon.stop();
+        uninstall(&gatewayd, &config)?;
+        if round % 2 == 1 {
+            detached.push(connect_loop(&node, &testpeer, &pod, discard)?);
+        }
+    }
+    let detached_ns = median(&mut detached);
+    let attached_ns = median(&mut attached);
+    println!("connect+close, not redirected ({CONNECTS_PER_ROUND} per round, median of {ROUNDS}):");
+    println!(
+        "  programs detached: {:.1} us per connect",
+        detached_ns / 1000.0
+    );
+    println!(
+        "  programs attached: {:.1} us per connect",
+        attached_ns / 1000.0
+    );
+    println!(
+        "  ratio attached/detached: {:.3}",
+        attached_ns / detached_ns
+    );
+
+    // 2. Relay throughput, and 3. memory per idle connection, with the daemon running.
+    let daemon = node.start_daemon(&gatewayd, &config, None);
+    let mib = THROUGHPUT_BYTES as f64 / (1024.0 * 1024.0);
+    let mut direct = Vec::new();
+    let mut proxied = Vec::new();
+    for _ in 0..THROUGHPUT_ROUNDS {
+        direct.push(upload_ms(&node, &testpeer, &pod, sink_other)?);
+        proxied.push(upload_ms(&node, &testpeer, &pod, sink_target)?);
+    }
+    let direct_ms = median(&mut direct);
+    let proxied_ms = median(&mut proxied);
+    println!("\n100 MiB sent one way (median of {THROUGHPUT_ROUNDS}):");
+    println!(
+        "  direct:  {direct_ms:.0} ms ({:.0} MiB/s)",
+        mib / (direct_ms / 1000.0)
+    );
+    println!(
+        "  proxied: {proxied_ms:.0} ms ({:.0} MiB/s)",
+        mib / (proxied_ms / 1000.0)
+    );
+    println!(
+        "  throughput ratio proxied/direct: {:.3}",
+        direct_ms / proxied_ms
+    );
+
+    let mut direct = Vec::new();
+    let mut proxied = Vec::new();
+    for _ in 0..THROUGHPUT_ROUNDS {
+        direct.push(echo_ms(&node, &testpeer, &pod, other)?);
+        proxied.push(echo_ms(&node, &testpeer, &pod, target)?);
+    }
+    let direct_ms = median(&mut direct);
+    let proxied_ms = median(&mut proxied);
+    println!("\n100 MiB echoed both ways, every byte checked (median of {THROUGHPUT_ROUNDS}):");
+    println!(
+        "  direct:  {direct_ms:.0} ms ({:.0} MiB/s each way)",
+        mib / (direct_ms / 1000.0)
+    );
+    println!(
+        "  proxied: {proxied_ms:.0} ms ({:.0} MiB/s each way)",
+        mib / (proxied_ms / 1000.0)
+    );
+    println!(
+        "  throughput ratio proxied/direct: {:.3}",
+        direct_ms / proxied_ms
+    );
+
+    let before = rss_kib(daemon.pid())?;
+    let sessions_before = node.session_files().len();
+    let mut holder = node
+        .in_pod(&pod, &testpeer)
+        .args([
+            "hold",
+            "--connect",
+            &target.to_string(),
+            "--count",
+            &IDLE_CONNECTIONS.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+    anyhow::ensure!(
+        line.trim() == "ready",
+        "holder failed to open its connections"
+    );
+    gateway_user::testing::wait_until("idle sessions to start", Duration::from_secs(60), || {
+        node.session_files().len() >= sessions_before + IDLE_CONNECTIONS
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(daemon.pid())?;
+    drop(holder.stdin.take());
+    holder.wait()?;
+    let per_connection = (after.saturating_sub(before)) as f64 / IDLE_CONNECTIONS as f64;
+    println!("\nproxy memory with {IDLE_CONNECTIONS} idle connections:");
+    println!("  resident set before: {before} KiB, after: {after} KiB");
+    println!("  per idle connection: {per_connection:.1} KiB");
+
+    daemon.stop();
+    uninstall(&gatewayd, &config)?;
+    Ok(())
+}
+
+fn start_server(
+    node: &TestNode,
+    testpeer: &Path,
+    server: &gateway_user::testing::Server,
+    args: &[&str],
+) -> anyhow::Result<Child> {
+    let mut child = node
+        .in_server(server, testpeer)
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+    anyhow::ensure!(line.trim() == "listening", "test server failed to start");
+    Ok(child)
+}
+
+fn connect_loop(
+    node: &TestNode,
+    testpeer: &Path,
+    pod: &Pod,
+    addr: SocketAddr,
+) -> anyhow::Result<f64> {
+    let report = run_json(node.in_pod(pod, testpeer).args([
+        "connect-loop",
+        "--connect",
+        &addr.to_string(),
+        "--count",
+        &CONNECTS_PER_ROUND.to_string(),
+    ]))?;
+    anyhow::ensure!(report["failures"] == 0, "connects failed: {report}");
+    Ok(report["elapsed_ns"].as_f64().unwrap_or(0.0) / CONNECTS_PER_ROUND as f64)
+}
+
+fn echo_ms(node: &TestNode, testpeer: &Path, pod: &Pod, addr: SocketAddr) -> anyhow::Result<f64> {
+    let report = run_json(node.in_pod(pod, testpeer).args([
+        "client",
+        "--connect",
+        &addr.to_string(),
+        "--bytes",
+        &THROUGHPUT_BYTES.to_string(),
+    ]))?;
+    anyhow::ensure!(report["intact"] == true, "echo corrupted: {report}");
+    Ok(report["elapsed_ms"].as_f64().unwrap_or(0.0))
+}
+
+fn upload_ms(node: &TestNode, testpeer: &Path, pod: &Pod, addr: SocketAddr) -> anyhow::Result<f64> {
+    let report = run_json(node.in_pod(pod, testpeer).args([
+        "upload",
+        "--connect",
+        &addr.to_string(),
+        "--bytes",
+        &THROUGHPUT_BYTES.to_string(),
+    ]))?;
+    anyhow::ensure!(
+        report["received"] == THROUGHPUT_BYTES,
+        "upload lost bytes: {report}"
+    );
+    Ok(report["elapsed_ms"].as_f64().unwrap_or(0.0))
+}
+
+fn run_json(command: &mut Command) -> anyhow::Result<Value> {
+    let output = command.stdin(Stdio::null()).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+fn uninstall(gatewayd: &Path, config: &Path) -> anyhow::Result<()> {
+    let output = Command::new(gatewayd)
+        .args(["uninstall", "--config"])
+        .arg(config)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "uninstall failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+fn sysctl_in(netns: &str, setting: &str) -> anyhow::Result<()> {
+    let status = Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-qw", setting])
+        .status()?;
+    anyhow::ensure!(status.success(), "sysctl {setting} in {netns} failed");
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn binary_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let examples = exe.parent().unwrap_or(Path::new("."));
+    Ok(examples.parent().unwrap_or(examples).to_path_buf())
+}
