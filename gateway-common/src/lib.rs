@@ -128,8 +128,7 @@ pub struct RedirectConfig {
     pub stale_after_ns: u64,
 }
 
-/// What the connect hook stored about a redirected connect: where the client meant to go and
-/// who it was.
+/// Original destination and caller of a redirected connect, as the connect hook stored them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigInfo {
@@ -154,8 +153,8 @@ pub struct OrigInfo {
     pub uid_gid: u64,
 }
 
-/// Key of `CONN`: a redirected connection's 4-tuple as seen from the client, which is the
-/// same 4-tuple the proxy sees from its accepted socket.
+/// Key of `CONN`: a redirected connection's 4-tuple from the client's side, which is also the
+/// peer and local address of the proxy's accepted socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnKey {

@@ -3,7 +3,7 @@
 //! - `connect4` / `connect6` (`cgroup/connect4`, `cgroup/connect6`) point a pod's TCP connect
 //!   towards a target at the node-local proxy and remember where it was going;
 //! - `sock_ops` publishes a redirected connection's 4-tuple in `CONN` once it is established,
-//!   so the proxy can find the original destination from its accepted socket, and forgets it
+//!   so the proxy can find the original destination from its accepted socket, and removes it
 //!   when the socket closes;
 //! - `getpeername4` / `getpeername6` hand the original peer back to the application.
 //!

@@ -48,7 +48,7 @@ static EXCLUDED_CGROUPS: HashMap<u64, u8> = HashMap::pinned(EXCLUDED_CGROUPS_MAX
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_COUNT, 0);
 
-/// Where a redirected connect goes instead.
+/// New destination of a redirected connect.
 enum Rewrite {
     /// An IPv4 socket: write `user_ip4`.
     V4 { addr: u32, port: u16 },
@@ -75,7 +75,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 
     let key = TargetKey {
         addr: mapped_v4(addr),
-        // `user_port` holds the port in network byte order in its low 16 bits.
+        // `user_port` carries the port in network byte order in its low 16 bits.
         port: u16::from_be(port as u16),
         family: AF_INET,
     };
@@ -85,9 +85,9 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the whole call; each
-    // word is read with its own volatile load because the verifier only accepts context reads
-    // at constant offsets, which a copied array could turn into a loop.
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the whole call. Each
+    // word gets its own volatile load, because the verifier only accepts context reads at
+    // constant offsets and a copied array could become a loop.
     let (protocol, addr, port) = unsafe {
         (
             (*sa).protocol,
@@ -118,9 +118,9 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 /// Writes the rewritten destination, or leaves the connect alone, and counts the verdict.
 ///
-/// `write` stores the new destination; connect4 and connect6 each pass their own, because the
-/// verifier rejects any store to a field its hook does not own (`user_ip6` in connect4), even
-/// on a path that cannot run.
+/// `write` stores the new destination. connect4 and connect6 each pass their own, because the
+/// verifier rejects a store to a field the hook does not own (`user_ip6` in connect4) even on
+/// a path that cannot run.
 #[inline(always)]
 fn apply_decision(
     ctx: &SockAddrContext,
@@ -441,8 +441,8 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
     let (client_addr, proxy_addr) = if ctx.family() == u32::from(AF_INET) {
         (mapped_v4(ctx.local_ip4()), mapped_v4(ctx.remote_ip4()))
     } else {
-        // SAFETY: `ops` is the valid context of this call; the words are read one by one with
-        // volatile loads so each access has the constant offset the verifier requires.
+        // SAFETY: `ops` is the valid context of this call. The words are read one by one with
+        // volatile loads, so each access has the constant offset the verifier requires.
         unsafe {
             (
                 [
@@ -465,8 +465,8 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
         proxy_addr,
         // `local_port` is in host byte order.
         client_port: ctx.local_port() as u16,
-        // `remote_port` holds the network-byte-order port in the upper half of the word on
-        // little-endian hosts, so reading the word as big-endian yields the port.
+        // On little-endian hosts `remote_port` carries the network-byte-order port in the upper
+        // half of the word, so reading the word as big-endian yields the port.
         proxy_port: u32::from_be(ctx.remote_port()) as u16,
     }
 }

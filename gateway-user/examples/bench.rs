@@ -12,12 +12,12 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use gateway_user::testing::{Pod, TestNode};
+use gateway_user::testing::{self, ChildGuard, Pod, TestNode};
 use serde_json::Value;
 
 const TARGET_PORT: u16 = 7000;
@@ -31,17 +31,8 @@ const THROUGHPUT_BYTES: u64 = 100 * 1024 * 1024;
 const THROUGHPUT_ROUNDS: usize = 3;
 const IDLE_CONNECTIONS: usize = 1000;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    let binaries = binary_dir()?;
+    let binaries = testing::binary_dir()?;
     let gatewayd = binaries.join("gatewayd");
     let testpeer = binaries.join("gateway-testpeer");
 
@@ -54,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let target = SocketAddr::new(server.addr_v4.into(), TARGET_PORT);
     let other = SocketAddr::new(server.addr_v4.into(), OTHER_PORT);
     let discard = SocketAddr::new(server.addr_v4.into(), DISCARD_PORT);
-    let _echo = KillOnDrop(start_server(
+    let _echo = ChildGuard(start_server(
         &node,
         &testpeer,
         &server,
@@ -67,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     )?);
     let sink_target = SocketAddr::new(server.addr_v4.into(), SINK_TARGET_PORT);
     let sink_other = SocketAddr::new(server.addr_v4.into(), SINK_OTHER_PORT);
-    let _sink = KillOnDrop(start_server(
+    let _sink = ChildGuard(start_server(
         &node,
         &testpeer,
         &server,
@@ -79,7 +70,7 @@ fn main() -> anyhow::Result<()> {
             &sink_other.to_string(),
         ],
     )?);
-    let _discard = KillOnDrop(start_server(
+    let _discard = ChildGuard(start_server(
         &node,
         &testpeer,
         &server,
@@ -313,10 +304,4 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-fn binary_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let examples = exe.parent().unwrap_or(Path::new("."));
-    Ok(examples.parent().unwrap_or(examples).to_path_buf())
 }

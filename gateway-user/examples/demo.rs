@@ -9,26 +9,19 @@ use std::{
     fs,
     io::{BufRead as _, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
 };
 
 use gateway_common::Verdict;
-use gateway_user::{redirect, testing::TestNode};
+use gateway_user::{
+    redirect,
+    testing::{self, ChildGuard, TestNode},
+};
 
 const HTTP_PORT: u16 = 8080;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    let binaries = binary_dir()?;
+    let binaries = testing::binary_dir()?;
     let gatewayd = binaries.join("gatewayd");
     anyhow::ensure!(
         gatewayd.exists(),
@@ -66,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         .spawn()?;
     let mut first_line = String::new();
     BufReader::new(http.stdout.take().expect("piped stdout")).read_line(&mut first_line)?;
-    let _http = KillOnDrop(http);
+    let _http = ChildGuard(http);
 
     let targets = format!(
         "  - name: web\n    address: {}\n    port: {HTTP_PORT}\n    class: tcp\n",
@@ -133,12 +126,4 @@ fn main() -> anyhow::Result<()> {
         "\nStopped gatewayd, removed its eBPF programs and the test node. The recording stays."
     );
     Ok(())
-}
-
-/// Returns the directory holding the workspace binaries: this example runs from
-/// `target/<profile>/examples/`.
-fn binary_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let examples = exe.parent().unwrap_or(Path::new("."));
-    Ok(examples.parent().unwrap_or(examples).to_path_buf())
 }

@@ -103,7 +103,7 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
 }
 
-/// What to do when the daemon stops refreshing its heartbeat.
+/// Behaviour of the connect hook once the daemon stops refreshing its heartbeat.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
@@ -114,7 +114,7 @@ pub enum FailMode {
     Closed,
 }
 
-/// Where and how the eBPF programs are attached.
+/// Attachment settings of the eBPF programs.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedirectSettings {
@@ -158,7 +158,7 @@ impl Default for RedirectSettings {
     }
 }
 
-/// Where session recordings go.
+/// Session recording settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordingConfig {

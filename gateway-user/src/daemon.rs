@@ -1,8 +1,9 @@
 //! The daemon's life cycle: start the redirect, bind the proxy, keep the heartbeat going, and
 //! stop cleanly.
 //!
-//! Signals: SIGTERM and SIGINT start a graceful stop (stop accepting, drain open sessions until
-//! `proxy.drain_timeout`, then close the rest); a second signal during the drain stops at once.
+//! Signals: SIGTERM and SIGINT start a graceful stop. The proxy stops accepting, drains open
+//! sessions until `proxy.drain_timeout`, then closes the rest. A second signal during the drain
+//! stops at once.
 //! The eBPF programs stay attached across a stop, so a restarted daemon takes over without a
 //! gap; with `fail_mode: open` the heartbeat is expired on a graceful stop so new connects go
 //! direct immediately rather than into a closed port.
@@ -28,7 +29,7 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
 }
 
-/// Runs the daemon until it is told to stop.
+/// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let config = Arc::new(config);
     match crate::sys::raise_nofile_limit() {

@@ -1,8 +1,8 @@
 //! Who is behind a redirected connection: the cgroup, process and user the connect hook saw,
 //! turned into a subject the recordings and (later) the policy can use.
 //!
-//! The cgroup id is mapped to its path by walking the pods cgroup; the pod UID and container
-//! id are read from the kubelet's layout of that path. Pod names, namespaces and service
+//! The cgroup id is mapped to its path by walking the pods cgroup. The pod UID and container
+//! id are then read from the kubelet's layout of that path. Pod names, namespaces and service
 //! accounts need the cluster's API and are not resolved here.
 
 use std::{path::PathBuf, sync::Mutex};

@@ -2,8 +2,9 @@
 //! each one's original destination and subject, opens the upstream connection with the
 //! gateway's socket mark, and hands both to the handler for the target's class.
 //!
-//! Limits: at most `max_connections` sessions at once (more are reset at accept, so clients
-//! fail fast instead of hanging); an idle timeout per session; a connect timeout upstream.
+//! Limits: at most `max_connections` sessions at once, an idle timeout per session and a
+//! connect timeout upstream. Connections over the limit are reset at accept, so clients fail
+//! fast instead of hanging.
 //! Shutdown: `shutdown()` stops accepting, open sessions get `drain_timeout` to finish, then
 //! the remaining ones are closed and recorded as such.
 

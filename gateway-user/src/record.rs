@@ -37,7 +37,7 @@ pub struct Recorder {
     node: String,
 }
 
-/// Where a session went.
+/// Target of a session.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetInfo {
     pub name: String,
@@ -46,7 +46,7 @@ pub struct TargetInfo {
     pub addr: SocketAddr,
 }
 
-/// How a session ended.
+/// Outcome of a session.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {

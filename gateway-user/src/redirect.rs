@@ -42,7 +42,7 @@ use crate::{
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
 
-/// Where `/proc/self/mountinfo` is; the cgroup2 mount is read from it.
+/// Mount table the cgroup2 mount is read from.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 
 /// The conventional bpffs mount point, which the daemon mounts when nothing is there.
@@ -80,7 +80,7 @@ pub enum RedirectError {
         "{path} is not on a bpf filesystem: {message}; mount one with `mount -t bpf bpf /sys/fs/bpf`"
     )]
     NotBpffs { path: PathBuf, message: String },
-    /// An ancestor of the pods cgroup holds an exclusive attachment, so the kernel refuses ours.
+    /// An ancestor of the pods cgroup has an exclusive attachment, so the kernel rejects ours.
     #[error(
         "cgroup {cgroup} has an exclusive {hook:?} program attached (attached without \
          BPF_F_ALLOW_MULTI or BPF_F_ALLOW_OVERRIDE), so the kernel rejects programs on the cgroups \
@@ -166,7 +166,7 @@ impl PinLayout {
     }
 }
 
-/// How the redirect came up.
+/// Kind of start the redirect made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartKind {
     /// Nothing was pinned: the programs were attached fresh.
@@ -269,7 +269,7 @@ impl Redirect {
     }
 
     /// Marks the heartbeat stale at once, so that in the open fail mode new connects go direct
-    /// instead of waiting for the timeout; used on a graceful stop.
+    /// without waiting for the timeout. Used on a graceful stop.
     pub fn expire_heartbeat(&self) -> Result<(), RedirectError> {
         let mut map = self.config_map.lock().expect("config map lock poisoned");
         write_config(&mut map, &self.base_config, 0)
@@ -420,15 +420,7 @@ fn sync_targets(
             })?;
         wanted.push(key);
     }
-
-    let stale: Vec<TargetKey> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|key| !wanted.contains(key))
-        .collect();
-    for key in stale {
-        let _ = map.remove(&key);
-    }
+    remove_unwanted(map, &wanted);
     Ok(())
 }
 
@@ -448,15 +440,24 @@ fn sync_excluded(
             })?;
         wanted.push(id);
     }
-    let stale: Vec<u64> = map
+    remove_unwanted(map, &wanted);
+    Ok(())
+}
+
+/// Removes every key of `map` that is not in `wanted`, after the wanted ones were inserted, so
+/// an entry present before and after a reconcile never disappears in between.
+fn remove_unwanted<K: aya::Pod + PartialEq, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    wanted: &[K],
+) {
+    let stale: Vec<K> = map
         .keys()
         .filter_map(Result::ok)
-        .filter(|id| !wanted.contains(id))
+        .filter(|key| !wanted.contains(key))
         .collect();
-    for id in stale {
-        let _ = map.remove(&id);
+    for key in stale {
+        let _ = map.remove(&key);
     }
-    Ok(())
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
@@ -609,8 +610,8 @@ fn nearest_existing(path: &Path) -> PathBuf {
     current
 }
 
-/// Loads each program and puts it on its hook: a pinned link on the same cgroup is switched to
-/// the new program in place; otherwise a new link is created and pinned.
+/// Loads each program and puts it on its hook. A pinned link on the same cgroup is switched to
+/// the new program in place, and otherwise a new link is created and pinned.
 fn attach_all(
     ebpf: &mut Ebpf,
     pins: &PinLayout,
@@ -645,44 +646,30 @@ fn attach_all(
             cgroup: cgroup.to_path_buf(),
             source,
         };
+        // SockOps and CgroupSockAddr share these steps but no trait, so a macro spells them once.
+        macro_rules! load_and_attach {
+            ($program_type:ty) => {{
+                let program: &mut $program_type = program.try_into().map_err(load)?;
+                program.load().map_err(load)?;
+                if let Some(link) = &pinned {
+                    update_link(link, program.fd().map_err(load)?.as_fd(), &link_path)?;
+                    continue;
+                }
+                let id = program
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .map_err(attach_error)?;
+                let link = program.take_link(id).map_err(attach_error)?;
+                FdLink::try_from(link).map_err(|error| RedirectError::Pin {
+                    action: "take the link of",
+                    path: link_path.clone(),
+                    source: io::Error::other(error.to_string()),
+                })?
+            }};
+        }
         let new_link: FdLink = if hook == AttachType::SockOps {
-            let program: &mut SockOps = program.try_into().map_err(load)?;
-            program.load().map_err(load)?;
-            if let Some(link) = &pinned {
-                update_link(link, program.fd().map_err(load)?.as_fd(), &link_path)?;
-                continue;
-            }
-            let id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(attach_error)?;
-            let link = program.take_link(id).map_err(attach_error)?;
-            link.try_into()
-                .map_err(
-                    |error: aya::programs::links::LinkError| RedirectError::Pin {
-                        action: "take the link of",
-                        path: link_path.clone(),
-                        source: io::Error::other(error.to_string()),
-                    },
-                )?
+            load_and_attach!(SockOps)
         } else {
-            let program: &mut CgroupSockAddr = program.try_into().map_err(load)?;
-            program.load().map_err(load)?;
-            if let Some(link) = &pinned {
-                update_link(link, program.fd().map_err(load)?.as_fd(), &link_path)?;
-                continue;
-            }
-            let id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(attach_error)?;
-            let link = program.take_link(id).map_err(attach_error)?;
-            link.try_into()
-                .map_err(
-                    |error: aya::programs::links::LinkError| RedirectError::Pin {
-                        action: "take the link of",
-                        path: link_path.clone(),
-                        source: io::Error::other(error.to_string()),
-                    },
-                )?
+            load_and_attach!(CgroupSockAddr)
         };
 
         // A stale pin (link on another cgroup, or one whose cgroup is gone) is replaced only
@@ -705,8 +692,8 @@ fn attach_all(
     })
 }
 
-/// Opens the link pinned at `path` if it is attached to cgroup `cgroup_id`; `None` when
-/// nothing is pinned or the pin belongs to another (or a removed) cgroup.
+/// Opens the link pinned at `path` if it is attached to cgroup `cgroup_id`. Returns `None`
+/// when nothing is pinned or the pin belongs to another or a removed cgroup.
 fn open_pinned_link(path: &Path, cgroup_id: u64) -> Result<Option<OwnedFd>, RedirectError> {
     if !path.exists() {
         return Ok(None);
@@ -786,7 +773,7 @@ fn check_ancestors(cgroup: &Path, hook: AttachType) -> Result<(), RedirectError>
     Ok(())
 }
 
-/// What `uninstall` removed.
+/// Pins removed by `uninstall`.
 #[derive(Debug, Default)]
 pub struct Uninstalled {
     pub links: Vec<PathBuf>,

@@ -3,7 +3,7 @@
 //! callers stay safe code.
 //!
 //! The `bpf(2)` commands here use a zeroed attribute buffer with the fields written at the
-//! offsets of `union bpf_attr` in `include/uapi/linux/bpf.h`; the kernel accepts a buffer
+//! offsets of `union bpf_attr` in `include/uapi/linux/bpf.h`. The kernel accepts a buffer
 //! longer than the command needs as long as the tail is zero.
 
 use std::{
@@ -115,7 +115,7 @@ pub fn bpf_link_update(link: BorrowedFd<'_>, new_program: BorrowedFd<'_>) -> io:
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
-/// What `BPF_OBJ_GET_INFO_BY_FD` reports about a cgroup link.
+/// Attachment of a cgroup link, as `BPF_OBJ_GET_INFO_BY_FD` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupLinkInfo {
     pub link_id: u32,
@@ -337,9 +337,9 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// Creates a non-blocking, close-on-exec pipe and asks for a `capacity`-byte buffer
-    /// (the kernel rounds it up to a power-of-two number of pages and may refuse a larger one,
-    /// in which case the default 64 KiB stays).
+    /// Creates a non-blocking, close-on-exec pipe and requests a `capacity`-byte buffer. The
+    /// kernel rounds the size up to a power-of-two number of pages, and when it rejects the
+    /// size the default 64 KiB stays.
     pub fn new(capacity: usize) -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a live array of two file descriptors for pipe2 to fill.
@@ -347,7 +347,7 @@ impl Pipe {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: pipe2 succeeded, so both descriptors are new and owned by nobody else.
+        // SAFETY: pipe2 succeeded, so both descriptors are new and have no other owner.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: fcntl with F_SETPIPE_SZ takes an integer argument.
         let _ = unsafe {
@@ -382,8 +382,8 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
     Ok(ret as usize)
 }
 
-/// Raises the soft limit on open files to the hard limit: each proxied session holds two
-/// sockets, two pipes and a recording file.
+/// Raises the soft limit on open files to the hard limit: each proxied session uses two
+/// sockets, up to two pipes and a recording file.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

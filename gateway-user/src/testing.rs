@@ -62,8 +62,8 @@ pub struct Server {
     pub netns: String,
     pub addr_v4: Ipv4Addr,
     pub addr_v6: Ipv6Addr,
-    /// The address the node uses towards this server: what a server sees as the peer address of
-    /// a proxied connection.
+    /// Address the node uses towards this server, and so the peer address the server gets for a
+    /// proxied connection.
     pub node_side_v4: Ipv4Addr,
 }
 
@@ -123,7 +123,7 @@ pub struct TestNode {
     pub dir: PathBuf,
     /// A bpffs mounted for this test alone.
     pub bpffs: PathBuf,
-    /// Where the daemon writes recordings; inside `dir` unless set with `set_recordings`.
+    /// Recording directory of the daemon; inside `dir` unless set with `set_recordings`.
     recordings: Option<PathBuf>,
     pods: Vec<Pod>,
     servers: Vec<Server>,
@@ -406,17 +406,18 @@ impl TestNode {
         command
     }
 
-    /// A command in a pod: its network namespace and container cgroup.
+    /// Builds a command that runs in a pod: its network namespace and container cgroup.
     pub fn in_pod(&self, pod: &Pod, program: impl AsRef<std::ffi::OsStr>) -> Command {
         self.command_in(&pod.netns, Some(&pod.cgroup), program)
     }
 
-    /// A command in a server's namespace.
+    /// Builds a command that runs in a server's namespace.
     pub fn in_server(&self, server: &Server, program: impl AsRef<std::ffi::OsStr>) -> Command {
         self.command_in(&server.netns, None, program)
     }
 
-    /// A command in the node's namespace (the host network namespace of this node).
+    /// Builds a command that runs in the node's namespace, the host network namespace of this
+    /// node.
     pub fn in_node(&self, cgroup: Option<&Path>, program: impl AsRef<std::ffi::OsStr>) -> Command {
         self.command_in(&self.node_netns, cgroup, program)
     }
@@ -444,7 +445,7 @@ impl TestNode {
         path
     }
 
-    /// The daemon's pin directory inside the private bpffs.
+    /// Returns the daemon's pin directory inside the private bpffs.
     pub fn pin_dir(&self) -> PathBuf {
         self.bpffs.join("gateway")
     }
@@ -721,4 +722,23 @@ pub fn output_of(command: &mut Command) -> io::Result<Output> {
 /// Socket address helper for test configs.
 pub fn sockaddr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
+}
+
+/// A child process that is killed and reaped when the guard is dropped.
+#[derive(Debug)]
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Returns the directory of the workspace binaries when called from an example, which runs from
+/// `target/<profile>/examples/`.
+pub fn binary_dir() -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let examples = exe.parent().unwrap_or(Path::new("."));
+    Ok(examples.parent().unwrap_or(examples).to_path_buf())
 }

@@ -13,7 +13,7 @@ use gateway_common::Verdict;
 use gateway_user::{
     redirect,
     sys::AttachType,
-    testing::{Pod, Server, TestNode},
+    testing::{ChildGuard, Pod, Server, TestNode},
 };
 use serde_json::Value;
 
@@ -41,12 +41,38 @@ fn start_echo(node: &TestNode, server: &Server, addrs: &[SocketAddr]) -> Child {
     child
 }
 
-struct EchoGuard(Child);
+/// A test node with one pod and one echo server whose first address is a `tcp` target.
+struct EchoSetup {
+    node: TestNode,
+    pod: Pod,
+    server: Server,
+    target: SocketAddr,
+    config: std::path::PathBuf,
+    _echo: ChildGuard,
+}
 
-impl Drop for EchoGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Builds an `EchoSetup`: the echo server also listens on `extra_listen` ports of its IPv4
+/// address, and `redirect_extra` goes into the daemon configuration's `redirect` section.
+fn echo_setup(test_name: &str, extra_listen: &[u16], redirect_extra: &str) -> EchoSetup {
+    let mut node = TestNode::new(test_name);
+    let pod = node.add_pod("client");
+    let server = node.add_server("echo", &[]);
+    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
+    let mut listen = vec![target];
+    listen.extend(
+        extra_listen
+            .iter()
+            .map(|port| SocketAddr::new(server.addr_v4.into(), *port)),
+    );
+    let echo = ChildGuard(start_echo(&node, &server, &listen));
+    let config = node.daemon_config("gatewayd.yaml", redirect_extra, &tcp_target(target, "echo"));
+    EchoSetup {
+        node,
+        pod,
+        server,
+        target,
+        config,
+        _echo: echo,
     }
 }
 
@@ -123,25 +149,27 @@ fn stats(node: &TestNode) -> redirect::Stats {
 
 #[test]
 fn redirects_bytes_intact_both_ways() {
-    let mut node = TestNode::new("redirects_bytes_intact_both_ways");
-    let pod = node.add_pod("client");
-    let server = node.add_server("echo", &[]);
-    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
-    let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
+    let EchoSetup {
+        node,
+        pod,
+        server,
+        target,
+        config,
+        _echo,
+    } = echo_setup("redirects_bytes_intact_both_ways", &[], "");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
     for size in [1u64, 64 * 1024, 100 * 1024 * 1024] {
         let report = run_client(&node, &pod, target, size);
         assert_eq!(report["intact"], true, "size {size}: {report}");
         assert_eq!(report["received"], size, "size {size}: {report}");
-        // The application sees the server it dialed, not the proxy.
+        // getpeername returns the server the application dialed, not the proxy.
         assert_eq!(
             report["peer"],
             target.to_string(),
             "size {size}: getpeername"
         );
-        // The server sees the node, so the connection went through the proxy.
+        // The server's peer is the node, so the connection went through the proxy.
         assert_eq!(
             greeting_peer(&report),
             IpAddr::V4(server.node_side_v4),
@@ -167,16 +195,18 @@ fn redirects_bytes_intact_both_ways() {
 
 #[test]
 fn non_target_and_host_netns_pass() {
-    let mut node = TestNode::new("non_target_and_host_netns_pass");
-    let pod = node.add_pod("client");
-    let server = node.add_server("echo", &[]);
-    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
+    let EchoSetup {
+        node,
+        pod,
+        server,
+        target,
+        config,
+        _echo,
+    } = echo_setup("non_target_and_host_netns_pass", &[ECHO_PORT + 1], "");
     let other = SocketAddr::new(server.addr_v4.into(), ECHO_PORT + 1);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target, other]));
-    let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
-    // Another port on the same server is no target: the server sees the pod itself.
+    // Another port on the same server is no target, so the server's peer is the pod itself.
     let report = run_client(&node, &pod, other, 1024);
     assert_eq!(report["intact"], true);
     assert_eq!(greeting_peer(&report), IpAddr::V4(pod.addr_v4));
@@ -215,14 +245,16 @@ fn non_target_and_host_netns_pass() {
 
 #[test]
 fn proxy_upstream_not_redirected_again() {
-    let mut node = TestNode::new("proxy_upstream_not_redirected_again");
-    let pod = node.add_pod("client");
-    let server = node.add_server("echo", &[]);
-    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
-    let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
+    let EchoSetup {
+        node,
+        pod,
+        server,
+        target,
+        config,
+        _echo,
+    } = echo_setup("proxy_upstream_not_redirected_again", &[], "");
     // The daemon runs inside the pods' cgroup, so its upstream connect to the target address
-    // meets the connect hook too; only its socket mark keeps it from looping.
+    // runs the connect hook too. Only its socket mark keeps it from looping.
     let daemon_cgroup = node.kubepods.join("gatewayd.scope");
     std::fs::create_dir_all(&daemon_cgroup).expect("create daemon cgroup");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, Some(&daemon_cgroup));
@@ -252,7 +284,7 @@ fn ipv6_and_mapped_ipv4_redirected() {
     let server = node.add_server("echo", &[]);
     let target_v4 = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
     let target_v6 = SocketAddr::new(server.addr_v6.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target_v4, target_v6]));
+    let _echo = ChildGuard(start_echo(&node, &server, &[target_v4, target_v6]));
     let targets = format!(
         "{}{}",
         tcp_target(target_v4, "echo-v4"),
@@ -300,7 +332,7 @@ fn two_pods_told_apart() {
     let second = node.add_pod("second");
     let server = node.add_server("echo", &[]);
     let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
+    let _echo = ChildGuard(start_echo(&node, &server, &[target]));
     let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
@@ -330,7 +362,7 @@ fn excluded_cgroup_goes_direct() {
     let pod = node.add_pod("exempt");
     let server = node.add_server("echo", &[]);
     let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
+    let _echo = ChildGuard(start_echo(&node, &server, &[target]));
     // Excluding the pod's slice covers its container cgroup below it.
     let pod_slice = pod
         .cgroup
@@ -356,13 +388,18 @@ const STALE_WAIT: Duration = Duration::from_millis(1200);
 
 #[test]
 fn fail_open_goes_direct_when_stale() {
-    let mut node = TestNode::new("fail_open_goes_direct_when_stale");
-    let pod = node.add_pod("client");
-    let server = node.add_server("echo", &[]);
-    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
-    let extra = format!("  fail_mode: open\n{FAST_HEARTBEAT}");
-    let config = node.daemon_config("gatewayd.yaml", &extra, &tcp_target(target, "echo"));
+    let EchoSetup {
+        node,
+        pod,
+        server,
+        target,
+        config,
+        _echo,
+    } = echo_setup(
+        "fail_open_goes_direct_when_stale",
+        &[],
+        &format!("  fail_mode: open\n{FAST_HEARTBEAT}"),
+    );
 
     // A crash: the heartbeat just stops.
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
@@ -398,13 +435,18 @@ fn fail_open_goes_direct_when_stale() {
 
 #[test]
 fn fail_closed_restart_adopts_uninstall() {
-    let mut node = TestNode::new("fail_closed_restart_adopts_uninstall");
-    let pod = node.add_pod("client");
-    let server = node.add_server("echo", &[]);
-    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
-    let extra = format!("  fail_mode: closed\n{FAST_HEARTBEAT}");
-    let config = node.daemon_config("gatewayd.yaml", &extra, &tcp_target(target, "echo"));
+    let EchoSetup {
+        node,
+        pod,
+        server,
+        target,
+        config,
+        _echo,
+    } = echo_setup(
+        "fail_closed_restart_adopts_uninstall",
+        &[],
+        &format!("  fail_mode: closed\n{FAST_HEARTBEAT}"),
+    );
 
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
     assert!(
@@ -553,7 +595,7 @@ fn exclusive_ancestor_rejected() {
 fn missing_cgroup2_reported() {
     let node = TestNode::new("missing_cgroup2_reported");
     let config = node.daemon_config("gatewayd.yaml", "", "  []\n");
-    // A private mount namespace without the cgroup2 mount: the daemon must say so, not panic.
+    // A private mount namespace without the cgroup2 mount: the daemon must report it, not panic.
     let script = format!(
         "umount -l '{}' && exec '{GATEWAYD}' run --config '{}'",
         node.unified.display(),
@@ -574,12 +616,14 @@ fn missing_cgroup2_reported() {
 
 #[test]
 fn connection_limit_resets_excess() {
-    let mut node = TestNode::new("connection_limit_resets_excess");
-    let pod = node.add_pod("client");
-    let server = node.add_server("echo", &[]);
-    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
-    let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
+    let EchoSetup {
+        node,
+        pod,
+        server: _,
+        target,
+        config,
+        _echo,
+    } = echo_setup("connection_limit_resets_excess", &[], "");
     let text = std::fs::read_to_string(&config).expect("read config");
     std::fs::write(
         &config,
@@ -631,12 +675,14 @@ fn connection_limit_resets_excess() {
 
 #[test]
 fn sigterm_drains_then_closes() {
-    let mut node = TestNode::new("sigterm_drains_then_closes");
-    let pod = node.add_pod("client");
-    let server = node.add_server("echo", &[]);
-    let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
-    let _echo = EchoGuard(start_echo(&node, &server, &[target]));
-    let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
+    let EchoSetup {
+        node,
+        pod,
+        server: _,
+        target,
+        config,
+        _echo,
+    } = echo_setup("sigterm_drains_then_closes", &[], "");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
     let mut holder = node
@@ -650,7 +696,7 @@ fn sigterm_drains_then_closes() {
         !node.session_files().is_empty()
     });
 
-    // The held connection outlives the 2 s drain, so the daemon closes it and says so.
+    // The held connection outlives the 2 s drain, so the daemon closes it and records why.
     let started = std::time::Instant::now();
     assert!(daemon.stop().success(), "graceful stop exits 0");
     assert!(

@@ -36,7 +36,7 @@ enum Task {
     Demo,
     /// Set up, then measure the connect hook's cost, relay throughput and proxy memory.
     Bench,
-    /// What CI runs: format check, clippy with warnings denied, then `test`.
+    /// Run the CI checks: format check, clippy with warnings denied, then `test`.
     Ci,
 }
 
@@ -228,44 +228,28 @@ fn ci() -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     require_root("demo")?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--features",
-        "gateway-user/testing",
-        "--bins",
-    ]))?;
-    run(cargo().args([
-        "run",
-        "--quiet",
-        "--features",
-        "gateway-user/testing",
-        "--package",
-        "gateway-user",
-        "--example",
-        "demo",
-    ]))
+    run_example("demo", false)
 }
 
 fn bench() -> anyhow::Result<()> {
     require_root("bench")?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "--features",
-        "gateway-user/testing",
-        "--bins",
-    ]))?;
-    run(cargo().args([
-        "run",
-        "--quiet",
-        "--release",
-        "--features",
-        "gateway-user/testing",
-        "--package",
-        "gateway-user",
-        "--example",
-        "bench",
-    ]))
+    run_example("bench", true)
+}
+
+/// Builds the binaries an example drives, then runs the example with the same profile.
+fn run_example(name: &str, release: bool) -> anyhow::Result<()> {
+    let profile: &[&str] = if release { &["--release"] } else { &[] };
+    run(cargo()
+        .args([
+            "build",
+            "--quiet",
+            "--features",
+            "gateway-user/testing",
+            "--bins",
+        ])
+        .args(profile))?;
+    run(cargo()
+        .args(["run", "--quiet", "--features", "gateway-user/testing"])
+        .args(["--package", "gateway-user", "--example", name])
+        .args(profile))
 }

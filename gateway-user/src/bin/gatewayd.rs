@@ -1,6 +1,8 @@
-//! `gatewayd`: the node daemon. `gatewayd run --config FILE` attaches the redirect programs and
-//! runs the proxy; `gatewayd check` validates a configuration and probes the kernel without
-//! changing anything; `gatewayd uninstall` detaches the programs and removes their pins.
+//! `gatewayd`: the node daemon.
+//!
+//! - `gatewayd run --config FILE` attaches the redirect programs and runs the proxy.
+//! - `gatewayd check` validates a configuration and probes the kernel, changing nothing.
+//! - `gatewayd uninstall` detaches the programs and removes their pins.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -35,7 +37,7 @@ enum Command {
         /// Configuration file (YAML).
         #[arg(long, short, env = "GATEWAY_CONFIG")]
         config: PathBuf,
-        /// File to create once the daemon is ready (it holds the daemon's pid).
+        /// File to create once the daemon is ready; it contains the daemon's pid.
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },

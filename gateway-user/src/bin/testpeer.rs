@@ -1,5 +1,5 @@
 //! `gateway-testpeer`: the client and server the namespace tests and benchmarks run inside pods
-//! and servers. It is an ordinary, unmodified TCP program: nothing in it knows about the
+//! and servers. It is an ordinary, unmodified TCP program: nothing in it depends on the
 //! gateway.
 //!
 //! - `serve --listen ADDR... [--greet | --discard | --sink]`: echo server; with `--greet` it first

@@ -3,7 +3,7 @@
 //!
 //! Bytes move with `splice(2)` through a pipe per direction, so they never pass through user
 //! space. Each direction creates its pipe when data arrives and closes it as soon as the socket
-//! has nothing more to read, so an idle connection holds no pipe and no buffer. A direction
+//! has nothing more to read, so an idle connection keeps no pipe and no buffer. A direction
 //! empties its pipe into the destination before it reads again, which is the backpressure: at
 //! most one pipe's worth is in flight per direction. End of stream in one direction is passed
 //! on as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps flowing until it
@@ -42,7 +42,7 @@ pub struct RelayResult {
     pub bytes_from_upstream: u64,
 }
 
-/// Which side a failure happened on, for the recorded reason.
+/// Side of a failure, for the recorded reason.
 #[derive(Clone, Copy, Debug)]
 enum Side {
     Client,
