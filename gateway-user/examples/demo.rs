@@ -73,6 +73,8 @@ fn main() -> anyhow::Result<()> {
         node.kubepods.display()
     );
 
+    // Recordings of earlier demo runs stay in the same directory.
+    let earlier = node.session_files().len();
     let url = format!("http://{target}/hello.txt");
     println!("\nIn the pod: curl -sS {url}");
     let output = node
@@ -89,7 +91,7 @@ fn main() -> anyhow::Result<()> {
         String::from_utf8_lossy(&output.stdout)
     );
 
-    let sessions = node.wait_for_sessions(1);
+    let sessions = node.wait_for_sessions(earlier + 1);
     let access = fs::read_to_string(&server_log)?;
     let request_line = access
         .lines()
@@ -110,9 +112,9 @@ fn main() -> anyhow::Result<()> {
     );
 
     let files = node.session_files();
-    let recording = files.first().cloned().unwrap_or_default();
+    let recording = files.last().cloned().unwrap_or_default();
     println!("\nSession recording: {}", recording.display());
-    for line in &sessions[0] {
+    for line in sessions.last().into_iter().flatten() {
         println!("  {line}");
     }
 
