@@ -17,6 +17,10 @@ fn main() -> anyhow::Result<()> {
         root_dir,
         ..Default::default()
     };
+    // aya-build passes the nested cargo's progress lines on as build warnings; a quiet nested
+    // build keeps real warnings and errors visible.
+    // SAFETY: build scripts run single-threaded, so nothing reads the environment concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([package], Toolchain::default()).context(
         "building the eBPF programs failed; run `cargo xtask setup` to install the nightly \
          rust-src component and bpf-linker",

@@ -16,7 +16,7 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     /// `/proc/self/mountinfo` could not be read.
-    #[error("failed to read {path}: {source}")]
+    #[error("failed to read {path}")]
     Mountinfo {
         path: PathBuf,
         source: std::io::Error,
@@ -29,7 +29,7 @@ pub enum CgroupError {
     )]
     NoCgroup2 { path: PathBuf },
     /// The configured or detected pods cgroup does not exist.
-    #[error("cgroup {path} not found: {source}")]
+    #[error("cgroup {path} not found")]
     NotFound {
         path: PathBuf,
         source: std::io::Error,

@@ -41,7 +41,7 @@ const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("failed to read config file {path}: {source}")]
+    #[error("failed to read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -77,6 +77,9 @@ pub struct Config {
     /// Destinations whose connects are redirected.
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    /// Rules that deny SQL statements on `postgres` and `mysql` targets, first match wins.
+    #[serde(default)]
+    pub sql_rules: Vec<crate::policy::SqlRule>,
 }
 
 /// The proxy's listeners and limits.
@@ -280,6 +283,11 @@ impl Config {
         let deserializer = serde_yaml::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|error| {
             let field = error.path().to_string();
+            let message = error.into_inner().to_string();
+            // serde_yaml starts some messages with the path already given in `field`.
+            let message = message
+                .strip_prefix(&format!("{field}: "))
+                .map_or_else(|| message.clone(), str::to_string);
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 field: if field == "." {
@@ -287,7 +295,7 @@ impl Config {
                 } else {
                     field
                 },
-                message: error.into_inner().to_string(),
+                message,
             }
         })?;
         config.validate(path)?;

@@ -84,7 +84,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     if config.redirect.fail_mode == FailMode::Open {
         heartbeat.abort();
         if let Err(error) = redirect.expire_heartbeat() {
-            warn!(%error, "failed to expire the heartbeat; new connects go direct once it times out");
+            warn!(error = %crate::error_chain(&error), "failed to expire the heartbeat; new connects go direct once it times out");
         }
     }
     let drain = proxy.shutdown(accept_loops);
@@ -114,7 +114,7 @@ async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) 
             Ok(Err(error)) => {
                 failures += 1;
                 if failures.is_power_of_two() {
-                    error!(%error, consecutive_failures = failures, "heartbeat update failed");
+                    error!(error = %crate::error_chain(&error), consecutive_failures = failures, "heartbeat update failed");
                 }
             }
             Err(join_error) => error!(%join_error, "heartbeat task failed"),

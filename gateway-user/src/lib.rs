@@ -8,7 +8,10 @@
 //! - `proxy`: accepting redirected connections and dispatching them to a protocol handler;
 //! - `protocol`: the handlers, one per target class;
 //! - `identity`: the subject behind a connection;
+//! - `mask`: finding card numbers (PANs) in bytes and masking them, whole or streamed;
+//! - `policy`: access decisions (the SQL rules for now);
 //! - `record`: the session recordings;
+//! - `sql`: statement analysis for the database handlers;
 //! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
 //! - `sys`: the only module with unsafe code, wrapping system calls;
 //! - `testing` (feature `testing`): the one-machine test node.
@@ -18,11 +21,26 @@ pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod mask;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod record;
 pub mod redirect;
+pub mod sql;
 #[expect(unsafe_code, reason = "the one module that wraps system calls")]
 pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+/// Formats an error with its chain of causes, `outer: inner: innermost`, for log fields.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

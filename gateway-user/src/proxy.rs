@@ -29,7 +29,13 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 use crate::{
     config::{Config, TargetConfig},
     identity::{Identity, Subject},
+    mask::MaskPolicy,
     protocol,
+    protocol::{
+        postgres::{PostgresContext, cancel::CancelRegistry},
+        tcp::RelayResult,
+    },
+    record::SessionRecord,
     record::{Outcome, Recorder, SessionEnd, TargetInfo},
     redirect::{Redirect, socket_addr_of},
 };
@@ -42,7 +48,7 @@ const LISTEN_BACKLOG: i32 = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(
-        "failed to listen on redirect address {addr}: {source}; check that the address is assigned to this node"
+        "failed to listen on redirect address {addr} (check that the address is assigned to this node)"
     )]
     Listen { addr: SocketAddr, source: io::Error },
 }
@@ -64,6 +70,9 @@ pub struct Proxy {
     rejected_limit: AtomicU64,
     /// Connections with no `CONN` entry, for rate-limited logging.
     rejected_unknown: AtomicU64,
+    /// Cancel keys of the live PostgreSQL sessions.
+    postgres_cancels: Arc<CancelRegistry>,
+    sql_rules: Arc<Vec<crate::policy::SqlRule>>,
 }
 
 impl Proxy {
@@ -74,6 +83,8 @@ impl Proxy {
         recorder: Recorder,
     ) -> Arc<Self> {
         Arc::new(Self {
+            postgres_cancels: Arc::new(CancelRegistry::default()),
+            sql_rules: Arc::new(config.sql_rules.clone()),
             permits: Arc::new(Semaphore::new(config.proxy.max_connections)),
             config,
             redirect,
@@ -222,7 +233,7 @@ impl Proxy {
             Ok(Err(error)) => {
                 // NOTE: no session may run unrecorded, so a failing recorder refuses sessions
                 // whatever the fail mode; the recorder's own fail mode is not built yet.
-                error!(%error, %peer, %destination, "cannot record session, refusing it");
+                error!(error = %crate::error_chain(&error), %peer, %destination, "cannot record session, refusing it");
                 let _ = client.set_zero_linger();
                 return;
             }
@@ -233,15 +244,12 @@ impl Proxy {
         };
         debug!(session = %record.id, %destination, cgroup = ?subject.cgroup, "session started");
 
+        let record = Arc::new(std::sync::Mutex::new(record));
         let end = match self.connect_upstream(destination).await {
             Ok(upstream) => {
-                let result = protocol::tcp::relay(
-                    client,
-                    upstream,
-                    self.config.proxy.idle_timeout,
-                    self.force_close.clone(),
-                )
-                .await;
+                let result = self
+                    .run_handler(client, upstream, orig.class, destination, &record)
+                    .await;
                 SessionEnd {
                     outcome: result.outcome,
                     reason: result.reason,
@@ -263,8 +271,12 @@ impl Proxy {
         };
 
         // The access log: one event per session, fields only.
+        let session_id = record
+            .lock()
+            .map(|record| record.id.clone())
+            .unwrap_or_default();
         info!(
-            session = %record.id,
+            session = %session_id,
             client.addr = %peer,
             client.cgroup = subject.cgroup.as_deref().unwrap_or("unknown"),
             client.pid = subject.pid,
@@ -278,13 +290,63 @@ impl Proxy {
             duration_ms = end.duration.as_millis() as u64,
             "session ended"
         );
+        let record = match Arc::try_unwrap(record) {
+            Ok(record) => record
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Err(_) => {
+                error!("session recording still shared after the handler ended; end record lost");
+                return;
+            }
+        };
         let session_id = record.id.clone();
         match tokio::task::spawn_blocking(move || record.finish(&end)).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
-                error!(%error, session = %session_id, "failed to write the end of the session recording")
+                error!(error = %crate::error_chain(&error), session = %session_id, "failed to write the end of the session recording")
             }
             Err(join_error) => error!(%join_error, session = %session_id, "recording task failed"),
+        }
+    }
+
+    /// Runs the handler of the target's class.
+    async fn run_handler(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        class: u8,
+        destination: SocketAddr,
+        record: &Arc<std::sync::Mutex<SessionRecord>>,
+    ) -> RelayResult {
+        match gateway_common::TargetClass::try_from(class) {
+            Ok(gateway_common::TargetClass::Postgres) => {
+                let context = PostgresContext {
+                    rules: Arc::clone(&self.sql_rules),
+                    mask: MaskPolicy::default(),
+                    cancels: Arc::clone(&self.postgres_cancels),
+                    upstream_addr: destination,
+                    mark: self.config.redirect.mark,
+                    idle_timeout: self.config.proxy.idle_timeout,
+                };
+                protocol::postgres::run(
+                    client,
+                    upstream,
+                    context,
+                    Arc::clone(record),
+                    self.force_close.clone(),
+                )
+                .await
+            }
+            // The Kubernetes API and MySQL handlers are not built yet: relay their bytes.
+            _ => {
+                protocol::tcp::relay(
+                    client,
+                    upstream,
+                    self.config.proxy.idle_timeout,
+                    self.force_close.clone(),
+                )
+                .await
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use crate::identity::Subject;
 /// Errors while writing a recording.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("failed to write session recording {path}: {source}")]
+    #[error("failed to write session recording {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -149,6 +149,11 @@ impl Recorder {
 impl SessionRecord {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Writes one event of the session (a statement, a request) with its own fields.
+    pub fn event(&mut self, event: &str, fields: Value) -> Result<(), RecordError> {
+        self.write_event(event, SystemTime::now(), fields)
     }
 
     /// Writes the `session.end` event and closes the recording.

@@ -88,20 +88,20 @@ pub enum RedirectError {
     )]
     ExclusiveAncestor { cgroup: PathBuf, hook: AttachType },
     /// The embedded object could not be parsed or a map could not be created or reused.
-    #[error("failed to load the eBPF object: {source}")]
+    #[error("failed to load the eBPF object")]
     Object {
         #[source]
         source: aya::EbpfError,
     },
     /// The verifier rejected a program.
-    #[error("the kernel rejected eBPF program {program}: {source}")]
+    #[error("the kernel rejected eBPF program {program}")]
     Load {
         program: &'static str,
         #[source]
         source: ProgramError,
     },
     /// Attaching a program to the cgroup failed.
-    #[error("failed to attach {program} to cgroup {cgroup}: {source}")]
+    #[error("failed to attach {program} to cgroup {cgroup}")]
     Attach {
         program: &'static str,
         cgroup: PathBuf,
@@ -109,7 +109,7 @@ pub enum RedirectError {
         source: ProgramError,
     },
     /// A map or link pin operation failed.
-    #[error("failed to {action} {path}: {source}")]
+    #[error("failed to {action} {path}")]
     Pin {
         action: &'static str,
         path: PathBuf,
@@ -120,7 +120,7 @@ pub enum RedirectError {
     #[error("eBPF map {name}: {message}")]
     Map { name: &'static str, message: String },
     /// Reading or writing a map failed.
-    #[error("failed to update eBPF map {name}: {source}")]
+    #[error("failed to update eBPF map {name}")]
     MapUpdate {
         name: &'static str,
         #[source]
@@ -128,7 +128,7 @@ pub enum RedirectError {
     },
     /// The daemon's own network namespace cookie could not be read.
     #[error(
-        "failed to read this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14 or later): {source}"
+        "failed to read this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14 or later)"
     )]
     NetnsCookie {
         #[source]
@@ -829,6 +829,17 @@ impl Stats {
 /// Reads the verdict counters from the pinned `STATS` map.
 pub fn read_stats(bpffs_dir: &Path) -> Result<Stats, RedirectError> {
     let path = PinLayout::new(bpffs_dir).map(MAP_STATS);
+    if !path.exists() {
+        return Err(RedirectError::Map {
+            name: MAP_STATS,
+            message: format!(
+                "{} not found: gatewayd has not installed its programs here, or the pin \
+                 directory is not {}",
+                path.display(),
+                bpffs_dir.display()
+            ),
+        });
+    }
     let data = MapData::from_pin(&path).map_err(|error| RedirectError::Map {
         name: MAP_STATS,
         message: format!("failed to open {}: {error}", path.display()),

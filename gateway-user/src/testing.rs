@@ -742,3 +742,157 @@ pub fn binary_dir() -> io::Result<PathBuf> {
     let examples = exe.parent().unwrap_or(Path::new("."));
     Ok(examples.parent().unwrap_or(examples).to_path_buf())
 }
+
+/// A PostgreSQL server from Debian's packages, running in a server namespace.
+#[derive(Debug)]
+pub struct Postgres {
+    pub addr: SocketAddr,
+    /// Directory of its Unix socket, for setup commands that bypass the network.
+    pub socket_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub log_path: PathBuf,
+    _server: ChildGuard,
+}
+
+/// Password of the `postgres` superuser and of `md5user` in the test cluster.
+pub const POSTGRES_PASSWORD: &str = "gateway-test-secret";
+
+impl Postgres {
+    /// Runs `psql` as the `postgres` OS user over the Unix socket, for setup; panics on error.
+    pub fn admin_sql(&self, sql: &str) -> String {
+        let output = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin_dir.join("psql"))
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql");
+        check_output(&format!("psql -c {sql}"), &output);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl TestNode {
+    /// Creates a PostgreSQL cluster in the test directory and starts it in `server`'s
+    /// namespace, listening on the server's IPv4 and IPv6 addresses at port 5432.
+    ///
+    /// Host authentication: `rawuser` is trusted (for raw protocol tests), `md5user` uses md5,
+    /// everyone else SCRAM-SHA-256 with `POSTGRES_PASSWORD`.
+    pub fn start_postgres(&self, server: &Server) -> Postgres {
+        let bin_dir = postgres_bin_dir();
+        let data = self.dir.join("pgdata");
+        let socket_dir = self.dir.join("pgsock");
+        let password_file = self.dir.join("pgpassword");
+        fs::create_dir_all(&socket_dir).expect("create socket directory");
+        fs::create_dir_all(&data).expect("create data directory");
+        fs::write(&password_file, POSTGRES_PASSWORD).expect("write password file");
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&socket_dir)
+            .arg(&data)
+            .arg(&password_file)
+            .status()
+            .expect("run chown");
+        assert!(status.success(), "chown for postgres failed");
+
+        let output = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin_dir.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .arg(format!("--pwfile={}", password_file.display()))
+            .output()
+            .expect("run initdb");
+        check_output("initdb", &output);
+        fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all rawuser 0.0.0.0/0 trust\n\
+             host all rawuser ::/0 trust\n\
+             host all md5user 0.0.0.0/0 md5\n\
+             host all md5user ::/0 md5\n\
+             host all all 0.0.0.0/0 scram-sha-256\n\
+             host all all ::/0 scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+
+        let log_path = self.dir.join("postgres.log");
+        let log = fs::File::create(&log_path).expect("create postgres log");
+        let child = self
+            .in_server(server, "runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin_dir.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", "5432", "-c", "fsync=off", "-c", "max_connections=50"])
+            .arg("-c")
+            .arg(format!(
+                "listen_addresses={},{}",
+                server.addr_v4, server.addr_v6
+            ))
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", socket_dir.display()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn postgres");
+        let postgres = Postgres {
+            addr: SocketAddr::new(server.addr_v4.into(), 5432),
+            socket_dir: socket_dir.clone(),
+            bin_dir,
+            log_path: log_path.clone(),
+            _server: ChildGuard(child),
+        };
+        wait_until(
+            "postgres to accept connections",
+            Duration::from_secs(30),
+            || socket_dir.join(".s.PGSQL.5432").exists(),
+        );
+        postgres.admin_sql(
+            "CREATE ROLE rawuser LOGIN SUPERUSER; \
+             CREATE ROLE md5user LOGIN SUPERUSER",
+        );
+        // md5 needs the password stored as an md5 hash, which this setting makes.
+        postgres.admin_sql(&format!(
+            "SET password_encryption = 'md5'; ALTER ROLE md5user PASSWORD '{POSTGRES_PASSWORD}'"
+        ));
+        postgres
+    }
+}
+
+/// Finds the newest PostgreSQL server binaries Debian installed.
+pub fn postgres_bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (cargo xtask setup installs it)")
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("a PostgreSQL server under /usr/lib/postgresql")
+}

@@ -118,6 +118,7 @@ fn setup() -> anyhow::Result<()> {
     install_debian_packages()?;
     install_rust_src()?;
     install_bpf_linker()?;
+    eprintln!("xtask: setup complete (Debian packages, nightly rust-src, bpf-linker)");
     Ok(())
 }
 

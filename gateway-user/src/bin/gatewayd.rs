@@ -43,6 +43,7 @@ enum Command {
     },
     /// Validate a configuration and probe the kernel, changing nothing.
     Check {
+        /// Configuration file (YAML).
         #[arg(long, short, env = "GATEWAY_CONFIG")]
         config: PathBuf,
     },
@@ -105,6 +106,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 (None, Some(dir)) => dir,
                 (None, None) => PathBuf::from(gateway_user::config::DEFAULT_BPFFS_DIR),
             };
+            if !dir.exists() {
+                println!("nothing to remove: {} does not exist", dir.display());
+                return Ok(());
+            }
             let removed = redirect::uninstall(&dir)?;
             println!(
                 "removed {} link(s) and {} map(s) from {}",

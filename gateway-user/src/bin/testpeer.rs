@@ -11,6 +11,7 @@
 //! - `connect-loop --connect ADDR --count N`: N connect-and-close rounds, timed.
 //! - `hold --connect ADDR --count N`: opens N idle connections, prints `ready`, and holds them
 //!   until its standard input closes.
+//! - `pg-script --connect ADDR --script FILE`: a raw PostgreSQL client for protocol tests.
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
@@ -72,6 +73,15 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
+    /// Run a script of raw PostgreSQL frontend messages (see `pg_script`) and print every
+    /// backend message as a JSON line.
+    PgScript {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Script file, one command per line.
+        #[arg(long)]
+        script: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         } => client(connect, bytes, greet),
         Command::ConnectLoop { connect, count } => connect_loop(connect, count),
         Command::Hold { connect, count } => hold(connect, count),
+        Command::PgScript { connect, script } => pg_script::run(connect, &script),
     }
 }
 
@@ -284,4 +295,275 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     drop(streams);
     std::thread::sleep(Duration::from_millis(10));
     Ok(())
+}
+
+/// A raw PostgreSQL frontend driven by a script, for tests that need exact control over the
+/// messages (pipelines, cancel requests, malformed input). Commands, one per line:
+///
+/// - `startup USER DATABASE` (sent whole) or `startup-bytewise USER DATABASE` (one byte per
+///   write), `gssenc` and `ssl` (the requests, reading the one-byte answer);
+/// - `query SQL`, `parse NAME SQL`, `bind PORTAL STATEMENT [PARAM...]` where a parameter
+///   `@N` stands for N bytes of `x`, `execute PORTAL`, `close-statement NAME`, `sync`, `flush`;
+/// - `repeat N` ... `end` repeats the lines between, with `{i}` replaced by 1..=N;
+/// - `raw HEX` sends bytes as given; `read-ready N` reads until N ReadyForQuery messages;
+/// - `cancel-after MS` sleeps, then sends a CancelRequest with this session's key on a new
+///   connection; `sleep MS`; `terminate`.
+mod pg_script {
+    use std::{
+        io::{self, Read as _, Write as _},
+        net::{SocketAddr, TcpStream},
+        time::{Duration, Instant},
+    };
+
+    use serde_json::json;
+
+    pub fn run(addr: SocketAddr, script: &std::path::Path) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(script)?;
+        let lines = expand(text.lines().map(str::to_string).collect());
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let started = Instant::now();
+        let mut backend_key: Option<Vec<u8>> = None;
+        let mut pending_cancel: Option<(Duration, std::thread::JoinHandle<()>)> = None;
+        for line in lines {
+            let (command, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+            match command {
+                "" => {}
+                "startup" | "startup-bytewise" => {
+                    let (user, database) = rest.split_once(' ').unwrap_or((rest, rest));
+                    let mut body = 196_608u32.to_be_bytes().to_vec();
+                    for (key, value) in [("user", user), ("database", database)] {
+                        body.extend_from_slice(key.as_bytes());
+                        body.push(0);
+                        body.extend_from_slice(value.as_bytes());
+                        body.push(0);
+                    }
+                    body.push(0);
+                    let packet = untagged(&body);
+                    if command == "startup" {
+                        stream.write_all(&packet)?;
+                    } else {
+                        for byte in packet {
+                            stream.write_all(&[byte])?;
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                    }
+                }
+                "gssenc" | "ssl" => {
+                    let code: u32 = if command == "ssl" {
+                        80_877_103
+                    } else {
+                        80_877_104
+                    };
+                    stream.write_all(&untagged(&code.to_be_bytes()))?;
+                    let mut answer = [0u8; 1];
+                    stream.read_exact(&mut answer)?;
+                    println!(
+                        "{}",
+                        json!({ "answer": char::from(answer[0]).to_string(), "to": command })
+                    );
+                }
+                "query" => stream.write_all(&tagged(b'Q', &cstr(rest)))?,
+                "parse" => {
+                    let (name, sql) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let name = if name == "-" { "" } else { name };
+                    let mut body = cstr(name);
+                    body.extend(cstr(sql));
+                    body.extend_from_slice(&0i16.to_be_bytes());
+                    stream.write_all(&tagged(b'P', &body))?;
+                }
+                "bind" => {
+                    let mut parts = rest.split(' ');
+                    let portal = parts.next().unwrap_or("-");
+                    let statement = parts.next().unwrap_or("-");
+                    let params: Vec<Vec<u8>> = parts.map(param_value).collect();
+                    let mut body = cstr(if portal == "-" { "" } else { portal });
+                    body.extend(cstr(if statement == "-" { "" } else { statement }));
+                    body.extend_from_slice(&0i16.to_be_bytes());
+                    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+                    for param in &params {
+                        body.extend_from_slice(&(param.len() as i32).to_be_bytes());
+                        body.extend_from_slice(param);
+                    }
+                    body.extend_from_slice(&0i16.to_be_bytes());
+                    stream.write_all(&tagged(b'B', &body))?;
+                }
+                "execute" => {
+                    let mut body = cstr(if rest == "-" || rest.is_empty() {
+                        ""
+                    } else {
+                        rest
+                    });
+                    body.extend_from_slice(&0i32.to_be_bytes());
+                    stream.write_all(&tagged(b'E', &body))?;
+                }
+                "close-statement" => {
+                    let mut body = vec![b'S'];
+                    body.extend(cstr(if rest == "-" { "" } else { rest }));
+                    stream.write_all(&tagged(b'C', &body))?;
+                }
+                "sync" => stream.write_all(&tagged(b'S', &[]))?,
+                "flush" => stream.write_all(&tagged(b'H', &[]))?,
+                "terminate" => stream.write_all(&tagged(b'X', &[]))?,
+                "raw" => stream.write_all(&hex(rest))?,
+                "sleep" => std::thread::sleep(Duration::from_millis(rest.parse()?)),
+                "cancel-after" => {
+                    let delay = Duration::from_millis(rest.parse()?);
+                    let key = backend_key
+                        .clone()
+                        .ok_or_else(|| anyhow::anyhow!("no BackendKeyData yet"))?;
+                    let handle = std::thread::spawn(move || {
+                        std::thread::sleep(delay);
+                        let mut body = 80_877_102u32.to_be_bytes().to_vec();
+                        body.extend_from_slice(&key);
+                        if let Ok(mut cancel) = TcpStream::connect(addr) {
+                            let _ = cancel.write_all(&untagged(&body));
+                            let mut rest = Vec::new();
+                            let _ = cancel.read_to_end(&mut rest);
+                        }
+                    });
+                    pending_cancel = Some((delay, handle));
+                }
+                "read-ready" => {
+                    let wanted: usize = rest.parse()?;
+                    let mut seen = 0;
+                    while seen < wanted {
+                        let Some((tag, body)) = read_message(&mut stream)? else {
+                            println!("{}", json!({ "eof": true }));
+                            break;
+                        };
+                        if tag == b'K' {
+                            backend_key = Some(body.clone());
+                        }
+                        if tag == b'Z' {
+                            seen += 1;
+                        }
+                        println!("{}", describe(tag, &body, started));
+                    }
+                }
+                other => anyhow::bail!("unknown script command {other:?}"),
+            }
+        }
+        if let Some((_, handle)) = pending_cancel {
+            let _ = handle.join();
+        }
+        Ok(())
+    }
+
+    /// Expands `repeat N` ... `end` blocks.
+    fn expand(lines: Vec<String>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut index = 0;
+        while index < lines.len() {
+            let line = lines[index].trim().to_string();
+            if let Some(count) = line.strip_prefix("repeat ") {
+                let count: usize = count.trim().parse().unwrap_or(0);
+                let end = lines[index..]
+                    .iter()
+                    .position(|l| l.trim() == "end")
+                    .map_or(lines.len(), |p| index + p);
+                let body = &lines[index + 1..end];
+                for i in 1..=count {
+                    out.extend(body.iter().map(|l| l.trim().replace("{i}", &i.to_string())));
+                }
+                index = end + 1;
+            } else {
+                out.push(line);
+                index += 1;
+            }
+        }
+        out
+    }
+
+    fn param_value(spec: &str) -> Vec<u8> {
+        match spec.strip_prefix('@').and_then(|n| n.parse::<usize>().ok()) {
+            Some(len) => vec![b'x'; len],
+            None => spec.as_bytes().to_vec(),
+        }
+    }
+
+    fn cstr(text: &str) -> Vec<u8> {
+        let mut bytes = text.as_bytes().to_vec();
+        bytes.push(0);
+        bytes
+    }
+
+    fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn untagged(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32 + 4).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+        digits
+            .chunks(2)
+            .filter_map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+            .collect()
+    }
+
+    fn read_message(stream: &mut TcpStream) -> io::Result<Option<(u8, Vec<u8>)>> {
+        let mut header = [0u8; 5];
+        match stream.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(error) => return Err(error),
+        }
+        let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        stream.read_exact(&mut body)?;
+        Ok(Some((header[0], body)))
+    }
+
+    /// One JSON line per backend message: the tag, and for the common ones what a test needs.
+    fn describe(tag: u8, body: &[u8], started: Instant) -> serde_json::Value {
+        let tag_text = char::from(tag).to_string();
+        let ms = started.elapsed().as_millis() as u64;
+        match tag {
+            b'C' => {
+                json!({ "tag": tag_text, "command": String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body)), "ms": ms })
+            }
+            b'E' | b'N' => {
+                let mut fields = serde_json::Map::new();
+                for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+                    fields.insert(
+                        char::from(field[0]).to_string(),
+                        json!(String::from_utf8_lossy(&field[1..])),
+                    );
+                }
+                json!({ "tag": tag_text, "fields": fields, "ms": ms })
+            }
+            b'D' => {
+                let mut values = Vec::new();
+                let count = i16::from_be_bytes([body[0], body[1]]).max(0) as usize;
+                let mut offset = 2;
+                for _ in 0..count {
+                    let len =
+                        i32::from_be_bytes(body[offset..offset + 4].try_into().expect("4 bytes"));
+                    offset += 4;
+                    if len < 0 {
+                        values.push(serde_json::Value::Null);
+                    } else {
+                        let value = &body[offset..offset + len as usize];
+                        if value.len() > 256 {
+                            values.push(json!({ "len": value.len(), "all_x": value.iter().all(|&b| b == b'x') }));
+                        } else {
+                            values.push(json!(String::from_utf8_lossy(value)));
+                        }
+                        offset += len as usize;
+                    }
+                }
+                json!({ "tag": tag_text, "values": values, "ms": ms })
+            }
+            b'Z' => json!({ "tag": tag_text, "status": char::from(body[0]).to_string(), "ms": ms }),
+            _ => json!({ "tag": tag_text, "len": body.len(), "ms": ms }),
+        }
+    }
 }

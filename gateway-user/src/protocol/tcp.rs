@@ -49,16 +49,25 @@ enum Side {
     Upstream,
 }
 
-struct Counters {
-    from_client: AtomicU64,
-    from_upstream: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) from_client: AtomicU64,
+    pub(crate) from_upstream: AtomicU64,
     /// Milliseconds since `start` of the last byte moved in either direction.
     last_activity_ms: AtomicU64,
     start: Instant,
 }
 
 impl Counters {
-    fn touch(&self) {
+    pub(crate) fn new() -> Self {
+        Self {
+            from_client: AtomicU64::new(0),
+            from_upstream: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
         let elapsed = self.start.elapsed().as_millis() as u64;
         self.last_activity_ms.store(elapsed, Ordering::Relaxed);
     }
@@ -72,12 +81,7 @@ pub async fn relay(
     idle_timeout: Duration,
     force_close: CancellationToken,
 ) -> RelayResult {
-    let counters = Arc::new(Counters {
-        from_client: AtomicU64::new(0),
-        from_upstream: AtomicU64::new(0),
-        last_activity_ms: AtomicU64::new(0),
-        start: Instant::now(),
-    });
+    let counters = Arc::new(Counters::new());
     let to_upstream = pump(&client, &upstream, &counters, Side::Client);
     let to_client = pump(&upstream, &client, &counters, Side::Upstream);
     let both = async { tokio::try_join!(to_upstream, to_client) };
@@ -165,7 +169,7 @@ async fn pump(
 }
 
 /// Completes once no byte has moved for `timeout`.
-async fn idle(counters: &Counters, timeout: Duration) {
+pub(crate) async fn idle(counters: &Counters, timeout: Duration) {
     loop {
         let last = counters.last_activity_ms.load(Ordering::Relaxed);
         let deadline = counters.start + Duration::from_millis(last) + timeout;

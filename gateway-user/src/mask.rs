@@ -1,0 +1,1180 @@
+//! Finding card numbers (PANs) in bytes and masking them in place.
+//!
+//! This module owns the PAN rule, the [`MaskPolicy`] that decides which digits stay readable,
+//! and the [`StreamMasker`] that finds a number split across reads, chunks or rows. It leaves to
+//! its callers which bytes pass through it and the masking of whole fields or columns by name.
+//!
+//! # What counts as a PAN
+//!
+//! The scanner reads the input as *runs*: maximal sequences of digits in which a single space or
+//! dash between two digits joins them. Any other byte, two separators in a row, or a separator
+//! with a non-digit on one side ends a run. A *candidate* is a part of a run that starts and ends
+//! at a group of digits, uses one separator kind, and has 13 to 19 digits. A candidate is a PAN
+//! when all of these hold:
+//!
+//! - its run has at most 19 digits, because a PAN inside a longer run (an IBAN, a reference
+//!   number, a timestamp joined to it by a space) cannot be told apart from that longer number;
+//! - it is not the fraction of a decimal number (a run that starts after a digit and a dot,
+//!   `3.4111111111111111`) or its integer part (a run followed by a dot and a digit);
+//! - its leading digits fall in an issuer range of Visa, Mastercard, American Express, Discover,
+//!   JCB, UnionPay, Diners Club or Maestro, at any length from 13 to 19 digits;
+//! - it passes the Luhn check.
+//!
+//! Masking replaces digits with the policy's mask character and never touches separators or
+//! any other byte, so the output has the input's length. That keeps JSON, protobuf, text result
+//! columns and chunked bodies valid without re-framing. When two PANs overlap inside one run,
+//! each masks its own digits.
+
+use std::fmt;
+
+/// Fewest digits in a PAN: the shortest numbers the schemes below issue (old Visa cards) have 13.
+const MIN_PAN_DIGITS: usize = 13;
+
+/// Most digits in a PAN: ISO/IEC 7812-1 limits a primary account number to 19 digits.
+const MAX_PAN_DIGITS: usize = 19;
+
+/// Most bytes a [`StreamMasker`] holds back between calls. A run that may still contain a PAN
+/// has at most 19 digits and the 18 single separators between them, and the space, dash or dot
+/// after its last digit is held too, because only the byte after it says whether the run goes
+/// on or is the integer part of a decimal number.
+pub const MAX_CARRY: usize = 2 * MAX_PAN_DIGITS;
+
+/// Bytes tested at once while skipping text without digits. 32 bytes fill one AVX2 register or
+/// two SSE2 registers, so each step compiles to a few vector compares and one branch.
+const DIGIT_SEARCH_BLOCK: usize = 32;
+
+/// Digits of a PAN that stay readable after masking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Keep {
+    /// The first six digits and the last four. PCI DSS v4.0 requirement 3.4.1 allows at most the
+    /// BIN and the last four digits to be displayed, and a six-digit BIN is the common case.
+    #[default]
+    FirstSixLastFour,
+    /// The last four digits only.
+    LastFour,
+    /// No digit: the whole number is masked.
+    Nothing,
+}
+
+impl Keep {
+    /// Returns how many leading and trailing digits stay readable.
+    fn visible_digits(self) -> (usize, usize) {
+        match self {
+            Keep::FirstSixLastFour => (6, 4),
+            Keep::LastFour => (0, 4),
+            Keep::Nothing => (0, 0),
+        }
+    }
+}
+
+/// How PAN digits are masked.
+///
+/// `mask_char` replaces each hidden digit. Choose a printable ASCII character that is not a
+/// digit, a separator or a quote: a digit would read as part of a number, and a byte of 0x80 or
+/// above would break UTF-8 text such as JSON. The masking itself accepts any byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaskPolicy {
+    /// Digits that stay readable.
+    pub keep: Keep,
+    /// Byte written in place of each hidden digit.
+    pub mask_char: u8,
+}
+
+impl Default for MaskPolicy {
+    fn default() -> Self {
+        Self {
+            keep: Keep::default(),
+            mask_char: b'*',
+        }
+    }
+}
+
+/// Masks every PAN in `buf`, a complete value, in place and returns how many PANs it masked.
+///
+/// The start and end of `buf` count as boundaries: a digit run touching either end is taken as
+/// whole. Use [`StreamMasker`] for data that arrives in pieces.
+pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
+    scan(buf, Context::Clear, true, policy).masked
+}
+
+/// Masks PANs in data that arrives in pieces: TCP reads, HTTP chunks, result rows.
+///
+/// Each [`feed`](Self::feed) appends to the output every byte that can no longer belong to an
+/// unfinished PAN and holds back the rest, at most [`MAX_CARRY`] bytes. [`finish`](Self::finish)
+/// flushes what is held back. The bytes written over all calls equal what [`mask_in_place`] makes
+/// of the whole input, wherever the input was split.
+pub struct StreamMasker {
+    policy: MaskPolicy,
+    /// Scan state at the first byte of `carry`.
+    context: Context,
+    /// Bytes of a run that may still turn out to hold a PAN, not yet masked.
+    carry: Vec<u8>,
+}
+
+impl StreamMasker {
+    /// Creates a masker for one stream.
+    pub fn new(policy: MaskPolicy) -> Self {
+        Self {
+            policy,
+            context: Context::Clear,
+            carry: Vec::with_capacity(MAX_CARRY),
+        }
+    }
+
+    /// Scans `input` after the bytes held back by earlier calls, appends to `out` every byte that
+    /// is settled (with PAN digits masked) and holds back the rest. Returns how many PANs it
+    /// masked.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        self.flush_into(input, false, out)
+    }
+
+    /// Appends the bytes still held back to `out`, masking any PAN among them, and returns how
+    /// many PANs it masked. The end of the stream counts as a boundary. Afterwards the masker is
+    /// ready for a new stream.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+        let masked = self.flush_into(&[], true, out);
+        self.context = Context::Clear;
+        masked
+    }
+
+    /// Scans the carry followed by `input` in place at the end of `out`, then moves the part
+    /// that is not settled back into the carry.
+    fn flush_into(&mut self, input: &[u8], at_end: bool, out: &mut Vec<u8>) -> usize {
+        let base = out.len();
+        out.extend_from_slice(&self.carry);
+        out.extend_from_slice(input);
+        self.carry.clear();
+
+        let scanned = scan(&mut out[base..], self.context, at_end, &self.policy);
+
+        let settled_end = base + scanned.settled;
+        self.carry.extend_from_slice(&out[settled_end..]);
+        out.truncate(settled_end);
+        self.context = scanned.context;
+        debug_assert!(self.carry.len() <= MAX_CARRY);
+        scanned.masked
+    }
+}
+
+impl fmt::Debug for StreamMasker {
+    /// Shows the policy and how many bytes are held back, never the bytes themselves.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamMasker")
+            .field("policy", &self.policy)
+            .field("context", &self.context)
+            .field("carry_len", &self.carry.len())
+            .finish()
+    }
+}
+
+/// Card schemes whose issuer ranges make a digit sequence a PAN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scheme {
+    Visa,
+    Mastercard,
+    AmericanExpress,
+    Discover,
+    Jcb,
+    UnionPay,
+    DinersClub,
+    Maestro,
+}
+
+/// One issuer range: the number formed by the first `prefix_len` digits lies in `low..=high`.
+struct IssuerRange {
+    prefix_len: usize,
+    low: u32,
+    high: u32,
+    scheme: Scheme,
+}
+
+const fn range(prefix_len: usize, low: u32, high: u32, scheme: Scheme) -> IssuerRange {
+    IssuerRange {
+        prefix_len,
+        low,
+        high,
+        scheme,
+    }
+}
+
+/// Issuer ranges of the schemes above. Discover's 622126-622925 lies inside UnionPay's 62 and is
+/// listed first, so that it reports Discover.
+const ISSUER_RANGES: &[IssuerRange] = &[
+    range(1, 4, 4, Scheme::Visa),
+    range(2, 51, 55, Scheme::Mastercard),
+    range(4, 2221, 2720, Scheme::Mastercard),
+    range(2, 34, 34, Scheme::AmericanExpress),
+    range(2, 37, 37, Scheme::AmericanExpress),
+    range(4, 6011, 6011, Scheme::Discover),
+    range(3, 644, 649, Scheme::Discover),
+    range(2, 65, 65, Scheme::Discover),
+    range(6, 622126, 622925, Scheme::Discover),
+    range(4, 3528, 3589, Scheme::Jcb),
+    range(2, 62, 62, Scheme::UnionPay),
+    range(3, 300, 305, Scheme::DinersClub),
+    range(2, 36, 36, Scheme::DinersClub),
+    range(2, 38, 39, Scheme::DinersClub),
+    range(4, 5018, 5018, Scheme::Maestro),
+    range(4, 5020, 5020, Scheme::Maestro),
+    range(4, 5038, 5038, Scheme::Maestro),
+    range(4, 5893, 5893, Scheme::Maestro),
+    range(4, 6304, 6304, Scheme::Maestro),
+    range(4, 6759, 6759, Scheme::Maestro),
+    range(4, 6761, 6763, Scheme::Maestro),
+];
+
+/// Returns the scheme whose issuer range holds the leading digits, given as values 0-9.
+fn issuer(digits: &[u8]) -> Option<Scheme> {
+    ISSUER_RANGES.iter().find_map(|issuer_range| {
+        let prefix = digits.get(..issuer_range.prefix_len)?;
+        let value = prefix
+            .iter()
+            .fold(0u32, |value, &digit| value * 10 + u32::from(digit));
+        (issuer_range.low..=issuer_range.high)
+            .contains(&value)
+            .then_some(issuer_range.scheme)
+    })
+}
+
+/// Checks the Luhn checksum of digits given as values 0-9, the last one being the check digit.
+fn passes_luhn(digits: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (index_from_right, &digit) in digits.iter().rev().enumerate() {
+        let digit = u32::from(digit);
+        sum += if index_from_right % 2 == 1 {
+            let doubled = digit * 2;
+            if doubled > 9 { doubled - 9 } else { doubled }
+        } else {
+            digit
+        };
+    }
+    sum.is_multiple_of(10)
+}
+
+/// What the bytes before a scan position mean for a digit found there. A scan that stops at
+/// the end of a chunk records one of these, and the scan of the next chunk starts from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Context {
+    /// A digit here starts a new run.
+    #[default]
+    Clear,
+    /// The bytes before are a digit and a dot, so a run starting here is the fraction of a
+    /// decimal number.
+    AfterDecimalPoint,
+    /// The byte before is a digit of a run longer than 19 digits, which holds no PAN.
+    InLongRun,
+    /// The bytes before are a digit of such a run and one space or dash, so a digit here
+    /// continues the long run.
+    AfterLongRunSeparator,
+}
+
+/// Outcome of scanning one buffer.
+struct Scan {
+    /// Length of the prefix whose masking is final; the rest must be scanned again with more
+    /// input after it.
+    settled: usize,
+    /// Scan state at `settled`.
+    context: Context,
+    /// PANs masked in the settled prefix.
+    masked: usize,
+}
+
+/// Masks the PANs in `buf` whose runs end inside it and returns how far the result is final.
+///
+/// `context` describes the bytes before `buf`. Unless `at_end` is set, a run that reaches the
+/// end of `buf` and could still hold a PAN is left unmasked after the settled prefix.
+fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy) -> Scan {
+    let mut run = Run::default();
+    let mut pos = 0;
+    let mut masked = 0;
+
+    loop {
+        // Find the next run, or the rest of a long run that the previous chunk ended in.
+        let continues_long_run = match context {
+            Context::InLongRun => true,
+            Context::AfterLongRunSeparator => buf.get(pos).is_some_and(u8::is_ascii_digit),
+            Context::Clear | Context::AfterDecimalPoint => false,
+        };
+        let start = if continues_long_run {
+            pos
+        } else {
+            if context == Context::AfterLongRunSeparator && pos == buf.len() {
+                return Scan {
+                    settled: pos,
+                    context,
+                    masked,
+                };
+            }
+            let Some(start) = find_digit(buf, pos) else {
+                // No digit follows, so no byte is left that a later digit could join.
+                let context = if pos == buf.len() {
+                    context
+                } else {
+                    Context::Clear
+                };
+                return Scan {
+                    settled: buf.len(),
+                    context,
+                    masked,
+                };
+            };
+            start
+        };
+        // Only a digit right at `pos` can follow a decimal point: the scan moves past a run's
+        // last digit and past any byte it looked at after that run.
+        let decimal_before = start == pos && context == Context::AfterDecimalPoint;
+
+        run.clear(continues_long_run);
+        match read_run(buf, start, at_end, &mut run) {
+            RunEnd::Finished {
+                next,
+                next_context,
+                decimal_after,
+            } => {
+                if !run.long {
+                    masked += mask_run(buf, &run, decimal_before, decimal_after, policy);
+                }
+                pos = next;
+                context = next_context;
+            }
+            RunEnd::Open { context_at_end } if run.long => {
+                return Scan {
+                    settled: buf.len(),
+                    context: context_at_end,
+                    masked,
+                };
+            }
+            RunEnd::Open { .. } => {
+                // The run can still become a PAN: hold it back from its first digit.
+                let context = if decimal_before {
+                    Context::AfterDecimalPoint
+                } else {
+                    Context::Clear
+                };
+                return Scan {
+                    settled: start,
+                    context,
+                    masked,
+                };
+            }
+        }
+    }
+}
+
+/// Returns the position of the first ASCII digit at or after `from`.
+fn find_digit(buf: &[u8], from: usize) -> Option<usize> {
+    let rest = &buf[from..];
+
+    // Test whole blocks without an early exit so that the compiler vectorizes the test.
+    let mut skipped = 0;
+    for block in rest.chunks_exact(DIGIT_SEARCH_BLOCK) {
+        let has_digit = block
+            .iter()
+            .fold(false, |found, byte| found | byte.is_ascii_digit());
+        if has_digit {
+            break;
+        }
+        skipped += DIGIT_SEARCH_BLOCK;
+    }
+
+    rest[skipped..]
+        .iter()
+        .position(u8::is_ascii_digit)
+        .map(|offset| from + skipped + offset)
+}
+
+/// Digits of one run: the first 19 as values 0-9 with their positions in the buffer.
+#[derive(Default)]
+struct Run {
+    digits: [u8; MAX_PAN_DIGITS],
+    offsets: [usize; MAX_PAN_DIGITS],
+    len: usize,
+    /// The run has more than 19 digits, so it holds no PAN.
+    long: bool,
+}
+
+impl Run {
+    fn clear(&mut self, long: bool) {
+        self.len = 0;
+        self.long = long;
+    }
+
+    fn push(&mut self, byte: u8, offset: usize) {
+        if self.len == MAX_PAN_DIGITS {
+            self.long = true;
+            return;
+        }
+        self.digits[self.len] = byte - b'0';
+        self.offsets[self.len] = offset;
+        self.len += 1;
+    }
+
+    /// Whether digit `index` starts a group, that is, a separator stands before it.
+    fn starts_group(&self, index: usize) -> bool {
+        index > 0 && self.offsets[index] != self.offsets[index - 1] + 1
+    }
+}
+
+/// How a run read by [`read_run`] ends.
+enum RunEnd {
+    /// A byte after the run ends it.
+    Finished {
+        /// Position where scanning resumes.
+        next: usize,
+        /// Scan state at `next`.
+        next_context: Context,
+        /// The run is followed by a dot and a digit, so it is the integer part of a decimal.
+        decimal_after: bool,
+    },
+    /// The buffer ends before anything ends the run.
+    Open {
+        /// Scan state after the last byte of the buffer, which a long run settles at.
+        context_at_end: Context,
+    },
+}
+
+/// Reads the run that starts at `start` into `run`. For a long run that an earlier chunk began,
+/// `start` may be a non-digit right after one of its digits.
+fn read_run(buf: &[u8], start: usize, at_end: bool, run: &mut Run) -> RunEnd {
+    let finished = |next, next_context, decimal_after| RunEnd::Finished {
+        next,
+        next_context,
+        decimal_after,
+    };
+    let mut pos = start;
+
+    loop {
+        while let Some(&byte) = buf.get(pos).filter(|byte| byte.is_ascii_digit()) {
+            run.push(byte, pos);
+            pos += 1;
+        }
+
+        // The byte after a group, and for a separator or dot the byte after that, decide
+        // whether the run goes on.
+        let Some(&after_group) = buf.get(pos) else {
+            return if at_end {
+                finished(pos, Context::Clear, false)
+            } else {
+                RunEnd::Open {
+                    context_at_end: Context::InLongRun,
+                }
+            };
+        };
+        if !matches!(after_group, b' ' | b'-' | b'.') {
+            return finished(pos + 1, Context::Clear, false);
+        }
+        let Some(next_byte) = buf.get(pos + 1) else {
+            return if at_end {
+                finished(pos + 1, Context::Clear, false)
+            } else if after_group == b'.' {
+                RunEnd::Open {
+                    context_at_end: Context::AfterDecimalPoint,
+                }
+            } else {
+                RunEnd::Open {
+                    context_at_end: Context::AfterLongRunSeparator,
+                }
+            };
+        };
+        match (after_group, next_byte.is_ascii_digit()) {
+            (b'.', true) => return finished(pos + 1, Context::AfterDecimalPoint, true),
+            (_, true) => pos += 1,
+            (_, false) => return finished(pos + 1, Context::Clear, false),
+        }
+    }
+}
+
+/// Masks every PAN among the candidates of a finished run of at most 19 digits and returns how
+/// many it masked.
+fn mask_run(
+    buf: &mut [u8],
+    run: &Run,
+    decimal_before: bool,
+    decimal_after: bool,
+    policy: &MaskPolicy,
+) -> usize {
+    if run.len < MIN_PAN_DIGITS {
+        return 0;
+    }
+    let mut masked = 0;
+
+    for first in 0..=run.len - MIN_PAN_DIGITS {
+        if (first == 0 && decimal_before) || (first > 0 && !run.starts_group(first)) {
+            continue;
+        }
+        for end in first + MIN_PAN_DIGITS..=run.len {
+            let ends_group = end == run.len || run.starts_group(end);
+            if !ends_group || (end == run.len && decimal_after) {
+                continue;
+            }
+            if !uses_one_separator(buf, run, first, end) {
+                continue;
+            }
+            let digits = &run.digits[first..end];
+            if issuer(digits).is_none() || !passes_luhn(digits) {
+                continue;
+            }
+
+            mask_digits(buf, &run.offsets[first..end], policy);
+            masked += 1;
+        }
+    }
+    masked
+}
+
+/// Whether the separators between digits `first..end` of the run are all the same byte.
+fn uses_one_separator(buf: &[u8], run: &Run, first: usize, end: usize) -> bool {
+    let mut separators = (first + 1..end)
+        .filter(|&index| run.starts_group(index))
+        .map(|index| buf[run.offsets[index] - 1]);
+    match separators.next() {
+        Some(kind) => separators.all(|separator| separator == kind),
+        None => true,
+    }
+}
+
+/// Writes the mask character over the digits at `offsets` that the policy hides.
+fn mask_digits(buf: &mut [u8], offsets: &[usize], policy: &MaskPolicy) {
+    let (keep_first, keep_last) = policy.keep.visible_digits();
+    let hidden_end = offsets.len().saturating_sub(keep_last);
+    for &offset in offsets.iter().take(hidden_end).skip(keep_first) {
+        buf[offset] = policy.mask_char;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Masks `input` whole with the default policy.
+    fn masked(input: &str) -> String {
+        masked_with(input, &MaskPolicy::default())
+    }
+
+    fn masked_with(input: &str, policy: &MaskPolicy) -> String {
+        let mut buf = input.as_bytes().to_vec();
+        mask_in_place(&mut buf, policy);
+        String::from_utf8(buf).expect("masking writes only ASCII over ASCII digits")
+    }
+
+    /// Appends the Luhn check digit to `body`. Written apart from `passes_luhn` so that the
+    /// tests do not take the checksum from the code under test.
+    fn with_check_digit(body: &str) -> String {
+        // Once the check digit is appended, the body's last digit sits second from the right,
+        // so the doubled digits are those at even distance from the body's end.
+        let sum: u32 = body
+            .bytes()
+            .rev()
+            .enumerate()
+            .map(|(distance, byte)| {
+                let digit = u32::from(byte - b'0');
+                if distance % 2 == 0 {
+                    let doubled = 2 * digit;
+                    doubled / 10 + doubled % 10
+                } else {
+                    digit
+                }
+            })
+            .sum();
+        let check = (10 - sum % 10) % 10;
+        format!("{body}{check}")
+    }
+
+    /// Whether a digit string passes Luhn, by comparing its check digit with a recomputed one.
+    fn luhn_valid(number: &str) -> bool {
+        let (body, _) = number.split_at(number.len() - 1);
+        with_check_digit(body) == number
+    }
+
+    /// Expected default masking of a plain digit string: first six and last four kept.
+    fn first_six_last_four(number: &str) -> String {
+        let hidden = number.len() - 10;
+        format!(
+            "{}{}{}",
+            &number[..6],
+            "*".repeat(hidden),
+            &number[number.len() - 4..]
+        )
+    }
+
+    /// Masks `input` through a stream masker fed in the given pieces.
+    fn streamed(pieces: &[&[u8]], policy: &MaskPolicy) -> (Vec<u8>, usize) {
+        let mut masker = StreamMasker::new(policy.clone());
+        let mut out = Vec::new();
+        let mut count = 0;
+        for piece in pieces {
+            count += masker.feed(piece, &mut out);
+            assert!(masker.carry.len() <= MAX_CARRY, "carry over the limit");
+        }
+        count += masker.finish(&mut out);
+        (out, count)
+    }
+
+    fn whole(input: &[u8], policy: &MaskPolicy) -> (Vec<u8>, usize) {
+        let mut buf = input.to_vec();
+        let count = mask_in_place(&mut buf, policy);
+        (buf, count)
+    }
+
+    #[test]
+    fn masks_spaced_pan_in_json() {
+        let input = r#"{"card":"4111 1111 1111 1111"}"#;
+        let output = masked(input);
+
+        assert_eq!(output, r#"{"card":"4111 11** **** 1111"}"#);
+        let value: serde_json::Value =
+            serde_json::from_str(&output).expect("masked JSON still parses");
+        assert_eq!(value["card"], "4111 11** **** 1111");
+        for (before, after) in input.bytes().zip(output.bytes()) {
+            assert!(before == after || (before.is_ascii_digit() && after == b'*'));
+        }
+    }
+
+    #[test]
+    fn masks_dashed_pan_in_json() {
+        let input = r#"{"card":"4111-1111-1111-1111"}"#;
+        let output = masked(input);
+
+        assert_eq!(output, r#"{"card":"4111-11**-****-1111"}"#);
+        let value: serde_json::Value =
+            serde_json::from_str(&output).expect("masked JSON still parses");
+        assert_eq!(value["card"], "4111-11**-****-1111");
+        for (before, after) in input.bytes().zip(output.bytes()) {
+            assert!(before == after || (before.is_ascii_digit() && after == b'*'));
+        }
+    }
+
+    #[test]
+    fn masks_mastercard_two_series() {
+        assert!(luhn_valid("2221000000000009"));
+
+        assert_eq!(masked("2221000000000009"), "222100******0009");
+    }
+
+    #[test]
+    fn masks_nineteen_digit_pans() {
+        for body in [
+            "620000000000000000",
+            "411111111111111111",
+            "650000000000000000",
+        ] {
+            let number = with_check_digit(body);
+            assert_eq!(number.len(), 19);
+
+            assert_eq!(masked(&number), first_six_last_four(&number), "{number}");
+        }
+    }
+
+    #[test]
+    fn masks_thirteen_digit_visa() {
+        let number = with_check_digit("411111111111");
+
+        assert_eq!(masked(&number), first_six_last_four(&number));
+        assert_eq!(masked(&number).matches('*').count(), 3);
+    }
+
+    #[test]
+    fn keeps_timestamp_without_issuer() {
+        assert!(luhn_valid("1748503543012"));
+
+        assert_eq!(masked("1748503543012"), "1748503543012");
+        assert_eq!(masked(r#"{"ts":1748503543012}"#), r#"{"ts":1748503543012}"#);
+    }
+
+    #[test]
+    fn masks_dashed_mastercard() {
+        assert_eq!(masked("5555-5555-5555-4444"), "5555-55**-****-4444");
+    }
+
+    #[test]
+    fn keeps_pan_inside_longer_run() {
+        assert!(!luhn_valid("41111111111111115"));
+
+        assert_eq!(masked("41111111111111115"), "41111111111111115");
+        assert_eq!(masked("041111111111111111"), "041111111111111111");
+        // 16 + 4 digits joined by a separator make a 20-digit run.
+        assert_eq!(masked("4111111111111111 1234"), "4111111111111111 1234");
+        assert_eq!(masked("1234-4111111111111111"), "1234-4111111111111111");
+        assert_eq!(
+            masked("4111 1111 1111 1111 1111"),
+            "4111 1111 1111 1111 1111"
+        );
+    }
+
+    #[test]
+    fn keeps_decimal_numbers() {
+        assert_eq!(masked("3.4111111111111111"), "3.4111111111111111");
+        assert_eq!(masked("4111111111111111.5"), "4111111111111111.5");
+        assert_eq!(masked("4111111111111111."), "411111******1111.");
+        assert_eq!(masked(".4111111111111111"), ".411111******1111");
+    }
+
+    #[test]
+    fn masks_pan_after_short_number() {
+        assert_eq!(masked("7 4111 1111 1111 1111"), "7 4111 11** **** 1111");
+        assert_eq!(masked("qty 12 4111111111111111"), "qty 12 411111******1111");
+        assert_eq!(masked("3.14 4111111111111111"), "3.14 411111******1111");
+    }
+
+    #[test]
+    fn rejects_mixed_separators() {
+        assert_eq!(masked("4111 1111-1111 1111"), "4111 1111-1111 1111");
+    }
+
+    #[test]
+    fn rejects_doubled_separators() {
+        assert_eq!(masked("4111  1111 1111 1111"), "4111  1111 1111 1111");
+        assert_eq!(masked("4111--1111--1111--1111"), "4111--1111--1111--1111");
+        assert_eq!(masked("4111 -1111 1111 1111"), "4111 -1111 1111 1111");
+    }
+
+    #[test]
+    fn applies_last_four_policy() {
+        let policy = MaskPolicy {
+            keep: Keep::LastFour,
+            ..MaskPolicy::default()
+        };
+
+        assert_eq!(
+            masked_with("4111 1111 1111 1111", &policy),
+            "**** **** **** 1111"
+        );
+    }
+
+    #[test]
+    fn applies_full_masking_policy() {
+        let policy = MaskPolicy {
+            keep: Keep::Nothing,
+            mask_char: b'X',
+        };
+
+        assert_eq!(
+            masked_with("card=5555-5555-5555-4444;", &policy),
+            "card=XXXX-XXXX-XXXX-XXXX;"
+        );
+    }
+
+    #[test]
+    fn applies_custom_mask_char() {
+        let policy = MaskPolicy {
+            mask_char: b'#',
+            ..MaskPolicy::default()
+        };
+
+        assert_eq!(masked_with("4111111111111111", &policy), "411111######1111");
+    }
+
+    #[test]
+    fn counts_each_masked_pan() {
+        let mut buf = b"a 4111111111111111, b 5555-5555-5555-4444, c 1748503543012".to_vec();
+
+        assert_eq!(mask_in_place(&mut buf, &MaskPolicy::default()), 2);
+        assert_eq!(mask_in_place(&mut Vec::new(), &MaskPolicy::default()), 0);
+    }
+
+    #[test]
+    fn leaves_other_bytes_untouched() {
+        let mut buf = vec![0xff, 0x00, b'4'];
+        buf.extend_from_slice(b"111111111111111");
+        buf.extend_from_slice(&[0xc3, 0xa9, b'\n']);
+        let mut expected = buf.clone();
+        expected[8..14].copy_from_slice(b"******");
+
+        assert_eq!(mask_in_place(&mut buf, &MaskPolicy::default()), 1);
+        assert_eq!(buf, expected);
+    }
+
+    #[test]
+    fn issuer_range_bounds() {
+        let inside = [
+            ("4", Scheme::Visa),
+            ("51", Scheme::Mastercard),
+            ("55", Scheme::Mastercard),
+            ("2221", Scheme::Mastercard),
+            ("2720", Scheme::Mastercard),
+            ("34", Scheme::AmericanExpress),
+            ("37", Scheme::AmericanExpress),
+            ("6011", Scheme::Discover),
+            ("644", Scheme::Discover),
+            ("649", Scheme::Discover),
+            ("65", Scheme::Discover),
+            ("622126", Scheme::Discover),
+            ("622925", Scheme::Discover),
+            ("3528", Scheme::Jcb),
+            ("3589", Scheme::Jcb),
+            ("62", Scheme::UnionPay),
+            ("622125", Scheme::UnionPay),
+            ("300", Scheme::DinersClub),
+            ("305", Scheme::DinersClub),
+            ("36", Scheme::DinersClub),
+            ("38", Scheme::DinersClub),
+            ("39", Scheme::DinersClub),
+            ("5018", Scheme::Maestro),
+            ("5020", Scheme::Maestro),
+            ("5038", Scheme::Maestro),
+            ("5893", Scheme::Maestro),
+            ("6304", Scheme::Maestro),
+            ("6759", Scheme::Maestro),
+            ("6761", Scheme::Maestro),
+            ("6763", Scheme::Maestro),
+        ];
+        for (prefix, scheme) in inside {
+            let body = format!("{prefix:0<15}");
+            let number = with_check_digit(&body);
+            let digits: Vec<u8> = number.bytes().map(|byte| byte - b'0').collect();
+
+            assert_eq!(issuer(&digits), Some(scheme), "{number}");
+            assert_eq!(masked(&number), first_six_last_four(&number), "{number}");
+        }
+    }
+
+    #[test]
+    fn rejects_prefixes_outside_ranges() {
+        let outside = [
+            "0", "1", "2220", "2721", "306", "33", "3527", "3590", "50", "56", "57", "58", "5019",
+            "5892", "6010", "6012", "63", "643", "66", "67", "6760", "6764", "7", "8", "9",
+        ];
+        for prefix in outside {
+            let body = format!("{prefix:0<15}");
+            let number = with_check_digit(&body);
+            let digits: Vec<u8> = number.bytes().map(|byte| byte - b'0').collect();
+
+            assert_eq!(issuer(&digits), None, "{number}");
+            assert_eq!(masked(&number), number, "{number}");
+        }
+    }
+
+    #[test]
+    fn rejects_failed_luhn() {
+        assert_eq!(masked("4111111111111112"), "4111111111111112");
+        assert_eq!(masked("5555 5555 5555 4445"), "5555 5555 5555 4445");
+    }
+
+    #[test]
+    fn rejects_short_and_long_lengths() {
+        let twelve = with_check_digit("41111111111");
+        let twenty = with_check_digit("4111111111111111111");
+
+        assert_eq!(masked(&twelve), twelve);
+        assert_eq!(masked(&twenty), twenty);
+    }
+
+    /// Inputs for the split tests: each has a PAN, a near miss or a boundary case near a split.
+    const SPLIT_CASES: &[&str] = &[
+        r#"{"card":"4111 1111 1111 1111"}"#,
+        "x 5555-5555-5555-4444 y 2221000000000009\n",
+        "3.4111111111111111 and 4111111111111111.5 and 4111111111111111.",
+        "41111111111111115 4111111111111111 1234 7 4111 1111 1111 1111",
+        "1748503543012 12.5 0.4111111111111111 4111111111111111",
+        "99999999999999999999999 4111111111111111-4111111111111111",
+        "12345678901234567890.4111111111111111 end",
+        "4111111111111111",
+    ];
+
+    #[test]
+    fn stream_every_split_point() {
+        let policy = MaskPolicy::default();
+        for case in SPLIT_CASES {
+            let input = case.as_bytes();
+            let expected = whole(input, &policy);
+            for split in 0..=input.len() {
+                let (head, tail) = input.split_at(split);
+
+                assert_eq!(
+                    streamed(&[head, tail], &policy),
+                    expected,
+                    "{case} at {split}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stream_one_byte_at_a_time() {
+        let policy = MaskPolicy::default();
+        for case in SPLIT_CASES {
+            let input = case.as_bytes();
+            let pieces: Vec<&[u8]> = input.chunks(1).collect();
+
+            assert_eq!(streamed(&pieces, &policy), whole(input, &policy), "{case}");
+        }
+    }
+
+    #[test]
+    fn stream_passes_long_run_through() {
+        let mut masker = StreamMasker::new(MaskPolicy::default());
+        let mut out = Vec::new();
+        let digits = vec![b'7'; 100_000];
+
+        for chunk in digits.chunks(1000) {
+            masker.feed(chunk, &mut out);
+            assert!(masker.carry.len() <= MAX_CARRY);
+        }
+        masker.feed(b" 4111111111111111 end", &mut out);
+        masker.finish(&mut out);
+
+        // The PAN joins the long run through one space, so it stays as it is.
+        assert_eq!(out.len(), 100_000 + 21);
+        assert!(out.ends_with(b"7 4111111111111111 end"));
+    }
+
+    #[test]
+    fn stream_reusable_after_finish() {
+        let mut masker = StreamMasker::new(MaskPolicy::default());
+        let mut out = Vec::new();
+
+        masker.feed(b"1.", &mut out);
+        masker.finish(&mut out);
+        masker.feed(b"4111111111111111", &mut out);
+        masker.finish(&mut out);
+
+        assert_eq!(out, b"1.411111******1111");
+    }
+
+    #[test]
+    fn debug_hides_held_back_digits() {
+        let mut masker = StreamMasker::new(MaskPolicy::default());
+        let mut out = Vec::new();
+
+        masker.feed(b"card 4111 1111 11", &mut out);
+        let shown = format!("{masker:?}");
+
+        assert_eq!(out, b"card ");
+        assert!(!shown.contains("4111"), "{shown}");
+        assert!(shown.contains("carry_len: 12"), "{shown}");
+    }
+
+    /// Small deterministic generator (xorshift64*), enough to vary the test inputs.
+    struct Generator(u64);
+
+    impl Generator {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, bound: usize) -> usize {
+            (self.next() % bound as u64) as usize
+        }
+
+        fn digits(&mut self, count: usize) -> String {
+            (0..count)
+                .map(|_| char::from(b'0' + self.below(10) as u8))
+                .collect()
+        }
+
+        /// A Luhn-valid number with an issuer prefix, plain or grouped by fours.
+        fn pan(&mut self) -> String {
+            const PREFIXES: &[&str] = &["4", "51", "2720", "37", "6011", "3530", "62", "36"];
+            let prefix = PREFIXES[self.below(PREFIXES.len())];
+            let length = 13 + self.below(7);
+            let body = format!("{prefix}{}", self.digits(length - 1 - prefix.len()));
+            let number = with_check_digit(&body);
+            let separator = match self.below(3) {
+                0 => return number,
+                1 => ' ',
+                _ => '-',
+            };
+            let mut grouped = String::new();
+            for (index, digit) in number.chars().enumerate() {
+                if index > 0 && index % 4 == 0 {
+                    grouped.push(separator);
+                }
+                grouped.push(digit);
+            }
+            grouped
+        }
+
+        /// Text built from pieces that meet at the edges PAN detection cares about.
+        fn input(&mut self) -> Vec<u8> {
+            let mut text = String::new();
+            for _ in 0..1 + self.below(10) {
+                match self.below(9) {
+                    0 | 1 => text += &self.pan(),
+                    2 => {
+                        let count = 1 + self.below(20);
+                        text += &self.digits(count);
+                    }
+                    3 => text.push(' '),
+                    4 => text.push('-'),
+                    5 => text.push('.'),
+                    6 => text += "\"card\":",
+                    7 => text.push('x'),
+                    _ => text += &self.digits(1),
+                }
+            }
+            text.into_bytes()
+        }
+    }
+
+    const POLICIES: [MaskPolicy; 3] = [
+        MaskPolicy {
+            keep: Keep::FirstSixLastFour,
+            mask_char: b'*',
+        },
+        MaskPolicy {
+            keep: Keep::LastFour,
+            mask_char: b'#',
+        },
+        MaskPolicy {
+            keep: Keep::Nothing,
+            mask_char: b'X',
+        },
+    ];
+
+    #[test]
+    fn stream_matches_whole_generated() {
+        let mut generator = Generator(0x9e37_79b9_7f4a_7c15);
+        for round in 0..3000 {
+            let input = generator.input();
+            let policy = POLICIES[round % POLICIES.len()].clone();
+            let mut pieces = Vec::new();
+            let mut rest = input.as_slice();
+            while !rest.is_empty() {
+                let (piece, tail) = rest.split_at(generator.below(rest.len() + 1).max(1));
+                pieces.push(piece);
+                rest = tail;
+            }
+
+            assert_eq!(
+                streamed(&pieces, &policy),
+                whole(&input, &policy),
+                "{}",
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
+
+    /// Masks by the PAN rule read literally: try every digit span of the input, with no runs,
+    /// no scan state and no carry. Slow, and only for comparing with the scanner.
+    fn reference_mask(input: &[u8], policy: &MaskPolicy) -> (Vec<u8>, usize) {
+        let is_digit = |index: usize| input.get(index).is_some_and(u8::is_ascii_digit);
+        let is_separator = |index: usize| matches!(input.get(index), Some(b' ' | b'-'));
+        let mut output = input.to_vec();
+        let mut count = 0;
+
+        for start in 0..input.len() {
+            if !is_digit(start) || (start > 0 && is_digit(start - 1)) {
+                continue;
+            }
+            for end in start + 1..=input.len() {
+                if !is_digit(end - 1) || is_digit(end) {
+                    continue;
+                }
+                let span = &input[start..end];
+
+                // Digits with single separators of one kind between them.
+                let separators: Vec<u8> = span
+                    .iter()
+                    .copied()
+                    .filter(|byte| !byte.is_ascii_digit())
+                    .collect();
+                if separators.iter().any(|&byte| byte != b' ' && byte != b'-')
+                    || separators.windows(2).any(|pair| pair[0] != pair[1])
+                    || span
+                        .windows(2)
+                        .any(|pair| !pair[0].is_ascii_digit() && !pair[1].is_ascii_digit())
+                {
+                    continue;
+                }
+                let digits: Vec<u8> = span
+                    .iter()
+                    .filter(|byte| byte.is_ascii_digit())
+                    .map(|byte| byte - b'0')
+                    .collect();
+                if !(13..=19).contains(&digits.len()) {
+                    continue;
+                }
+
+                // Not part of a decimal number.
+                if start >= 2 && input[start - 1] == b'.' && is_digit(start - 2) {
+                    continue;
+                }
+                if input.get(end) == Some(&b'.') && is_digit(end + 1) {
+                    continue;
+                }
+
+                // Not part of more than 19 digits joined by single separators of any kind.
+                let mut left = start;
+                while left >= 2 && is_separator(left - 1) && is_digit(left - 2) {
+                    left -= 2;
+                    while left > 0 && is_digit(left - 1) {
+                        left -= 1;
+                    }
+                }
+                let mut right = end;
+                while is_separator(right) && is_digit(right + 1) {
+                    right += 2;
+                    while is_digit(right) {
+                        right += 1;
+                    }
+                }
+                let joined = input[left..right]
+                    .iter()
+                    .filter(|byte| byte.is_ascii_digit())
+                    .count();
+                if joined > 19 {
+                    continue;
+                }
+
+                // The issuer table is the code's own; `issuer_range_bounds` tests it.
+                let number: String = digits
+                    .iter()
+                    .map(|&digit| char::from(b'0' + digit))
+                    .collect();
+                if issuer(&digits).is_none() || !luhn_valid(&number) {
+                    continue;
+                }
+
+                let (keep_first, keep_last) = match policy.keep {
+                    Keep::FirstSixLastFour => (6, 4),
+                    Keep::LastFour => (0, 4),
+                    Keep::Nothing => (0, 0),
+                };
+                let digit_positions = (start..end).filter(|&index| is_digit(index));
+                for (rank, index) in digit_positions.enumerate() {
+                    if rank >= keep_first && rank + keep_last < digits.len() {
+                        output[index] = policy.mask_char;
+                    }
+                }
+                count += 1;
+            }
+        }
+        (output, count)
+    }
+
+    #[test]
+    fn matches_reference_generated() {
+        let mut generator = Generator(0x0123_4567_89ab_cdef);
+        let mut total_masked = 0;
+        for round in 0..3000 {
+            let input = generator.input();
+            let policy = POLICIES[round % POLICIES.len()].clone();
+            let expected = reference_mask(&input, &policy);
+            total_masked += expected.1;
+
+            assert_eq!(
+                whole(&input, &policy),
+                expected,
+                "{}",
+                String::from_utf8_lossy(&input)
+            );
+        }
+        // The generator must reach real PANs for the comparison to mean anything.
+        assert!(total_masked > 500, "only {total_masked} PANs generated");
+    }
+
+    #[test]
+    fn matches_reference_examples() {
+        let policy = MaskPolicy::default();
+        for case in SPLIT_CASES {
+            assert_eq!(
+                whole(case.as_bytes(), &policy),
+                reference_mask(case.as_bytes(), &policy),
+                "{case}"
+            );
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Access decisions. For now: SQL rules from the configuration file, each naming the statements
+//! it denies. Every statement the database handlers see is judged here, and the first matching
+//! rule denies it; a statement no rule matches is allowed.
+
+use serde::Deserialize;
+
+use crate::sql::StatementInfo;
+
+/// A rule that denies the statements it matches. Every condition given must hold.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SqlRule {
+    /// Name shown to the client and written to the recording.
+    pub name: String,
+    /// Statement kinds the rule matches (`drop`, `delete`, ...); empty matches every kind.
+    #[serde(default)]
+    pub statement_kinds: Vec<String>,
+    /// Tables the rule matches (any of them); empty matches every table.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Matches only DELETE and UPDATE statements without a WHERE clause.
+    #[serde(default)]
+    pub without_where: bool,
+}
+
+/// Outcome of judging a statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny { rule: String },
+}
+
+impl SqlRule {
+    fn matches(&self, statement: &StatementInfo) -> bool {
+        let kind_matches = self.statement_kinds.is_empty()
+            || self
+                .statement_kinds
+                .iter()
+                .any(|kind| kind.eq_ignore_ascii_case(&statement.kind));
+        let table_matches = self.tables.is_empty()
+            || statement.tables.iter().any(|table| {
+                self.tables.iter().any(|wanted| {
+                    // Match `cards` against `public.cards` as well.
+                    table.eq_ignore_ascii_case(wanted)
+                        || table
+                            .rsplit('.')
+                            .next()
+                            .is_some_and(|bare| bare.eq_ignore_ascii_case(wanted))
+                })
+            });
+        let where_matches = !self.without_where || statement.has_where == Some(false);
+        kind_matches && table_matches && where_matches
+    }
+}
+
+/// Judges one statement against the rules in order.
+pub fn judge_sql(rules: &[SqlRule], statement: &StatementInfo) -> Decision {
+    match rules.iter().find(|rule| rule.matches(statement)) {
+        Some(rule) => Decision::Deny {
+            rule: rule.name.clone(),
+        },
+        None => Decision::Allow,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::{SqlDialect, analyze};
+
+    fn rules() -> Vec<SqlRule> {
+        serde_yaml::from_str(
+            "- name: no-drop\n  statement_kinds: [drop]\n\
+             - name: no-unbounded-delete\n  statement_kinds: [delete, update]\n  without_where: true\n\
+             - name: no-secrets\n  tables: [secrets]\n",
+        )
+        .expect("valid rules")
+    }
+
+    fn decide(sql: &str) -> Decision {
+        judge_sql(&rules(), &analyze(sql, SqlDialect::Postgres)[0])
+    }
+
+    #[test]
+    fn rules_deny_and_allow() {
+        assert_eq!(
+            decide("DROP TABLE t"),
+            Decision::Deny {
+                rule: "no-drop".into()
+            }
+        );
+        assert_eq!(
+            decide("DELETE FROM t"),
+            Decision::Deny {
+                rule: "no-unbounded-delete".into()
+            }
+        );
+        assert_eq!(decide("DELETE FROM t WHERE id = 1"), Decision::Allow);
+        assert_eq!(
+            decide("SELECT * FROM public.secrets"),
+            Decision::Deny {
+                rule: "no-secrets".into()
+            }
+        );
+        assert_eq!(decide("SELECT 1"), Decision::Allow);
+    }
+}

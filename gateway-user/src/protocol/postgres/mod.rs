@@ -1,0 +1,1025 @@
+//! PostgreSQL handler for targets of class `postgres`: speaks the v3 protocol in both directions,
+//! records each statement, enforces the SQL rules, and masks card numbers in what the server
+//! sends back.
+//!
+//! The session runs as two pumps over one shared state: the frontend pump reads the client and
+//! writes the server, the backend pump the other way round. Each statement the client sends is
+//! queued under its synchronization point (a Sync, or a simple Query, each of which the server
+//! answers with exactly one ReadyForQuery), and the backend pump pairs the server's completions
+//! and errors with that queue to finish each statement's record.
+//!
+//! A denied statement is not dropped but replaced, for the server, by a statement that fails to
+//! parse. The server then fails at the same point of the pipeline, rolls back the same implicit
+//! transaction, skips the rest until Sync and sends one ReadyForQuery, exactly as if the real
+//! statement had failed. The backend pump swaps that syntax error for the gateway's own
+//! ErrorResponse (SQLSTATE 42501, naming the rule), so the client sees the results owed before
+//! it, the denial, and nothing after it until Sync.
+
+pub mod cancel;
+pub mod codec;
+mod rows;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt as _, BufWriter},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use self::{
+    cancel::CancelRegistry,
+    codec::{BodyReader, CodecError, FrameReader, Header},
+    rows::RowMasker,
+};
+use super::tcp::{Counters, RelayResult, idle};
+use crate::{
+    mask::{MaskPolicy, StreamMasker, mask_in_place},
+    policy::{Decision, SqlRule, judge_sql},
+    record::{Outcome, SessionRecord},
+    sql::{SqlDialect, StatementInfo, analyze},
+};
+
+/// Largest Query or Parse the proxy reads whole to judge it. Statements are judged before they
+/// run, so they cannot be streamed; 64 MiB is far above any hand-written statement while
+/// bounding what one client can make the proxy hold.
+pub const STATEMENT_HOLD_LIMIT: usize = 64 * 1024 * 1024;
+/// Longest statement text or parameter value written to a recording; longer ones are cut and
+/// marked, since the recording is an audit trail and not a data copy.
+const RECORDED_TEXT_LIMIT: usize = 4096;
+/// SQLSTATE of the gateway's denials: `insufficient_privilege`.
+const DENIED_SQLSTATE: &str = "42501";
+
+/// What a PostgreSQL session needs from the rest of the daemon.
+#[derive(Clone, Debug)]
+pub struct PostgresContext {
+    pub rules: Arc<Vec<SqlRule>>,
+    pub mask: MaskPolicy,
+    pub cancels: Arc<CancelRegistry>,
+    /// Where this session's upstream connection goes, for routing cancel requests.
+    pub upstream_addr: SocketAddr,
+    /// Socket mark for connections the handler opens itself (cancel forwarding).
+    pub mark: u32,
+    pub idle_timeout: Duration,
+}
+
+/// A statement waiting for the server's answer.
+#[derive(Debug)]
+struct Pending {
+    /// Statement text, masked and cut to `RECORDED_TEXT_LIMIT`.
+    text: String,
+    info: StatementInfo,
+    /// Parameter values, masked and cut.
+    params: Vec<Value>,
+    started: Instant,
+    /// Set when the statement was denied: the rule's name.
+    denied_by: Option<String>,
+}
+
+/// Statements between two synchronization points.
+#[derive(Debug, Default)]
+struct SyncPoint {
+    statements: VecDeque<Pending>,
+    /// The text that makes the server fail in place of a denied statement, when one was denied.
+    denial_marker: Option<String>,
+    /// The gateway error to send in place of the server's error for the marker.
+    denial_error: Option<Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Closed synchronization points in the order the server answers them, then the open one.
+    syncs: VecDeque<SyncPoint>,
+}
+
+impl Shared {
+    fn open(&mut self) -> &mut SyncPoint {
+        if self.syncs.is_empty() {
+            self.syncs.push_back(SyncPoint::default());
+        }
+        self.syncs.back_mut().expect("one sync point exists")
+    }
+
+    /// Closes the open synchronization point (a Sync or Query went upstream).
+    fn close(&mut self) {
+        self.open();
+        self.syncs.push_back(SyncPoint::default());
+    }
+}
+
+/// Session facts from the startup packet, written into every statement record.
+#[derive(Clone, Debug, Default)]
+struct StartupInfo {
+    user: String,
+    database: String,
+}
+
+type Recording = Arc<Mutex<SessionRecord>>;
+
+/// Runs a PostgreSQL session to its end.
+pub async fn run(
+    client: TcpStream,
+    upstream: TcpStream,
+    context: PostgresContext,
+    record: Recording,
+    force_close: CancellationToken,
+) -> RelayResult {
+    let counters = Arc::new(Counters::new());
+    let session_token = uuid::Uuid::now_v7().simple().to_string();
+    let result = tokio::select! {
+        result = session(client, upstream, &context, &record, &counters, &session_token) => result,
+        () = idle(&counters, context.idle_timeout) => Err(SessionEnd::Idle),
+        () = force_close.cancelled() => Err(SessionEnd::Shutdown),
+    };
+    context.cancels.forget_session(&session_token);
+
+    let (outcome, reason) = match result {
+        Ok(()) => (Outcome::Closed, None),
+        Err(SessionEnd::Idle) => (
+            Outcome::IdleTimeout,
+            Some(format!(
+                "no bytes either way for {}",
+                humantime::format_duration(context.idle_timeout)
+            )),
+        ),
+        Err(SessionEnd::Shutdown) => (
+            Outcome::Shutdown,
+            Some("closed by the proxy: drain deadline passed during shutdown".to_string()),
+        ),
+        Err(SessionEnd::Failed { side, error }) => {
+            warn!(%error, side, "postgres session ended on an error");
+            (Outcome::Error, Some(format!("{side}: {error}")))
+        }
+        Err(SessionEnd::Cancel(reason)) => (Outcome::Closed, Some(reason)),
+    };
+    RelayResult {
+        outcome,
+        reason,
+        bytes_from_client: counters.from_client.load(Ordering::Relaxed),
+        bytes_from_upstream: counters.from_upstream.load(Ordering::Relaxed),
+    }
+}
+
+/// Why a session stopped early.
+#[derive(Debug)]
+enum SessionEnd {
+    Idle,
+    Shutdown,
+    /// A cancel-request connection, which ends after forwarding (or dropping) its request.
+    Cancel(String),
+    Failed {
+        side: &'static str,
+        error: CodecError,
+    },
+}
+
+fn client_error(error: impl Into<CodecError>) -> SessionEnd {
+    SessionEnd::Failed {
+        side: "client",
+        error: error.into(),
+    }
+}
+
+fn server_error(error: impl Into<CodecError>) -> SessionEnd {
+    SessionEnd::Failed {
+        side: "server",
+        error: error.into(),
+    }
+}
+
+async fn session(
+    client: TcpStream,
+    upstream: TcpStream,
+    context: &PostgresContext,
+    record: &Recording,
+    counters: &Counters,
+    session_token: &str,
+) -> Result<(), SessionEnd> {
+    let (client_read, mut client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    let mut client_reader = FrameReader::new(client_read);
+    let mut upstream_writer = BufWriter::new(upstream_write);
+
+    let Some(startup) = startup(
+        &mut client_reader,
+        &mut client_write,
+        &mut upstream_writer,
+        context,
+        counters,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    record_event(
+        record,
+        "sql.startup",
+        json!({ "database_user": startup.user, "database": startup.database }),
+    );
+
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let authenticated = AtomicBool::new(false);
+    let frontend = frontend(
+        client_reader,
+        upstream_writer,
+        context,
+        record,
+        counters,
+        &shared,
+        &authenticated,
+        &startup,
+        session_token,
+    );
+    let backend = backend(
+        FrameReader::new(upstream_read),
+        BufWriter::new(client_write),
+        context,
+        record,
+        counters,
+        &shared,
+        &authenticated,
+        &startup,
+        session_token,
+    );
+    tokio::try_join!(frontend, backend).map(|_| ())
+}
+
+/// Handles the untagged startup packets: SSLRequest and GSSENCRequest are declined with `N`
+/// (the client then goes on in plain text or gives up, as it chooses), a CancelRequest is
+/// routed to the session it names, and the StartupMessage is forwarded. Returns `None` when the
+/// connection ends here (a cancel request, or the client leaving).
+async fn startup(
+    client: &mut FrameReader<OwnedReadHalf>,
+    client_write: &mut OwnedWriteHalf,
+    upstream: &mut BufWriter<OwnedWriteHalf>,
+    context: &PostgresContext,
+    counters: &Counters,
+) -> Result<Option<StartupInfo>, SessionEnd> {
+    loop {
+        let Some(body) = client.read_startup().await.map_err(client_error)? else {
+            return Ok(None);
+        };
+        counters
+            .from_client
+            .fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
+        counters.touch();
+        let code = u32::from_be_bytes(
+            body[..4]
+                .try_into()
+                .expect("startup bodies are at least 4 bytes"),
+        );
+        match code {
+            codec::SSL_REQUEST_CODE | codec::GSSENC_REQUEST_CODE => {
+                // NOTE: TLS termination is not built yet, so encryption is declined and the
+                // client decides whether plain text is acceptable (sslmode=prefer goes on).
+                client_write.write_all(b"N").await.map_err(client_error)?;
+            }
+            codec::CANCEL_REQUEST_CODE => {
+                let outcome = context.cancels.forward(&body, context.mark).await;
+                return Err(SessionEnd::Cancel(outcome));
+            }
+            codec::PROTOCOL_3_0..=codec::PROTOCOL_3_2 => {
+                let info = parse_startup(&body[4..]).map_err(client_error)?;
+                let mut packet = BytesMut::with_capacity(body.len() + 4);
+                packet.put_u32(body.len() as u32 + 4);
+                packet.put_slice(&body);
+                upstream.write_all(&packet).await.map_err(server_error)?;
+                upstream.flush().await.map_err(server_error)?;
+                return Ok(Some(info));
+            }
+            other => {
+                let message = format!(
+                    "unsupported frontend protocol {}.{}: the gateway speaks 3.0 to 3.2",
+                    other >> 16,
+                    other & 0xffff
+                );
+                let error = codec::error_response("08P01", &message);
+                let _ = client_write.write_all(&error).await;
+                return Err(client_error(CodecError::Malformed {
+                    message: "startup packet",
+                    reason: "unsupported protocol version",
+                }));
+            }
+        }
+    }
+}
+
+fn parse_startup(body: &[u8]) -> Result<StartupInfo, CodecError> {
+    let mut reader = BodyReader::new(body, "StartupMessage");
+    let mut info = StartupInfo::default();
+    loop {
+        let key = reader.cstr()?;
+        if key.is_empty() {
+            break;
+        }
+        let value = String::from_utf8_lossy(reader.cstr()?).into_owned();
+        match key {
+            b"user" => info.user = value,
+            b"database" => info.database = value,
+            _ => {}
+        }
+    }
+    if info.database.is_empty() {
+        info.database.clone_from(&info.user);
+    }
+    Ok(info)
+}
+
+/// Client-side state of the extended query protocol.
+#[derive(Debug, Default)]
+struct Frontend {
+    /// Prepared statements by name (the unnamed one under ""): masked text and analysis.
+    statements: HashMap<Vec<u8>, (String, StatementInfo)>,
+    /// Portals by name: their statement's name and masked parameters.
+    portals: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>,
+    /// After a denial, messages are dropped until the next Sync.
+    discarding: bool,
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pump's inputs are distinct, shared by reference"
+)]
+async fn frontend(
+    mut client: FrameReader<OwnedReadHalf>,
+    mut upstream: BufWriter<OwnedWriteHalf>,
+    context: &PostgresContext,
+    record: &Recording,
+    counters: &Counters,
+    shared: &Mutex<Shared>,
+    authenticated: &AtomicBool,
+    startup: &StartupInfo,
+    session_token: &str,
+) -> Result<(), SessionEnd> {
+    let mut state = Frontend::default();
+    loop {
+        let limit = if authenticated.load(Ordering::Acquire) {
+            codec::MAX_MESSAGE_LEN
+        } else {
+            codec::MAX_AUTH_MESSAGE_LEN
+        };
+        let Some(header) = client.read_header(limit).await.map_err(client_error)? else {
+            upstream.shutdown().await.map_err(server_error)?;
+            return Ok(());
+        };
+        counters
+            .from_client
+            .fetch_add(header.body_len as u64 + 5, Ordering::Relaxed);
+        counters.touch();
+
+        let inspect = matches!(header.tag, b'Q' | b'P' | b'B' | b'E' | b'C' | b'S');
+        if inspect && (header.is_held() || matches!(header.tag, b'Q' | b'P')) {
+            if header.body_len > STATEMENT_HOLD_LIMIT {
+                return Err(client_error(CodecError::InvalidLength {
+                    length: header.body_len as i64,
+                    reason: "statement longer than the 64 MiB the gateway inspects",
+                }));
+            }
+            let body = client.read_body(header).await.map_err(client_error)?;
+            let forward = frontend_message(
+                &mut state,
+                header.tag,
+                body,
+                context,
+                record,
+                shared,
+                startup,
+                session_token,
+            )
+            .map_err(client_error)?;
+            if let Some(message) = forward {
+                upstream.write_all(&message).await.map_err(server_error)?;
+            }
+        } else if state.discarding {
+            skip_body(&mut client, header).await?;
+        } else {
+            copy_body(&mut client, &mut upstream, header).await?;
+        }
+
+        if header.tag == b'X' {
+            upstream.flush().await.map_err(server_error)?;
+            return Ok(());
+        }
+        // Pipelined messages are batched into one write; flush once the client pauses.
+        if client.buffered() == 0 {
+            upstream.flush().await.map_err(server_error)?;
+        }
+    }
+}
+
+/// Judges and tracks one inspected client message and returns what to send upstream instead:
+/// the message itself, a replacement, or nothing.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pump's inputs are distinct, shared by reference"
+)]
+fn frontend_message(
+    state: &mut Frontend,
+    tag: u8,
+    body: Bytes,
+    context: &PostgresContext,
+    record: &Recording,
+    shared: &Mutex<Shared>,
+    startup: &StartupInfo,
+    session_token: &str,
+) -> Result<Option<Bytes>, CodecError> {
+    if state.discarding && tag != b'S' {
+        return Ok(None);
+    }
+    let original = codec::frame(tag, &body);
+    match tag {
+        b'Q' => {
+            let mut reader = BodyReader::new(&body, "Query");
+            let text = String::from_utf8_lossy(reader.cstr()?).into_owned();
+            let infos = analyze(&text, SqlDialect::Postgres);
+            let shown = recorded_text(text.as_bytes(), &context.mask);
+            let mut shared = shared.lock().expect("session state lock poisoned");
+            if let Some(rule) = first_denial(&context.rules, &infos) {
+                let marker = denial_marker(session_token);
+                let denied = denied_pending(&shown, &infos, Vec::new(), &rule);
+                let point = shared.open();
+                point.statements.push_back(denied);
+                point.denial_marker = Some(marker.clone());
+                point.denial_error = Some(denial_error(&rule));
+                shared.close();
+                let mut replacement = marker.into_bytes();
+                replacement.push(0);
+                return Ok(Some(codec::frame(b'Q', &replacement)));
+            }
+            let point = shared.open();
+            for info in statements_or_unparsed(infos) {
+                point.statements.push_back(Pending {
+                    text: shown.clone(),
+                    info,
+                    params: Vec::new(),
+                    started: Instant::now(),
+                    denied_by: None,
+                });
+            }
+            shared.close();
+            let _ = startup;
+            let _ = record;
+            Ok(Some(original))
+        }
+        b'P' => {
+            let mut reader = BodyReader::new(&body, "Parse");
+            let name = reader.cstr()?.to_vec();
+            let text = reader.cstr()?;
+            let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Postgres);
+            let shown = recorded_text(text, &context.mask);
+            let info = statements_or_unparsed(infos.clone())
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            if let Some(rule) = first_denial(&context.rules, &infos) {
+                let marker = denial_marker(session_token);
+                let mut shared = shared.lock().expect("session state lock poisoned");
+                let point = shared.open();
+                point
+                    .statements
+                    .push_back(denied_pending(&shown, &infos, Vec::new(), &rule));
+                point.denial_marker = Some(marker.clone());
+                point.denial_error = Some(denial_error(&rule));
+                state.discarding = true;
+                let mut replacement = BytesMut::new();
+                replacement.put_slice(&name);
+                replacement.put_u8(0);
+                replacement.put_slice(marker.as_bytes());
+                replacement.put_u8(0);
+                replacement.put_i16(0);
+                return Ok(Some(codec::frame(b'P', &replacement)));
+            }
+            state.statements.insert(name, (shown, info));
+            Ok(Some(original))
+        }
+        b'B' => {
+            let mut reader = BodyReader::new(&body, "Bind");
+            let portal = reader.cstr()?.to_vec();
+            let statement = reader.cstr()?.to_vec();
+            let params = bind_params(&mut reader, &context.mask)?;
+            state.portals.insert(portal, (statement, params));
+            Ok(Some(original))
+        }
+        b'E' => {
+            let mut reader = BodyReader::new(&body, "Execute");
+            let portal = reader.cstr()?;
+            let (statement, params) = state.portals.get(portal).cloned().unwrap_or_default();
+            let (text, info) = state
+                .statements
+                .get(&statement)
+                .cloned()
+                .unwrap_or_default();
+            let mut shared = shared.lock().expect("session state lock poisoned");
+            shared.open().statements.push_back(Pending {
+                text,
+                info,
+                params,
+                started: Instant::now(),
+                denied_by: None,
+            });
+            Ok(Some(original))
+        }
+        b'C' => {
+            let mut reader = BodyReader::new(&body, "Close");
+            let kind = reader.u8()?;
+            let name = reader.cstr()?;
+            if kind == b'S' {
+                state.statements.remove(name);
+            } else {
+                state.portals.remove(name);
+            }
+            Ok(Some(original))
+        }
+        b'S' => {
+            state.discarding = false;
+            shared.lock().expect("session state lock poisoned").close();
+            Ok(Some(original))
+        }
+        _ => Ok(Some(original)),
+    }
+}
+
+fn statements_or_unparsed(infos: Vec<StatementInfo>) -> Vec<StatementInfo> {
+    if infos.is_empty() {
+        // An empty query string still gets one answer (EmptyQueryResponse).
+        vec![StatementInfo {
+            kind: "empty".to_string(),
+            ..StatementInfo::default()
+        }]
+    } else {
+        infos
+    }
+}
+
+fn first_denial(rules: &[SqlRule], infos: &[StatementInfo]) -> Option<String> {
+    infos.iter().find_map(|info| match judge_sql(rules, info) {
+        Decision::Deny { rule } => Some(rule),
+        Decision::Allow => None,
+    })
+}
+
+fn denied_pending(shown: &str, infos: &[StatementInfo], params: Vec<Value>, rule: &str) -> Pending {
+    Pending {
+        text: shown.to_string(),
+        info: infos.first().cloned().unwrap_or_default(),
+        params,
+        started: Instant::now(),
+        denied_by: Some(rule.to_string()),
+    }
+}
+
+/// Text that PostgreSQL rejects with a syntax error quoting it, unique to this session.
+fn denial_marker(session_token: &str) -> String {
+    format!("gateway_denied_{session_token}")
+}
+
+fn denial_error(rule: &str) -> Bytes {
+    codec::error_response(
+        DENIED_SQLSTATE,
+        &format!("permission denied by the gateway: statement matches rule \"{rule}\""),
+    )
+}
+
+/// Reads Bind's parameters as recorded values: text values masked and cut, binary ones by size.
+fn bind_params(reader: &mut BodyReader<'_>, mask: &MaskPolicy) -> Result<Vec<Value>, CodecError> {
+    let format_count = reader.i16()?.max(0) as usize;
+    let mut formats = Vec::with_capacity(format_count);
+    for _ in 0..format_count {
+        formats.push(reader.i16()?);
+    }
+    let count = reader.i16()?.max(0) as usize;
+    let mut params = Vec::with_capacity(count);
+    for index in 0..count {
+        let len = reader.i32()?;
+        if len < 0 {
+            params.push(Value::Null);
+            continue;
+        }
+        let value = reader.bytes(len as usize)?;
+        // One format code applies to all parameters; none means text.
+        let format = match formats.len() {
+            0 => 0,
+            1 => formats[0],
+            _ => formats.get(index).copied().unwrap_or(0),
+        };
+        if format == 0 {
+            params.push(Value::String(recorded_text(value, mask)));
+        } else {
+            let mut copy = value.to_vec();
+            mask_in_place(&mut copy, mask);
+            params.push(json!({ "binary_bytes": value.len() }));
+        }
+    }
+    Ok(params)
+}
+
+/// Masks and cuts a text for a recording.
+fn recorded_text(text: &[u8], mask: &MaskPolicy) -> String {
+    let mut copy = text[..text.len().min(RECORDED_TEXT_LIMIT)].to_vec();
+    if text.len() > RECORDED_TEXT_LIMIT {
+        // Mask with the digits after the cut in view, so a number across it is still caught.
+        let mut window = text[..text.len().min(RECORDED_TEXT_LIMIT + 64)].to_vec();
+        mask_in_place(&mut window, mask);
+        copy.copy_from_slice(&window[..RECORDED_TEXT_LIMIT]);
+    } else {
+        mask_in_place(&mut copy, mask);
+    }
+    let mut shown = String::from_utf8_lossy(&copy).into_owned();
+    if text.len() > RECORDED_TEXT_LIMIT {
+        shown.push_str(&format!("... ({} bytes in all)", text.len()));
+    }
+    shown
+}
+
+async fn skip_body(
+    client: &mut FrameReader<OwnedReadHalf>,
+    header: Header,
+) -> Result<(), SessionEnd> {
+    let mut left = header.body_len;
+    while left > 0 {
+        left -= client.read_piece(left).await.map_err(client_error)?.len();
+    }
+    Ok(())
+}
+
+async fn copy_body<W: AsyncWrite + Unpin>(
+    from: &mut FrameReader<OwnedReadHalf>,
+    to: &mut W,
+    header: Header,
+) -> Result<(), SessionEnd> {
+    to.write_all(&header.encode()).await.map_err(server_error)?;
+    let mut left = header.body_len;
+    while left > 0 {
+        let piece = from.read_piece(left).await.map_err(client_error)?;
+        left -= piece.len();
+        to.write_all(&piece).await.map_err(server_error)?;
+    }
+    Ok(())
+}
+
+/// Server-side state: result column formats for masking.
+#[derive(Debug, Default)]
+struct Backend {
+    /// Format code per column of the current result (0 text, 1 binary), from RowDescription.
+    column_formats: Vec<i16>,
+    /// Masks CopyData rows across messages of one COPY OUT.
+    copy_masker: Option<StreamMasker>,
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pump's inputs are distinct, shared by reference"
+)]
+async fn backend(
+    mut upstream: FrameReader<OwnedReadHalf>,
+    mut client: BufWriter<OwnedWriteHalf>,
+    context: &PostgresContext,
+    record: &Recording,
+    counters: &Counters,
+    shared: &Mutex<Shared>,
+    authenticated: &AtomicBool,
+    startup: &StartupInfo,
+    session_token: &str,
+) -> Result<(), SessionEnd> {
+    let mut state = Backend::default();
+    loop {
+        let Some(header) = upstream
+            .read_header(codec::MAX_MESSAGE_LEN)
+            .await
+            .map_err(server_error)?
+        else {
+            client.flush().await.map_err(client_error)?;
+            client.shutdown().await.map_err(client_error)?;
+            return Ok(());
+        };
+        counters
+            .from_upstream
+            .fetch_add(header.body_len as u64 + 5, Ordering::Relaxed);
+        counters.touch();
+
+        if !header.is_held() {
+            // Large rows and copy data stream through with per-column masking.
+            stream_to_client(
+                &mut upstream,
+                &mut client,
+                header,
+                &mut state,
+                &context.mask,
+            )
+            .await?;
+        } else {
+            let body = upstream.read_body(header).await.map_err(server_error)?;
+            let out = backend_message(
+                &mut state,
+                header.tag,
+                body,
+                context,
+                record,
+                shared,
+                authenticated,
+                startup,
+                session_token,
+            )
+            .map_err(server_error)?;
+            client.write_all(&out).await.map_err(client_error)?;
+        }
+        if upstream.buffered() == 0 {
+            client.flush().await.map_err(client_error)?;
+        }
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pump's inputs are distinct, shared by reference"
+)]
+fn backend_message(
+    state: &mut Backend,
+    tag: u8,
+    body: Bytes,
+    context: &PostgresContext,
+    record: &Recording,
+    shared: &Mutex<Shared>,
+    authenticated: &AtomicBool,
+    startup: &StartupInfo,
+    session_token: &str,
+) -> Result<Bytes, CodecError> {
+    let _ = session_token;
+    match tag {
+        b'D' => {
+            let mut body = body.to_vec();
+            rows::mask_data_row(&mut body, &state.column_formats, &context.mask)?;
+            Ok(codec::frame(tag, &body))
+        }
+        b'T' => {
+            state.column_formats = rows::row_description_formats(&body)?;
+            Ok(codec::frame(tag, &body))
+        }
+        b'H' => {
+            state.copy_masker = Some(StreamMasker::new(context.mask.clone()));
+            Ok(codec::frame(tag, &body))
+        }
+        b'd' => {
+            let mut body = body.to_vec();
+            mask_in_place(&mut body, &context.mask);
+            Ok(codec::frame(tag, &body))
+        }
+        b'N' => {
+            let mut body = body.to_vec();
+            mask_in_place(&mut body, &context.mask);
+            Ok(codec::frame(tag, &body))
+        }
+        b'K' => {
+            context.cancels.register(
+                &body,
+                context.upstream_addr,
+                session_token_of(session_token),
+            );
+            Ok(codec::frame(tag, &body))
+        }
+        b'C' | b'I' | b's' => {
+            let rows = if tag == b'C' {
+                command_rows(&body)
+            } else {
+                None
+            };
+            let mut shared = shared.lock().expect("session state lock poisoned");
+            if let Some(pending) = shared
+                .syncs
+                .front_mut()
+                .and_then(|point| point.statements.pop_front())
+            {
+                record_statement(record, startup, &pending, "ok", rows, None);
+            }
+            Ok(codec::frame(tag, &body))
+        }
+        b'E' => {
+            let fields = codec::error_fields(&body);
+            let message = fields
+                .iter()
+                .find(|(code, _)| *code == b'M')
+                .map(|(_, value)| *value)
+                .unwrap_or_default();
+            let sqlstate = fields
+                .iter()
+                .find(|(code, _)| *code == b'C')
+                .map(|(_, value)| String::from_utf8_lossy(value).into_owned());
+            let mut shared = shared.lock().expect("session state lock poisoned");
+            if let Some(point) = shared.syncs.front_mut() {
+                let is_our_marker = point
+                    .denial_marker
+                    .as_ref()
+                    .is_some_and(|marker| contains(message, marker.as_bytes()));
+                if is_our_marker {
+                    // The server failed on our stand-in: the denied statement is the last one
+                    // queued at this point, and earlier ones have completed.
+                    let error = point
+                        .denial_error
+                        .take()
+                        .unwrap_or_else(|| denial_error("unknown"));
+                    point.denial_marker = None;
+                    if let Some(pending) = point.statements.pop_back() {
+                        let rule = pending.denied_by.clone().unwrap_or_default();
+                        record_statement(record, startup, &pending, "denied", None, Some(&rule));
+                    }
+                    point.statements.clear();
+                    return Ok(error);
+                }
+                if let Some(pending) = point.statements.pop_front() {
+                    record_statement(
+                        record,
+                        startup,
+                        &pending,
+                        "error",
+                        None,
+                        sqlstate.as_deref(),
+                    );
+                }
+            }
+            drop(shared);
+            let mut body = body.to_vec();
+            mask_in_place(&mut body, &context.mask);
+            Ok(codec::frame(tag, &body))
+        }
+        b'Z' => {
+            if !authenticated.swap(true, Ordering::AcqRel) {
+                // The first ReadyForQuery ends authentication; no statement was queued yet.
+                return Ok(codec::frame(tag, &body));
+            }
+            let mut shared = shared.lock().expect("session state lock poisoned");
+            // The open point stays; only a closed one is answered by this ReadyForQuery.
+            if shared.syncs.len() > 1
+                && let Some(point) = shared.syncs.pop_front()
+            {
+                for pending in point.statements {
+                    let outcome = if pending.denied_by.is_some() {
+                        "denied"
+                    } else {
+                        "not_executed"
+                    };
+                    let rule = pending.denied_by.clone();
+                    record_statement(record, startup, &pending, outcome, None, rule.as_deref());
+                }
+            }
+            state.copy_masker = None;
+            Ok(codec::frame(tag, &body))
+        }
+        _ => Ok(codec::frame(tag, &body)),
+    }
+}
+
+fn session_token_of(token: &str) -> &str {
+    token
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty()
+        && haystack
+            .windows(needle.len())
+            .any(|window| window == needle)
+}
+
+/// Reads the row count at the end of a CommandComplete tag (`SELECT 5`, `INSERT 0 1`).
+fn command_rows(body: &[u8]) -> Option<u64> {
+    let tag = body.strip_suffix(b"\0").unwrap_or(body);
+    let last = tag.rsplit(|&b| b == b' ').next()?;
+    std::str::from_utf8(last).ok()?.parse().ok()
+}
+
+async fn stream_to_client(
+    upstream: &mut FrameReader<OwnedReadHalf>,
+    client: &mut BufWriter<OwnedWriteHalf>,
+    header: Header,
+    state: &mut Backend,
+    mask: &MaskPolicy,
+) -> Result<(), SessionEnd> {
+    client
+        .write_all(&header.encode())
+        .await
+        .map_err(client_error)?;
+    let mut left = header.body_len;
+    let mut out = Vec::new();
+    match header.tag {
+        b'D' => {
+            let mut masker = RowMasker::new(state.column_formats.clone(), mask.clone());
+            while left > 0 {
+                let piece = upstream.read_piece(left).await.map_err(server_error)?;
+                left -= piece.len();
+                out.clear();
+                masker.feed(&piece, &mut out).map_err(server_error)?;
+                client.write_all(&out).await.map_err(client_error)?;
+            }
+            out.clear();
+            masker.finish(&mut out).map_err(server_error)?;
+            client.write_all(&out).await.map_err(client_error)?;
+        }
+        _ => {
+            // CopyData, notices and errors larger than the hold limit: scanned as one stream.
+            let mut masker = StreamMasker::new(mask.clone());
+            while left > 0 {
+                let piece = upstream.read_piece(left).await.map_err(server_error)?;
+                left -= piece.len();
+                out.clear();
+                masker.feed(&piece, &mut out);
+                client.write_all(&out).await.map_err(client_error)?;
+            }
+            out.clear();
+            masker.finish(&mut out);
+            client.write_all(&out).await.map_err(client_error)?;
+        }
+    }
+    Ok(())
+}
+
+fn record_statement(
+    record: &Recording,
+    startup: &StartupInfo,
+    pending: &Pending,
+    outcome: &str,
+    rows: Option<u64>,
+    detail: Option<&str>,
+) {
+    let mut fields = json!({
+        "database_user": startup.user,
+        "database": startup.database,
+        "statement": pending.text,
+        "kind": pending.info.kind,
+        "tables": pending.info.tables,
+        "params": pending.params,
+        "outcome": outcome,
+        "duration_us": pending.started.elapsed().as_micros() as u64,
+    });
+    let map = fields.as_object_mut().expect("object");
+    if let Some(rows) = rows {
+        map.insert("rows".into(), json!(rows));
+    }
+    match outcome {
+        "denied" => {
+            map.insert("decision".into(), json!("deny"));
+            map.insert("rule".into(), json!(detail));
+        }
+        "error" => {
+            map.insert("error_code".into(), json!(detail));
+        }
+        _ => {
+            map.insert("decision".into(), json!("allow"));
+        }
+    }
+    record_event(record, "sql.statement", fields);
+}
+
+fn record_event(record: &Recording, event: &str, fields: Value) {
+    // NOTE: this writes to the session file on the async thread; the events are small appends,
+    // and the recorder's own writer task will take them over.
+    let mut record = record.lock().expect("recording lock poisoned");
+    if let Err(error) = record.event(event, fields) {
+        warn!(error = %crate::error_chain(&error), session = %record.id, "failed to write a session event");
+    } else {
+        debug!(session = %record.id, event, "session event recorded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_rows_from_tags() {
+        assert_eq!(command_rows(b"SELECT 5\0"), Some(5));
+        assert_eq!(command_rows(b"INSERT 0 12\0"), Some(12));
+        assert_eq!(command_rows(b"CREATE TABLE\0"), None);
+    }
+
+    #[test]
+    fn startup_params_parsed() {
+        let body = b"user\0alice\0database\0payments\0application_name\0psql\0\0";
+        let info = parse_startup(body).expect("valid startup");
+        assert_eq!(info.user, "alice");
+        assert_eq!(info.database, "payments");
+    }
+
+    #[test]
+    fn startup_database_defaults_to_user() {
+        let info = parse_startup(b"user\0bob\0\0").expect("valid startup");
+        assert_eq!(info.database, "bob");
+    }
+
+    #[test]
+    fn startup_unterminated_rejected() {
+        assert!(parse_startup(b"user\0bob").is_err());
+    }
+}
