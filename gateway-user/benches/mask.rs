@@ -114,6 +114,14 @@ fn dense_input() -> Vec<u8> {
 fn bench_masking(criterion: &mut Criterion) {
     let policy = MaskPolicy::default();
     for (name, input) in [("sparse", sparse_input()), ("dense", dense_input())] {
+        let digits = input.iter().filter(|byte| byte.is_ascii_digit()).count();
+        let pans = mask_in_place(&mut input.clone(), &policy);
+        eprintln!(
+            "{name}: {} bytes, {:.1}% digits, {pans} PANs",
+            input.len(),
+            100.0 * digits as f64 / input.len() as f64
+        );
+
         let mut group = criterion.benchmark_group(format!("mask_{name}"));
         group.throughput(Throughput::Bytes(input.len() as u64));
         group.sample_size(10);

@@ -223,6 +223,12 @@ pub struct TargetConfig {
     pub address: IpAddr,
     pub port: u16,
     pub class: TargetClass,
+    /// Serving certificate to terminate client TLS with (`postgres` targets).
+    #[serde(default)]
+    pub tls: Option<crate::tls::ServingTls>,
+    /// Encryption of the proxy's connection to the server (`postgres` targets).
+    #[serde(default)]
+    pub upstream_tls: crate::tls::UpstreamTls,
 }
 
 impl TargetConfig {
@@ -420,6 +426,26 @@ impl Config {
                 return Err(invalid(
                     &field("address"),
                     format!("{} is IPv4 but proxy.listen_v4 is not set", target.address),
+                ));
+            }
+            let has_tls = target.tls.is_some()
+                || target.upstream_tls.mode != crate::tls::UpstreamTlsMode::Disable;
+            if has_tls && target.class != TargetClass::Postgres {
+                return Err(invalid(
+                    &field("tls"),
+                    format!(
+                        "TLS settings are supported on postgres targets only, not {}",
+                        target.class
+                    ),
+                ));
+            }
+            if target.upstream_tls.mode == crate::tls::UpstreamTlsMode::VerifyFull
+                && target.upstream_tls.ca.is_none()
+            {
+                return Err(invalid(
+                    &field("upstream_tls.ca"),
+                    "missing: mode verify-full checks the server certificate against this CA file"
+                        .into(),
                 ));
             }
             if !seen.insert(normalize(addr)) {

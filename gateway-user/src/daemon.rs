@@ -41,6 +41,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
 
+    let target_tls = crate::proxy::load_target_tls(&config)?;
     let redirect = {
         let config = Arc::clone(&config);
         tokio::task::spawn_blocking(move || Redirect::start(&config)).await??
@@ -56,6 +57,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         Arc::clone(&redirect),
         identity,
         recorder,
+        target_tls,
     );
     let listeners = proxy.bind()?;
 

@@ -13,6 +13,7 @@
 //! - `record`: the session recordings;
 //! - `sql`: statement analysis for the database handlers;
 //! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
+//! - `tls`: TLS settings of targets, both legs;
 //! - `sys`: the only module with unsafe code, wrapping system calls;
 //! - `testing` (feature `testing`): the one-machine test node.
 #![deny(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod sql;
 pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 
 /// Formats an error with its chain of causes, `outer: inner: innermost`, for log fields.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

@@ -399,14 +399,17 @@ impl Run {
         self.long = long;
     }
 
-    fn push(&mut self, byte: u8, offset: usize) {
-        if self.len == MAX_PAN_DIGITS {
+    /// Adds the digits `buf[start..end]`, or marks the run long when they do not fit.
+    fn push_group(&mut self, buf: &[u8], start: usize, end: usize) {
+        if self.long || end - start > MAX_PAN_DIGITS - self.len {
             self.long = true;
             return;
         }
-        self.digits[self.len] = byte - b'0';
-        self.offsets[self.len] = offset;
-        self.len += 1;
+        for (offset, &byte) in (start..end).zip(&buf[start..end]) {
+            self.digits[self.len] = byte - b'0';
+            self.offsets[self.len] = offset;
+            self.len += 1;
+        }
     }
 
     /// Whether digit `index` starts a group, that is, a separator stands before it.
@@ -444,10 +447,11 @@ fn read_run(buf: &[u8], start: usize, at_end: bool, run: &mut Run) -> RunEnd {
     let mut pos = start;
 
     loop {
-        while let Some(&byte) = buf.get(pos).filter(|byte| byte.is_ascii_digit()) {
-            run.push(byte, pos);
+        let group_start = pos;
+        while buf.get(pos).is_some_and(u8::is_ascii_digit) {
             pos += 1;
         }
+        run.push_group(buf, group_start, pos);
 
         // The byte after a group, and for a separator or dot the byte after that, decide
         // whether the run goes on.
@@ -511,7 +515,7 @@ fn mask_run(
                 continue;
             }
             let digits = &run.digits[first..end];
-            if issuer(digits).is_none() || !passes_luhn(digits) {
+            if !passes_luhn(digits) || issuer(digits).is_none() {
                 continue;
             }
 

@@ -51,6 +51,45 @@ pub enum ProxyError {
         "failed to listen on redirect address {addr} (check that the address is assigned to this node)"
     )]
     Listen { addr: SocketAddr, source: io::Error },
+    /// A target's TLS certificate, key or CA could not be loaded.
+    #[error("invalid TLS settings in {field}")]
+    Tls {
+        field: String,
+        source: crate::tls::TlsError,
+    },
+}
+
+/// TLS configurations of one target, built once at start.
+#[derive(Debug)]
+pub struct TargetTls {
+    server: Option<Arc<rustls::ServerConfig>>,
+    upstream: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+/// Loads every target's TLS material, in configuration order; run before anything is
+/// attached, so a bad file stops the daemon before it changes the node.
+pub fn load_target_tls(config: &Config) -> Result<Vec<TargetTls>, ProxyError> {
+    let mut loaded = Vec::with_capacity(config.targets.len());
+    for (index, target) in config.targets.iter().enumerate() {
+        let tls_error = |source| ProxyError::Tls {
+            field: format!("targets[{index}]"),
+            source,
+        };
+        let server = match &target.tls {
+            Some(serving) => Some(
+                crate::tls::server_config(serving, &[crate::tls::ALPN_POSTGRESQL])
+                    .map_err(tls_error)?,
+            ),
+            None => None,
+        };
+        let upstream =
+            crate::tls::client_config(&target.upstream_tls, target.address).map_err(tls_error)?;
+        loaded.push(TargetTls { server, upstream });
+    }
+    Ok(loaded)
 }
 
 /// The running proxy, shared by its accept loops and sessions.
@@ -73,6 +112,8 @@ pub struct Proxy {
     /// Cancel keys of the live PostgreSQL sessions.
     postgres_cancels: Arc<CancelRegistry>,
     sql_rules: Arc<Vec<crate::policy::SqlRule>>,
+    /// Per target, in configuration order.
+    target_tls: Vec<TargetTls>,
 }
 
 impl Proxy {
@@ -81,8 +122,10 @@ impl Proxy {
         redirect: Arc<Redirect>,
         identity: Arc<Identity>,
         recorder: Recorder,
+        target_tls: Vec<TargetTls>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            target_tls,
             postgres_cancels: Arc::new(CancelRegistry::default()),
             sql_rules: Arc::new(config.sql_rules.clone()),
             permits: Arc::new(Semaphore::new(config.proxy.max_connections)),
@@ -248,7 +291,14 @@ impl Proxy {
         let end = match self.connect_upstream(destination).await {
             Ok(upstream) => {
                 let result = self
-                    .run_handler(client, upstream, orig.class, destination, &record)
+                    .run_handler(
+                        client,
+                        upstream,
+                        orig.class,
+                        orig.target_id,
+                        destination,
+                        &record,
+                    )
                     .await;
                 SessionEnd {
                     outcome: result.outcome,
@@ -315,9 +365,11 @@ impl Proxy {
         client: TcpStream,
         upstream: TcpStream,
         class: u8,
+        target_id: u32,
         destination: SocketAddr,
         record: &Arc<std::sync::Mutex<SessionRecord>>,
     ) -> RelayResult {
+        let tls = self.target_tls.get(target_id as usize);
         match gateway_common::TargetClass::try_from(class) {
             Ok(gateway_common::TargetClass::Postgres) => {
                 let context = PostgresContext {
@@ -327,6 +379,8 @@ impl Proxy {
                     upstream_addr: destination,
                     mark: self.config.redirect.mark,
                     idle_timeout: self.config.proxy.idle_timeout,
+                    server_tls: tls.and_then(|tls| tls.server.clone()),
+                    upstream_tls: tls.and_then(|tls| tls.upstream.clone()),
                 };
                 protocol::postgres::run(
                     client,

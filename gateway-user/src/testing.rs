@@ -793,6 +793,16 @@ impl TestNode {
     /// Host authentication: `rawuser` is trusted (for raw protocol tests), `md5user` uses md5,
     /// everyone else SCRAM-SHA-256 with `POSTGRES_PASSWORD`.
     pub fn start_postgres(&self, server: &Server) -> Postgres {
+        self.start_postgres_with_tls(server, None)
+    }
+
+    /// Like `start_postgres`, and with `tls` (certificate and key files) the server also
+    /// accepts TLS.
+    pub fn start_postgres_with_tls(
+        &self,
+        server: &Server,
+        tls: Option<(&Path, &Path)>,
+    ) -> Postgres {
         let bin_dir = postgres_bin_dir();
         let data = self.dir.join("pgdata");
         let socket_dir = self.dir.join("pgsock");
@@ -839,6 +849,27 @@ impl TestNode {
         )
         .expect("write pg_hba.conf");
 
+        let mut tls_args = Vec::new();
+        if let Some((cert, key)) = tls {
+            // PostgreSQL wants its key owned by itself and unreadable to others.
+            for (source, name) in [(cert, "server.crt"), (key, "server.key")] {
+                let target = data.join(name);
+                fs::copy(source, &target).expect("copy TLS file into the data directory");
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&target)
+                    .status()
+                    .expect("run chown");
+                assert!(status.success(), "chown of {name} failed");
+                let status = Command::new("chmod")
+                    .arg("600")
+                    .arg(&target)
+                    .status()
+                    .expect("run chmod");
+                assert!(status.success(), "chmod of {name} failed");
+            }
+            tls_args = vec!["-c".to_string(), "ssl=on".to_string()];
+        }
         let log_path = self.dir.join("postgres.log");
         let log = fs::File::create(&log_path).expect("create postgres log");
         let child = self
@@ -848,6 +879,7 @@ impl TestNode {
             .arg("-D")
             .arg(&data)
             .args(["-p", "5432", "-c", "fsync=off", "-c", "max_connections=50"])
+            .args(&tls_args)
             .arg("-c")
             .arg(format!(
                 "listen_addresses={},{}",
@@ -866,10 +898,24 @@ impl TestNode {
             log_path: log_path.clone(),
             _server: ChildGuard(child),
         };
+        // The socket appears before recovery ends; wait until a query succeeds.
         wait_until(
             "postgres to accept connections",
             Duration::from_secs(30),
-            || socket_dir.join(".s.PGSQL.5432").exists(),
+            || {
+                Command::new("runuser")
+                    .args(["-u", "postgres", "--"])
+                    .arg(postgres.bin_dir.join("psql"))
+                    .arg("-h")
+                    .arg(&socket_dir)
+                    .args([
+                        "-U", "postgres", "-d", "postgres", "-X", "-q", "-c", "SELECT 1",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|status| status.success())
+            },
         );
         postgres.admin_sql(
             "CREATE ROLE rawuser LOGIN SUPERUSER; \
@@ -895,4 +941,53 @@ pub fn postgres_bin_dir() -> PathBuf {
     versions
         .pop()
         .expect("a PostgreSQL server under /usr/lib/postgresql")
+}
+
+/// A certificate authority for tests: issues server certificates for the names and addresses
+/// a test needs, written as PEM files.
+#[derive(Debug)]
+pub struct TestCa {
+    /// The CA certificate, for clients to trust.
+    pub cert_path: PathBuf,
+    dir: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// Creates a CA named `name` with its files in `dir`.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().expect("generate CA key");
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("self-sign CA");
+        let cert_path = dir.join(format!("{name}-ca.pem"));
+        fs::write(&cert_path, cert.pem()).expect("write CA certificate");
+        Self {
+            cert_path,
+            dir: dir.to_path_buf(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Issues a server certificate for `names` (DNS names or IP addresses) and returns the
+    /// paths of its certificate and key.
+    pub fn issue(&self, file_name: &str, names: &[String]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("generate server key");
+        let mut params = rcgen::CertificateParams::new(names.to_vec()).expect("server parameters");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, file_name);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign server certificate");
+        let cert_path = self.dir.join(format!("{file_name}.crt"));
+        let key_path = self.dir.join(format!("{file_name}.key"));
+        fs::write(&cert_path, cert.pem()).expect("write certificate");
+        fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
 }

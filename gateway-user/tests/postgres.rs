@@ -8,7 +8,7 @@ use std::{
     process::{Output, Stdio},
 };
 
-use gateway_user::testing::{POSTGRES_PASSWORD, Pod, Postgres, TestNode};
+use gateway_user::testing::{POSTGRES_PASSWORD, Pod, Postgres, TestCa, TestNode};
 use serde_json::Value;
 
 const GATEWAYD: &str = env!("CARGO_BIN_EXE_gatewayd");
@@ -31,25 +31,58 @@ struct PgSetup {
 }
 
 fn pg_setup(test_name: &str) -> PgSetup {
+    pg_setup_tls(test_name, false, false).0
+}
+
+/// Like `pg_setup`, with TLS on the client leg (a serving certificate for the server's
+/// address from a gateway CA) and on the server leg (PostgreSQL with `ssl=on` and a
+/// certificate from a database CA, verified by the gateway). Returns the gateway CA's file.
+fn pg_setup_tls(test_name: &str, client_tls: bool, upstream_tls: bool) -> (PgSetup, PathBuf) {
     let mut node = TestNode::new(test_name);
     let pod = node.add_pod("app");
     let server = node.add_server("db", &[]);
-    let postgres = node.start_postgres(&server);
-    let targets = format!(
-        "  - name: payments-db\n    address: {}\n    port: 5432\n    class: postgres\n",
-        postgres.addr.ip()
+    let server_ip = server.addr_v4.to_string();
+
+    let gateway_ca = TestCa::new(&node.dir, "gateway");
+    let database_ca = TestCa::new(&node.dir, "database");
+    let postgres = if upstream_tls {
+        let (cert, key) = database_ca.issue("postgres-server", std::slice::from_ref(&server_ip));
+        node.start_postgres_with_tls(&server, Some((&cert, &key)))
+    } else {
+        node.start_postgres(&server)
+    };
+    let mut targets = format!(
+        "  - name: payments-db\n    address: {server_ip}\n    port: 5432\n    class: postgres\n"
     );
+    if client_tls {
+        let (cert, key) = gateway_ca.issue("gateway-serving", std::slice::from_ref(&server_ip));
+        targets.push_str(&format!(
+            "    tls:\n      cert: {}\n      key: {}\n",
+            cert.display(),
+            key.display()
+        ));
+    }
+    if upstream_tls {
+        targets.push_str(&format!(
+            "    upstream_tls:\n      mode: verify-full\n      ca: {}\n",
+            database_ca.cert_path.display()
+        ));
+    }
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
     text.push_str(SQL_RULES);
     std::fs::write(&config, text).expect("write config");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
-    PgSetup {
-        node,
-        pod,
-        postgres,
-        daemon: Some(daemon),
-    }
+    let ca = gateway_ca.cert_path.clone();
+    (
+        PgSetup {
+            node,
+            pod,
+            postgres,
+            daemon: Some(daemon),
+        },
+        ca,
+    )
 }
 
 impl Drop for PgSetup {
@@ -614,4 +647,156 @@ fn pgbench_and_copy_through_gateway() {
     );
     let exported = std::fs::read_to_string(exported).expect("read copy output");
     assert_eq!(exported.lines().count(), 100_000);
+}
+
+#[test]
+fn client_tls_terminated_verify_full() {
+    let (setup, ca) = pg_setup_tls("client_tls_terminated_verify_full", true, false);
+    let verify = format!("sslmode=verify-full sslrootcert={}", ca.display());
+    let output = psql(
+        &setup,
+        true,
+        "postgres",
+        &["-c", "SELECT 'over tls'", "--set", "x=1"],
+    );
+    assert!(
+        output.status.success(),
+        "prefer mode works: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let program = setup.postgres.bin_dir.join("psql");
+    let output = setup
+        .node
+        .in_pod(&setup.pod, &program)
+        .arg(format!(
+            "{} {verify}",
+            conninfo(setup.postgres.addr, "postgres").replace("sslmode=prefer ", "")
+        ))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .env("PGPASSWORD", POSTGRES_PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql");
+    assert!(
+        output.status.success(),
+        "verify-full against the gateway certificate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The server leg is plain text: the server itself sees no TLS.
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "f");
+
+    setup.node.wait_for_sessions(2);
+    let startups: Vec<Value> = setup
+        .node
+        .sessions()
+        .into_iter()
+        .flatten()
+        .filter(|line| line["event"] == "sql.startup")
+        .collect();
+    assert!(
+        startups.iter().all(|startup| startup["client_tls"] == true),
+        "{startups:#?}"
+    );
+    assert!(
+        startups
+            .iter()
+            .all(|startup| startup["upstream_tls"] == false)
+    );
+}
+
+#[test]
+fn both_legs_tls_authentication() {
+    let (setup, ca) = pg_setup_tls("both_legs_tls_authentication", true, true);
+    let program = setup.postgres.bin_dir.join("psql");
+    let run = |user: &str, extra: &str| {
+        let conninfo = format!(
+            "host={} port=5432 user={user} dbname=postgres sslmode=verify-full sslrootcert={} {extra}",
+            setup.postgres.addr.ip(),
+            ca.display()
+        );
+        setup
+            .node
+            .in_pod(&setup.pod, &program)
+            .arg(conninfo)
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .env("PGPASSWORD", POSTGRES_PASSWORD)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run psql")
+    };
+
+    // md5 does not bind to the TLS channel, so it works across the terminator as it is.
+    let output = run("md5user", "");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "t",
+        "the server leg is encrypted too"
+    );
+
+    // SCRAM: the gateway hides SCRAM-SHA-256-PLUS, so a client that does not insist on channel
+    // binding authenticates with SCRAM-SHA-256.
+    let output = run("postgres", "channel_binding=disable");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // With libpq's default (channel_binding=prefer) over TLS, the client announces that it
+    // could bind, and a server on TLS rejects that as a possible downgrade. This is
+    // PostgreSQL's protection working as designed; the expected failure documents it.
+    let output = run("postgres", "");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("channel binding"));
+}
+
+#[test]
+fn direct_tls_with_alpn() {
+    let (setup, ca) = pg_setup_tls("direct_tls_with_alpn", true, false);
+    let path = setup.node.dir.join("direct.script");
+    std::fs::write(
+        &path,
+        "startup rawuser postgres\nread-ready 1\nquery SELECT 'direct'\nread-ready 1\nterminate\n",
+    )
+    .expect("write script");
+    let output = setup
+        .node
+        .in_pod(&setup.pod, TESTPEER)
+        .args([
+            "pg-script",
+            "--connect",
+            &setup.postgres.addr.to_string(),
+            "--script",
+        ])
+        .arg(&path)
+        .arg("--direct-tls-ca")
+        .arg(&ca)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pg-script");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("\"direct\""), "{stdout}");
 }

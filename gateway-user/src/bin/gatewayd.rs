@@ -87,6 +87,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 Some(configured) => gateway_user::cgroup::resolve(&mounts.unified, configured)?,
                 None => gateway_user::cgroup::detect_kubepods(&mounts.unified)?,
             };
+            gateway_user::proxy::load_target_tls(&config)?;
             redirect::probe_kernel()?;
             println!("configuration valid: {} target(s)", config.targets.len());
             println!("cgroup2 mount: {}", mounts.unified.display());

@@ -81,6 +81,9 @@ enum Command {
         /// Script file, one command per line.
         #[arg(long)]
         script: std::path::PathBuf,
+        /// Start TLS at once, without SSLRequest (PostgreSQL 17's direct TLS), trusting this CA.
+        #[arg(long)]
+        direct_tls_ca: Option<std::path::PathBuf>,
     },
 }
 
@@ -100,7 +103,11 @@ fn main() -> anyhow::Result<()> {
         } => client(connect, bytes, greet),
         Command::ConnectLoop { connect, count } => connect_loop(connect, count),
         Command::Hold { connect, count } => hold(connect, count),
-        Command::PgScript { connect, script } => pg_script::run(connect, &script),
+        Command::PgScript {
+            connect,
+            script,
+            direct_tls_ca,
+        } => pg_script::run(connect, &script, direct_tls_ca.as_deref()),
     }
 }
 
@@ -317,11 +324,23 @@ mod pg_script {
 
     use serde_json::json;
 
-    pub fn run(addr: SocketAddr, script: &std::path::Path) -> anyhow::Result<()> {
+    /// A byte stream the script talks over: plain TCP or TLS.
+    trait Stream: io::Read + io::Write {}
+    impl<T: io::Read + io::Write> Stream for T {}
+
+    pub fn run(
+        addr: SocketAddr,
+        script: &std::path::Path,
+        direct_tls_ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(script)?;
         let lines = expand(text.lines().map(str::to_string).collect());
-        let mut stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_nodelay(true)?;
+        let mut stream: Box<dyn Stream> = match direct_tls_ca {
+            Some(ca) => Box::new(direct_tls(tcp, addr, ca)?),
+            None => Box::new(tcp),
+        };
         let started = Instant::now();
         let mut backend_key: Option<Vec<u8>> = None;
         let mut pending_cancel: Option<(Duration, std::thread::JoinHandle<()>)> = None;
@@ -428,7 +447,7 @@ mod pg_script {
                     let wanted: usize = rest.parse()?;
                     let mut seen = 0;
                     while seen < wanted {
-                        let Some((tag, body)) = read_message(&mut stream)? else {
+                        let Some((tag, body)) = read_message(stream.as_mut())? else {
                             println!("{}", json!({ "eof": true }));
                             break;
                         };
@@ -448,6 +467,33 @@ mod pg_script {
             let _ = handle.join();
         }
         Ok(())
+    }
+
+    /// Starts TLS on `tcp` with ALPN `postgresql`, verifying the server against `ca` and its
+    /// IP address.
+    #[expect(
+        deprecated,
+        reason = "the gateway uses the ring provider too; see its tls module"
+    )]
+    fn direct_tls(
+        tcp: TcpStream,
+        addr: SocketAddr,
+        ca: &std::path::Path,
+    ) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca)? {
+            roots.add(cert?)?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        let name = ServerName::from(addr.ip());
+        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+        Ok(rustls::StreamOwned::new(connection, tcp))
     }
 
     /// Expands `repeat N` ... `end` blocks.
@@ -509,11 +555,19 @@ mod pg_script {
             .collect()
     }
 
-    fn read_message(stream: &mut TcpStream) -> io::Result<Option<(u8, Vec<u8>)>> {
+    fn read_message(stream: &mut dyn Stream) -> io::Result<Option<(u8, Vec<u8>)>> {
         let mut header = [0u8; 5];
         match stream.read_exact(&mut header) {
             Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            // A reset counts as the end too: a proxy that closes with unread input resets.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Ok(None);
+            }
             Err(error) => return Err(error),
         }
         let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;

@@ -32,12 +32,11 @@ use std::{
 use bytes::{BufMut as _, Bytes, BytesMut};
 use serde_json::{Value, json};
 use tokio::{
+    io::{AsyncRead, AsyncReadExt as _},
     io::{AsyncWrite, AsyncWriteExt as _, BufWriter},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    net::TcpStream,
 };
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -75,6 +74,13 @@ pub struct PostgresContext {
     /// Socket mark for connections the handler opens itself (cancel forwarding).
     pub mark: u32,
     pub idle_timeout: Duration,
+    /// Serving certificate for client TLS; without one, SSLRequest is declined.
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS for the server leg, with the name to verify; `None` for plain text.
+    pub upstream_tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 /// A statement waiting for the server's answer.
@@ -126,6 +132,8 @@ impl Shared {
 struct StartupInfo {
     user: String,
     database: String,
+    /// The whole StartupMessage, length included, to forward to the server.
+    packet: Bytes,
 }
 
 type Recording = Arc<Mutex<SessionRecord>>;
@@ -201,6 +209,15 @@ fn server_error(error: impl Into<CodecError>) -> SessionEnd {
     }
 }
 
+/// The reading half of a leg, plain or TLS.
+type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing half of a leg, plain or TLS.
+type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// First byte of a TLS handshake record: a client starting TLS directly (PostgreSQL 17's
+/// `sslnegotiation=direct`) sends it where a startup packet's length would be.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 async fn session(
     client: TcpStream,
     upstream: TcpStream,
@@ -209,26 +226,91 @@ async fn session(
     counters: &Counters,
     session_token: &str,
 ) -> Result<(), SessionEnd> {
-    let (client_read, mut client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
-    let mut client_reader = FrameReader::new(client_read);
-    let mut upstream_writer = BufWriter::new(upstream_write);
+    let mut first = [0u8; 1];
+    let peeked = client.peek(&mut first).await.map_err(client_error)?;
+    if peeked == 0 {
+        return Ok(());
+    }
 
+    let (client_read, mut client_write, client_tls, first_packet) =
+        if first[0] == TLS_HANDSHAKE_RECORD {
+            let Some(config) = &context.server_tls else {
+                return Err(client_error(CodecError::Malformed {
+                    message: "startup",
+                    reason: "direct TLS, but no serving certificate is configured for this target",
+                }));
+            };
+            let stream = TlsAcceptor::from(Arc::clone(config))
+                .accept(client)
+                .await
+                .map_err(client_error)?;
+            // Direct TLS must carry the `postgresql` ALPN, so a TLS connection meant for another
+            // protocol is never taken for PostgreSQL.
+            if stream.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+                return Err(client_error(CodecError::Malformed {
+                    message: "startup",
+                    reason: "direct TLS without the postgresql ALPN protocol",
+                }));
+            }
+            let (read, write) = tokio::io::split(stream);
+            (
+                Box::new(read) as ReadHalf,
+                Box::new(write) as WriteHalf,
+                true,
+                None,
+            )
+        } else {
+            match negotiate(client, context, counters).await? {
+                Negotiated::Plain(stream, packet) => {
+                    let (read, write) = stream.into_split();
+                    (
+                        Box::new(read) as ReadHalf,
+                        Box::new(write) as WriteHalf,
+                        false,
+                        Some(packet),
+                    )
+                }
+                Negotiated::Tls(stream) => {
+                    let (read, write) = tokio::io::split(*stream);
+                    (
+                        Box::new(read) as ReadHalf,
+                        Box::new(write) as WriteHalf,
+                        true,
+                        None,
+                    )
+                }
+                Negotiated::Done => return Ok(()),
+            }
+        };
+
+    let mut client_reader = FrameReader::new(client_read);
     let Some(startup) = startup(
         &mut client_reader,
         &mut client_write,
-        &mut upstream_writer,
         context,
         counters,
+        first_packet,
     )
     .await?
     else {
         return Ok(());
     };
+    let (upstream_read, upstream_write, upstream_tls) = connect_server(upstream, context).await?;
+    let mut upstream_writer = BufWriter::new(upstream_write);
+    upstream_writer
+        .write_all(&startup.packet)
+        .await
+        .map_err(server_error)?;
+    upstream_writer.flush().await.map_err(server_error)?;
     record_event(
         record,
         "sql.startup",
-        json!({ "database_user": startup.user, "database": startup.database }),
+        json!({
+            "database_user": startup.user,
+            "database": startup.database,
+            "client_tls": client_tls,
+            "upstream_tls": upstream_tls,
+        }),
     );
 
     let shared = Arc::new(Mutex::new(Shared::default()));
@@ -258,64 +340,183 @@ async fn session(
     tokio::try_join!(frontend, backend).map(|_| ())
 }
 
-/// Handles the untagged startup packets: SSLRequest and GSSENCRequest are declined with `N`
-/// (the client then goes on in plain text or gives up, as it chooses), a CancelRequest is
-/// routed to the session it names, and the StartupMessage is forwarded. Returns `None` when the
-/// connection ends here (a cancel request, or the client leaving).
-async fn startup(
-    client: &mut FrameReader<OwnedReadHalf>,
-    client_write: &mut OwnedWriteHalf,
-    upstream: &mut BufWriter<OwnedWriteHalf>,
+/// Outcome of the plain-text start of a connection.
+enum Negotiated {
+    /// No TLS: the connection and the first packet that is not an encryption request.
+    Plain(TcpStream, Bytes),
+    /// The client asked for TLS and the handshake is done.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// The connection ended (a cancel request, or the client left).
+    Done,
+}
+
+/// Answers the encryption requests that may open a connection. GSSENCRequest is declined with
+/// `N` (the client goes on with SSLRequest or in plain text); SSLRequest is accepted with `S`
+/// and a TLS handshake when the target has a serving certificate, and declined otherwise.
+async fn negotiate(
+    mut client: TcpStream,
     context: &PostgresContext,
     counters: &Counters,
-) -> Result<Option<StartupInfo>, SessionEnd> {
+) -> Result<Negotiated, SessionEnd> {
     loop {
-        let Some(body) = client.read_startup().await.map_err(client_error)? else {
-            return Ok(None);
+        let Some(body) = read_startup_exact(&mut client)
+            .await
+            .map_err(client_error)?
+        else {
+            return Ok(Negotiated::Done);
         };
         counters
             .from_client
             .fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
         counters.touch();
-        let code = u32::from_be_bytes(
-            body[..4]
-                .try_into()
-                .expect("startup bodies are at least 4 bytes"),
-        );
-        match code {
-            codec::SSL_REQUEST_CODE | codec::GSSENC_REQUEST_CODE => {
-                // NOTE: TLS termination is not built yet, so encryption is declined and the
-                // client decides whether plain text is acceptable (sslmode=prefer goes on).
-                client_write.write_all(b"N").await.map_err(client_error)?;
+        match startup_code(&body) {
+            codec::GSSENC_REQUEST_CODE => {
+                client.write_all(b"N").await.map_err(client_error)?;
             }
-            codec::CANCEL_REQUEST_CODE => {
-                let outcome = context.cancels.forward(&body, context.mark).await;
-                return Err(SessionEnd::Cancel(outcome));
-            }
-            codec::PROTOCOL_3_0..=codec::PROTOCOL_3_2 => {
-                let info = parse_startup(&body[4..]).map_err(client_error)?;
-                let mut packet = BytesMut::with_capacity(body.len() + 4);
-                packet.put_u32(body.len() as u32 + 4);
-                packet.put_slice(&body);
-                upstream.write_all(&packet).await.map_err(server_error)?;
-                upstream.flush().await.map_err(server_error)?;
-                return Ok(Some(info));
-            }
-            other => {
-                let message = format!(
-                    "unsupported frontend protocol {}.{}: the gateway speaks 3.0 to 3.2",
-                    other >> 16,
-                    other & 0xffff
-                );
-                let error = codec::error_response("08P01", &message);
-                let _ = client_write.write_all(&error).await;
-                return Err(client_error(CodecError::Malformed {
-                    message: "startup packet",
-                    reason: "unsupported protocol version",
-                }));
-            }
+            codec::SSL_REQUEST_CODE => match &context.server_tls {
+                Some(config) => {
+                    client.write_all(b"S").await.map_err(client_error)?;
+                    let stream = TlsAcceptor::from(Arc::clone(config))
+                        .accept(client)
+                        .await
+                        .map_err(client_error)?;
+                    return Ok(Negotiated::Tls(Box::new(stream)));
+                }
+                None => client.write_all(b"N").await.map_err(client_error)?,
+            },
+            _ => return Ok(Negotiated::Plain(client, body)),
         }
     }
+}
+
+/// Reads one untagged startup packet without reading past it, since the bytes after an
+/// SSLRequest belong to the TLS handshake. Returns its body (code included).
+async fn read_startup_exact(client: &mut TcpStream) -> Result<Option<Bytes>, CodecError> {
+    let mut length = [0u8; 4];
+    match client.read_exact(&mut length).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error.into()),
+    }
+    let declared = i32::from_be_bytes(length);
+    if declared < 8 || declared as u32 > codec::MAX_STARTUP_LEN {
+        return Err(CodecError::InvalidLength {
+            length: i64::from(declared),
+            reason: "a startup packet is 8 to 10000 bytes long",
+        });
+    }
+    let mut body = vec![0u8; declared as usize - 4];
+    client
+        .read_exact(&mut body)
+        .await
+        .map_err(|error| match error.kind() {
+            std::io::ErrorKind::UnexpectedEof => CodecError::UnexpectedEof {
+                received: 4,
+                expected: declared as usize,
+            },
+            _ => error.into(),
+        })?;
+    Ok(Some(Bytes::from(body)))
+}
+
+fn startup_code(body: &[u8]) -> u32 {
+    u32::from_be_bytes(
+        body[..4]
+            .try_into()
+            .expect("startup bodies are at least 4 bytes"),
+    )
+}
+
+/// Handles the startup packet (after any TLS): a CancelRequest is routed to the session it
+/// names, a StartupMessage is parsed and returned for forwarding. `first` is a packet already
+/// read during negotiation. Returns `None` when the connection ends here.
+async fn startup(
+    client: &mut FrameReader<ReadHalf>,
+    client_write: &mut WriteHalf,
+    context: &PostgresContext,
+    counters: &Counters,
+    first: Option<Bytes>,
+) -> Result<Option<StartupInfo>, SessionEnd> {
+    let body = match first {
+        Some(body) => body,
+        None => {
+            let Some(body) = client.read_startup().await.map_err(client_error)? else {
+                return Ok(None);
+            };
+            counters
+                .from_client
+                .fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
+            counters.touch();
+            body
+        }
+    };
+    match startup_code(&body) {
+        codec::CANCEL_REQUEST_CODE => {
+            let outcome = context.cancels.forward(&body, context.mark).await;
+            Err(SessionEnd::Cancel(outcome))
+        }
+        codec::PROTOCOL_3_0..=codec::PROTOCOL_3_2 => {
+            let mut info = parse_startup(&body[4..]).map_err(client_error)?;
+            let mut packet = BytesMut::with_capacity(body.len() + 4);
+            packet.put_u32(body.len() as u32 + 4);
+            packet.put_slice(&body);
+            info.packet = packet.freeze();
+            Ok(Some(info))
+        }
+        codec::SSL_REQUEST_CODE | codec::GSSENC_REQUEST_CODE => {
+            Err(client_error(CodecError::Malformed {
+                message: "startup packet",
+                reason: "encryption requested inside an encrypted connection",
+            }))
+        }
+        other => {
+            let message = format!(
+                "unsupported frontend protocol {}.{}: the gateway speaks 3.0 to 3.2",
+                other >> 16,
+                other & 0xffff
+            );
+            let error = codec::error_response("08P01", &message);
+            let _ = client_write.write_all(&error).await;
+            let _ = client_write.flush().await;
+            Err(client_error(CodecError::Malformed {
+                message: "startup packet",
+                reason: "unsupported protocol version",
+            }))
+        }
+    }
+}
+
+/// Opens the server leg: plain, or TLS after an SSLRequest the server must accept, as the
+/// target's `upstream_tls` says. Returns the halves and whether the leg is encrypted.
+async fn connect_server(
+    mut upstream: TcpStream,
+    context: &PostgresContext,
+) -> Result<(ReadHalf, WriteHalf, bool), SessionEnd> {
+    let Some((config, server_name)) = &context.upstream_tls else {
+        let (read, write) = upstream.into_split();
+        return Ok((Box::new(read), Box::new(write), false));
+    };
+    let mut request = BytesMut::with_capacity(8);
+    request.put_u32(8);
+    request.put_u32(codec::SSL_REQUEST_CODE);
+    upstream.write_all(&request).await.map_err(server_error)?;
+    let mut answer = [0u8; 1];
+    upstream
+        .read_exact(&mut answer)
+        .await
+        .map_err(server_error)?;
+    if answer[0] != b'S' {
+        return Err(server_error(CodecError::Malformed {
+            message: "SSLRequest answer",
+            reason: "the server does not accept TLS, but upstream_tls requires it",
+        }));
+    }
+    let stream = TlsConnector::from(Arc::clone(config))
+        .connect(server_name.clone(), upstream)
+        .await
+        .map_err(server_error)?;
+    let (read, write) = tokio::io::split(stream);
+    Ok((Box::new(read), Box::new(write), true))
 }
 
 fn parse_startup(body: &[u8]) -> Result<StartupInfo, CodecError> {
@@ -355,8 +556,8 @@ struct Frontend {
     reason = "the pump's inputs are distinct, shared by reference"
 )]
 async fn frontend(
-    mut client: FrameReader<OwnedReadHalf>,
-    mut upstream: BufWriter<OwnedWriteHalf>,
+    mut client: FrameReader<ReadHalf>,
+    mut upstream: BufWriter<WriteHalf>,
     context: &PostgresContext,
     record: &Recording,
     counters: &Counters,
@@ -645,10 +846,7 @@ fn recorded_text(text: &[u8], mask: &MaskPolicy) -> String {
     shown
 }
 
-async fn skip_body(
-    client: &mut FrameReader<OwnedReadHalf>,
-    header: Header,
-) -> Result<(), SessionEnd> {
+async fn skip_body(client: &mut FrameReader<ReadHalf>, header: Header) -> Result<(), SessionEnd> {
     let mut left = header.body_len;
     while left > 0 {
         left -= client.read_piece(left).await.map_err(client_error)?.len();
@@ -657,7 +855,7 @@ async fn skip_body(
 }
 
 async fn copy_body<W: AsyncWrite + Unpin>(
-    from: &mut FrameReader<OwnedReadHalf>,
+    from: &mut FrameReader<ReadHalf>,
     to: &mut W,
     header: Header,
 ) -> Result<(), SessionEnd> {
@@ -685,8 +883,8 @@ struct Backend {
     reason = "the pump's inputs are distinct, shared by reference"
 )]
 async fn backend(
-    mut upstream: FrameReader<OwnedReadHalf>,
-    mut client: BufWriter<OwnedWriteHalf>,
+    mut upstream: FrameReader<ReadHalf>,
+    mut client: BufWriter<WriteHalf>,
     context: &PostgresContext,
     record: &Recording,
     counters: &Counters,
@@ -764,6 +962,9 @@ fn backend_message(
             let mut body = body.to_vec();
             rows::mask_data_row(&mut body, &state.column_formats, &context.mask)?;
             Ok(codec::frame(tag, &body))
+        }
+        b'R' if !authenticated.load(Ordering::Acquire) => {
+            Ok(codec::frame(tag, &without_channel_binding(&body)))
         }
         b'T' => {
             state.column_formats = rows::row_description_formats(&body)?;
@@ -882,6 +1083,35 @@ fn backend_message(
     }
 }
 
+/// SASL mechanism that binds authentication to the server's TLS channel.
+const SCRAM_PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
+/// AuthenticationSASL: the request code followed by the offered mechanisms.
+const AUTH_SASL: i32 = 10;
+
+/// Removes `SCRAM-SHA-256-PLUS` from an AuthenticationSASL offer. Channel binding ties the
+/// exchange to the TLS channel the server sees, which is the proxy's and never the client's,
+/// so a client choosing it would always fail; without the offer it uses plain SCRAM-SHA-256.
+/// Other authentication messages are returned unchanged.
+fn without_channel_binding(body: &[u8]) -> Bytes {
+    let mut reader = BodyReader::new(body, "AuthenticationSASL");
+    if reader.i32().ok() != Some(AUTH_SASL) {
+        return Bytes::copy_from_slice(body);
+    }
+    let mut out = BytesMut::with_capacity(body.len());
+    out.put_i32(AUTH_SASL);
+    while let Ok(mechanism) = reader.cstr() {
+        if mechanism.is_empty() {
+            break;
+        }
+        if mechanism != SCRAM_PLUS {
+            out.put_slice(mechanism);
+            out.put_u8(0);
+        }
+    }
+    out.put_u8(0);
+    out.freeze()
+}
+
 fn session_token_of(token: &str) -> &str {
     token
 }
@@ -901,8 +1131,8 @@ fn command_rows(body: &[u8]) -> Option<u64> {
 }
 
 async fn stream_to_client(
-    upstream: &mut FrameReader<OwnedReadHalf>,
-    client: &mut BufWriter<OwnedWriteHalf>,
+    upstream: &mut FrameReader<ReadHalf>,
+    client: &mut BufWriter<WriteHalf>,
     header: Header,
     state: &mut Backend,
     mask: &MaskPolicy,
@@ -996,6 +1226,21 @@ fn record_event(record: &Recording, event: &str, fields: Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sasl_offer_loses_channel_binding() {
+        let mut body = 10i32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        let mut expected = 10i32.to_be_bytes().to_vec();
+        expected.extend_from_slice(b"SCRAM-SHA-256\0\0");
+        assert_eq!(&without_channel_binding(&body)[..], &expected[..]);
+    }
+
+    #[test]
+    fn other_auth_messages_unchanged() {
+        let body = [0, 0, 0, 5, 1, 2, 3, 4];
+        assert_eq!(&without_channel_binding(&body)[..], &body[..]);
+    }
 
     #[test]
     fn command_rows_from_tags() {
