@@ -13,7 +13,7 @@
 //! when all of these hold:
 //!
 //! - its run has at most 19 digits, because a PAN inside a longer run (an IBAN, a reference
-//!   number, a timestamp joined to it by a space) cannot be told apart from that longer number;
+//!   number, a timestamp joined to it by a space) is indistinguishable from that longer number;
 //! - it is not the fraction of a decimal number (a run that starts after a digit and a dot,
 //!   `3.4111111111111111`) or its integer part (a run followed by a dot and a digit);
 //! - its leading digits fall in an issuer range of Visa, Mastercard, American Express, Discover,
@@ -27,32 +27,33 @@
 
 use std::fmt;
 
-/// Fewest digits in a PAN: the shortest numbers the schemes below issue (old Visa cards) have 13.
+/// Minimum digits in a PAN: the shortest numbers these schemes issue (older Visa cards) have 13.
 const MIN_PAN_DIGITS: usize = 13;
 
-/// Most digits in a PAN: ISO/IEC 7812-1 limits a primary account number to 19 digits.
+/// Maximum digits in a PAN: ISO/IEC 7812-1 limits a primary account number to 19 digits.
 const MAX_PAN_DIGITS: usize = 19;
 
-/// Most bytes a [`StreamMasker`] holds back between calls. A run that may still contain a PAN
+/// Maximum bytes a [`StreamMasker`] holds back between calls. A run that may still contain a PAN
 /// has at most 19 digits and the 18 single separators between them, and the space, dash or dot
-/// after its last digit is held too, because only the byte after it says whether the run goes
+/// after its last digit is held too, because only the byte after it decides whether the run goes
 /// on or is the integer part of a decimal number.
 pub const MAX_CARRY: usize = 2 * MAX_PAN_DIGITS;
 
-/// Bytes tested at once while skipping text without digits. 32 bytes fill one AVX2 register or
-/// two SSE2 registers, so each step compiles to a few vector compares and one branch.
+/// Bytes tested at once while skipping text without digits. 32 bytes fill two SSE2 registers, so
+/// on the baseline x86-64 target each step compiles to two vector compares and one branch.
 const DIGIT_SEARCH_BLOCK: usize = 32;
 
 /// Digits of a PAN that stay readable after masking.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Keep {
     /// The first six digits and the last four. PCI DSS v4.0 requirement 3.4.1 allows at most the
-    /// BIN and the last four digits to be displayed, and a six-digit BIN is the common case.
+    /// BIN and the last four digits to be displayed, and six digits never exceed the BIN, whether
+    /// it has six or eight digits.
     #[default]
     FirstSixLastFour,
     /// The last four digits only.
     LastFour,
-    /// No digit: the whole number is masked.
+    /// None of the digits, so the whole number is masked.
     Nothing,
 }
 
@@ -67,11 +68,11 @@ impl Keep {
     }
 }
 
-/// How PAN digits are masked.
+/// Masking rule for PAN digits: which stay readable and which byte replaces the others.
 ///
-/// `mask_char` replaces each hidden digit. Choose a printable ASCII character that is not a
-/// digit, a separator or a quote: a digit would read as part of a number, and a byte of 0x80 or
-/// above would break UTF-8 text such as JSON. The masking itself accepts any byte.
+/// Choose as `mask_char` a printable ASCII character that is not a digit, a separator or a
+/// quote, because a digit would read as part of a number and a byte of 0x80 or above would break
+/// UTF-8 text such as JSON. The masking itself accepts any byte.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MaskPolicy {
     /// Digits that stay readable.
@@ -91,8 +92,8 @@ impl Default for MaskPolicy {
 
 /// Masks every PAN in `buf`, a complete value, in place and returns how many PANs it masked.
 ///
-/// The start and end of `buf` count as boundaries: a digit run touching either end is taken as
-/// whole. Use [`StreamMasker`] for data that arrives in pieces.
+/// The start and end of `buf` count as boundaries, so a digit run touching either end is taken
+/// as whole. Use [`StreamMasker`] for data that arrives in pieces.
 pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
     scan(buf, Context::Clear, true, policy).masked
 }
@@ -223,7 +224,7 @@ const ISSUER_RANGES: &[IssuerRange] = &[
     range(4, 6761, 6763, Scheme::Maestro),
 ];
 
-/// Returns the scheme whose issuer range holds the leading digits, given as values 0-9.
+/// Returns the scheme whose issuer range contains the leading digits, given as values 0-9.
 fn issuer(digits: &[u8]) -> Option<Scheme> {
     ISSUER_RANGES.iter().find_map(|issuer_range| {
         let prefix = digits.get(..issuer_range.prefix_len)?;
@@ -251,8 +252,8 @@ fn passes_luhn(digits: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
-/// What the bytes before a scan position mean for a digit found there. A scan that stops at
-/// the end of a chunk records one of these, and the scan of the next chunk starts from it.
+/// Scan state: the meaning of the bytes before a scan position for a digit found there. A scan
+/// that stops at the end of a chunk records one, and the scan of the next chunk starts from it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum Context {
     /// A digit here starts a new run.
@@ -261,7 +262,7 @@ enum Context {
     /// The bytes before are a digit and a dot, so a run starting here is the fraction of a
     /// decimal number.
     AfterDecimalPoint,
-    /// The byte before is a digit of a run longer than 19 digits, which holds no PAN.
+    /// The byte before is a digit of a run longer than 19 digits, which contains no PAN.
     InLongRun,
     /// The bytes before are a digit of such a run and one space or dash, so a digit here
     /// continues the long run.
@@ -270,7 +271,7 @@ enum Context {
 
 /// Outcome of scanning one buffer.
 struct Scan {
-    /// Length of the prefix whose masking is final; the rest must be scanned again with more
+    /// Length of the prefix whose masking is final. The rest must be scanned again with more
     /// input after it.
     settled: usize,
     /// Scan state at `settled`.
@@ -298,13 +299,6 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
         let start = if continues_long_run {
             pos
         } else {
-            if context == Context::AfterLongRunSeparator && pos == buf.len() {
-                return Scan {
-                    settled: pos,
-                    context,
-                    masked,
-                };
-            }
             let Some(start) = find_digit(buf, pos) else {
                 // No digit follows, so no byte is left that a later digit could join.
                 let context = if pos == buf.len() {
@@ -320,8 +314,8 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
             };
             start
         };
-        // Only a digit right at `pos` can follow a decimal point: the scan moves past a run's
-        // last digit and past any byte it looked at after that run.
+        // Only a digit right at `pos` can follow a decimal point, because the scan moves past a
+        // run's last digit and past any byte it looked at after that run.
         let decimal_before = start == pos && context == Context::AfterDecimalPoint;
 
         run.clear(continues_long_run);
@@ -345,7 +339,7 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
                 };
             }
             RunEnd::Open { .. } => {
-                // The run can still become a PAN: hold it back from its first digit.
+                // The run can still become a PAN, so hold it back from its first digit.
                 let context = if decimal_before {
                     Context::AfterDecimalPoint
                 } else {
@@ -389,7 +383,7 @@ struct Run {
     digits: [u8; MAX_PAN_DIGITS],
     offsets: [usize; MAX_PAN_DIGITS],
     len: usize,
-    /// The run has more than 19 digits, so it holds no PAN.
+    /// The run has more than 19 digits, so it contains no PAN.
     long: bool,
 }
 
@@ -412,13 +406,13 @@ impl Run {
         }
     }
 
-    /// Whether digit `index` starts a group, that is, a separator stands before it.
+    /// Checks whether digit `index` starts a group, which is when a separator precedes it.
     fn starts_group(&self, index: usize) -> bool {
         index > 0 && self.offsets[index] != self.offsets[index - 1] + 1
     }
 }
 
-/// How a run read by [`read_run`] ends.
+/// End of a run read by [`read_run`].
 enum RunEnd {
     /// A byte after the run ends it.
     Finished {
@@ -526,7 +520,7 @@ fn mask_run(
     masked
 }
 
-/// Whether the separators between digits `first..end` of the run are all the same byte.
+/// Checks whether the separators between digits `first..end` of the run are all the same byte.
 fn uses_one_separator(buf: &[u8], run: &Run, first: usize, end: usize) -> bool {
     let mut separators = (first + 1..end)
         .filter(|&index| run.starts_group(index))
@@ -584,13 +578,13 @@ mod tests {
         format!("{body}{check}")
     }
 
-    /// Whether a digit string passes Luhn, by comparing its check digit with a recomputed one.
+    /// Checks a digit string against Luhn by comparing its check digit with a recomputed one.
     fn luhn_valid(number: &str) -> bool {
         let (body, _) = number.split_at(number.len() - 1);
         with_check_digit(body) == number
     }
 
-    /// Expected default masking of a plain digit string: first six and last four kept.
+    /// Returns the default masking of a plain digit string, with first six and last four kept.
     fn first_six_last_four(number: &str) -> String {
         let hidden = number.len() - 10;
         format!(
@@ -969,7 +963,7 @@ mod tests {
                 .collect()
         }
 
-        /// A Luhn-valid number with an issuer prefix, plain or grouped by fours.
+        /// Generates a Luhn-valid number with an issuer prefix, plain or grouped by fours.
         fn pan(&mut self) -> String {
             const PREFIXES: &[&str] = &["4", "51", "2720", "37", "6011", "3530", "62", "36"];
             let prefix = PREFIXES[self.below(PREFIXES.len())];
@@ -991,7 +985,7 @@ mod tests {
             grouped
         }
 
-        /// Text built from pieces that meet at the edges PAN detection cares about.
+        /// Generates text from pieces that meet at the edges PAN detection cares about.
         fn input(&mut self) -> Vec<u8> {
             let mut text = String::new();
             for _ in 0..1 + self.below(10) {
@@ -1051,7 +1045,7 @@ mod tests {
         }
     }
 
-    /// Masks by the PAN rule read literally: try every digit span of the input, with no runs,
+    /// Masks by the PAN rule read literally, trying every digit span of the input with no runs,
     /// no scan state and no carry. Slow, and only for comparing with the scanner.
     fn reference_mask(input: &[u8], policy: &MaskPolicy) -> (Vec<u8>, usize) {
         let is_digit = |index: usize| input.get(index).is_some_and(u8::is_ascii_digit);

@@ -800,3 +800,25 @@ fn direct_tls_with_alpn() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("\"direct\""), "{stdout}");
 }
+
+#[test]
+fn protocol_3_2_negotiated_down() {
+    let setup = pg_setup("protocol_3_2_negotiated_down");
+    let script = lines(&[
+        "startup-3.2 rawuser postgres",
+        "read-ready 1",
+        "query SELECT 32",
+        "read-ready 1",
+        "terminate",
+    ]);
+    let messages = pg_script(&setup, "protocol32", &script);
+    let all = tags(&messages);
+    // PostgreSQL 15 speaks 3.0 and says so with NegotiateProtocolVersion; the client goes on.
+    let server_major = setup.postgres.admin_sql("SHOW server_version_num");
+    let server_major: u32 = server_major.trim().parse::<u32>().expect("version number") / 10_000;
+    if server_major < 18 {
+        assert!(all.contains('v'), "{all}");
+    }
+    let row = messages.iter().find(|m| m["tag"] == "D").expect("a row");
+    assert_eq!(row["values"][0], "32");
+}

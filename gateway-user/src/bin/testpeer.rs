@@ -307,8 +307,8 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
 /// A raw PostgreSQL frontend driven by a script, for tests that need exact control over the
 /// messages (pipelines, cancel requests, malformed input). Commands, one per line:
 ///
-/// - `startup USER DATABASE` (sent whole) or `startup-bytewise USER DATABASE` (one byte per
-///   write), `gssenc` and `ssl` (the requests, reading the one-byte answer);
+/// - `startup USER DATABASE` (sent whole), `startup-bytewise USER DATABASE` (one byte per
+///   write) or `startup-3.2 USER DATABASE` (asking for protocol 3.2), `gssenc` and `ssl` (the requests, reading the one-byte answer);
 /// - `query SQL`, `parse NAME SQL`, `bind PORTAL STATEMENT [PARAM...]` where a parameter
 ///   `@N` stands for N bytes of `x`, `execute PORTAL`, `close-statement NAME`, `sync`, `flush`;
 /// - `repeat N` ... `end` repeats the lines between, with `{i}` replaced by 1..=N;
@@ -348,9 +348,14 @@ mod pg_script {
             let (command, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
             match command {
                 "" => {}
-                "startup" | "startup-bytewise" => {
+                "startup" | "startup-bytewise" | "startup-3.2" => {
                     let (user, database) = rest.split_once(' ').unwrap_or((rest, rest));
-                    let mut body = 196_608u32.to_be_bytes().to_vec();
+                    let version: u32 = if command == "startup-3.2" {
+                        196_610
+                    } else {
+                        196_608
+                    };
+                    let mut body = version.to_be_bytes().to_vec();
                     for (key, value) in [("user", user), ("database", database)] {
                         body.extend_from_slice(key.as_bytes());
                         body.push(0);
@@ -359,7 +364,7 @@ mod pg_script {
                     }
                     body.push(0);
                     let packet = untagged(&body);
-                    if command == "startup" {
+                    if command != "startup-bytewise" {
                         stream.write_all(&packet)?;
                     } else {
                         for byte in packet {

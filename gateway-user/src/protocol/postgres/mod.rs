@@ -94,6 +94,9 @@ struct Pending {
     started: Instant,
     /// Set when the statement was denied: the rule's name.
     denied_by: Option<String>,
+    /// Result column format codes from Bind; empty for simple queries, whose formats come
+    /// from RowDescription.
+    result_formats: Vec<i16>,
 }
 
 /// Statements between two synchronization points.
@@ -545,8 +548,8 @@ fn parse_startup(body: &[u8]) -> Result<StartupInfo, CodecError> {
 struct Frontend {
     /// Prepared statements by name (the unnamed one under ""): masked text and analysis.
     statements: HashMap<Vec<u8>, (String, StatementInfo)>,
-    /// Portals by name: their statement's name and masked parameters.
-    portals: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>,
+    /// Portals by name: their statement's name, masked parameters and result formats.
+    portals: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>, Vec<i16>)>,
     /// After a denial, messages are dropped until the next Sync.
     discarding: bool,
 }
@@ -669,6 +672,7 @@ fn frontend_message(
                     params: Vec::new(),
                     started: Instant::now(),
                     denied_by: None,
+                    result_formats: Vec::new(),
                 });
             }
             shared.close();
@@ -712,13 +716,21 @@ fn frontend_message(
             let portal = reader.cstr()?.to_vec();
             let statement = reader.cstr()?.to_vec();
             let params = bind_params(&mut reader, &context.mask)?;
-            state.portals.insert(portal, (statement, params));
+            let count = reader.i16()?.max(0) as usize;
+            let mut result_formats = Vec::with_capacity(count);
+            for _ in 0..count {
+                result_formats.push(reader.i16()?);
+            }
+            state
+                .portals
+                .insert(portal, (statement, params, result_formats));
             Ok(Some(original))
         }
         b'E' => {
             let mut reader = BodyReader::new(&body, "Execute");
             let portal = reader.cstr()?;
-            let (statement, params) = state.portals.get(portal).cloned().unwrap_or_default();
+            let (statement, params, result_formats) =
+                state.portals.get(portal).cloned().unwrap_or_default();
             let (text, info) = state
                 .statements
                 .get(&statement)
@@ -731,6 +743,7 @@ fn frontend_message(
                 params,
                 started: Instant::now(),
                 denied_by: None,
+                result_formats,
             });
             Ok(Some(original))
         }
@@ -780,6 +793,7 @@ fn denied_pending(shown: &str, infos: &[StatementInfo], params: Vec<Value>, rule
         params,
         started: Instant::now(),
         denied_by: Some(rule.to_string()),
+        result_formats: Vec::new(),
     }
 }
 
@@ -960,7 +974,8 @@ fn backend_message(
     match tag {
         b'D' => {
             let mut body = body.to_vec();
-            rows::mask_data_row(&mut body, &state.column_formats, &context.mask)?;
+            let formats = bind_formats(shared).unwrap_or_else(|| state.column_formats.clone());
+            rows::mask_data_row(&mut body, &formats, &context.mask)?;
             Ok(codec::frame(tag, &body))
         }
         b'R' if !authenticated.load(Ordering::Acquire) => {
@@ -1110,6 +1125,13 @@ fn without_channel_binding(body: &[u8]) -> Bytes {
     }
     out.put_u8(0);
     out.freeze()
+}
+
+/// Result formats the executing statement's Bind asked for, when it asked for any.
+fn bind_formats(shared: &Mutex<Shared>) -> Option<Vec<i16>> {
+    let shared = shared.lock().expect("session state lock poisoned");
+    let pending = shared.syncs.front()?.statements.front()?;
+    (!pending.result_formats.is_empty()).then(|| pending.result_formats.clone())
 }
 
 fn session_token_of(token: &str) -> &str {

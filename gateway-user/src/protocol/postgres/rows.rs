@@ -2,10 +2,14 @@
 //! for NULL) and the value. Only values are scanned, never the length fields, so masking can
 //! never change the framing.
 //!
-//! Text-format values are scanned as text. Binary values follow a rule per shape: `int8` (8
-//! bytes) holding a card number has its middle digits zeroed, keeping the first six and last
-//! four as text masking does, and any other binary value is scanned as text, which covers
-//! `bytea` and the text-like types that clients fetch in binary.
+//! Text-format values are scanned as text. Binary values follow a rule per shape, because the
+//! column's type is not always known (a client may Bind and Execute without Describe):
+//! - 8 bytes are read as `int8`; one whose decimal form is a card number has the digits text
+//!   masking would hide set to zero, so it keeps its type and width;
+//! - a well-formed `numeric` (header and base-10000 digit groups) gets the same treatment on
+//!   its integer digits, in place, with the same number of groups;
+//! - anything else is scanned as text, which covers `bytea` and text-like types fetched in
+//!   binary.
 
 use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
 
@@ -57,7 +61,13 @@ pub fn mask_data_row(
         }
         let end = offset + len as usize;
         let value = body.get_mut(offset..end).ok_or_else(short)?;
-        let binary = formats.get(column).copied() == Some(BINARY_FORMAT);
+        // One format code applies to every column (Bind may send just one).
+        let format = if formats.len() == 1 {
+            formats.first()
+        } else {
+            formats.get(column)
+        };
+        let binary = format.copied() == Some(BINARY_FORMAT);
         masked += mask_value(value, binary, policy);
         offset = end;
     }
@@ -68,7 +78,87 @@ fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
     if binary && value.len() == 8 {
         return mask_int8(value, policy);
     }
+    if binary && let Some(masked) = mask_numeric(value, policy) {
+        return masked;
+    }
     mask_in_place(value, policy)
+}
+
+/// Base of `numeric`'s digit groups.
+const NUMERIC_BASE: i64 = 10_000;
+/// `numeric` sign words for positive and negative values (`NUMERIC_POS`, `NUMERIC_NEG` in
+/// PostgreSQL's `src/backend/utils/adt/numeric.c`).
+const NUMERIC_POS: u16 = 0x0000;
+const NUMERIC_NEG: u16 = 0x4000;
+
+/// Masks a binary `numeric` whose integer part is a card number; `None` when the bytes are not
+/// a well-formed numeric, so the caller falls back to another rule.
+///
+/// # Format
+///
+/// `ndigits: i16, weight: i16, sign: u16, dscale: u16`, then `ndigits` base-10000 groups, the
+/// first one worth `10000^weight`. A value with a fraction is a decimal and never a PAN.
+fn mask_numeric(value: &mut [u8], policy: &MaskPolicy) -> Option<usize> {
+    if value.len() < 8 {
+        return None;
+    }
+    let word = |index: usize| i16::from_be_bytes([value[index * 2], value[index * 2 + 1]]);
+    let ndigits = usize::try_from(word(0)).ok()?;
+    let weight = word(1);
+    let sign = word(2) as u16;
+    if value.len() != 8 + ndigits * 2 || !(sign == NUMERIC_POS || sign == NUMERIC_NEG) {
+        return None;
+    }
+    let groups: Vec<i64> = (0..ndigits).map(|i| i64::from(word(4 + i))).collect();
+    if groups
+        .iter()
+        .any(|group| !(0..NUMERIC_BASE).contains(group))
+    {
+        return None;
+    }
+    // Groups past the integer part, or a negative weight, mean a fraction: not a PAN.
+    let integer_groups = usize::try_from(i32::from(weight) + 1).ok()?;
+    if ndigits > integer_groups || integer_groups > 5 {
+        return Some(0);
+    }
+
+    let mut digits = String::new();
+    for index in 0..integer_groups {
+        let group = groups.get(index).copied().unwrap_or(0);
+        if index == 0 {
+            digits.push_str(&group.to_string());
+        } else {
+            digits.push_str(&format!("{group:04}"));
+        }
+    }
+    let mut scanned = digits.clone().into_bytes();
+    let masked = mask_in_place(&mut scanned, policy);
+    if masked == 0 {
+        return Some(0);
+    }
+
+    // Zero the hidden digits, then write the groups back in place.
+    let zeroed: String = scanned
+        .iter()
+        .zip(digits.bytes())
+        .map(|(after, before)| {
+            if after.is_ascii_digit() {
+                char::from(before)
+            } else {
+                '0'
+            }
+        })
+        .collect();
+    let number: i128 = zeroed.parse().ok()?;
+    for index in 0..ndigits {
+        let power = integer_groups - 1 - index;
+        let group =
+            (number / i128::from(NUMERIC_BASE).pow(power as u32)) % i128::from(NUMERIC_BASE);
+        let bytes = (group as i16).to_be_bytes();
+        value[8 + index * 2] = bytes[0];
+        value[8 + index * 2 + 1] = bytes[1];
+    }
+    Some(masked)
 }
 
 /// Masks a binary `int8` whose decimal form is a card number: the digits text masking would
@@ -233,6 +323,69 @@ mod tests {
         mask_data_row(&mut body, &[1], &MaskPolicy::default()).expect("valid row");
         let expected: i64 = 4_111_110_000_001_111;
         assert_eq!(body, data_row(&[Some(&expected.to_be_bytes())]));
+    }
+
+    /// Encodes an integer as binary `numeric` the way PostgreSQL does: trailing zero groups
+    /// dropped.
+    fn numeric(value: u128) -> Vec<u8> {
+        let mut groups = Vec::new();
+        let mut rest = value;
+        while rest > 0 {
+            groups.push((rest % 10_000) as i16);
+            rest /= 10_000;
+        }
+        groups.reverse();
+        let weight = groups.len() as i16 - 1;
+        while groups.last() == Some(&0) {
+            groups.pop();
+        }
+        let mut out = Vec::new();
+        for word in [groups.len() as i16, weight, 0, 0] {
+            out.extend_from_slice(&word.to_be_bytes());
+        }
+        for group in groups {
+            out.extend_from_slice(&group.to_be_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn data_row_masks_binary_numeric() {
+        let mut body = data_row(&[Some(&numeric(4_111_111_111_111_111))]);
+        mask_data_row(&mut body, &[1], &MaskPolicy::default()).expect("valid row");
+        let value = &body[6..];
+        let groups: Vec<i16> = value[8..]
+            .chunks(2)
+            .map(|pair| i16::from_be_bytes([pair[0], pair[1]]))
+            .collect();
+        assert_eq!(groups, [4111, 1100, 0, 1111], "4111 1100 0000 1111");
+        assert_eq!(
+            value.len(),
+            numeric(4_111_111_111_111_111).len(),
+            "same width"
+        );
+    }
+
+    #[test]
+    fn binary_numeric_without_pan_unchanged() {
+        for number in [1_748_503_543_012u128, 42, 10_000_000_000_000_000] {
+            let original = data_row(&[Some(&numeric(number))]);
+            let mut body = original.clone();
+            mask_data_row(&mut body, &[1], &MaskPolicy::default()).expect("valid row");
+            assert_eq!(body, original, "{number} is no card number");
+        }
+    }
+
+    #[test]
+    fn binary_numeric_nineteen_digits_masked() {
+        let mut body = data_row(&[Some(&numeric(6_212_345_678_901_234_569))]);
+        mask_data_row(&mut body, &[1], &MaskPolicy::default()).expect("valid row");
+        let groups: Vec<i16> = body[14..]
+            .chunks(2)
+            .map(|pair| i16::from_be_bytes([pair[0], pair[1]]))
+            .collect();
+        // 621234 567890123 4569 with the middle nine digits hidden: 621 2340 0000 0000 4569.
+        assert_eq!(groups, [621, 2340, 0, 0, 4569]);
     }
 
     #[test]
