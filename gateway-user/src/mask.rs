@@ -24,6 +24,9 @@
 //! any other byte, so the output has the input's length. That keeps JSON, protobuf, text result
 //! columns and chunked bodies valid without re-framing. When two PANs overlap inside one run,
 //! each masks its own digits.
+//!
+//! NOTE: letters are ordinary bytes here, so 13 to 19 digits that pass the checks are masked even
+//! inside a hex string or an identifier such as `id4111111111111111x`.
 
 use std::fmt;
 

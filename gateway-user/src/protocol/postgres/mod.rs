@@ -543,13 +543,21 @@ fn parse_startup(body: &[u8]) -> Result<StartupInfo, CodecError> {
     Ok(info)
 }
 
+/// A bound portal: its statement's name, masked parameters and result formats.
+#[derive(Clone, Debug, Default)]
+struct Portal {
+    statement: Vec<u8>,
+    params: Vec<Value>,
+    result_formats: Vec<i16>,
+}
+
 /// Client-side state of the extended query protocol.
 #[derive(Debug, Default)]
 struct Frontend {
     /// Prepared statements by name (the unnamed one under ""): masked text and analysis.
     statements: HashMap<Vec<u8>, (String, StatementInfo)>,
-    /// Portals by name: their statement's name, masked parameters and result formats.
-    portals: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>, Vec<i16>)>,
+    /// Portals by name.
+    portals: HashMap<Vec<u8>, Portal>,
     /// After a denial, messages are dropped until the next Sync.
     discarding: bool,
 }
@@ -721,16 +729,24 @@ fn frontend_message(
             for _ in 0..count {
                 result_formats.push(reader.i16()?);
             }
-            state
-                .portals
-                .insert(portal, (statement, params, result_formats));
+            state.portals.insert(
+                portal,
+                Portal {
+                    statement,
+                    params,
+                    result_formats,
+                },
+            );
             Ok(Some(original))
         }
         b'E' => {
             let mut reader = BodyReader::new(&body, "Execute");
             let portal = reader.cstr()?;
-            let (statement, params, result_formats) =
-                state.portals.get(portal).cloned().unwrap_or_default();
+            let Portal {
+                statement,
+                params,
+                result_formats,
+            } = state.portals.get(portal).cloned().unwrap_or_default();
             let (text, info) = state
                 .statements
                 .get(&statement)
