@@ -4,7 +4,9 @@
 //!    pod to a non-target port, with the programs attached and detached, as a ratio;
 //! 2. relay throughput: 100 MiB echoed through the proxy and directly, as a ratio;
 //! 3. proxy memory per idle connection: the daemon's resident set before and after holding
-//!    many idle proxied connections.
+//!    many idle proxied connections;
+//! 4. PostgreSQL through the handler (masking on) and directly: `pgbench -S` and the TPC-B-like
+//!    default, with 1 and 8 clients, as TPS ratios, and the latency one simple query gains.
 //!
 //! Each figure is the median of several rounds. Results depend on the machine; the README
 //! lists the ones measured and where.
@@ -77,9 +79,12 @@ fn main() -> anyhow::Result<()> {
         &["--discard", "--listen", &discard.to_string()],
     )?);
 
+    let database = node.add_server("bench-db", &[]);
+    let postgres = node.start_postgres(&database);
     let targets = format!(
-        "  - name: bench\n    address: {ip}\n    port: {TARGET_PORT}\n    class: tcp\n  - name: bench-sink\n    address: {ip}\n    port: {SINK_TARGET_PORT}\n    class: tcp\n",
-        ip = target.ip()
+        "  - name: bench\n    address: {ip}\n    port: {TARGET_PORT}\n    class: tcp\n  - name: bench-sink\n    address: {ip}\n    port: {SINK_TARGET_PORT}\n    class: tcp\n  - name: bench-db\n    address: {db}\n    port: 5432\n    class: postgres\n",
+        ip = target.ip(),
+        db = postgres.addr.ip(),
     );
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
 
@@ -194,8 +199,69 @@ fn main() -> anyhow::Result<()> {
     println!("  resident set before: {before} KiB, after: {after} KiB");
     println!("  per idle connection: {per_connection:.1} KiB");
 
+    pgbench_comparison(&node, &pod, &postgres)?;
+
     daemon.stop();
     uninstall(&gatewayd, &config)?;
+    Ok(())
+}
+
+/// Seconds each pgbench run lasts.
+const PGBENCH_SECONDS: u32 = 10;
+
+/// Runs pgbench through the gateway (from the pod) and directly (from the node) and prints the
+/// ratios.
+fn pgbench_comparison(
+    node: &TestNode,
+    pod: &Pod,
+    postgres: &testing::Postgres,
+) -> anyhow::Result<()> {
+    let program = postgres.bin_dir.join("pgbench");
+    let run = |through_gateway: bool, args: &[&str]| -> anyhow::Result<(f64, f64)> {
+        let mut command = if through_gateway {
+            node.in_pod(pod, &program)
+        } else {
+            node.in_node(None, &program)
+        };
+        let output = command
+            .args(["-h", &postgres.addr.ip().to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .env("PGPASSWORD", testing::POSTGRES_PASSWORD)
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let number_after = |prefix: &str| -> f64 {
+            text.lines()
+                .find_map(|line| line.trim().strip_prefix(prefix))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0.0)
+        };
+        Ok((number_after("tps = "), number_after("latency average = ")))
+    };
+
+    run(false, &["-i", "-s", "4", "-q"])?;
+    println!("\npgbench, {PGBENCH_SECONDS} s per run, masking on:");
+    let seconds = PGBENCH_SECONDS.to_string();
+    for (name, mode) in [("select-only (-S)", Some("-S")), ("TPC-B-like", None)] {
+        for clients in ["1", "8"] {
+            let mut args = vec!["-c", clients, "-j", clients, "-T", seconds.as_str()];
+            args.extend(mode);
+            let (direct_tps, direct_latency) = run(false, &args)?;
+            let (proxied_tps, proxied_latency) = run(true, &args)?;
+            println!(
+                "  {name:<17} {clients} client(s): direct {direct_tps:.0} tps, proxied {proxied_tps:.0} tps, ratio {:.3}, latency +{:.0} us",
+                proxied_tps / direct_tps,
+                (proxied_latency - direct_latency) * 1000.0
+            );
+        }
+    }
     Ok(())
 }
 

@@ -148,7 +148,7 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-/// Accepts any server certificate, for `upstream_tls.mode: require`, which asks for encryption
+/// Accepts any server certificate, for `upstream_tls.mode: require`, which requests encryption
 /// without authentication, as libpq's `sslmode=require` does. Signatures are still checked.
 #[derive(Debug)]
 struct AcceptAnyCertificate;

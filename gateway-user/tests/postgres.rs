@@ -168,7 +168,7 @@ fn tags(messages: &[Value]) -> String {
         .collect()
 }
 
-/// All statement events of all recordings, in order.
+/// Collects the statement events of all recordings, in order.
 fn statements(node: &TestNode) -> Vec<Value> {
     node.sessions()
         .into_iter()
@@ -689,7 +689,7 @@ fn client_tls_terminated_verify_full() {
         "verify-full against the gateway certificate: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // The server leg is plain text: the server itself sees no TLS.
+    // The server leg is plain text: the server itself reports no TLS.
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "f");
 
     setup.node.wait_for_sessions(2);
@@ -813,7 +813,7 @@ fn protocol_3_2_negotiated_down() {
     ]);
     let messages = pg_script(&setup, "protocol32", &script);
     let all = tags(&messages);
-    // PostgreSQL 15 speaks 3.0 and says so with NegotiateProtocolVersion; the client goes on.
+    // PostgreSQL 15 speaks 3.0 and reports it with NegotiateProtocolVersion; the client goes on.
     let server_major = setup.postgres.admin_sql("SHOW server_version_num");
     let server_major: u32 = server_major.trim().parse::<u32>().expect("version number") / 10_000;
     if server_major < 18 {
@@ -821,4 +821,67 @@ fn protocol_3_2_negotiated_down() {
     }
     let row = messages.iter().find(|m| m["tag"] == "D").expect("a row");
     assert_eq!(row["values"][0], "32");
+}
+
+/// Reads the resident set size of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read process status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS line")
+}
+
+#[test]
+fn rust_driver_scenario_flat_memory() {
+    let setup = pg_setup("rust_driver_scenario_flat_memory");
+    let daemon_pid = setup.daemon.as_ref().expect("daemon").pid();
+    let before = rss_kib(daemon_pid);
+    let copy_mib = 256;
+    let output = setup
+        .node
+        .in_pod(&setup.pod, TESTPEER)
+        .args([
+            "pg-driver",
+            "--connect",
+            &setup.postgres.addr.to_string(),
+            "--user",
+            "postgres",
+        ])
+        .args([
+            "--password",
+            POSTGRES_PASSWORD,
+            "--copy-mib",
+            &copy_mib.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pg-driver");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("pg-driver prints JSON");
+    let after = rss_kib(daemon_pid);
+
+    assert_eq!(report["prepared_rows"], 100);
+    assert_eq!(report["pipelined_ok"], 50);
+    assert_eq!(report["big_row_len"], 20 * 1024 * 1024);
+    assert_eq!(report["big_row_all_x"], true);
+    assert_eq!(report["param_length"], 20 * 1024 * 1024);
+    assert_eq!(report["copied_in_rows"], report["sent_rows"]);
+    assert_eq!(
+        report["copied_out_bytes"], report["sent_bytes"],
+        "COPY out returns what went in"
+    );
+    // 256 MiB each way and 20 MiB values passed; the proxy holds at most a few buffers of them.
+    let growth_mib = after.saturating_sub(before) / 1024;
+    assert!(
+        growth_mib < 48,
+        "proxy memory grew by {growth_mib} MiB (before {before} KiB, after {after} KiB)"
+    );
 }

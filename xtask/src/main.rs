@@ -36,8 +36,14 @@ enum Task {
     Demo,
     /// Set up, then measure the connect hook's cost, relay throughput and proxy memory.
     Bench,
-    /// Run the CI checks: format check, clippy with warnings denied, then `test`.
+    /// Run the CI checks: format check, clippy with warnings denied, `test`, a short fuzz run.
     Ci,
+    /// Run each fuzz target for a bounded time (installs cargo-fuzz if missing).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 /// Debian packages the build and the tests need, with what each is for.
@@ -71,6 +77,7 @@ fn main() -> ExitCode {
         Task::Demo => setup().and_then(|()| demo()),
         Task::Bench => setup().and_then(|()| bench()),
         Task::Ci => setup().and_then(|()| ci()),
+        Task::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -224,7 +231,35 @@ fn ci() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    test()
+    test()?;
+    // A short run proves the fuzz targets build and hold on fresh input; longer runs are
+    // `cargo xtask fuzz --seconds N`.
+    fuzz(10)
+}
+
+/// Fuzz targets under `fuzz/`: the PostgreSQL frame reader, startup parser and row masking.
+const FUZZ_TARGETS: &[&str] = &["pg_frames", "pg_startup", "pg_rows"];
+
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !present {
+        eprintln!("xtask: installing cargo-fuzz");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in FUZZ_TARGETS {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        // cargo-fuzz needs nightly; `rustup run` picks it whatever cargo runs this task.
+        run(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(workspace_root())
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN"))?;
+    }
+    Ok(())
 }
 
 fn demo() -> anyhow::Result<()> {

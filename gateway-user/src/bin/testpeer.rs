@@ -12,6 +12,8 @@
 //! - `hold --connect ADDR --count N`: opens N idle connections, prints `ready`, and holds them
 //!   until its standard input closes.
 //! - `pg-script --connect ADDR --script FILE`: a raw PostgreSQL client for protocol tests.
+//! - `pg-driver --connect ADDR ...`: a tokio-postgres scenario (prepared statements,
+//!   pipelining, 20 MiB values, COPY both ways).
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
@@ -85,6 +87,19 @@ enum Command {
         #[arg(long)]
         direct_tls_ca: Option<std::path::PathBuf>,
     },
+    /// Run a fixed scenario with the tokio-postgres driver (see `pg_driver`) and print one JSON
+    /// object with what each step returned.
+    PgDriver {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        /// MiB to COPY in and back out.
+        #[arg(long, default_value_t = 64)]
+        copy_mib: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,6 +123,12 @@ fn main() -> anyhow::Result<()> {
             script,
             direct_tls_ca,
         } => pg_script::run(connect, &script, direct_tls_ca.as_deref()),
+        Command::PgDriver {
+            connect,
+            user,
+            password,
+            copy_mib,
+        } => pg_driver::run(connect, &user, &password, copy_mib),
     }
 }
 
@@ -624,5 +645,130 @@ mod pg_script {
             b'Z' => json!({ "tag": tag_text, "status": char::from(body[0]).to_string(), "ms": ms }),
             _ => json!({ "tag": tag_text, "len": body.len(), "ms": ms }),
         }
+    }
+}
+
+/// A scenario run with tokio-postgres, an ordinary Rust driver: prepared statements, a
+/// pipeline of concurrent queries, a 20 MiB row and parameter, and COPY in and out.
+mod pg_driver {
+    use std::net::SocketAddr;
+
+    use futures_util::{SinkExt as _, StreamExt as _, future::join_all};
+    use serde_json::json;
+
+    /// Size of the big row and the big parameter.
+    const BIG_VALUE: usize = 20 * 1024 * 1024;
+
+    pub fn run(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        copy_mib: usize,
+    ) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(scenario(addr, user, password, copy_mib))
+    }
+
+    async fn scenario(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        copy_mib: usize,
+    ) -> anyhow::Result<()> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(addr.ip().to_string())
+            .port(addr.port())
+            .user(user)
+            .password(password)
+            .dbname("postgres");
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(connection);
+
+        client
+            .batch_execute("CREATE TABLE driver_rows (id int, note text); CREATE TABLE driver_copy (id int, note text)")
+            .await?;
+        let insert = client
+            .prepare("INSERT INTO driver_rows VALUES ($1, $2)")
+            .await?;
+        for id in 0..100i32 {
+            client
+                .execute(&insert, &[&id, &format!("note {id}")])
+                .await?;
+        }
+        let prepared_rows: i64 = client
+            .query_one("SELECT count(*) FROM driver_rows", &[])
+            .await?
+            .get(0);
+
+        // tokio-postgres sends concurrent queries as one pipeline on the connection.
+        let queries = (0..50i32).map(|i| {
+            let client = &client;
+            async move {
+                client
+                    .query_one("SELECT $1::int + 1", &[&i])
+                    .await
+                    .map(|row| row.get::<_, i32>(0) == i + 1)
+            }
+        });
+        let pipelined_ok = join_all(queries)
+            .await
+            .into_iter()
+            .filter(|result| matches!(result, Ok(true)))
+            .count();
+
+        let big_row: String = client
+            .query_one(&format!("SELECT repeat('x', {BIG_VALUE})"), &[])
+            .await?
+            .get(0);
+        let big_param = "y".repeat(BIG_VALUE);
+        let param_length: i32 = client
+            .query_one("SELECT length($1::text)", &[&big_param])
+            .await?
+            .get(0);
+
+        let sink = client.copy_in("COPY driver_copy FROM STDIN").await?;
+        futures_util::pin_mut!(sink);
+        let line_count_per_chunk = 16 * 1024;
+        let mut chunk = String::new();
+        let mut sent_bytes = 0usize;
+        let mut sent_rows = 0u64;
+        while sent_bytes < copy_mib * 1024 * 1024 {
+            chunk.clear();
+            for _ in 0..line_count_per_chunk {
+                chunk.push_str(&format!("{sent_rows}\trow {sent_rows} of the copy test\n"));
+                sent_rows += 1;
+            }
+            sent_bytes += chunk.len();
+            sink.send(bytes::Bytes::from(chunk.clone())).await?;
+        }
+        let copied_in = sink.finish().await?;
+
+        let stream = client.copy_out("COPY driver_copy TO STDOUT").await?;
+        futures_util::pin_mut!(stream);
+        let mut copied_out_bytes = 0usize;
+        while let Some(data) = stream.next().await {
+            copied_out_bytes += data?.len();
+        }
+
+        drop(client);
+        let _ = connection.await;
+        println!(
+            "{}",
+            json!({
+                "prepared_rows": prepared_rows,
+                "pipelined_ok": pipelined_ok,
+                "big_row_len": big_row.len(),
+                "big_row_all_x": big_row.bytes().all(|b| b == b'x'),
+                "param_length": param_length,
+                "copied_in_rows": copied_in,
+                "sent_rows": sent_rows,
+                "sent_bytes": sent_bytes,
+                "copied_out_bytes": copied_out_bytes,
+            })
+        );
+        Ok(())
     }
 }

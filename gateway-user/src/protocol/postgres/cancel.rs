@@ -12,9 +12,9 @@ use tracing::{info, warn};
 
 use super::codec::{MAX_CANCEL_KEY_LEN, MIN_CANCEL_KEY_LEN};
 
-/// Maximum number of live cancel keys, one per open PostgreSQL session; beyond it the oldest
-/// registrations are not evicted but new ones are refused, which only costs those sessions
-/// the ability to cancel.
+/// Maximum number of live cancel keys, one per open PostgreSQL session. Past it, new keys are
+/// rejected rather than old ones evicted, which only costs those sessions the ability to
+/// cancel.
 const MAX_REGISTERED_KEYS: usize = 65_536;
 
 /// Live sessions' cancel keys: process id and secret, to the server that issued them.

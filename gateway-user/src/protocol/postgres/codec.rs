@@ -17,7 +17,7 @@ use std::{fmt, io};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
-/// Largest body the proxy holds whole for inspection (statements, rows, errors). Larger
+/// Largest body the proxy reads whole for inspection (statements, rows, errors). Larger
 /// messages are streamed in pieces of this size.
 pub const HOLD_LIMIT: usize = 1024 * 1024;
 /// Largest startup packet accepted, the same limit PostgreSQL applies

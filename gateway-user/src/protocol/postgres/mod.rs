@@ -17,7 +17,7 @@
 
 pub mod cancel;
 pub mod codec;
-mod rows;
+pub mod rows;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -57,19 +57,19 @@ use crate::{
 /// run, so they cannot be streamed; 64 MiB is far above any hand-written statement while
 /// bounding what one client can make the proxy hold.
 pub const STATEMENT_HOLD_LIMIT: usize = 64 * 1024 * 1024;
-/// Longest statement text or parameter value written to a recording; longer ones are cut and
+/// Maximum length of a statement text or parameter value in a recording; longer ones are cut and
 /// marked, since the recording is an audit trail and not a data copy.
 const RECORDED_TEXT_LIMIT: usize = 4096;
 /// SQLSTATE of the gateway's denials: `insufficient_privilege`.
 const DENIED_SQLSTATE: &str = "42501";
 
-/// What a PostgreSQL session needs from the rest of the daemon.
+/// Inputs of a PostgreSQL session from the rest of the daemon.
 #[derive(Clone, Debug)]
 pub struct PostgresContext {
     pub rules: Arc<Vec<SqlRule>>,
     pub mask: MaskPolicy,
     pub cancels: Arc<CancelRegistry>,
-    /// Where this session's upstream connection goes, for routing cancel requests.
+    /// Server address of this session's upstream connection, for routing cancel requests.
     pub upstream_addr: SocketAddr,
     /// Socket mark for connections the handler opens itself (cancel forwarding).
     pub mark: u32,
@@ -83,7 +83,7 @@ pub struct PostgresContext {
     )>,
 }
 
-/// A statement waiting for the server's answer.
+/// A statement waiting for the server's response.
 #[derive(Debug)]
 struct Pending {
     /// Statement text, masked and cut to `RECORDED_TEXT_LIMIT`.
@@ -111,7 +111,7 @@ struct SyncPoint {
 
 #[derive(Debug, Default)]
 struct Shared {
-    /// Closed synchronization points in the order the server answers them, then the open one.
+    /// Closed synchronization points in the order the server responds to them, then the open one.
     syncs: VecDeque<SyncPoint>,
 }
 
@@ -132,11 +132,11 @@ impl Shared {
 
 /// Session facts from the startup packet, written into every statement record.
 #[derive(Clone, Debug, Default)]
-struct StartupInfo {
-    user: String,
-    database: String,
+pub struct StartupInfo {
+    pub user: String,
+    pub database: String,
     /// The whole StartupMessage, length included, to forward to the server.
-    packet: Bytes,
+    pub packet: Bytes,
 }
 
 type Recording = Arc<Mutex<SessionRecord>>;
@@ -185,7 +185,7 @@ pub async fn run(
     }
 }
 
-/// Why a session stopped early.
+/// Reason a session stopped early.
 #[derive(Debug)]
 enum SessionEnd {
     Idle,
@@ -522,7 +522,8 @@ async fn connect_server(
     Ok((Box::new(read), Box::new(write), true))
 }
 
-fn parse_startup(body: &[u8]) -> Result<StartupInfo, CodecError> {
+/// Parses the parameters of a StartupMessage body (after the protocol version).
+pub fn parse_startup(body: &[u8]) -> Result<StartupInfo, CodecError> {
     let mut reader = BodyReader::new(body, "StartupMessage");
     let mut info = StartupInfo::default();
     loop {
@@ -1120,7 +1121,7 @@ const SCRAM_PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
 const AUTH_SASL: i32 = 10;
 
 /// Removes `SCRAM-SHA-256-PLUS` from an AuthenticationSASL offer. Channel binding ties the
-/// exchange to the TLS channel the server sees, which is the proxy's and never the client's,
+/// exchange to the server's TLS channel, which is the proxy's and never the client's,
 /// so a client choosing it would always fail; without the offer it uses plain SCRAM-SHA-256.
 /// Other authentication messages are returned unchanged.
 fn without_channel_binding(body: &[u8]) -> Bytes {
@@ -1251,8 +1252,8 @@ fn record_statement(
 }
 
 fn record_event(record: &Recording, event: &str, fields: Value) {
-    // NOTE: this writes to the session file on the async thread; the events are small appends,
-    // and the recorder's own writer task will take them over.
+    // NOTE: this writes to the session file on the async thread. The events are small appends,
+    // and the recorder's own writer task is to take them over.
     let mut record = record.lock().expect("recording lock poisoned");
     if let Err(error) = record.event(event, fields) {
         warn!(error = %crate::error_chain(&error), session = %record.id, "failed to write a session event");
