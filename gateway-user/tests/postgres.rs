@@ -140,9 +140,23 @@ fn psql_ok(setup: &PgSetup, through_gateway: bool, user: &str, sql: &str) -> Str
 
 /// Runs a raw protocol script in the pod and returns the backend messages it printed.
 fn pg_script(setup: &PgSetup, name: &str, lines: &[String]) -> Vec<Value> {
+    let output = pg_script_output(setup, name, lines, &[]);
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("pg-script prints JSON lines"))
+        .collect()
+}
+
+/// Runs a raw protocol script in the pod with extra `pg-script` arguments.
+fn pg_script_output(
+    setup: &PgSetup,
+    name: &str,
+    lines: &[String],
+    extra: &[&std::ffi::OsStr],
+) -> Output {
     let path: PathBuf = setup.node.dir.join(format!("{name}.script"));
     std::fs::write(&path, lines.join("\n")).expect("write script");
-    let output = setup
+    setup
         .node
         .in_pod(&setup.pod, TESTPEER)
         .args([
@@ -152,13 +166,10 @@ fn pg_script(setup: &PgSetup, name: &str, lines: &[String]) -> Vec<Value> {
             "--script",
         ])
         .arg(&path)
+        .args(extra)
         .stdin(Stdio::null())
         .output()
-        .expect("run pg-script");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("pg-script prints JSON lines"))
-        .collect()
+        .expect("run pg-script")
 }
 
 fn tags(messages: &[Value]) -> String {
@@ -771,27 +782,19 @@ fn both_legs_tls_authentication() {
 #[test]
 fn direct_tls_with_alpn() {
     let (setup, ca) = pg_setup_tls("direct_tls_with_alpn", true, false);
-    let path = setup.node.dir.join("direct.script");
-    std::fs::write(
-        &path,
-        "startup rawuser postgres\nread-ready 1\nquery SELECT 'direct'\nread-ready 1\nterminate\n",
-    )
-    .expect("write script");
-    let output = setup
-        .node
-        .in_pod(&setup.pod, TESTPEER)
-        .args([
-            "pg-script",
-            "--connect",
-            &setup.postgres.addr.to_string(),
-            "--script",
-        ])
-        .arg(&path)
-        .arg("--direct-tls-ca")
-        .arg(&ca)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pg-script");
+    let script = lines(&[
+        "startup rawuser postgres",
+        "read-ready 1",
+        "query SELECT 'direct'",
+        "read-ready 1",
+        "terminate",
+    ]);
+    let output = pg_script_output(
+        &setup,
+        "direct",
+        &script,
+        &["--direct-tls-ca".as_ref(), ca.as_os_str()],
+    );
     assert!(
         output.status.success(),
         "{}",

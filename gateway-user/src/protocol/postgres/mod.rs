@@ -130,6 +130,20 @@ impl Shared {
     }
 }
 
+/// What both pumps of a session share, by reference.
+#[derive(Clone, Copy)]
+struct PumpContext<'a> {
+    context: &'a PostgresContext,
+    record: &'a Recording,
+    counters: &'a Counters,
+    shared: &'a Mutex<Shared>,
+    /// Set by the backend pump at the first ReadyForQuery; until then client messages are
+    /// held to the authentication size limit.
+    authenticated: &'a AtomicBool,
+    startup: &'a StartupInfo,
+    session_token: &'a str,
+}
+
 /// Session facts from the startup packet, written into every statement record.
 #[derive(Clone, Debug, Default)]
 pub struct StartupInfo {
@@ -318,27 +332,20 @@ async fn session(
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let authenticated = AtomicBool::new(false);
-    let frontend = frontend(
-        client_reader,
-        upstream_writer,
+    let pump = PumpContext {
         context,
         record,
         counters,
-        &shared,
-        &authenticated,
-        &startup,
+        shared: &shared,
+        authenticated: &authenticated,
+        startup: &startup,
         session_token,
-    );
+    };
+    let frontend = frontend(client_reader, upstream_writer, &pump);
     let backend = backend(
         FrameReader::new(upstream_read),
         BufWriter::new(client_write),
-        context,
-        record,
-        counters,
-        &shared,
-        &authenticated,
-        &startup,
-        session_token,
+        &pump,
     );
     tokio::try_join!(frontend, backend).map(|_| ())
 }
@@ -563,21 +570,16 @@ struct Frontend {
     discarding: bool,
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the pump's inputs are distinct, shared by reference"
-)]
 async fn frontend(
     mut client: FrameReader<ReadHalf>,
     mut upstream: BufWriter<WriteHalf>,
-    context: &PostgresContext,
-    record: &Recording,
-    counters: &Counters,
-    shared: &Mutex<Shared>,
-    authenticated: &AtomicBool,
-    startup: &StartupInfo,
-    session_token: &str,
+    pump: &PumpContext<'_>,
 ) -> Result<(), SessionEnd> {
+    let PumpContext {
+        counters,
+        authenticated,
+        ..
+    } = *pump;
     let mut state = Frontend::default();
     loop {
         let limit = if authenticated.load(Ordering::Acquire) {
@@ -603,17 +605,8 @@ async fn frontend(
                 }));
             }
             let body = client.read_body(header).await.map_err(client_error)?;
-            let forward = frontend_message(
-                &mut state,
-                header.tag,
-                body,
-                context,
-                record,
-                shared,
-                startup,
-                session_token,
-            )
-            .map_err(client_error)?;
+            let forward =
+                frontend_message(&mut state, header.tag, body, pump).map_err(client_error)?;
             if let Some(message) = forward {
                 upstream.write_all(&message).await.map_err(server_error)?;
             }
@@ -636,20 +629,18 @@ async fn frontend(
 
 /// Judges and tracks one inspected client message and returns what to send upstream instead:
 /// the message itself, a replacement, or nothing.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the pump's inputs are distinct, shared by reference"
-)]
 fn frontend_message(
     state: &mut Frontend,
     tag: u8,
     body: Bytes,
-    context: &PostgresContext,
-    record: &Recording,
-    shared: &Mutex<Shared>,
-    startup: &StartupInfo,
-    session_token: &str,
+    pump: &PumpContext<'_>,
 ) -> Result<Option<Bytes>, CodecError> {
+    let PumpContext {
+        context,
+        shared,
+        session_token,
+        ..
+    } = *pump;
     if state.discarding && tag != b'S' {
         return Ok(None);
     }
@@ -685,8 +676,6 @@ fn frontend_message(
                 });
             }
             shared.close();
-            let _ = startup;
-            let _ = record;
             Ok(Some(original))
         }
         b'P' => {
@@ -909,21 +898,14 @@ struct Backend {
     copy_masker: Option<StreamMasker>,
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the pump's inputs are distinct, shared by reference"
-)]
 async fn backend(
     mut upstream: FrameReader<ReadHalf>,
     mut client: BufWriter<WriteHalf>,
-    context: &PostgresContext,
-    record: &Recording,
-    counters: &Counters,
-    shared: &Mutex<Shared>,
-    authenticated: &AtomicBool,
-    startup: &StartupInfo,
-    session_token: &str,
+    pump: &PumpContext<'_>,
 ) -> Result<(), SessionEnd> {
+    let PumpContext {
+        context, counters, ..
+    } = *pump;
     let mut state = Backend::default();
     loop {
         let Some(header) = upstream
@@ -952,18 +934,7 @@ async fn backend(
             .await?;
         } else {
             let body = upstream.read_body(header).await.map_err(server_error)?;
-            let out = backend_message(
-                &mut state,
-                header.tag,
-                body,
-                context,
-                record,
-                shared,
-                authenticated,
-                startup,
-                session_token,
-            )
-            .map_err(server_error)?;
+            let out = backend_message(&mut state, header.tag, body, pump).map_err(server_error)?;
             client.write_all(&out).await.map_err(client_error)?;
         }
         if upstream.buffered() == 0 {
@@ -972,22 +943,21 @@ async fn backend(
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the pump's inputs are distinct, shared by reference"
-)]
 fn backend_message(
     state: &mut Backend,
     tag: u8,
     body: Bytes,
-    context: &PostgresContext,
-    record: &Recording,
-    shared: &Mutex<Shared>,
-    authenticated: &AtomicBool,
-    startup: &StartupInfo,
-    session_token: &str,
+    pump: &PumpContext<'_>,
 ) -> Result<Bytes, CodecError> {
-    let _ = session_token;
+    let PumpContext {
+        context,
+        record,
+        shared,
+        authenticated,
+        startup,
+        session_token,
+        ..
+    } = *pump;
     match tag {
         b'D' => {
             let mut body = body.to_vec();
