@@ -475,11 +475,14 @@ fn cancel_reaches_only_its_session() {
 fn big_values_pass_byte_identical() {
     let setup = pg_setup("big_values_pass_byte_identical");
     let size = 20 * 1024 * 1024;
+    let daemon_pid = setup.daemon.as_ref().expect("daemon").pid();
+    let before = rss_kib(daemon_pid);
     let script = vec![
         "startup rawuser postgres".to_string(),
         "read-ready 1".to_string(),
         format!("query SELECT repeat('x', {size})"),
-        "read-ready 1".to_string(),
+        // The client reads the 20 MiB row slowly, so the proxy must hold back, not buffer.
+        "read-ready-slowly 1 3".to_string(),
         "parse - SELECT length($1)".to_string(),
         format!("bind - - @{size}"),
         "execute -".to_string(),
@@ -496,6 +499,11 @@ fn big_values_pass_byte_identical() {
         rows[1]["values"][0],
         size.to_string(),
         "the 20 MiB parameter arrived whole"
+    );
+    let growth_mib = rss_kib(daemon_pid).saturating_sub(before) / 1024;
+    assert!(
+        growth_mib < 24,
+        "proxy memory grew by {growth_mib} MiB for a slowly read 20 MiB row"
     );
 }
 

@@ -333,7 +333,8 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
 /// - `query SQL`, `parse NAME SQL`, `bind PORTAL STATEMENT [PARAM...]` where a parameter
 ///   `@N` stands for N bytes of `x`, `execute PORTAL`, `close-statement NAME`, `sync`, `flush`;
 /// - `repeat N` ... `end` repeats the lines between, with `{i}` replaced by 1..=N;
-/// - `raw HEX` sends bytes as given; `read-ready N` reads until N ReadyForQuery messages;
+/// - `raw HEX` sends bytes as given; `read-ready N` reads until N ReadyForQuery messages, and
+///   `read-ready-slowly N MS` does so pausing MS after every 64 KiB;
 /// - `cancel-after MS` sleeps, then sends a CancelRequest with this session's key on a new
 ///   connection; `sleep MS`; `terminate`.
 mod pg_script {
@@ -469,11 +470,14 @@ mod pg_script {
                     });
                     pending_cancel = Some((delay, handle));
                 }
-                "read-ready" => {
-                    let wanted: usize = rest.parse()?;
+                "read-ready" | "read-ready-slowly" => {
+                    // `read-ready-slowly N MS` sleeps MS after every 64 KiB it reads.
+                    let (count, pause) = rest.split_once(' ').unwrap_or((rest, "0"));
+                    let wanted: usize = count.parse()?;
+                    let pause = Duration::from_millis(pause.parse()?);
                     let mut seen = 0;
                     while seen < wanted {
-                        let Some((tag, body)) = read_message(stream.as_mut())? else {
+                        let Some((tag, body)) = read_message(stream.as_mut(), pause)? else {
                             println!("{}", json!({ "eof": true }));
                             break;
                         };
@@ -581,7 +585,7 @@ mod pg_script {
             .collect()
     }
 
-    fn read_message(stream: &mut dyn Stream) -> io::Result<Option<(u8, Vec<u8>)>> {
+    fn read_message(stream: &mut dyn Stream, pause: Duration) -> io::Result<Option<(u8, Vec<u8>)>> {
         let mut header = [0u8; 5];
         match stream.read_exact(&mut header) {
             Ok(()) => {}
@@ -598,7 +602,12 @@ mod pg_script {
         }
         let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;
         let mut body = vec![0u8; len.saturating_sub(4)];
-        stream.read_exact(&mut body)?;
+        for chunk in body.chunks_mut(64 * 1024) {
+            stream.read_exact(chunk)?;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
         Ok(Some((header[0], body)))
     }
 

@@ -596,6 +596,8 @@ async fn frontend(
             .fetch_add(header.body_len as u64 + 5, Ordering::Relaxed);
         counters.touch();
 
+        // NOTE: a Bind over the hold limit streams through unparsed, so its portal's parameters
+        // and result formats are not known: the statement is still recorded, without them.
         let inspect = matches!(header.tag, b'Q' | b'P' | b'B' | b'E' | b'C' | b'S');
         if inspect && (header.is_held() || matches!(header.tag, b'Q' | b'P')) {
             if header.body_len > STATEMENT_HOLD_LIMIT {
@@ -894,8 +896,6 @@ async fn copy_body<W: AsyncWrite + Unpin>(
 struct Backend {
     /// Format code per column of the current result (0 text, 1 binary), from RowDescription.
     column_formats: Vec<i16>,
-    /// Masks CopyData rows across messages of one COPY OUT.
-    copy_masker: Option<StreamMasker>,
 }
 
 async fn backend(
@@ -972,11 +972,9 @@ fn backend_message(
             state.column_formats = rows::row_description_formats(&body)?;
             Ok(codec::frame(tag, &body))
         }
-        b'H' => {
-            state.copy_masker = Some(StreamMasker::new(context.mask.clone()));
-            Ok(codec::frame(tag, &body))
-        }
         b'd' => {
+            // PostgreSQL sends one row per CopyData message, so a message is masked on its own
+            // and keeps its length. Messages over the hold limit are streamed.
             let mut body = body.to_vec();
             mask_in_place(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
@@ -1078,7 +1076,6 @@ fn backend_message(
                     record_statement(record, startup, &pending, outcome, None, rule.as_deref());
                 }
             }
-            state.copy_masker = None;
             Ok(codec::frame(tag, &body))
         }
         _ => Ok(codec::frame(tag, &body)),
