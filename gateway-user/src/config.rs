@@ -390,6 +390,12 @@ impl Config {
             return Err(invalid("redirect.bpffs", "must be an absolute path".into()));
         }
 
+        for (index, rule) in self.sql_rules.iter().enumerate() {
+            if let Err((field, message)) = rule.validate() {
+                return Err(invalid(&format!("sql_rules[{index}].{field}"), message));
+            }
+        }
+
         let mut seen = HashSet::new();
         for (index, target) in self.targets.iter().enumerate() {
             let field = |name: &str| format!("targets[{index}].{name}");
@@ -593,6 +599,17 @@ targets:
             .replace("5432", "15001");
         let message = error_of(&text);
         assert!(message.contains("proxy's own"), "{message}");
+    }
+
+    #[test]
+    fn config_unknown_statement_kind() {
+        let text = format!("{GOOD}sql_rules:\n  - name: typo\n    statement_kinds: [dropp]\n");
+        let message = error_of(&text);
+        assert!(
+            message.contains("sql_rules[0].statement_kinds"),
+            "{message}"
+        );
+        assert!(message.contains("dropp"), "{message}");
     }
 
     #[test]

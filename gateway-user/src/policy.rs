@@ -23,6 +23,102 @@ pub struct SqlRule {
     pub without_where: bool,
 }
 
+/// Statement kinds a rule may name: what `sql::analyze` reports for parsed statements, the
+/// first keyword of the SQL commands PostgreSQL and MySQL have beyond those, and the gateway's
+/// own `function_call`, `unparsed` and `empty`.
+pub const STATEMENT_KINDS: &[&str] = &[
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "drop",
+    "truncate",
+    "create",
+    "alter",
+    "grant",
+    "revoke",
+    "copy",
+    "call",
+    "do",
+    "set",
+    "show",
+    "begin",
+    "start",
+    "commit",
+    "rollback",
+    "savepoint",
+    "release",
+    "prepare",
+    "execute",
+    "deallocate",
+    "explain",
+    "analyze",
+    "vacuum",
+    "reindex",
+    "cluster",
+    "checkpoint",
+    "lock",
+    "listen",
+    "notify",
+    "unlisten",
+    "discard",
+    "reset",
+    "comment",
+    "security",
+    "refresh",
+    "import",
+    "load",
+    "declare",
+    "fetch",
+    "move",
+    "close",
+    "values",
+    "with",
+    "table",
+    "use",
+    "replace",
+    "rename",
+    "optimize",
+    "flush",
+    "kill",
+    "install",
+    "uninstall",
+    "handler",
+    "function_call",
+    "unparsed",
+    "empty",
+];
+
+impl SqlRule {
+    /// Checks the rule's fields; returns the first problem as (field, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.name.trim().is_empty() {
+            return Err(("name", "must not be empty: denials quote it".to_string()));
+        }
+        if let Some(kind) = self
+            .statement_kinds
+            .iter()
+            .find(|kind| !STATEMENT_KINDS.contains(&kind.to_ascii_lowercase().as_str()))
+        {
+            return Err((
+                "statement_kinds",
+                format!(
+                    "unknown statement kind {kind:?}; known kinds: {}",
+                    STATEMENT_KINDS.join(", ")
+                ),
+            ));
+        }
+        if self.statement_kinds.is_empty() && self.tables.is_empty() && !self.without_where {
+            return Err((
+                "statement_kinds",
+                "the rule has no condition and would deny every statement; name kinds, tables or without_where".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Outcome of judging a statement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {

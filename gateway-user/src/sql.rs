@@ -2,8 +2,12 @@
 //! it touches, and whether a DELETE or UPDATE is limited by a WHERE clause. Parsing uses the
 //! `sqlparser` crate with the dialect of the database at hand.
 //!
-//! Text that does not parse (a dialect extension the parser lacks, or a truncated statement) is
-//! reported as one statement of kind `unparsed`, so the caller can still record and judge it.
+//! Text that does not parse as a whole (a command or dialect extension the parser lacks) is
+//! split into statements at the semicolons the tokenizer finds, and each one is parsed on its
+//! own. A statement that still does not parse is judged by its tokens: its kind is its first
+//! keyword, and every word in it counts as a possible table name, so a rule naming a kind or a
+//! table still matches it. Text that cannot even be tokenized is one statement of kind
+//! `unparsed`.
 
 use std::ops::ControlFlow;
 
@@ -12,6 +16,7 @@ use sqlparser::{
     ast::{Statement, visit_relations},
     dialect::{Dialect, MySqlDialect, PostgreSqlDialect},
     parser::Parser,
+    tokenizer::{Token, Tokenizer},
 };
 
 /// Database dialect to parse with.
@@ -40,14 +45,54 @@ pub fn analyze(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
         SqlDialect::Postgres => &PostgreSqlDialect {},
         SqlDialect::Mysql => &MySqlDialect {},
     };
-    match Parser::parse_sql(dialect, text) {
-        Ok(statements) if !statements.is_empty() => statements.iter().map(describe).collect(),
-        Ok(_) => Vec::new(),
-        Err(_) => vec![StatementInfo {
-            kind: "unparsed".to_string(),
-            tables: Vec::new(),
-            has_where: None,
-        }],
+    if let Ok(statements) = Parser::parse_sql(dialect, text) {
+        return statements.iter().map(describe).collect();
+    }
+    let Ok(tokens) = Tokenizer::new(dialect, text).tokenize() else {
+        return vec![unparsed(&[])];
+    };
+
+    // One statement per run of tokens between semicolons, each parsed alone.
+    let mut infos = Vec::new();
+    for statement_tokens in tokens.split(|token| *token == Token::SemiColon) {
+        let words: Vec<&Token> = statement_tokens
+            .iter()
+            .filter(|token| !matches!(token, Token::Whitespace(_)))
+            .collect();
+        if words.is_empty() {
+            continue;
+        }
+        let piece: String = statement_tokens.iter().map(ToString::to_string).collect();
+        match Parser::parse_sql(dialect, &piece) {
+            Ok(statements) => infos.extend(statements.iter().map(describe)),
+            Err(_) => infos.push(unparsed(&words)),
+        }
+    }
+    if infos.is_empty() {
+        infos.push(unparsed(&[]));
+    }
+    infos
+}
+
+/// Describes a statement the parser rejects from its tokens alone.
+fn unparsed(tokens: &[&Token]) -> StatementInfo {
+    let mut words = tokens.iter().filter_map(|token| match token {
+        Token::Word(word) => Some(word.value.to_ascii_lowercase()),
+        _ => None,
+    });
+    let kind = words.next().unwrap_or_else(|| "unparsed".to_string());
+    let mut tables: Vec<String> = Vec::new();
+    for word in words {
+        if !tables.contains(&word) {
+            tables.push(word);
+        }
+    }
+    let has_where = matches!(kind.as_str(), "delete" | "update")
+        .then(|| tables.iter().any(|word| word == "where"));
+    StatementInfo {
+        kind,
+        tables,
+        has_where,
     }
 }
 
@@ -134,9 +179,37 @@ mod tests {
     }
 
     #[test]
-    fn analyze_unparsed_text() {
+    fn analyze_unparsed_statement_keeps_kind() {
         let infos = analyze("SELEC broken (", SqlDialect::Postgres);
         assert_eq!(infos.len(), 1);
-        assert_eq!(infos[0].kind, "unparsed");
+        assert_eq!(infos[0].kind, "selec");
+    }
+
+    #[test]
+    fn analyze_splits_when_one_part_fails() {
+        // The parser rejects CHECKPOINT, which must not hide the DROP beside it.
+        let infos = analyze("DROP TABLE keep_me; CHECKPOINT", SqlDialect::Postgres);
+        assert_eq!(infos.len(), 2, "{infos:?}");
+        assert_eq!(infos[0].kind, "drop");
+        assert_eq!(infos[0].tables, ["keep_me"]);
+        assert_eq!(infos[1].kind, "checkpoint");
+    }
+
+    #[test]
+    fn analyze_semicolon_inside_string_not_split() {
+        let infos = analyze("SELECT 'a;b' FROM t; CHECKPOINT", SqlDialect::Postgres);
+        assert_eq!(infos.len(), 2, "{infos:?}");
+        assert_eq!(infos[0].kind, "select");
+        assert_eq!(infos[0].tables, ["t"]);
+    }
+
+    #[test]
+    fn analyze_unparsed_words_count_as_tables() {
+        let infos = analyze("REINDEX TABLE secrets; CHECKPOINT", SqlDialect::Postgres);
+        assert_eq!(infos[0].kind, "reindex");
+        assert!(
+            infos[0].tables.contains(&"secrets".to_string()),
+            "{infos:?}"
+        );
     }
 }

@@ -21,6 +21,8 @@ const SQL_RULES: &str = "sql_rules:
   - name: no-unbounded-delete
     statement_kinds: [delete, update]
     without_where: true
+  - name: no-fast-path
+    statement_kinds: [function_call]
 ";
 
 struct PgSetup {
@@ -894,5 +896,68 @@ fn rust_driver_scenario_flat_memory() {
     assert!(
         growth_mib < 48,
         "proxy memory grew by {growth_mib} MiB (before {before} KiB, after {after} KiB)"
+    );
+}
+
+#[test]
+fn fast_path_function_call_judged() {
+    let setup = pg_setup("fast_path_function_call_judged");
+    // FunctionCall of pg_backend_pid() (OID 2026): no argument formats, no arguments, text result.
+    let script = lines(&[
+        "startup rawuser postgres",
+        "read-ready 1",
+        "raw 460000000e000007ea000000000000",
+        "read-ready 1",
+        "query SELECT 'still usable'",
+        "read-ready 1",
+        "terminate",
+    ]);
+    let messages = pg_script(&setup, "fastpath", &script);
+    let all = tags(&messages);
+    let after_auth = &all[all.find('Z').expect("authenticated") + 1..];
+    assert_eq!(
+        after_auth, "EZTDCZ",
+        "one error and one ReadyForQuery for the call"
+    );
+    let error = messages
+        .iter()
+        .find(|m| m["tag"] == "E")
+        .expect("the denial");
+    assert_eq!(error["fields"]["C"], "42501");
+    assert!(
+        error["fields"]["M"]
+            .as_str()
+            .expect("message")
+            .contains("no-fast-path")
+    );
+
+    setup.node.wait_for_sessions(1);
+    let recorded = statements(&setup.node);
+    assert_eq!(recorded[0]["kind"], "function_call");
+    assert_eq!(recorded[0]["outcome"], "denied");
+    assert_eq!(recorded[1]["outcome"], "ok");
+}
+
+#[test]
+fn denied_statement_beside_unparsable_one() {
+    let setup = pg_setup("denied_statement_beside_unparsable_one");
+    setup.postgres.admin_sql("CREATE TABLE keep_me (id int)");
+    // The SQL parser rejects CHECKPOINT; the DROP beside it must still be judged.
+    let output = psql(
+        &setup,
+        true,
+        "postgres",
+        &["-c", "DROP TABLE keep_me; CHECKPOINT"],
+    );
+    assert!(!output.status.success(), "the query must be denied");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-drop"), "{stderr}");
+    assert_eq!(
+        setup
+            .postgres
+            .admin_sql("SELECT count(*) FROM keep_me")
+            .trim(),
+        "0",
+        "the table still exists"
     );
 }

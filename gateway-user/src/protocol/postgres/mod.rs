@@ -598,7 +598,7 @@ async fn frontend(
 
         // NOTE: a Bind over the hold limit streams through unparsed, so its portal's parameters
         // and result formats are not known: the statement is still recorded, without them.
-        let inspect = matches!(header.tag, b'Q' | b'P' | b'B' | b'E' | b'C' | b'S');
+        let inspect = matches!(header.tag, b'Q' | b'P' | b'B' | b'E' | b'C' | b'S' | b'F');
         if inspect && (header.is_held() || matches!(header.tag, b'Q' | b'P')) {
             if header.body_len > STATEMENT_HOLD_LIMIT {
                 return Err(client_error(CodecError::InvalidLength {
@@ -769,6 +769,45 @@ fn frontend_message(
         b'S' => {
             state.discarding = false;
             shared.lock().expect("session state lock poisoned").close();
+            Ok(Some(original))
+        }
+        b'F' => {
+            // FunctionCall (the fast-path interface, used by libpq's large objects) runs a
+            // function by OID with no SQL text. It is judged as kind `function_call`, and like
+            // a Query it is answered by one ReadyForQuery.
+            let mut reader = BodyReader::new(&body, "FunctionCall");
+            let oid = reader.i32()? as u32;
+            let info = StatementInfo {
+                kind: "function_call".to_string(),
+                ..StatementInfo::default()
+            };
+            let text = format!("function call (oid {oid})");
+            let mut shared = shared.lock().expect("session state lock poisoned");
+            if let Some(rule) = first_denial(&context.rules, std::slice::from_ref(&info)) {
+                let marker = denial_marker(session_token);
+                let point = shared.open();
+                point.statements.push_back(denied_pending(
+                    &text,
+                    std::slice::from_ref(&info),
+                    Vec::new(),
+                    &rule,
+                ));
+                point.denial_marker = Some(marker.clone());
+                point.denial_error = Some(denial_error(&rule));
+                shared.close();
+                let mut replacement = marker.into_bytes();
+                replacement.push(0);
+                return Ok(Some(codec::frame(b'Q', &replacement)));
+            }
+            shared.open().statements.push_back(Pending {
+                text,
+                info,
+                params: Vec::new(),
+                started: Instant::now(),
+                denied_by: None,
+                result_formats: Vec::new(),
+            });
+            shared.close();
             Ok(Some(original))
         }
         _ => Ok(Some(original)),
@@ -979,7 +1018,8 @@ fn backend_message(
             mask_in_place(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
         }
-        b'N' => {
+        // NoticeResponse and NotificationResponse (a NOTIFY payload) may quote data.
+        b'N' | b'A' => {
             let mut body = body.to_vec();
             mask_in_place(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
@@ -992,7 +1032,7 @@ fn backend_message(
             );
             Ok(codec::frame(tag, &body))
         }
-        b'C' | b'I' | b's' => {
+        b'C' | b'I' | b's' | b'V' => {
             let rows = if tag == b'C' {
                 command_rows(&body)
             } else {
