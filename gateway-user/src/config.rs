@@ -87,10 +87,10 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// IPv4 redirect address: a node address pods can reach.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_optional_addr")]
     pub listen_v4: Option<SocketAddrV4>,
     /// IPv6 redirect address.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_optional_addr")]
     pub listen_v6: Option<SocketAddrV6>,
     /// Maximum number of proxied connections open at once; further ones are reset.
     #[serde(default = "default_max_connections")]
@@ -220,6 +220,7 @@ pub struct TargetConfig {
     /// Name used in recordings; defaults to `address:port`.
     #[serde(default)]
     pub name: Option<String>,
+    #[serde(deserialize_with = "parse_ip")]
     pub address: IpAddr,
     pub port: u16,
     pub class: TargetClass,
@@ -241,6 +242,34 @@ impl TargetConfig {
             .clone()
             .unwrap_or_else(|| self.socket_addr().to_string())
     }
+}
+
+/// Parses an IP address, naming the value and the expected form when it is not one.
+fn parse_ip<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid IP address {text:?}: targets are IP addresses such as 10.96.0.20 or fd00::20, \
+             host names are not resolved"
+        ))
+    })
+}
+
+/// Parses an `IP:PORT` socket address, naming the value and the expected form when it is not
+/// one.
+fn parse_optional_addr<'de, D, A>(deserializer: D) -> Result<Option<A>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    A: std::str::FromStr,
+{
+    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid address {text:?}: expected IP:PORT, such as 10.0.0.5:15001 or '[fd00::5]:15001'"
+        ))
+    })
 }
 
 fn default_true() -> bool {
@@ -290,10 +319,12 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|error| {
             let field = error.path().to_string();
             let message = error.into_inner().to_string();
-            // serde_yaml starts some messages with the path already given in `field`.
-            let message = message
-                .strip_prefix(&format!("{field}: "))
-                .map_or_else(|| message.clone(), str::to_string);
+            // serde_yaml starts some messages with the path, or part of it, already given in
+            // `field`.
+            let message = match message.split_once(": ") {
+                Some((prefix, rest)) if field.starts_with(prefix) => rest.to_string(),
+                _ => message,
+            };
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 field: if field == "." {

@@ -52,7 +52,9 @@ pub enum ProxyError {
     )]
     Listen { addr: SocketAddr, source: io::Error },
     /// A target's TLS certificate, key or CA could not be loaded.
-    #[error("invalid TLS settings in {field}")]
+    #[error(
+        "invalid TLS settings in {field} (check the certificate, key and CA file paths and that they hold PEM)"
+    )]
     Tls {
         field: String,
         source: crate::tls::TlsError,
@@ -74,19 +76,19 @@ pub struct TargetTls {
 pub fn load_target_tls(config: &Config) -> Result<Vec<TargetTls>, ProxyError> {
     let mut loaded = Vec::with_capacity(config.targets.len());
     for (index, target) in config.targets.iter().enumerate() {
-        let tls_error = |source| ProxyError::Tls {
-            field: format!("targets[{index}]"),
-            source,
+        let tls_error = |field: &str| {
+            let field = format!("targets[{index}].{field}");
+            move |source| ProxyError::Tls { field, source }
         };
         let server = match &target.tls {
             Some(serving) => Some(
                 crate::tls::server_config(serving, &[crate::tls::ALPN_POSTGRESQL])
-                    .map_err(tls_error)?,
+                    .map_err(tls_error("tls"))?,
             ),
             None => None,
         };
-        let upstream =
-            crate::tls::client_config(&target.upstream_tls, target.address).map_err(tls_error)?;
+        let upstream = crate::tls::client_config(&target.upstream_tls, target.address)
+            .map_err(tls_error("upstream_tls"))?;
         loaded.push(TargetTls { server, upstream });
     }
     Ok(loaded)

@@ -63,6 +63,15 @@ const PROGRAMS: [(&str, AttachType); 5] = [
 pub enum RedirectError {
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// The cgroup named by `redirect.cgroup` does not exist.
+    #[error(
+        "redirect.cgroup {configured} is invalid (set it to the cgroup that holds the pods, \
+         absolute or relative to the cgroup2 mount)"
+    )]
+    ConfiguredCgroup {
+        configured: PathBuf,
+        source: CgroupError,
+    },
     /// The kernel lacks a program type, map type or helper the programs need.
     #[error(
         "this kernel cannot run the gateway's eBPF programs: missing {}; the gateway needs \
@@ -210,10 +219,7 @@ impl Redirect {
                  processes are not placed in the cgroup2 hierarchy will not be redirected"
             );
         }
-        let cgroup = match &config.redirect.cgroup {
-            Some(configured) => cgroup::resolve(&mounts.unified, configured)?,
-            None => cgroup::detect_kubepods(&mounts.unified)?,
-        };
+        let cgroup = configured_cgroup(&mounts, config)?;
 
         probe_kernel()?;
         let pins = PinLayout::new(&config.redirect.bpffs);
@@ -287,6 +293,20 @@ impl Redirect {
 
     pub fn pins(&self) -> &PinLayout {
         &self.pins
+    }
+}
+
+/// Resolves the cgroup to attach to: `redirect.cgroup` when set, else the kubelet's pods
+/// cgroup.
+pub fn configured_cgroup(mounts: &CgroupMounts, config: &Config) -> Result<PathBuf, RedirectError> {
+    match &config.redirect.cgroup {
+        Some(configured) => cgroup::resolve(&mounts.unified, configured).map_err(|error| {
+            RedirectError::ConfiguredCgroup {
+                configured: configured.clone(),
+                source: error,
+            }
+        }),
+        None => Ok(cgroup::detect_kubepods(&mounts.unified)?),
     }
 }
 
@@ -834,7 +854,7 @@ pub fn read_stats(bpffs_dir: &Path) -> Result<Stats, RedirectError> {
             name: MAP_STATS,
             message: format!(
                 "{} not found: gatewayd has not installed its programs here, or the pin \
-                 directory is not {}",
+                 directory is not {} (give another one with --bpffs)",
                 path.display(),
                 bpffs_dir.display()
             ),

@@ -83,10 +83,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let mounts =
                 gateway_user::cgroup::find_mounts(std::path::Path::new(redirect::MOUNTINFO))?;
-            let cgroup = match &config.redirect.cgroup {
-                Some(configured) => gateway_user::cgroup::resolve(&mounts.unified, configured)?,
-                None => gateway_user::cgroup::detect_kubepods(&mounts.unified)?,
-            };
+            let cgroup = redirect::configured_cgroup(&mounts, &config)?;
             gateway_user::proxy::load_target_tls(&config)?;
             redirect::probe_kernel()?;
             println!("configuration valid: {} target(s)", config.targets.len());
