@@ -4,8 +4,8 @@
 //!
 //! Text that does not parse as a whole (a command or dialect extension the parser lacks) is
 //! split into statements at the semicolons the tokenizer finds, and each one is parsed on its
-//! own. A statement that still does not parse is judged by its tokens: its kind is its first
-//! keyword, and every word in it counts as a possible table name, so a rule naming a kind or a
+//! own. A statement that still does not parse is judged by its tokens. Its kind is its first
+//! keyword and every word in it counts as a possible table name, so a rule naming a kind or a
 //! table still matches it. Text that cannot even be tokenized is one statement of kind
 //! `unparsed`.
 

@@ -9,8 +9,9 @@
 //! exists.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -212,12 +213,46 @@ fn require_root(task: &str) -> anyhow::Result<()> {
 
 fn test() -> anyhow::Result<()> {
     require_root("test")?;
-    run(cargo().args([
-        "test",
-        "--features",
-        "gateway-user/testing",
-        "--no-fail-fast",
-    ]))
+    let mut child = cargo()
+        .args([
+            "test",
+            "--features",
+            "gateway-user/testing",
+            "--no-fail-fast",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("failed to start cargo test")?;
+
+    // Echo cargo's output and add up its per-binary "test result" lines, so the run ends with
+    // one total instead of the last binary's count (often a doc-test binary with none).
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("failed to read cargo test output")?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            passed += count_before(counts, " passed");
+            failed += count_before(counts, " failed");
+        }
+    }
+    let status = child.wait().context("failed to wait for cargo test")?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
+}
+
+/// Reads the number just before `label` in a libtest summary such as
+/// `ok. 12 passed; 0 failed; 0 ignored`.
+fn count_before(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find(|part| part.ends_with(label))
+        .and_then(|part| part.trim_end_matches(label).rsplit(' ').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or(0)
 }
 
 fn ci() -> anyhow::Result<()> {
@@ -231,10 +266,10 @@ fn ci() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    test()?;
     // A short run proves the fuzz targets build and hold on fresh input; longer runs are
-    // `cargo xtask fuzz --seconds N`.
-    fuzz(10)
+    // `cargo xtask fuzz --seconds N`. The tests come last so their total closes the output.
+    fuzz(10)?;
+    test()
 }
 
 /// Fuzz targets under `fuzz/`: the PostgreSQL frame reader, startup parser and row masking.

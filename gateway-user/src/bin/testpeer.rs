@@ -611,7 +611,8 @@ mod pg_script {
         Ok(Some((header[0], body)))
     }
 
-    /// One JSON line per backend message: the tag, and for the common ones what a test needs.
+    /// Describes one backend message as a JSON line: the tag, and for the common ones what a
+    /// test needs.
     fn describe(tag: u8, body: &[u8], started: Instant) -> serde_json::Value {
         let tag_text = char::from(tag).to_string();
         let ms = started.elapsed().as_millis() as u64;

@@ -57,8 +57,8 @@ use crate::{
 /// run, so they cannot be streamed; 64 MiB is far above any hand-written statement while
 /// bounding what one client can make the proxy hold.
 pub const STATEMENT_HOLD_LIMIT: usize = 64 * 1024 * 1024;
-/// Maximum length of a statement text or parameter value in a recording; longer ones are cut and
-/// marked, since the recording is an audit trail and not a data copy.
+/// Maximum length of a statement text or parameter value in a recording. Longer ones are cut
+/// and marked, because the recording is an audit trail and not a data copy.
 const RECORDED_TEXT_LIMIT: usize = 4096;
 /// SQLSTATE of the gateway's denials: `insufficient_privilege`.
 const DENIED_SQLSTATE: &str = "42501";
@@ -130,7 +130,7 @@ impl Shared {
     }
 }
 
-/// What both pumps of a session share, by reference.
+/// References both pumps of a session share.
 #[derive(Clone, Copy)]
 struct PumpContext<'a> {
     context: &'a PostgresContext,
