@@ -404,6 +404,13 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         return;
     }
 
+    if op != BPF_SOCK_OPS_STATE_CB && !dials_proxy_port(ctx) {
+        // Most connections in the pods' cgroup are not redirected; a port comparison spares
+        // them the cookie and hash lookups below. State callbacks only fire on sockets this
+        // program flagged, which are all redirected.
+        return;
+    }
+
     // SAFETY: the helper takes the program context it was called with.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: lookup of a plain-data value; it is copied out at once.
@@ -432,6 +439,18 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         let _ = CONN.remove(key);
         let _ = ORIG.remove(cookie);
     }
+}
+
+/// Tells whether the socket's remote port is one of the proxy's, as it is for every redirected
+/// connect.
+#[inline(always)]
+fn dials_proxy_port(ctx: &SockOpsContext) -> bool {
+    let Some(cfg) = config() else {
+        return false;
+    };
+    // See `conn_key` for the byte order of `remote_port`.
+    let port = u32::from_be(ctx.remote_port()) as u16;
+    port == cfg.proxy_port4 || port == cfg.proxy_port6
 }
 
 /// Builds the `CONN` key from the socket's own view: local is the client, remote the proxy.
