@@ -145,7 +145,7 @@ struct PumpContext<'a> {
 }
 
 /// Session facts from the startup packet, written into every statement record.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct StartupInfo {
     pub user: String,
     pub database: String,
@@ -527,6 +527,18 @@ async fn connect_server(
         .map_err(server_error)?;
     let (read, write) = tokio::io::split(stream);
     Ok((Box::new(read), Box::new(write), true))
+}
+
+impl std::fmt::Debug for StartupInfo {
+    /// Shows the user and database but only the packet's length: its other parameters are the
+    /// client's and may carry anything.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartupInfo")
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("packet_len", &self.packet.len())
+            .finish()
+    }
 }
 
 /// Parses the parameters of a StartupMessage body (after the protocol version).
