@@ -405,8 +405,8 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     }
 
     if op != BPF_SOCK_OPS_STATE_CB && !dials_proxy_port(ctx) {
-        // Most connections in the pods' cgroup are not redirected; a port comparison spares
-        // them the cookie and hash lookups below. State callbacks only fire on sockets this
+        // Connections that are not redirected are the common case, and a port comparison
+        // spares them the cookie and hash lookups below. State callbacks only fire on sockets this
         // program flagged, which are all redirected.
         return;
     }

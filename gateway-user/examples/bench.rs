@@ -41,9 +41,9 @@ fn main() -> anyhow::Result<()> {
     let mut node = TestNode::new("gateway-bench");
     let pod = node.add_pod("bench-client");
     let server = node.add_server("bench-server", &[]);
-    // TIME_WAIT sockets from thousands of short connects would exhaust the pod's ports, and a
-    // nearly full port range makes each connect search for a free port, which would swamp the
-    // hook's cost: reuse TIME_WAIT ports and widen the range (in the pod's namespace only).
+    // Thousands of short connects leave TIME_WAIT sockets, and in a nearly full port range each
+    // connect searches for a free port, which swamps the hook's cost. So the pod's namespace
+    // reuses TIME_WAIT ports and gets a wider range.
     sysctl_in(&pod.netns, "net.ipv4.tcp_tw_reuse=1")?;
     sysctl_in(&pod.netns, "net.ipv4.ip_local_port_range=1024 65000")?;
 
@@ -213,7 +213,7 @@ fn main() -> anyhow::Result<()> {
 /// Seconds each pgbench run lasts.
 const PGBENCH_SECONDS: u32 = 10;
 
-/// How a pgbench run reaches the server.
+/// Route of a pgbench run to the server.
 #[derive(Clone, Copy)]
 enum PgbenchPath {
     /// From the node namespace, not redirected.
@@ -225,7 +225,7 @@ enum PgbenchPath {
 }
 
 /// Runs pgbench directly, through the handler and through the plain relay, and prints the
-/// ratios; the relay row separates the cost of the extra hop from the handler's own.
+/// ratios. The relay row separates the cost of the extra hop from the handler's own.
 fn pgbench_comparison(
     node: &TestNode,
     pod: &Pod,

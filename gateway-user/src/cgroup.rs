@@ -1,4 +1,4 @@
-//! The cgroup v2 hierarchy as the daemon sees it: where it is mounted (read from
+//! The cgroup v2 hierarchy from the daemon's point of view: where it is mounted (read from
 //! `/proc/self/mountinfo`, never assumed), whether cgroup v1 controllers are mounted beside it,
 //! which directory holds the pods, and the mapping from a cgroup id back to its path.
 //!

@@ -5,8 +5,8 @@
 //! sessions until `proxy.drain_timeout`, then closes the rest. A second signal during the drain
 //! stops at once.
 //! The eBPF programs stay attached across a stop, so a restarted daemon takes over without a
-//! gap; with `fail_mode: open` the heartbeat is expired on a graceful stop so new connects go
-//! direct immediately rather than into a closed port.
+//! gap. With `fail_mode: open` a graceful stop expires the heartbeat, so new connects go direct
+//! at once rather than into a closed port.
 
 use std::{path::PathBuf, sync::Arc};
 

@@ -1,4 +1,4 @@
-//! Who is behind a redirected connection: the cgroup, process and user the connect hook saw,
+//! The subject behind a redirected connection: the cgroup, process and user the connect hook saw,
 //! turned into a subject the recordings and (later) the policy can use.
 //!
 //! The cgroup id is mapped to its path by walking the pods cgroup. The pod UID and container

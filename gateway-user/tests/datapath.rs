@@ -191,7 +191,7 @@ fn redirects_bytes_intact_both_ways() {
     assert_eq!(last_end["bytes"]["from_client"], 100 * 1024 * 1024);
     assert!(stats(&node).get(Verdict::Redirected) >= 3);
 
-    // On a hybrid host (cgroup v1 controllers beside cgroup2) the daemon says so at start.
+    // On a hybrid host (cgroup v1 controllers beside cgroup2) the daemon warns at start.
     let mounts = gateway_user::cgroup::find_mounts(Path::new("/proc/self/mountinfo"))
         .expect("cgroup2 mount");
     assert_eq!(

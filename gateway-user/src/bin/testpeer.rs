@@ -9,8 +9,8 @@
 //!   stream while reading the echo, checks every byte, and prints one JSON object.
 //! - `upload --connect ADDR --bytes N`: sends N bytes one way to a `--sink` server, timed.
 //! - `connect-loop --connect ADDR --count N`: N connect-and-close rounds, timed.
-//! - `hold --connect ADDR --count N`: opens N idle connections, prints `ready`, and holds them
-//!   until its standard input closes.
+//! - `hold --connect ADDR --count N`: opens N idle connections, prints `ready`, and keeps them
+//!   open until its standard input closes.
 //! - `pg-script --connect ADDR --script FILE`: a raw PostgreSQL client for protocol tests.
 //! - `pg-driver --connect ADDR ...`: a tokio-postgres scenario (prepared statements,
 //!   pipelining, 20 MiB values, COPY both ways).

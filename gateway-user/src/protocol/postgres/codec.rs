@@ -9,7 +9,7 @@
 //! 4-byte code, then the body.
 //!
 //! The reader checks every declared length against a limit before it reserves memory. Bodies up
-//! to `HOLD_LIMIT` are read whole so the proxy can inspect them; longer ones are handed out in
+//! to `HOLD_LIMIT` are read whole so the proxy can inspect them. Longer ones are handed out in
 //! pieces of at most `HOLD_LIMIT` bytes, so a message of any size passes with bounded memory.
 
 use std::{fmt, io};

@@ -5,7 +5,7 @@
 //! The session runs as two pumps over one shared state: the frontend pump reads the client and
 //! writes the server, the backend pump the other way round. Each statement the client sends is
 //! queued under its synchronization point (a Sync, or a simple Query, each of which the server
-//! answers with exactly one ReadyForQuery), and the backend pump pairs the server's completions
+//! completes with exactly one ReadyForQuery), and the backend pump pairs the server's completions
 //! and errors with that queue to finish each statement's record.
 //!
 //! A denied statement is not dropped but replaced, for the server, by a statement that fails to
@@ -115,7 +115,45 @@ struct Shared {
     syncs: VecDeque<SyncPoint>,
 }
 
+impl Pending {
+    /// A statement about to be sent to the server.
+    fn new(
+        text: String,
+        info: StatementInfo,
+        params: Vec<Value>,
+        result_formats: Vec<i16>,
+    ) -> Self {
+        Self {
+            text,
+            info,
+            params,
+            started: Instant::now(),
+            denied_by: None,
+            result_formats,
+        }
+    }
+
+    /// A statement denied by `rule`, which the server only sees as a stand-in.
+    fn denied(text: String, info: StatementInfo, rule: &str) -> Self {
+        Self {
+            denied_by: Some(rule.to_string()),
+            ..Self::new(text, info, Vec::new(), Vec::new())
+        }
+    }
+}
+
 impl Shared {
+    /// Queues a denied statement at the open synchronization point and returns the stand-in
+    /// text to send the server in its place.
+    fn deny(&mut self, pending: Pending, rule: &str, session_token: &str) -> String {
+        let marker = denial_marker(session_token);
+        let point = self.open();
+        point.statements.push_back(pending);
+        point.denial_marker = Some(marker.clone());
+        point.denial_error = Some(denial_error(rule));
+        marker
+    }
+
     fn open(&mut self) -> &mut SyncPoint {
         if self.syncs.is_empty() {
             self.syncs.push_back(SyncPoint::default());
@@ -360,7 +398,7 @@ enum Negotiated {
     Done,
 }
 
-/// Answers the encryption requests that may open a connection. GSSENCRequest is declined with
+/// Handles the encryption requests that may open a connection. GSSENCRequest is declined with
 /// `N` (the client goes on with SSLRequest or in plain text); SSLRequest is accepted with `S`
 /// and a TLS handshake when the target has a serving certificate, and declined otherwise.
 async fn negotiate(
@@ -517,7 +555,7 @@ async fn connect_server(
         .map_err(server_error)?;
     if answer[0] != b'S' {
         return Err(server_error(CodecError::Malformed {
-            message: "SSLRequest answer",
+            message: "SSLRequest response",
             reason: "the server does not accept TLS, but upstream_tls requires it",
         }));
     }
@@ -667,27 +705,19 @@ fn frontend_message(
             let shown = recorded_text(text.as_bytes(), &context.mask);
             let mut shared = shared.lock().expect("session state lock poisoned");
             if let Some(rule) = first_denial(&context.rules, &infos) {
-                let marker = denial_marker(session_token);
-                let denied = denied_pending(&shown, &infos, Vec::new(), &rule);
-                let point = shared.open();
-                point.statements.push_back(denied);
-                point.denial_marker = Some(marker.clone());
-                point.denial_error = Some(denial_error(&rule));
+                let info = infos.first().cloned().unwrap_or_default();
+                let marker = shared.deny(Pending::denied(shown, info, &rule), &rule, session_token);
                 shared.close();
-                let mut replacement = marker.into_bytes();
-                replacement.push(0);
-                return Ok(Some(codec::frame(b'Q', &replacement)));
+                return Ok(Some(marker_query(&marker)));
             }
             let point = shared.open();
             for info in statements_or_unparsed(infos) {
-                point.statements.push_back(Pending {
-                    text: shown.clone(),
+                point.statements.push_back(Pending::new(
+                    shown.clone(),
                     info,
-                    params: Vec::new(),
-                    started: Instant::now(),
-                    denied_by: None,
-                    result_formats: Vec::new(),
-                });
+                    Vec::new(),
+                    Vec::new(),
+                ));
             }
             shared.close();
             Ok(Some(original))
@@ -703,14 +733,8 @@ fn frontend_message(
                 .next()
                 .unwrap_or_default();
             if let Some(rule) = first_denial(&context.rules, &infos) {
-                let marker = denial_marker(session_token);
                 let mut shared = shared.lock().expect("session state lock poisoned");
-                let point = shared.open();
-                point
-                    .statements
-                    .push_back(denied_pending(&shown, &infos, Vec::new(), &rule));
-                point.denial_marker = Some(marker.clone());
-                point.denial_error = Some(denial_error(&rule));
+                let marker = shared.deny(Pending::denied(shown, info, &rule), &rule, session_token);
                 state.discarding = true;
                 let mut replacement = BytesMut::new();
                 replacement.put_slice(&name);
@@ -757,14 +781,10 @@ fn frontend_message(
                 .cloned()
                 .unwrap_or_default();
             let mut shared = shared.lock().expect("session state lock poisoned");
-            shared.open().statements.push_back(Pending {
-                text,
-                info,
-                params,
-                started: Instant::now(),
-                denied_by: None,
-                result_formats,
-            });
+            shared
+                .open()
+                .statements
+                .push_back(Pending::new(text, info, params, result_formats));
             Ok(Some(original))
         }
         b'C' => {
@@ -786,7 +806,7 @@ fn frontend_message(
         b'F' => {
             // FunctionCall (the fast-path interface, used by libpq's large objects) runs a
             // function by OID with no SQL text. It is judged as kind `function_call`, and like
-            // a Query it is answered by one ReadyForQuery.
+            // a Query it ends with one ReadyForQuery.
             let mut reader = BodyReader::new(&body, "FunctionCall");
             let oid = reader.i32()? as u32;
             let info = StatementInfo {
@@ -796,29 +816,14 @@ fn frontend_message(
             let text = format!("function call (oid {oid})");
             let mut shared = shared.lock().expect("session state lock poisoned");
             if let Some(rule) = first_denial(&context.rules, std::slice::from_ref(&info)) {
-                let marker = denial_marker(session_token);
-                let point = shared.open();
-                point.statements.push_back(denied_pending(
-                    &text,
-                    std::slice::from_ref(&info),
-                    Vec::new(),
-                    &rule,
-                ));
-                point.denial_marker = Some(marker.clone());
-                point.denial_error = Some(denial_error(&rule));
+                let marker = shared.deny(Pending::denied(text, info, &rule), &rule, session_token);
                 shared.close();
-                let mut replacement = marker.into_bytes();
-                replacement.push(0);
-                return Ok(Some(codec::frame(b'Q', &replacement)));
+                return Ok(Some(marker_query(&marker)));
             }
-            shared.open().statements.push_back(Pending {
-                text,
-                info,
-                params: Vec::new(),
-                started: Instant::now(),
-                denied_by: None,
-                result_formats: Vec::new(),
-            });
+            shared
+                .open()
+                .statements
+                .push_back(Pending::new(text, info, Vec::new(), Vec::new()));
             shared.close();
             Ok(Some(original))
         }
@@ -845,20 +850,16 @@ fn first_denial(rules: &[SqlRule], infos: &[StatementInfo]) -> Option<String> {
     })
 }
 
-fn denied_pending(shown: &str, infos: &[StatementInfo], params: Vec<Value>, rule: &str) -> Pending {
-    Pending {
-        text: shown.to_string(),
-        info: infos.first().cloned().unwrap_or_default(),
-        params,
-        started: Instant::now(),
-        denied_by: Some(rule.to_string()),
-        result_formats: Vec::new(),
-    }
-}
-
 /// Text that PostgreSQL rejects with a syntax error quoting it, unique to this session.
 fn denial_marker(session_token: &str) -> String {
     format!("gateway_denied_{session_token}")
+}
+
+/// Encodes a Query of the stand-in text.
+fn marker_query(marker: &str) -> Bytes {
+    let mut body = marker.as_bytes().to_vec();
+    body.push(0);
+    codec::frame(b'Q', &body)
 }
 
 fn denial_error(rule: &str) -> Bytes {
@@ -893,8 +894,7 @@ fn bind_params(reader: &mut BodyReader<'_>, mask: &MaskPolicy) -> Result<Vec<Val
         if format == 0 {
             params.push(Value::String(recorded_text(value, mask)));
         } else {
-            let mut copy = value.to_vec();
-            mask_in_place(&mut copy, mask);
+            // Binary values are recorded by size only, so nothing of them needs masking.
             params.push(json!({ "binary_bytes": value.len() }));
         }
     }
@@ -1037,11 +1037,9 @@ fn backend_message(
             Ok(codec::frame(tag, &body))
         }
         b'K' => {
-            context.cancels.register(
-                &body,
-                context.upstream_addr,
-                session_token_of(session_token),
-            );
+            context
+                .cancels
+                .register(&body, context.upstream_addr, session_token);
             Ok(codec::frame(tag, &body))
         }
         b'C' | b'I' | b's' | b'V' => {
@@ -1114,7 +1112,7 @@ fn backend_message(
                 return Ok(codec::frame(tag, &body));
             }
             let mut shared = shared.lock().expect("session state lock poisoned");
-            // The open point stays; only a closed one is answered by this ReadyForQuery.
+            // The open point stays, because this ReadyForQuery ends the oldest closed one.
             if shared.syncs.len() > 1
                 && let Some(point) = shared.syncs.pop_front()
             {
@@ -1140,8 +1138,8 @@ const SCRAM_PLUS: &[u8] = b"SCRAM-SHA-256-PLUS";
 const AUTH_SASL: i32 = 10;
 
 /// Removes `SCRAM-SHA-256-PLUS` from an AuthenticationSASL offer. Channel binding ties the
-/// exchange to the server's TLS channel, which is the proxy's and never the client's,
-/// so a client choosing it would always fail; without the offer it uses plain SCRAM-SHA-256.
+/// exchange to the server's TLS channel, which is the proxy's and never the client's, so a
+/// client choosing it would always fail. Without the offer it uses plain SCRAM-SHA-256.
 /// Other authentication messages are returned unchanged.
 fn without_channel_binding(body: &[u8]) -> Bytes {
     let mut reader = BodyReader::new(body, "AuthenticationSASL");
@@ -1168,10 +1166,6 @@ fn bind_formats(shared: &Mutex<Shared>) -> Option<Vec<i16>> {
     let shared = shared.lock().expect("session state lock poisoned");
     let pending = shared.syncs.front()?.statements.front()?;
     (!pending.result_formats.is_empty()).then(|| pending.result_formats.clone())
-}
-
-fn session_token_of(token: &str) -> &str {
-    token
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -4,8 +4,8 @@
 //!
 //! Text-format values are scanned as text. Binary values follow a rule per shape, because the
 //! column's type is not always known (a client may Bind and Execute without Describe):
-//! - 8 bytes are read as `int8`; one whose decimal form is a card number has the digits text
-//!   masking would hide set to zero, so it keeps its type and width;
+//! - 8 bytes are read as `int8`. When its decimal form is a card number, the digits text
+//!   masking would hide are set to zero, so it keeps its type and width;
 //! - a well-formed `numeric` (header and base-10000 digit groups) gets the same treatment on
 //!   its integer digits, in place, with the same number of groups;
 //! - anything else is scanned as text, which covers `bytea` and text-like types fetched in
@@ -91,8 +91,8 @@ const NUMERIC_BASE: i64 = 10_000;
 const NUMERIC_POS: u16 = 0x0000;
 const NUMERIC_NEG: u16 = 0x4000;
 
-/// Masks a binary `numeric` whose integer part is a card number; `None` when the bytes are not
-/// a well-formed numeric, so the caller falls back to another rule.
+/// Masks a binary `numeric` whose integer part is a card number. Returns `None` when the bytes
+/// are not a well-formed numeric, so the caller falls back to another rule.
 ///
 /// # Format
 ///
