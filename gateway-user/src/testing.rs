@@ -648,8 +648,12 @@ fn unreachable_defaults(netns: &str) {
     ip(&["-n", netns, "-6", "route", "add", "unreachable", "default"]);
 }
 
+/// Names a test's namespaces and cgroups. The checkout's path goes into the hash so that two
+/// checkouts of the project can run the same test at once; within one checkout the name stays
+/// the same, so leftovers of an aborted run are found and removed.
 fn short_id(test_name: &str) -> String {
     let mut hasher = DefaultHasher::new();
+    env!("CARGO_MANIFEST_DIR").hash(&mut hasher);
     test_name.hash(&mut hasher);
     format!("{:08x}", hasher.finish() as u32)
 }
