@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     fs::create_dir_all(&demo_dir)?;
 
     let mut node = TestNode::new("gateway-demo");
-    node.set_recordings(demo_dir.join("sessions"));
+    node.set_recordings(demo_dir.join("store"));
     let pod = node.add_pod("web-client");
     let server = node.add_server("web", &[]);
     let target = SocketAddr::new(server.addr_v4.into(), HTTP_PORT);

@@ -14,8 +14,11 @@ use serde::Deserialize;
 
 /// Default bpffs directory for the gateway's pinned maps and links.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/gateway";
-/// Default directory of the session recordings.
-pub const DEFAULT_RECORDING_DIR: &str = "/var/lib/gateway/sessions";
+/// Default directory of the recording store: sessions, journal and signing key.
+pub const DEFAULT_RECORDING_DIR: &str = "/var/lib/gateway";
+/// Retention below which pruning needs `recording.force_short_retention`: PCI DSS 10.5.1 requires
+/// a year of audit history.
+pub const MIN_RETENTION_DAYS: u32 = 365;
 /// Default `SO_MARK` of the proxy's upstream sockets: the ASCII bytes "GW", chosen to stay clear
 /// of the low marks and of the 0x4000/0x8000 bits kube-proxy and Calico use.
 pub const DEFAULT_MARK: u32 = 0x4757_0000;
@@ -165,16 +168,86 @@ impl Default for RedirectSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordingConfig {
+    /// Store directory: `sessions/`, `journal/` and the signing key's public half live here.
     #[serde(default = "default_recording_dir")]
     pub dir: PathBuf,
+    /// Behaviour when recordings cannot be written (disk full or failing).
+    #[serde(default = "default_recording_fail_mode")]
+    pub fail_mode: FailMode,
+    /// Maximum time between a record's write and its `fdatasync`: the records a power loss can
+    /// cost. A killed daemon loses nothing it has written.
+    #[serde(default = "default_group_commit", with = "humantime_serde")]
+    pub group_commit: Duration,
+    /// A signed checkpoint is written after this many records of a session or of the journal.
+    #[serde(default = "default_checkpoint_records")]
+    pub checkpoint_records: u64,
+    /// A signed checkpoint is written when records have waited this long without one.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// ed25519 private key (PKCS#8 PEM) that signs checkpoints, e.g. from a mounted Secret.
+    /// Defaults to `<dir>/signing.key`, generated when missing.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// Days that recordings are kept before pruning.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Allows `retention_days` below 365.
+    #[serde(default)]
+    pub force_short_retention: bool,
+    /// Closed session files are compressed with zstd after this long (e.g. `1d`).
+    #[serde(default = "default_compress_after", with = "humantime_serde")]
+    pub compress_after: Duration,
+    /// Free space (MiB) below which the store counts as full and the fail mode applies.
+    #[serde(default = "default_min_free_mib")]
+    pub min_free_mib: u64,
 }
 
 impl Default for RecordingConfig {
     fn default() -> Self {
         Self {
             dir: default_recording_dir(),
+            fail_mode: default_recording_fail_mode(),
+            group_commit: default_group_commit(),
+            checkpoint_records: default_checkpoint_records(),
+            checkpoint_interval: default_checkpoint_interval(),
+            signing_key: None,
+            retention_days: default_retention_days(),
+            force_short_retention: false,
+            compress_after: default_compress_after(),
+            min_free_mib: default_min_free_mib(),
         }
     }
+}
+
+impl RecordingConfig {
+    /// Path of the signing key.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key
+            .clone()
+            .unwrap_or_else(|| self.dir.join("signing.key"))
+    }
+}
+
+fn default_recording_fail_mode() -> FailMode {
+    FailMode::Closed
+}
+fn default_group_commit() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_checkpoint_records() -> u64 {
+    1000
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_retention_days() -> u32 {
+    400
+}
+fn default_compress_after() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_min_free_mib() -> u64 {
+    64
 }
 
 /// Protocol class of a target.
@@ -419,6 +492,39 @@ impl Config {
         }
         if !redirect.bpffs.is_absolute() {
             return Err(invalid("redirect.bpffs", "must be an absolute path".into()));
+        }
+
+        let recording = &self.recording;
+        if !recording.dir.is_absolute() {
+            return Err(invalid("recording.dir", "must be an absolute path".into()));
+        }
+        if recording.retention_days < MIN_RETENTION_DAYS && !recording.force_short_retention {
+            return Err(invalid(
+                "recording.retention_days",
+                format!(
+                    "{} is below {MIN_RETENTION_DAYS} days, the year of history PCI DSS 10.5.1 \
+                     asks for; set recording.force_short_retention: true to allow it",
+                    recording.retention_days
+                ),
+            ));
+        }
+        if recording.retention_days == 0 {
+            return Err(invalid(
+                "recording.retention_days",
+                "must be at least 1".into(),
+            ));
+        }
+        if recording.group_commit.is_zero() || recording.group_commit > Duration::from_secs(10) {
+            return Err(invalid(
+                "recording.group_commit",
+                "must be between 1ms and 10s".into(),
+            ));
+        }
+        if recording.checkpoint_records == 0 || recording.checkpoint_interval.is_zero() {
+            return Err(invalid(
+                "recording.checkpoint_records",
+                "checkpoint_records and checkpoint_interval must be above zero".into(),
+            ));
         }
 
         for (index, rule) in self.sql_rules.iter().enumerate() {

@@ -51,12 +51,16 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         redirect.mounts.unified.clone(),
         redirect.cgroup.clone(),
     ));
-    let recorder = Recorder::new(config.recording.dir.clone(), node.clone());
+    let recorder = {
+        let recording = config.recording.clone();
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || Recorder::open(&recording, node)).await??
+    };
     let proxy = Proxy::new(
         Arc::clone(&config),
         Arc::clone(&redirect),
         identity,
-        recorder,
+        recorder.clone(),
         target_tls,
     );
     let listeners = proxy.bind()?;
@@ -96,6 +100,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => warn!("second signal: stopping without waiting for open sessions"),
     }
     heartbeat.abort();
+    tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
     if let Some(path) = &options.ready_file {
         let _ = std::fs::remove_file(path);
     }

@@ -10,8 +10,9 @@
 //! - `identity`: the subject behind a connection;
 //! - `mask`: finding card numbers (PANs) in bytes and masking them, whole or streamed;
 //! - `policy`: access decisions (the SQL rules for now);
-//! - `record`: the session recordings;
+//! - `record`: the tamper-evident recording store: sessions, journal, signing, verification;
 //! - `sql`: statement analysis for the database handlers;
+//! - `cli`: the larger `gatewayctl` commands (`sessions`);
 //! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
 //! - `tls`: TLS settings of targets, both legs;
 //! - `sys`: the only module with unsafe code, wrapping system calls;
@@ -19,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod identity;

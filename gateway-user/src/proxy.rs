@@ -27,7 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::{
-    config::{Config, TargetConfig},
+    config::{Config, FailMode, TargetConfig},
     identity::{Identity, Subject},
     mask::MaskPolicy,
     protocol,
@@ -276,10 +276,10 @@ impl Proxy {
         let record = match record {
             Ok(Ok(record)) => record,
             Ok(Err(error)) => {
-                // NOTE: no session may run unrecorded, so a failing recorder refuses sessions
-                // whatever the fail mode; the recorder's own fail mode is not built yet.
+                // No session runs unrecorded: a store that fails with `fail_mode: closed`
+                // refuses it, and so does a recorder that stopped.
                 error!(error = %crate::error_chain(&error), %peer, %destination, "cannot record session, refusing it");
-                let _ = client.set_zero_linger();
+                self.refuse(client, orig.class, &error.to_string()).await;
                 return;
             }
             Err(join_error) => {
@@ -292,16 +292,29 @@ impl Proxy {
         let record = Arc::new(std::sync::Mutex::new(record));
         let end = match self.connect_upstream(destination).await {
             Ok(upstream) => {
-                let result = self
-                    .run_handler(
-                        client,
-                        upstream,
-                        orig.class,
-                        orig.target_id,
-                        destination,
-                        &record,
-                    )
-                    .await;
+                let handler = self.run_handler(
+                    client,
+                    upstream,
+                    orig.class,
+                    orig.target_id,
+                    destination,
+                    &record,
+                );
+                let result = if self.recorder.fail_mode() == FailMode::Closed {
+                    // With recording failing and `fail_mode: closed`, sessions end.
+                    let health = Arc::clone(self.recorder.health());
+                    tokio::select! {
+                        result = handler => result,
+                        () = health.wait_failing() => RelayResult {
+                            outcome: Outcome::RecordingFailed,
+                            reason: Some(format!("recording failed: {}", health.reason())),
+                            bytes_from_client: 0,
+                            bytes_from_upstream: 0,
+                        },
+                    }
+                } else {
+                    handler.await
+                };
                 SessionEnd {
                     outcome: result.outcome,
                     reason: result.reason,
@@ -358,6 +371,21 @@ impl Proxy {
                 error!(error = %crate::error_chain(&error), session = %session_id, "failed to write the end of the session recording")
             }
             Err(join_error) => error!(%join_error, session = %session_id, "recording task failed"),
+        }
+    }
+
+    /// Refuses a session in the target protocol's own way where the handler has one.
+    async fn refuse(&self, client: TcpStream, class: u8, reason: &str) {
+        match gateway_common::TargetClass::try_from(class) {
+            Ok(gateway_common::TargetClass::Postgres) => {
+                let message = format!("the node gateway cannot record this session: {reason}");
+                protocol::postgres::refuse(client, &message).await;
+            }
+            // NOTE: the Kubernetes API and MySQL refusals (a 503 Status, an ERR packet) come
+            // with their handlers; until then the connection is reset.
+            _ => {
+                let _ = client.set_zero_linger();
+            }
         }
     }
 

@@ -260,6 +260,26 @@ pub fn filesystem_type(path: &Path) -> io::Result<i64> {
     Ok(stat.f_type as i64)
 }
 
+/// Returns the bytes available to unprivileged users on the filesystem holding `path`
+/// (`statvfs(2)`'s `f_bavail` times `f_frsize`).
+pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    let path = path_cstring(path)?;
+    // SAFETY: an all-zero `statvfs` is a valid value to be overwritten.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` is a live, writable statvfs.
+    let ret = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Returns the real user id of this process.
+pub fn real_uid() -> u32 {
+    // SAFETY: getuid(2) has no arguments and cannot fail.
+    unsafe { libc::getuid() }
+}
+
 /// Mounts a bpffs instance at `target`.
 pub fn mount_bpffs(target: &Path) -> io::Result<()> {
     let source = c"bpf";

@@ -453,7 +453,7 @@ impl TestNode {
     pub fn recordings(&self) -> PathBuf {
         self.recordings
             .clone()
-            .unwrap_or_else(|| self.dir.join("sessions"))
+            .unwrap_or_else(|| self.dir.join("store"))
     }
 
     /// Keeps recordings in `dir`, which outlives the node (the demo shows them afterwards).
@@ -508,10 +508,30 @@ impl TestNode {
         daemon
     }
 
+    /// Starts `gateway-testpeer serve --greet` in `server`, listening on every address given,
+    /// and waits until it listens.
+    pub fn start_echo(&self, testpeer: &Path, server: &Server, addrs: &[SocketAddr]) -> Child {
+        let mut command = self.in_server(server, testpeer);
+        command.arg("serve").arg("--greet");
+        for addr in addrs {
+            command.arg("--listen").arg(addr.to_string());
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn echo server");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("read echo server output");
+        assert_eq!(line.trim(), "listening", "echo server did not start");
+        child
+    }
+
     /// Lists the session recordings written so far, oldest first.
     pub fn session_files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
-        let Ok(days) = fs::read_dir(self.recordings()) else {
+        let Ok(days) = fs::read_dir(self.recordings().join("sessions")) else {
             return files;
         };
         for day in days.flatten() {

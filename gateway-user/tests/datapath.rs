@@ -23,22 +23,7 @@ const ECHO_PORT: u16 = 7000;
 
 /// Starts the echo server in `server`, listening on every address given.
 fn start_echo(node: &TestNode, server: &Server, addrs: &[SocketAddr]) -> Child {
-    let mut command = node.in_server(server, TESTPEER);
-    command.arg("serve").arg("--greet");
-    for addr in addrs {
-        command.arg("--listen").arg(addr.to_string());
-    }
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn echo server");
-    // Wait for its "listening" line.
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read echo server output");
-    assert_eq!(line.trim(), "listening", "echo server did not start");
-    child
+    node.start_echo(Path::new(TESTPEER), server, addrs)
 }
 
 /// A test node with one pod and one echo server whose first address is a `tcp` target.

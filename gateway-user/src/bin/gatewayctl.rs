@@ -1,11 +1,12 @@
 //! `gatewayctl`: the operator's view of a node. `gatewayctl stats` prints the connect hook's
-//! verdict counters from the pinned maps.
+//! verdict counters from the pinned maps; `gatewayctl sessions` reads and verifies the
+//! recordings.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use gateway_common::Verdict;
-use gateway_user::{config::DEFAULT_BPFFS_DIR, redirect};
+use gateway_user::{cli::sessions::SessionsArgs, config::DEFAULT_BPFFS_DIR, redirect};
 
 #[derive(Debug, Parser)]
 #[command(name = "gatewayctl", version, about = "Inspect a node gateway")]
@@ -25,6 +26,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List, show, replay, export and verify session recordings.
+    Sessions(SessionsArgs),
 }
 
 const VERDICTS: [(Verdict, &str); 10] = [
@@ -43,16 +46,19 @@ const VERDICTS: [(Verdict, &str); 10] = [
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(error) => {
             eprintln!("gatewayctl: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+/// Runs a command; returns false when it ran but its check failed (`sessions verify`).
+fn run(command: Command) -> anyhow::Result<bool> {
     match command {
+        Command::Sessions(args) => gateway_user::cli::sessions::run(args),
         Command::Stats { bpffs, json } => {
             let stats = redirect::read_stats(&bpffs)?;
             if json {
@@ -66,7 +72,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     println!("{name:<28} {}", stats.get(verdict));
                 }
             }
-            Ok(())
+            Ok(true)
         }
     }
 }

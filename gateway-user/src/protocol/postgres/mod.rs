@@ -17,7 +17,10 @@
 
 pub mod cancel;
 pub mod codec;
+mod refuse;
 pub mod rows;
+
+pub use refuse::refuse;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -1265,8 +1268,7 @@ fn record_statement(
 }
 
 fn record_event(record: &Recording, event: &str, fields: Value) {
-    // NOTE: this writes to the session file on the async thread. The events are small appends,
-    // and the recorder's own writer task is to take them over.
+    // Queues the event for the recorder's writer thread; no disk I/O happens here.
     let mut record = record.lock().expect("recording lock poisoned");
     if let Err(error) = record.event(event, fields) {
         warn!(error = %crate::error_chain(&error), session = %record.id, "failed to write a session event");

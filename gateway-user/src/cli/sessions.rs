@@ -1,0 +1,617 @@
+//! `gatewayctl sessions`: list, show, replay, export and verify the node's recordings.
+//!
+//! Every command first writes an `access` record into the journal: the real uid and its user
+//! name, the command, and the sessions it reads. A command that cannot write it fails before
+//! reading, so reading audit records is itself audited.
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    config::DEFAULT_RECORDING_DIR,
+    record::{
+        PUBLIC_KEY_FILE,
+        journal::{Journal, Writer},
+        read::{self, SessionFile, Summary},
+        signing::PublicKey,
+        verify,
+    },
+};
+
+/// `gatewayctl sessions` and its options.
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    /// Recording store of the node (`recording.dir` in the daemon's config).
+    #[arg(long, global = true, env = "GATEWAY_STORE", default_value = DEFAULT_RECORDING_DIR)]
+    pub store: PathBuf,
+    #[command(subcommand)]
+    pub command: SessionsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// List sessions, oldest first.
+    List {
+        /// Only sessions that started within this long before now (e.g. `2h`, `7d`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Only sessions that started before this time (RFC 3339, e.g. `2026-12-01T00:00:00Z`).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<DateTime<Utc>>,
+        /// Only sessions of pods in this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only sessions of this pod (name, UID or cgroup path).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only sessions to targets of this class (`postgres`, `mysql`, `kube_api`, `tcp`).
+        #[arg(long)]
+        target: Option<String>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a session's records in order.
+    Show {
+        /// Session id, or a unique prefix of it.
+        id: String,
+        /// Print the records as stored (JSON lines).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Play an exec or attach session back with its timing, or print an SQL session's
+    /// statements with their outcomes.
+    Replay {
+        /// Session id, or a unique prefix of it.
+        id: String,
+        /// Playback speed factor; 2 plays twice as fast.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Maximum pause between two frames, whatever the recorded gap (e.g. `2s`).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        idle_limit: Duration,
+    },
+    /// Write a session to standard output in another format.
+    Export {
+        /// Session id, or a unique prefix of it.
+        id: String,
+        /// `asciicast` (v2, for terminal players) or `jsonl` (the records as stored).
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+    },
+    /// Check hash chains, signed checkpoints and the journal. Exits 0 when nothing was
+    /// tampered with, 1 otherwise.
+    Verify {
+        /// Session id or unique prefix; checks only that session (and the journal).
+        id: Option<String>,
+        /// Check every session in the store.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        /// Trusted public key (PEM). Defaults to the key in the store, which an intruder with
+        /// write access to the store could have replaced, so keep a copy elsewhere and pass it.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    Asciicast,
+    Jsonl,
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|error| {
+            format!("invalid time {text:?} ({error}); use RFC 3339, e.g. 2026-12-01T00:00:00Z")
+        })
+}
+
+/// Runs a `gatewayctl sessions` command; returns false when `verify` found tampering.
+pub fn run(args: SessionsArgs) -> anyhow::Result<bool> {
+    let store = args.store;
+    if !store.join(crate::record::SESSIONS_DIR).is_dir() {
+        bail!(
+            "no recording store at {}: pass --store with the daemon's recording.dir",
+            store.display()
+        );
+    }
+    match args.command {
+        SessionsCommand::List {
+            since,
+            until,
+            namespace,
+            pod,
+            target,
+            json,
+        } => {
+            record_access(
+                &store,
+                "list",
+                json!({
+                    "since": since.map(|d| humantime::format_duration(d).to_string()),
+                    "until": until.map(|t| t.to_rfc3339()),
+                    "namespace": namespace, "pod": pod, "target": target,
+                }),
+            )?;
+            let filter = Filter {
+                since: since.map(|since| Utc::now() - since),
+                until,
+                namespace,
+                pod,
+                target,
+            };
+            list(&store, &filter, json)?;
+            Ok(true)
+        }
+        SessionsCommand::Show { id, json } => {
+            let session = read::find_session(&store, &id)?;
+            record_access(&store, "show", json!({ "sessions": [session.id] }))?;
+            show(&session, json)?;
+            Ok(true)
+        }
+        SessionsCommand::Replay {
+            id,
+            speed,
+            idle_limit,
+        } => {
+            if !(speed > 0.0 && speed.is_finite()) {
+                bail!("invalid --speed {speed}: it must be a positive number");
+            }
+            let session = read::find_session(&store, &id)?;
+            record_access(&store, "replay", json!({ "sessions": [session.id] }))?;
+            replay(&session, speed, idle_limit)?;
+            Ok(true)
+        }
+        SessionsCommand::Export { id, format } => {
+            let session = read::find_session(&store, &id)?;
+            record_access(
+                &store,
+                "export",
+                json!({ "sessions": [session.id], "format": format!("{format:?}").to_lowercase() }),
+            )?;
+            export(&session, format)?;
+            Ok(true)
+        }
+        SessionsCommand::Verify {
+            id,
+            all,
+            public_key,
+            json,
+        } => {
+            if id.is_none() && !all {
+                bail!("name a session id to verify, or pass --all");
+            }
+            let session = id.map(|id| read::find_session(&store, &id)).transpose()?;
+            let key_path = public_key.unwrap_or_else(|| store.join(PUBLIC_KEY_FILE));
+            let key = PublicKey::from_file(&key_path)?;
+            record_access(
+                &store,
+                "verify",
+                json!({
+                    "sessions": session.as_ref().map_or_else(|| json!("all"), |s| json!([s.id])),
+                    "public_key": key.id(),
+                }),
+            )?;
+            let report = verify::verify_store(
+                &store,
+                session.as_ref(),
+                &key,
+                progress_printer("verifying sessions"),
+            )?;
+            print_report(&report, &key_path, json);
+            Ok(report.passed())
+        }
+    }
+}
+
+/// Writes the `access` record for a read; fails when it cannot be written.
+fn record_access(store: &Path, command: &str, what: Value) -> anyhow::Result<()> {
+    let uid = crate::sys::real_uid();
+    let mut fields = Map::new();
+    fields.insert("uid".into(), json!(uid));
+    fields.insert("user".into(), json!(user_name(uid)));
+    fields.insert("command".into(), json!(format!("sessions {command}")));
+    fields.insert("read".into(), what);
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let mut journal = Journal::open(store, &node, Writer::Cli).with_context(|| {
+        format!(
+            "cannot record this read in the journal under {}; reads of recordings must be recorded",
+            store.display()
+        )
+    })?;
+    journal
+        .append(&[("access", fields)], None)
+        .and_then(|_| journal.sync())
+        .with_context(|| format!("cannot record this read in the journal under {}; reads of recordings must be recorded", store.display()))?;
+    Ok(())
+}
+
+/// Looks the user name of `uid` up in `/etc/passwd`.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id: u32 = fields.nth(1)?.parse().ok()?;
+        (id == uid).then(|| name.to_string())
+    })
+}
+
+struct Filter {
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    namespace: Option<String>,
+    pod: Option<String>,
+    target: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, summary: &Summary) -> bool {
+        let start = read::start_time(summary);
+        if let Some(since) = self.since
+            && start.is_none_or(|start| start < since)
+        {
+            return false;
+        }
+        if let Some(until) = self.until
+            && start.is_none_or(|start| start > until)
+        {
+            return false;
+        }
+        if let Some(namespace) = &self.namespace
+            && summary.namespace.as_deref() != Some(namespace.as_str())
+        {
+            return false;
+        }
+        if let Some(pod) = &self.pod
+            && !summary
+                .pod
+                .as_deref()
+                .is_some_and(|value| value == pod || value.contains(pod.as_str()))
+        {
+            return false;
+        }
+        if let Some(target) = &self.target
+            && summary.target_class != *target
+        {
+            return false;
+        }
+        true
+    }
+}
+
+fn list(store: &Path, filter: &Filter, json: bool) -> anyhow::Result<()> {
+    let from = filter.since.map(|since| since.date_naive());
+    let to: Option<NaiveDate> = filter.until.map(|until| until.date_naive());
+    let files = read::session_files(store, from, to)?;
+    let mut progress = progress_printer("reading sessions");
+    let total = files.len() as u64;
+    let mut rows = Vec::new();
+    for (index, file) in files.iter().enumerate() {
+        progress(index as u64, total);
+        let records = read::parse_records(&read::read_bytes(&file.path)?);
+        let summary = read::summarize(&file.id, &records);
+        if filter.matches(&summary) {
+            rows.push(summary);
+        }
+    }
+    progress(total, total);
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if json {
+        for row in &rows {
+            writeln!(out, "{}", serde_json::to_string(row)?)?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<36}  {:<19}  {:>9}  {:<28}  {:<20}  {:<28}  {:>8}  {:>6}  OUTCOME",
+        "ID", "START", "DURATION", "POD", "SERVICE ACCOUNT", "TARGET", "REQUESTS", "DENIED"
+    )?;
+    for row in &rows {
+        let pod = match (&row.namespace, &row.pod) {
+            (Some(namespace), Some(pod)) => format!("{namespace}/{pod}"),
+            (None, Some(pod)) => pod.clone(),
+            _ => "-".into(),
+        };
+        let start = read::start_time(row)
+            .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| "-".into());
+        let duration = row
+            .duration_ms
+            .map(format_duration_ms)
+            .unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:<36}  {:<19}  {:>9}  {:<28}  {:<20}  {:<28}  {:>8}  {:>6}  {}",
+            row.id,
+            start,
+            duration,
+            truncate(&pod, 28),
+            truncate(row.service_account.as_deref().unwrap_or("-"), 20),
+            truncate(&format!("{}/{}", row.target_class, row.target), 28),
+            row.requests,
+            row.denied,
+            row.outcome
+        )?;
+    }
+    if rows.is_empty() {
+        eprintln!("no sessions match");
+    }
+    Ok(())
+}
+
+fn format_duration_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+fn truncate(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(width - 1).collect();
+    format!("{kept}…")
+}
+
+fn show(session: &SessionFile, json: bool) -> anyhow::Result<()> {
+    let bytes = read::read_bytes(&session.path)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if json {
+        let (lines, _) = crate::record::journal::split_lines(&bytes);
+        for line in lines {
+            out.write_all(line)?;
+        }
+        return Ok(());
+    }
+    for record in read::parse_records(&bytes) {
+        writeln!(out, "{}", describe(&record))?;
+    }
+    Ok(())
+}
+
+/// Formats a record as one readable line: time, seq, event, then its own fields.
+fn describe(record: &Value) -> String {
+    let time = record["time"].as_str().unwrap_or("-");
+    let seq = record["seq"].as_u64().unwrap_or_default();
+    let event = record["event"].as_str().unwrap_or("-");
+    let mut details = Vec::new();
+    if let Some(map) = record.as_object() {
+        for (key, value) in map {
+            if matches!(
+                key.as_str(),
+                "v" | "seq"
+                    | "prev"
+                    | "time"
+                    | "event"
+                    | "session"
+                    | "node"
+                    | "protocol"
+                    | "signature"
+            ) {
+                continue;
+            }
+            let text = match value {
+                Value::String(text) => format!("{text:?}"),
+                other => other.to_string(),
+            };
+            details.push(format!("{key}={text}"));
+        }
+    }
+    format!("{time} {seq:>5} {event:<16} {}", details.join(" "))
+}
+
+fn replay(session: &SessionFile, speed: f64, idle_limit: Duration) -> anyhow::Result<()> {
+    let records = read::parse_records(&read::read_bytes(&session.path)?);
+    let frames: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "stream.frame")
+        .collect();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if frames.is_empty() {
+        // Not a terminal session: print the request transcript.
+        for record in &records {
+            if let Some(line) = transcript_line(record) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        return Ok(());
+    }
+    let mut last_offset = 0u64;
+    for frame in frames {
+        let offset = frame["offset_ms"].as_u64().unwrap_or(last_offset);
+        let wait = Duration::from_millis(offset.saturating_sub(last_offset)).min(idle_limit);
+        std::thread::sleep(wait.div_f64(speed));
+        last_offset = offset;
+        if frame["stream"] == "stdin" {
+            continue;
+        }
+        out.write_all(frame["data"].as_str().unwrap_or_default().as_bytes())?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Formats a request record as a transcript line: time, request, and its outcome.
+fn transcript_line(record: &Value) -> Option<String> {
+    let time = record["time"].as_str().unwrap_or("-");
+    match record["event"].as_str()? {
+        "sql.statement" => {
+            let outcome = match record["decision"].as_str() {
+                Some("deny") => {
+                    format!("DENIED by {}", record["rule"].as_str().unwrap_or("policy"))
+                }
+                _ => match record["error_code"].as_str() {
+                    Some(code) => format!("ERROR {code}"),
+                    None => match record["rows"].as_u64() {
+                        Some(rows) => format!("ok, {rows} rows"),
+                        None => "ok".into(),
+                    },
+                },
+            };
+            Some(format!(
+                "{time}  {}@{}  {}\n    -> {outcome}",
+                record["user"].as_str().unwrap_or("?"),
+                record["database"].as_str().unwrap_or("?"),
+                record["text"].as_str().unwrap_or_default()
+            ))
+        }
+        "kube.request" => Some(format!(
+            "{time}  {} {}  -> {} {}",
+            record["verb"].as_str().unwrap_or("?"),
+            record["path"]
+                .as_str()
+                .or_else(|| record["resource"].as_str())
+                .unwrap_or("?"),
+            record["status"],
+            record["decision"].as_str().unwrap_or("")
+        )),
+        "session.start" => Some(format!("{time}  session started: {}", record["target"])),
+        "session.end" => Some(format!(
+            "{time}  session ended: {}",
+            record["outcome"].as_str().unwrap_or("?")
+        )),
+        _ => None,
+    }
+}
+
+fn export(session: &SessionFile, format: ExportFormat) -> anyhow::Result<()> {
+    let bytes = read::read_bytes(&session.path)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match format {
+        ExportFormat::Jsonl => {
+            let (lines, _) = crate::record::journal::split_lines(&bytes);
+            for line in lines {
+                out.write_all(line)?;
+            }
+        }
+        ExportFormat::Asciicast => {
+            for line in asciicast(&read::parse_records(&bytes))? {
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Converts an exec or attach session into asciicast v2 lines: a header, then `[seconds,
+/// "o" | "i", data]` events with times relative to the stream's start.
+pub fn asciicast(records: &[Value]) -> anyhow::Result<Vec<String>> {
+    let open = records.iter().find(|r| r["event"] == "stream.open");
+    let frames: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "stream.frame")
+        .collect();
+    if open.is_none() && frames.is_empty() {
+        bail!(
+            "this session has no terminal stream (exec or attach) to export as asciicast; use --format jsonl"
+        );
+    }
+    let start = records
+        .first()
+        .and_then(|r| r["time"].as_str())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map_or(0, |t| t.timestamp());
+    let width = open.and_then(|o| o["width"].as_u64()).unwrap_or(80);
+    let height = open.and_then(|o| o["height"].as_u64()).unwrap_or(24);
+    let mut header = json!({ "version": 2, "width": width, "height": height, "timestamp": start });
+    if let Some(command) = open.map(|o| &o["command"]).filter(|c| !c.is_null()) {
+        let text = match command {
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => other.as_str().unwrap_or_default().to_string(),
+        };
+        header["command"] = json!(text);
+    }
+    let base = open.and_then(|o| o["offset_ms"].as_u64()).unwrap_or(0);
+    let mut lines = vec![header.to_string()];
+    for frame in frames {
+        let seconds = frame["offset_ms"]
+            .as_u64()
+            .unwrap_or(base)
+            .saturating_sub(base) as f64
+            / 1000.0;
+        let kind = if frame["stream"] == "stdin" { "i" } else { "o" };
+        lines.push(json!([seconds, kind, frame["data"].as_str().unwrap_or_default()]).to_string());
+    }
+    Ok(lines)
+}
+
+fn print_report(report: &verify::Report, key_path: &Path, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        return;
+    }
+    for finding in &report.failures {
+        println!("FAIL  {}", format_finding(finding));
+    }
+    for finding in &report.notes {
+        println!("note  {}", format_finding(finding));
+    }
+    let verdict = if report.passed() { "PASS" } else { "FAIL" };
+    println!(
+        "{verdict}: {} sessions, {} records, {:.1} MiB checked with key {}; {} failures, {} notes",
+        report.sessions,
+        report.records,
+        report.bytes as f64 / (1024.0 * 1024.0),
+        key_path.display(),
+        report.failures.len(),
+        report.notes.len()
+    );
+}
+
+fn format_finding(finding: &verify::Finding) -> String {
+    match finding.line {
+        Some(line) => format!("{}:{line}: {}", finding.file, finding.message),
+        None => format!("{}: {}", finding.file, finding.message),
+    }
+}
+
+/// Returns a callback printing `label done/total` on standard error when it is a terminal,
+/// and doing nothing when it is not.
+fn progress_printer(label: &'static str) -> impl FnMut(u64, u64) {
+    let terminal = std::io::stderr().is_terminal();
+    let mut last = std::time::Instant::now();
+    move |done, total| {
+        if !terminal || total < 100 {
+            return;
+        }
+        if done == total {
+            eprint!("\r\x1b[K");
+        } else if last.elapsed() >= Duration::from_millis(200) {
+            last = std::time::Instant::now();
+            eprint!("\r{label}: {done}/{total}");
+        }
+    }
+}
