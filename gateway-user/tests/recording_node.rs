@@ -260,7 +260,41 @@ fn disk_full_closed_refuses_then_resumes() {
         "psql before the disk fills: {output:?}"
     );
 
+    // A session open when the store starts failing must end rather than run unrecorded.
+    let conninfo = format!(
+        "host={} port=5432 user=postgres dbname=postgres sslmode=disable",
+        setup.postgres.addr.ip()
+    );
+    let mut sleeper = ChildGuard(
+        setup
+            .node
+            .in_pod(&setup.pod, setup.postgres.bin_dir.join("psql"))
+            .args([&conninfo, "-X", "-c", "SELECT pg_sleep(120)"])
+            .env("PGPASSWORD", gateway_user::testing::POSTGRES_PASSWORD)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn psql"),
+    );
+    wait_until("the long query to run", Duration::from_secs(10), || {
+        setup
+            .postgres
+            .admin_sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'")
+            .trim()
+            == "1"
+    });
+
     let filler = setup.fill(256 * 1024);
+    let mut sleeper_status = None;
+    wait_until("the open session to end", Duration::from_secs(15), || {
+        sleeper_status = sleeper.0.try_wait().expect("poll psql");
+        sleeper_status.is_some()
+    });
+    assert!(
+        !sleeper_status.expect("psql exited").success(),
+        "the long query must not complete"
+    );
     let mut refusal = String::new();
     wait_until(
         "new sessions to be refused",
@@ -284,6 +318,29 @@ fn disk_full_closed_refuses_then_resumes() {
         || setup.psql("SELECT 1").status.success(),
     );
     daemon.stop();
+
+    let ended: Vec<Value> = setup
+        .node
+        .sessions()
+        .into_iter()
+        .flatten()
+        .filter(|record| record["event"] == "session.end")
+        .collect();
+    let cut: Vec<&Value> = ended
+        .iter()
+        .filter(|end| end["outcome"] == "recording_failed")
+        .collect();
+    assert_eq!(
+        cut.len(),
+        1,
+        "the open session's end names the reason: {ended:#?}"
+    );
+    assert!(
+        cut[0]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("low disk space")),
+        "{cut:#?}"
+    );
 
     let journal = journal_records(&setup.store);
     let alerts: Vec<&str> = journal
