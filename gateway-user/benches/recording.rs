@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     };
     let recorder = Recorder::open(&config, "bench-node".into())?;
     let target = TargetInfo {
+        id: 0,
         name: "db".into(),
         class: "postgres".into(),
         addr: "10.96.0.20:5432".parse()?,

@@ -119,6 +119,27 @@ fn main() -> anyhow::Result<()> {
     }
 
     daemon.stop();
+
+    // What an SRE sees afterwards: the session list and a verification of the whole store.
+    let gatewayctl = gatewayd.with_file_name("gatewayctl");
+    let store = node.recordings();
+    for args in [&["list", "--since", "10m"][..], &["verify", "--all"][..]] {
+        println!("\n$ gatewayctl sessions {}", args.join(" "));
+        let output = std::process::Command::new(&gatewayctl)
+            .arg("sessions")
+            .arg("--store")
+            .arg(&store)
+            .args(args)
+            .output()?;
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        eprint!("{}", String::from_utf8_lossy(&output.stderr));
+        anyhow::ensure!(
+            output.status.success(),
+            "gatewayctl sessions {} failed",
+            args[0]
+        );
+    }
+
     let uninstall = std::process::Command::new(&gatewayd)
         .args(["uninstall", "--config"])
         .arg(&config)

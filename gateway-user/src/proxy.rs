@@ -443,6 +443,7 @@ impl Proxy {
             Ok(gateway_common::TargetClass::Tcp) | Err(_) => "tcp",
         };
         TargetInfo {
+            id: target_id,
             name: configured.map_or_else(|| destination.to_string(), TargetConfig::display_name),
             class: class_name.to_string(),
             addr: destination,

@@ -34,6 +34,7 @@ fn config(dir: &Path) -> RecordingConfig {
 
 fn target(class: &str) -> TargetInfo {
     TargetInfo {
+        id: 0,
         name: "payments-db".into(),
         class: class.into(),
         addr: "10.96.0.20:5432".parse().expect("address"),
@@ -72,13 +73,13 @@ fn write_store(dir: &Path) -> (String, String) {
         sql.event(
             "sql.statement",
             json!({
-                "text": statement,
+                "statement": statement,
                 "params": [PAN_DASHED],
                 "kind": if denied { "drop" } else { "select" },
                 "decision": if denied { "deny" } else { "allow" },
                 "rule": if denied { Some("no-drop") } else { None },
                 "rows": 1,
-                "user": "app",
+                "database_user": "app",
                 "database": "shop",
             }),
         )

@@ -199,6 +199,9 @@ fn disk_setup(test_name: &str, fail_mode: &str) -> DiskSetup {
         postgres.addr.ip()
     );
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
+    let mut text = fs::read_to_string(&config).expect("read config");
+    text.push_str("sql_rules:\n  - name: no-drop\n    statement_kinds: [drop]\n");
+    fs::write(&config, text).expect("write config");
     set_recording(
         &config,
         &store,
@@ -405,6 +408,122 @@ fn disk_full_open_keeps_traffic() {
     assert!(
         kinds.contains(&"disk_low") || kinds.contains(&"recording_failed"),
         "the full disk raised an alert: {kinds:?}"
+    );
+    let report = verify(&setup.store);
+    assert_eq!(
+        report.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&report.stdout)
+    );
+}
+
+/// Every file under `dir`, decompressed where compressed, as one buffer.
+fn read_tree(dir: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for entry in fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            bytes.extend(read_tree(&path));
+        } else if let Ok(data) = fs::read(&path) {
+            if path.extension().is_some_and(|ext| ext == "zst") {
+                bytes.extend(zstd::stream::decode_all(&data[..]).expect("zstd file"));
+            } else {
+                bytes.extend(data);
+            }
+        }
+    }
+    bytes
+}
+
+#[test]
+fn real_sessions_read_back_without_pans() {
+    let setup = disk_setup("real_sessions_read_back_without_pans", "closed");
+    let daemon = setup
+        .node
+        .start_daemon(Path::new(GATEWAYD), &setup.config, None);
+    let pans = [
+        "4111111111111111",
+        "4111-1111-1111-1111",
+        "5555 5555 5555 4444",
+        "2221000000000009",
+    ];
+    let statements = [
+        "CREATE TABLE cards (id int, pan text)".to_string(),
+        format!(
+            "INSERT INTO cards VALUES (1, '{}'), (2, '{}')",
+            pans[0], pans[1]
+        ),
+        "SELECT pan FROM cards ORDER BY id".to_string(),
+        format!("DO $$ BEGIN RAISE NOTICE 'card {}'; END $$", pans[2]),
+        format!("SELECT 1/0 AS \"{}\"", pans[3]),
+        "DROP TABLE cards".to_string(),
+    ];
+    for statement in &statements {
+        let output = setup.psql(statement);
+        let denied = statement.starts_with("DROP") || statement.contains("1/0");
+        assert_eq!(
+            output.status.success(),
+            !denied,
+            "{statement}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let rows = setup.psql("SELECT pan FROM cards ORDER BY id");
+    assert_eq!(
+        String::from_utf8_lossy(&rows.stdout).trim(),
+        "411111******1111\n4111-11**-****-1111",
+        "the client sees masked rows"
+    );
+    let log = daemon.log();
+    daemon.stop();
+
+    let store = read_tree(&setup.store);
+    for pan in pans {
+        let digits: String = pan.chars().filter(char::is_ascii_digit).collect();
+        for form in [pan, digits.as_str()] {
+            assert!(
+                !store
+                    .windows(form.len())
+                    .any(|window| window == form.as_bytes()),
+                "{form} reached the store in clear"
+            );
+            assert!(
+                !log.contains(form),
+                "{form} reached the daemon log in clear"
+            );
+        }
+    }
+
+    let gatewayctl = |args: &[&str]| {
+        Command::new(GATEWAYCTL)
+            .args(["sessions", "--store"])
+            .arg(&setup.store)
+            .args(args)
+            .output()
+            .expect("run gatewayctl")
+    };
+    let list = gatewayctl(&["list", "--json", "--target", "postgres"]);
+    let rows: Vec<Value> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON row"))
+        .collect();
+    assert_eq!(rows.len(), statements.len() + 1, "one session per psql run");
+    assert!(
+        rows.iter().all(|row| row["outcome"] == "closed"),
+        "{rows:#?}"
+    );
+    let denied: u64 = rows.iter().filter_map(|row| row["denied"].as_u64()).sum();
+    assert_eq!(denied, 1, "the DROP is denied by the rule: {rows:#?}");
+
+    let insert = rows[1]["id"].as_str().expect("session id");
+    let transcript = gatewayctl(&["replay", insert]);
+    let text = String::from_utf8_lossy(&transcript.stdout);
+    assert!(
+        text.contains(
+            "INSERT INTO cards VALUES (1, '411111******1111'), (2, '4111-11**-****-1111')"
+        ),
+        "{text}"
     );
     let report = verify(&setup.store);
     assert_eq!(

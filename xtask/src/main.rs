@@ -304,7 +304,15 @@ fn demo() -> anyhow::Result<()> {
 
 fn bench() -> anyhow::Result<()> {
     require_root("bench")?;
-    run_example("bench", true)
+    run_example("bench", true)?;
+    run(cargo().args([
+        "bench",
+        "--quiet",
+        "--package",
+        "gateway-user",
+        "--bench",
+        "recording",
+    ]))
 }
 
 /// Builds the binaries an example drives, then runs the example with the same profile.

@@ -475,9 +475,9 @@ fn transcript_line(record: &Value) -> Option<String> {
             };
             Some(format!(
                 "{time}  {}@{}  {}\n    -> {outcome}",
-                record["user"].as_str().unwrap_or("?"),
+                record["database_user"].as_str().unwrap_or("?"),
                 record["database"].as_str().unwrap_or("?"),
-                record["text"].as_str().unwrap_or_default()
+                record["statement"].as_str().unwrap_or_default()
             ))
         }
         "kube.request" => Some(format!(
@@ -581,14 +581,23 @@ fn print_report(report: &verify::Report, key_path: &Path, json: bool) {
     }
     let verdict = if report.passed() { "PASS" } else { "FAIL" };
     println!(
-        "{verdict}: {} sessions, {} records, {:.1} MiB checked with key {}; {} failures, {} notes",
-        report.sessions,
-        report.records,
+        "{verdict}: {}, {}, {:.1} MiB checked with key {}; {}, {}",
+        count(report.sessions, "session"),
+        count(report.records, "record"),
         report.bytes as f64 / (1024.0 * 1024.0),
         key_path.display(),
-        report.failures.len(),
-        report.notes.len()
+        count(report.failures.len() as u64, "failure"),
+        count(report.notes.len() as u64, "note")
     );
+}
+
+/// Formats `n` with `noun`, adding an `s` unless `n` is 1.
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 fn format_finding(finding: &verify::Finding) -> String {

@@ -154,6 +154,8 @@ impl Health {
 /// Target of a session.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetInfo {
+    /// Target id: the target's index in the configuration, as the `TARGETS` map holds it.
+    pub id: u32,
     pub name: String,
     pub class: String,
     /// Original destination the client dialed.

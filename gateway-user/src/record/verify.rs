@@ -95,6 +95,9 @@ struct ChainEnd {
     torn_bytes: u64,
     last_event: String,
     verified_checkpoints: u64,
+    /// Records after the last checkpoint, other than the unsigned `access` and
+    /// `journal.start` records `gatewayctl` appends.
+    unsigned: u64,
 }
 
 /// Checks the chain and checkpoints of one file's bytes. `scope` is the session id, or
@@ -115,6 +118,7 @@ fn check_chain(
         torn_bytes: torn.len() as u64,
         last_event: String::new(),
         verified_checkpoints: 0,
+        unsigned: 0,
     };
     for (index, line) in lines.iter().enumerate() {
         let number = Some(index as u64 + 1);
@@ -179,6 +183,11 @@ fn check_chain(
         };
         end.records += 1;
         end.digest = expected.prev;
+        match event {
+            "checkpoint" => end.unsigned = 0,
+            "access" | "journal.start" => {}
+            _ => end.unsigned += 1,
+        }
         end.last_event = event.to_string();
         report.records += 1;
     }
@@ -382,11 +391,14 @@ fn check_journal(
                 ),
             );
         }
-        if end.last_event != "checkpoint" {
+        if end.unsigned > 0 {
             report.note(
                 &file,
                 None,
-                "the newest journal records are not covered by a checkpoint yet".into(),
+                format!(
+                    "the newest {} journal records are not covered by a checkpoint yet",
+                    end.unsigned
+                ),
             );
         }
     }
