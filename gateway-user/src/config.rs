@@ -77,6 +77,8 @@ pub struct Config {
     pub redirect: RedirectSettings,
     #[serde(default)]
     pub recording: RecordingConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
     /// Destinations whose connects are redirected.
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
@@ -162,6 +164,15 @@ impl Default for RedirectSettings {
             exclude_cgroups: Vec::new(),
         }
     }
+}
+
+/// Where subjects' pod names, namespaces and service accounts come from.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// YAML file mapping cgroup path patterns to subjects, for hosts outside Kubernetes.
+    #[serde(default)]
+    pub static_file: Option<PathBuf>,
 }
 
 /// Session recording settings.
@@ -492,6 +503,12 @@ impl Config {
         }
         if !redirect.bpffs.is_absolute() {
             return Err(invalid("redirect.bpffs", "must be an absolute path".into()));
+        }
+
+        if let Some(path) = &self.identity.static_file
+            && let Err(error) = crate::identity::Identity::check_static_file(path)
+        {
+            return Err(invalid("identity.static_file", crate::error_chain(&error)));
         }
 
         let recording = &self.recording;

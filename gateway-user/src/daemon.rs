@@ -47,10 +47,15 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || Redirect::start(&config)).await??
     };
     let redirect = Arc::new(redirect);
-    let identity = Arc::new(Identity::new(
-        redirect.mounts.unified.clone(),
-        redirect.cgroup.clone(),
-    ));
+    let identity = match &config.identity.static_file {
+        Some(path) => Identity::with_static_file(
+            redirect.mounts.unified.clone(),
+            redirect.cgroup.clone(),
+            path,
+        )?,
+        None => Identity::new(redirect.mounts.unified.clone(), redirect.cgroup.clone()),
+    };
+    let identity = Arc::new(identity);
     let recorder = {
         let recording = config.recording.clone();
         let node = node.clone();

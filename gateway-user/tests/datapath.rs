@@ -329,6 +329,23 @@ fn two_pods_told_apart() {
     let target = SocketAddr::new(server.addr_v4.into(), ECHO_PORT);
     let _echo = ChildGuard(start_echo(&node, &server, &[target]));
     let config = node.daemon_config("gatewayd.yaml", "", &tcp_target(target, "echo"));
+    // The first pod is named by a static identity file; the second matches no entry.
+    let identities = node.dir.join("identities.yaml");
+    std::fs::write(
+        &identities,
+        format!(
+            "subjects:\n  - cgroup: '*pod{}*'\n    namespace: payments\n    pod: api-0\n    \
+             service_account: payments-api\n    labels: {{app: api}}\n",
+            first.uid.replace('-', "_")
+        ),
+    )
+    .expect("write identity file");
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(&format!(
+        "identity:\n  static_file: {}\n",
+        identities.display()
+    ));
+    std::fs::write(&config, text).expect("write config");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
     run_client(&node, &first, target, 10);
@@ -348,6 +365,12 @@ fn two_pods_told_apart() {
         Some(true)
     );
     assert_eq!(sessions[1][1]["bytes"]["from_client"], 20);
+    assert_eq!(subject(&sessions[0])["namespace"], "payments");
+    assert_eq!(subject(&sessions[0])["pod"], "api-0");
+    assert_eq!(subject(&sessions[0])["service_account"], "payments-api");
+    assert_eq!(subject(&sessions[0])["labels"]["app"], "api");
+    assert_eq!(subject(&sessions[0])["identity_source"], "static");
+    assert!(subject(&sessions[1]).get("namespace").is_none());
     daemon.stop();
 }
 
