@@ -167,12 +167,37 @@ impl Default for RedirectSettings {
 }
 
 /// Where subjects' pod names, namespaces and service accounts come from.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// YAML file mapping cgroup path patterns to subjects, for hosts outside Kubernetes.
     #[serde(default)]
     pub static_file: Option<PathBuf>,
+    /// Watches this node's pods through the API server and names subjects after them.
+    #[serde(default)]
+    pub cluster: bool,
+    /// kubeconfig for the pod watch; the in-cluster configuration when unset.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Time a connection from a pod the watch has not delivered yet waits for it before it
+    /// proceeds as `unknown` (e.g. `1s`).
+    #[serde(default = "default_identity_wait", with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            static_file: None,
+            cluster: false,
+            kubeconfig: None,
+            wait: default_identity_wait(),
+        }
+    }
+}
+
+fn default_identity_wait() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Session recording settings.

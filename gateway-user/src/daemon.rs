@@ -36,7 +36,16 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         Ok(limit) => info!(open_files_limit = limit, "raised the open files limit"),
         Err(error) => warn!(%error, "failed to raise the open files limit"),
     }
-    let node = config.node_name.clone().unwrap_or_else(hostname);
+    // A DaemonSet passes the node's name through the downward API as NODE_NAME.
+    let node = config
+        .node_name
+        .clone()
+        .or_else(|| {
+            std::env::var("NODE_NAME")
+                .ok()
+                .filter(|name| !name.is_empty())
+        })
+        .unwrap_or_else(hostname);
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -55,6 +64,16 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         )?,
         None => Identity::new(redirect.mounts.unified.clone(), redirect.cgroup.clone()),
     };
+    let mut identity = identity;
+    if config.identity.cluster {
+        let settings = crate::identity::cluster::ClusterSettings {
+            kubeconfig: config.identity.kubeconfig.clone(),
+            node: node.clone(),
+        };
+        let cache = crate::identity::cluster::start(&settings).await?;
+        identity.set_cluster(cache, config.identity.wait);
+        info!(node = %node, "watching this node's pods for subject identities");
+    }
     let identity = Arc::new(identity);
     let recorder = {
         let recording = config.recording.clone();

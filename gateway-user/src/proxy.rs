@@ -263,9 +263,10 @@ impl Proxy {
         let target = self.target_info(orig.target_id, orig.class, destination);
 
         let identity = Arc::clone(&self.identity);
-        let subject = tokio::task::spawn_blocking(move || identity.resolve(&orig))
+        let mut subject = tokio::task::spawn_blocking(move || identity.resolve(&orig))
             .await
             .unwrap_or_else(|_| Subject::default());
+        self.identity.complete(&mut subject).await;
 
         let recorder = self.recorder.clone();
         let (record_subject, record_target) = (subject.clone(), target.clone());

@@ -4,8 +4,8 @@
 //! The cgroup id is mapped to its path by walking the pods cgroup. The pod UID and container
 //! id are then read from the kubelet's layout of that path. Outside Kubernetes (and in tests),
 //! a static identity file maps cgroup path patterns to a namespace, pod, service account and
-//! labels. NOTE: the cluster source (a watch of this node's pods) is not built yet, so without
-//! a static file the namespace, pod name and service account stay unknown.
+//! labels. In a cluster, a watch of this node's pods (see [`cluster`]) maps the pod UID to the
+//! Pod's namespace, name, service account and labels.
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +17,8 @@ use gateway_common::OrigInfo;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{self, CgroupIndex};
+
+pub mod cluster;
 
 /// The subject of a session, as far as the node can tell.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -46,9 +48,15 @@ pub struct Subject {
     pub service_account: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Source of the pod fields: `static` (the identity file).
+    /// Node the pod runs on, from the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Source of the pod fields: `static` (the identity file) or `cluster` (the pod watch).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_source: Option<&'static str>,
+    /// Set when the pod fields come from a cache the API server has not confirmed lately.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub identity_stale: bool,
 }
 
 /// Resolves subjects from the connect hook's `OrigInfo`.
@@ -56,6 +64,8 @@ pub struct Subject {
 pub struct Identity {
     index: Mutex<CgroupIndex>,
     static_subjects: Vec<StaticSubject>,
+    /// The pod watch's cache and how long a connection waits for an unknown pod.
+    cluster: Option<(std::sync::Arc<cluster::PodCache>, std::time::Duration)>,
 }
 
 /// Errors loading the static identity file.
@@ -157,7 +167,40 @@ impl Identity {
         Self {
             index: Mutex::new(CgroupIndex::new(unified, root)),
             static_subjects: Vec::new(),
+            cluster: None,
         }
+    }
+
+    /// Resolves pods through the pod watch's cache, waiting up to `wait` for a pod the cache
+    /// does not have yet.
+    pub fn set_cluster(
+        &mut self,
+        cache: std::sync::Arc<cluster::PodCache>,
+        wait: std::time::Duration,
+    ) {
+        self.cluster = Some((cache, wait));
+    }
+
+    /// Fills in the pod fields of `subject` from the pod watch, when the static file did not
+    /// name it. A pod the watch has not delivered within the wait stays unknown.
+    pub async fn complete(&self, subject: &mut Subject) {
+        if subject.identity_source.is_some() {
+            return;
+        }
+        let (Some((cache, wait)), Some(uid)) = (&self.cluster, &subject.pod_uid) else {
+            return;
+        };
+        let Some((pod, stale)) = cache.wait_for(uid, *wait).await else {
+            tracing::debug!(pod_uid = %uid, "pod not known to the watch within the wait; subject is unknown");
+            return;
+        };
+        subject.namespace = Some(pod.namespace);
+        subject.pod = Some(pod.name);
+        subject.service_account = pod.service_account;
+        subject.labels = pod.labels;
+        subject.node = pod.node;
+        subject.identity_source = Some("cluster");
+        subject.identity_stale = stale;
     }
 
     /// Creates an identity resolver like [`new`](Self::new), with subjects from a static
@@ -201,6 +244,8 @@ impl Identity {
                 .map(|subject| subject.labels.clone())
                 .unwrap_or_default(),
             identity_source: known.map(|_| "static"),
+            node: None,
+            identity_stale: false,
             cgroup,
             cgroup_id: orig.cgroup_id,
             pod_uid: kubelet.pod_uid,
