@@ -11,8 +11,8 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 use serde::Serialize;
 
 use super::spec::{
-    AccessPolicySpec, Action, KeepDigits, KubeMatch, LabelSelector, MaskingSpec, Mode,
-    ReviewScope, ReviewSpec, RuleSpec, SelectorOperator, SqlMatch, SubjectMatch,
+    AccessPolicySpec, Action, KeepDigits, KubeMatch, LabelSelector, MaskingSpec, Mode, ReviewScope,
+    ReviewSpec, RuleSpec, SelectorOperator, SqlMatch, SubjectMatch,
 };
 use crate::{config::TargetClass, sql::StatementInfo};
 
@@ -382,8 +382,10 @@ impl Policy {
 }
 
 fn review_settings(action: Action, spec: Option<&ReviewSpec>) -> Option<ReviewSettings> {
-    (action == Action::Review)
-        .then(|| spec.map(ReviewSettings::from).unwrap_or_else(|| (&ReviewSpec::default()).into()))
+    (action == Action::Review).then(|| {
+        spec.map(ReviewSettings::from)
+            .unwrap_or_else(|| (&ReviewSpec::default()).into())
+    })
 }
 
 fn rule_matches_target(rule: &RuleSpec, target: &Target) -> bool {
@@ -452,7 +454,9 @@ fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>)
         && selector.match_expressions.iter().all(|requirement| {
             let value = labels.get(&requirement.key);
             match requirement.operator {
-                SelectorOperator::In => value.is_some_and(|value| requirement.values.contains(value)),
+                SelectorOperator::In => {
+                    value.is_some_and(|value| requirement.values.contains(value))
+                }
                 SelectorOperator::NotIn => {
                     value.is_none_or(|value| !requirement.values.contains(value))
                 }
@@ -464,9 +468,19 @@ fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>)
 
 fn rule_matches_request(rule: &RuleSpec, request: Request<'_>) -> bool {
     match request {
-        Request::Kube(kube) => rule.sql.is_none() && rule.kube.as_ref().is_none_or(|wanted| kube_matches(wanted, kube)),
+        Request::Kube(kube) => {
+            rule.sql.is_none()
+                && rule
+                    .kube
+                    .as_ref()
+                    .is_none_or(|wanted| kube_matches(wanted, kube))
+        }
         Request::Sql(statement) => {
-            rule.kube.is_none() && rule.sql.as_ref().is_none_or(|wanted| sql_matches(wanted, statement))
+            rule.kube.is_none()
+                && rule
+                    .sql
+                    .as_ref()
+                    .is_none_or(|wanted| sql_matches(wanted, statement))
         }
     }
 }

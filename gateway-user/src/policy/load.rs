@@ -238,7 +238,10 @@ impl PolicyStore {
     }
 
     pub fn status(&self) -> PolicyStatus {
-        self.status.read().expect("policy status lock poisoned").clone()
+        self.status
+            .read()
+            .expect("policy status lock poisoned")
+            .clone()
     }
 
     /// Loads the files again. On success the new policy replaces the old one and the alert is

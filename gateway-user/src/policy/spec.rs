@@ -430,7 +430,9 @@ impl TryFrom<SelectorFields> for LabelSelector {
             }
         }
         if let Some(reason) = contradiction(&fields.match_labels, &fields.match_expressions) {
-            return Err(format!("impossible selector: {reason}, so it can never match"));
+            return Err(format!(
+                "impossible selector: {reason}, so it can never match"
+            ));
         }
         Ok(Self {
             match_labels: fields.match_labels,
@@ -465,7 +467,9 @@ fn contradiction(
                         .collect(),
                 };
                 if narrowed.is_empty() {
-                    return Some(format!("key {key:?} has no value allowed by every requirement"));
+                    return Some(format!(
+                        "key {key:?} has no value allowed by every requirement"
+                    ));
                 }
                 *entry = Some(narrowed);
             }
@@ -485,7 +489,9 @@ fn contradiction(
         if let (Some(allowed), Some(excluded)) = (allowed, excluded.get(key))
             && allowed.iter().all(|value| excluded.contains(value))
         {
-            return Some(format!("every value allowed for key {key:?} is also excluded"));
+            return Some(format!(
+                "every value allowed for key {key:?} is also excluded"
+            ));
         }
     }
     None
@@ -498,11 +504,13 @@ fn check_label_key(key: &str) -> Result<(), String> {
         Some((prefix, name)) => {
             let prefix_ok = !prefix.is_empty()
                 && prefix.len() <= 253
-                && prefix
-                    .bytes()
-                    .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-.".contains(&byte));
+                && prefix.bytes().all(|byte| {
+                    byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-.".contains(&byte)
+                });
             if !prefix_ok {
-                return Err(format!("invalid label key {key:?}: the prefix must be a DNS subdomain"));
+                return Err(format!(
+                    "invalid label key {key:?}: the prefix must be a DNS subdomain"
+                ));
             }
             name
         }
@@ -510,7 +518,9 @@ fn check_label_key(key: &str) -> Result<(), String> {
     };
     let valid = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte))
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte))
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
     if valid {
@@ -598,10 +608,9 @@ impl TryFrom<SqlFields> for SqlMatch {
         }
         if fields.without_where {
             let can_lack_where = fields.statement_kinds.is_empty()
-                || fields
-                    .statement_kinds
-                    .iter()
-                    .any(|kind| kind.eq_ignore_ascii_case("delete") || kind.eq_ignore_ascii_case("update"));
+                || fields.statement_kinds.iter().any(|kind| {
+                    kind.eq_ignore_ascii_case("delete") || kind.eq_ignore_ascii_case("update")
+                });
             if !can_lack_where {
                 return Err(
                     "withoutWhere matches only DELETE and UPDATE statements, but statementKinds lists neither"
