@@ -1,11 +1,22 @@
-//! `gatewayctl`: the operator's view of a node. `gatewayctl stats` prints the connect hook's
-//! verdict counters from the pinned maps.
+//! `gatewayctl`: the operator's view of a node.
+//!
+//! - `gatewayctl stats` prints the connect hook's verdict counters from the pinned maps.
+//! - `gatewayctl policy check PATH` validates AccessPolicy files; `gatewayctl policy test`
+//!   decides a described request without traffic.
+//! - `gatewayctl approvals list | approve ID | deny ID --reason TEXT` answers held requests on
+//!   the daemon's approvals socket.
+
+#[path = "gatewayctl/policy_cmd.rs"]
+mod policy_cmd;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use gateway_common::Verdict;
-use gateway_user::{config::DEFAULT_BPFFS_DIR, redirect};
+use gateway_user::{
+    config::{DEFAULT_APPROVAL_SOCKET, DEFAULT_BPFFS_DIR},
+    redirect,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "gatewayctl", version, about = "Inspect a node gateway")]
@@ -24,6 +35,17 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Validate AccessPolicy files or decide a described request.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+    /// List and answer requests held for review.
+    Approvals {
+        /// The daemon's approvals socket (`approvals.socket` in its configuration).
+        #[arg(long, env = "GATEWAY_APPROVAL_SOCKET", default_value = DEFAULT_APPROVAL_SOCKET, global = true)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: policy_cmd::ApprovalsCommand,
     },
 }
 
@@ -68,5 +90,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Policy(command) => policy_cmd::run_policy(command),
+        Command::Approvals { socket, command } => policy_cmd::run_approvals(&socket, command),
     }
 }

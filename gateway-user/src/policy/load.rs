@@ -172,8 +172,10 @@ fn invalid(path: &Path, document: usize, field: String, error: serde_yaml::Error
     }
 }
 
-/// Fingerprint of the files under a policy path: names, sizes and modification times.
-fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+/// Names, sizes and modification times of the files under a policy path.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
     let files = match fs::metadata(path) {
         Ok(metadata) if metadata.is_dir() => policy_files(path).unwrap_or_default(),
         _ => vec![path.to_path_buf()],
@@ -204,6 +206,8 @@ pub struct PolicyStore {
     path: Option<PathBuf>,
     current: RwLock<Arc<Policy>>,
     status: RwLock<PolicyStatus>,
+    /// The files as they were at the latest load attempt.
+    loaded_files: std::sync::Mutex<Fingerprint>,
 }
 
 impl PolicyStore {
@@ -216,13 +220,16 @@ impl PolicyStore {
                 generation: 1,
                 alert: None,
             }),
+            loaded_files: Default::default(),
         }
     }
 
     /// Loads the policy under `path`; fails when the first load fails.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let files = fingerprint(path);
         let policy = load_path(path)?;
         Ok(Self {
+            loaded_files: std::sync::Mutex::new(files),
             path: Some(path.to_path_buf()),
             current: RwLock::new(Arc::new(policy)),
             status: RwLock::new(PolicyStatus {
@@ -277,7 +284,6 @@ impl PolicyStore {
         let Some(path) = self.path.clone() else {
             return;
         };
-        let mut last = fingerprint(&path);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -286,10 +292,16 @@ impl PolicyStore {
             let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&scan_path)).await else {
                 continue;
             };
-            if now == last {
-                continue;
+            {
+                let mut loaded = self
+                    .loaded_files
+                    .lock()
+                    .expect("policy files lock poisoned");
+                if *loaded == now {
+                    continue;
+                }
+                *loaded = now;
             }
-            last = now;
             let store = Arc::clone(&self);
             // The result is logged and kept in the status by `reload`.
             let _ = tokio::task::spawn_blocking(move || store.reload()).await;

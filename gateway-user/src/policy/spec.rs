@@ -691,6 +691,15 @@ pub enum ReviewScope {
     Session,
 }
 
+impl ReviewScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Session => "session",
+        }
+    }
+}
+
 /// `masking`: how card numbers are masked in what the target sends back.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
