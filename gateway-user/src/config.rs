@@ -729,6 +729,41 @@ targets:
     }
 
     #[test]
+    fn config_sql_rules_with_policy_path_rejected() {
+        let text = format!(
+            "{GOOD}sql_rules:\n  - name: no-drop\n    statement_kinds: [drop]\npolicy:\n  path: /etc/gateway/policies\n"
+        );
+        let message = error_of(&text);
+        assert!(message.contains("field `sql_rules`"), "{message}");
+        assert!(message.contains("policy.path"), "{message}");
+    }
+
+    #[test]
+    fn config_duplicate_sql_rule_name() {
+        let text = format!(
+            "{GOOD}sql_rules:\n  - name: a\n    statement_kinds: [drop]\n  - name: a\n    tables: [t]\n"
+        );
+        let message = error_of(&text);
+        assert!(message.contains("sql_rules[1].name"), "{message}");
+    }
+
+    #[test]
+    fn config_policy_and_approvals_defaults() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!(config.policy.path, None);
+        assert_eq!(
+            config.policy.reload_interval,
+            DEFAULT_POLICY_RELOAD_INTERVAL
+        );
+        assert_eq!(
+            config.approvals.socket,
+            PathBuf::from(DEFAULT_APPROVAL_SOCKET)
+        );
+        let message = error_of(&format!("{GOOD}approvals:\n  socket: relative.sock\n"));
+        assert!(message.contains("approvals.socket"), "{message}");
+    }
+
+    #[test]
     fn config_no_listener() {
         let text = "proxy: {}\n";
         let message = error_of(text);

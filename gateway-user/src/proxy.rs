@@ -307,7 +307,6 @@ impl Proxy {
                         upstream,
                         orig.class,
                         orig.target_id,
-                        destination,
                         &record,
                         (&subject, &target),
                     )
@@ -378,10 +377,10 @@ impl Proxy {
         upstream: TcpStream,
         class: u8,
         target_id: u32,
-        destination: SocketAddr,
         record: &Arc<std::sync::Mutex<SessionRecord>>,
         (subject, target): (&Subject, &TargetInfo),
     ) -> RelayResult {
+        let destination = target.addr;
         let tls = self.target_tls.get(target_id as usize);
         match gateway_common::TargetClass::try_from(class) {
             Ok(gateway_common::TargetClass::Postgres) => {

@@ -390,9 +390,7 @@ fn review_settings(action: Action, spec: Option<&ReviewSpec>) -> Option<ReviewSe
 
 fn rule_matches_target(rule: &RuleSpec, target: &Target) -> bool {
     match &rule.targets {
-        Some(targets) if !targets.names.is_empty() => {
-            targets.names.iter().any(|name| *name == target.name)
-        }
+        Some(targets) if !targets.names.is_empty() => targets.names.contains(&target.name),
         _ => true,
     }
 }

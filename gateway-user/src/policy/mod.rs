@@ -277,4 +277,38 @@ mod tests {
         );
         assert_eq!(decide("SELECT 1"), Decision::Allow);
     }
+
+    #[test]
+    fn sql_rules_policy_decides_alike() {
+        let policy = policy_from_sql_rules(&rules());
+        let subject = Subject::unknown();
+        for class in [
+            crate::config::TargetClass::Postgres,
+            crate::config::TargetClass::Mysql,
+        ] {
+            let target = Target {
+                class,
+                name: "db".to_string(),
+            };
+            for sql in [
+                "DROP TABLE t",
+                "DELETE FROM t",
+                "DELETE FROM t WHERE id = 1",
+                "SELECT * FROM public.secrets",
+                "SELECT 1",
+            ] {
+                let statement = &analyze(sql, SqlDialect::Postgres)[0];
+                let decision = policy.decide(&subject, &target, Request::Sql(statement));
+                let expected = judge_sql(&rules(), statement);
+                match expected {
+                    Decision::Allow => assert_eq!(decision.action, Action::Allow, "{sql}"),
+                    Decision::Deny { rule } => {
+                        assert_eq!(decision.action, Action::Deny, "{sql}");
+                        assert_eq!(decision.rule, rule, "{sql}");
+                        assert_eq!(decision.mode, Mode::Enforce, "{sql}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -142,6 +142,9 @@ async fn hold(
         }),
     );
 
+    // NOTE: the client is not read while its statement is held, so a client that disconnects
+    // or sends a CancelRequest (which reaches an idle server) keeps the request listed until
+    // it is answered or its deadline passes.
     let id = pending.id.clone();
     let wait = pending.wait();
     tokio::pin!(wait);
