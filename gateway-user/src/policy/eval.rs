@@ -214,6 +214,7 @@ pub struct Policy {
     sources: Vec<PolicySource>,
     rules: Vec<CompiledRule>,
     defaults: [Option<CompiledDefault>; 4],
+    index: super::index::RuleIndex,
 }
 
 fn class_index(class: TargetClass) -> usize {
@@ -291,6 +292,9 @@ impl Policy {
                         .fold(0, |bits, class| bits | class_bit(*class)),
                     _ => u8::MAX,
                 };
+                let position = u32::try_from(built.rules.len())
+                    .map_err(|_| "more than 2^32 rules".to_string())?;
+                built.index.add(position, &rule);
                 built.rules.push(CompiledRule {
                     policy: index,
                     classes,
@@ -315,12 +319,16 @@ impl Policy {
     /// Decides one request.
     pub fn decide(&self, subject: &Subject, target: &Target, request: Request<'_>) -> Decision {
         let bit = class_bit(target.class);
-        let matched = self.rules.iter().find(|rule| {
-            rule.classes & bit != 0
-                && rule_matches_target(&rule.spec, target)
-                && rule_matches_subject(&rule.spec, subject)
-                && rule_matches_request(&rule.spec, request)
-        });
+        let matched = self
+            .index
+            .first(subject, request, |position| {
+                let rule = &self.rules[position as usize];
+                rule.classes & bit != 0
+                    && rule_matches_target(&rule.spec, target)
+                    && rule_matches_subject(&rule.spec, subject)
+                    && rule_matches_request(&rule.spec, request)
+            })
+            .map(|position| &self.rules[position as usize]);
         if let Some(rule) = matched {
             return Decision {
                 action: rule.spec.action,
@@ -535,4 +543,155 @@ fn sql_matches(wanted: &SqlMatch, statement: &StatementInfo) -> bool {
         });
     let where_matches = !wanted.without_where || statement.has_where == Some(false);
     kind_matches && table_matches && where_matches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::{SqlDialect, analyze};
+
+    impl Policy {
+        /// The first matching rule by trying every rule in order, without the index.
+        fn decide_linear(
+            &self,
+            subject: &Subject,
+            target: &Target,
+            request: Request<'_>,
+        ) -> String {
+            let bit = class_bit(target.class);
+            self.rules
+                .iter()
+                .find(|rule| {
+                    rule.classes & bit != 0
+                        && rule_matches_target(&rule.spec, target)
+                        && rule_matches_subject(&rule.spec, subject)
+                        && rule_matches_request(&rule.spec, request)
+                })
+                .map_or_else(
+                    || self.default_decision(target.class).rule,
+                    |rule| rule.spec.name.clone(),
+                )
+        }
+    }
+
+    /// Rules drawing their conditions from small value sets, so that many overlap.
+    fn overlapping_policy() -> Policy {
+        let namespaces = ["prod", "dev"];
+        let tables = ["cards", "public.cards", "Users"];
+        let kinds = ["select", "delete", "update"];
+        let mut text = String::from(
+            "apiVersion: gateway.example.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: p}\nspec:\n  rules:\n",
+        );
+        for index in 0..240usize {
+            let namespace = namespaces[index % 2];
+            let table = tables[index % 3];
+            let kind = kinds[(index / 3) % 3];
+            let rule = match index % 8 {
+                0 => format!(
+                    "{{name: r{index}, subjects: {{namespaces: [{namespace}]}}, sql: {{tables: ['{table}']}}, action: deny}}"
+                ),
+                1 => format!(
+                    "{{name: r{index}, sql: {{tables: ['{table}'], statementKinds: [{kind}]}}, action: deny}}"
+                ),
+                2 => format!(
+                    "{{name: r{index}, subjects: {{serviceAccounts: [{namespace}/api]}}, action: review}}"
+                ),
+                3 => format!(
+                    "{{name: r{index}, subjects: {{selector: {{matchLabels: {{app: a{}}}}}}}, action: deny}}",
+                    index % 3
+                ),
+                4 => format!(
+                    "{{name: r{index}, sql: {{statementKinds: [{kind}], withoutWhere: {}}}, action: deny}}",
+                    index % 16 == 4 && kind != "select"
+                ),
+                5 => format!(
+                    "{{name: r{index}, kube: {{verbs: [get, create], resources: [secrets]}}, action: deny}}"
+                ),
+                6 => format!(
+                    "{{name: r{index}, kube: {{verbs: ['{}']}}, action: deny}}",
+                    if index % 16 == 6 { "*" } else { "delete" }
+                ),
+                _ => format!(
+                    "{{name: r{index}, subjects: {{unknown: {}}}, action: allow}}",
+                    index % 16 == 7
+                ),
+            };
+            text.push_str(&format!("    - {rule}\n"));
+        }
+        let objects = super::super::load::parse_objects(std::path::Path::new("p.yaml"), &text)
+            .expect("policy parses");
+        Policy::build(objects).expect("policy builds")
+    }
+
+    #[test]
+    fn index_agrees_with_linear_scan() {
+        let policy = overlapping_policy();
+        let mut subjects = vec![Subject::unknown()];
+        for namespace in ["prod", "dev", "other"] {
+            for account in ["api", "web"] {
+                for app in ["a0", "a1", "a2", "zz"] {
+                    subjects.push(Subject {
+                        namespace: Some(namespace.into()),
+                        service_account: Some(account.into()),
+                        labels: [("app".to_string(), app.to_string())].into(),
+                        ..Subject::default()
+                    });
+                }
+            }
+        }
+        let statements: Vec<StatementInfo> = [
+            "SELECT * FROM cards",
+            "DELETE FROM public.cards WHERE id = 1",
+            "DELETE FROM CARDS",
+            "UPDATE users SET a = 1",
+            "SELECT * FROM other.users",
+            "INSERT INTO t VALUES (1)",
+        ]
+        .iter()
+        .map(|sql| analyze(sql, SqlDialect::Postgres).remove(0))
+        .collect();
+        let kubes: Vec<KubeRequest> = [
+            ("get", "secrets"),
+            ("delete", "pods"),
+            ("list", "secrets"),
+            ("create", "secrets"),
+        ]
+        .iter()
+        .map(|(verb, resource)| KubeRequest {
+            verb: (*verb).into(),
+            resource: (*resource).into(),
+            ..KubeRequest::default()
+        })
+        .collect();
+        let database = Target {
+            class: TargetClass::Postgres,
+            name: "db".into(),
+        };
+        let api = Target {
+            class: TargetClass::KubeApi,
+            name: "api".into(),
+        };
+        let mut compared = 0;
+        for subject in &subjects {
+            for statement in &statements {
+                let request = Request::Sql(statement);
+                assert_eq!(
+                    policy.decide(subject, &database, request).rule,
+                    policy.decide_linear(subject, &database, request),
+                    "{subject:?} {statement:?}"
+                );
+                compared += 1;
+            }
+            for kube in &kubes {
+                let request = Request::Kube(kube);
+                assert_eq!(
+                    policy.decide(subject, &api, request).rule,
+                    policy.decide_linear(subject, &api, request),
+                    "{subject:?} {kube:?}"
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, subjects.len() * 10);
+    }
 }

@@ -10,6 +10,7 @@
 //! `policy.path`; [`judge_sql`] still evaluates them directly for handlers not yet moved over.
 
 pub mod eval;
+mod index;
 pub mod load;
 pub mod spec;
 
