@@ -1,6 +1,8 @@
 //! Policy evaluation per request with 1,000 rules, for SQL statements and Kubernetes
-//! requests, where the deciding rule is the last one or none (the class default), so every
-//! rule is tried. Run with `cargo bench -p gateway-user --bench policy`.
+//! requests, where the deciding rule is the last one or none (the class default). In the mixed
+//! policy the rule index skips most rules; in the unindexed one every rule names only a target,
+//! which the index does not file, so every rule is tried. Run with
+//! `cargo bench -p gateway-user --bench policy`.
 //!
 //! Criterion reports the mean; the p99 of single decisions, timed one by one, is printed
 //! before each group because criterion does not report percentiles.
@@ -56,6 +58,22 @@ fn policy() -> Policy {
     let policy = Policy::build(objects).expect("bench policy builds");
     assert_eq!(policy.rule_count(), RULES);
     policy
+}
+
+/// Builds a policy of `RULES` rules that each name one target only, so none is indexed.
+fn unindexed_policy() -> Policy {
+    let mut text = String::from(
+        "apiVersion: gateway.example.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: flat}\nspec:\n  rules:\n",
+    );
+    for index in 0..RULES {
+        writeln!(
+            text,
+            "    - {{name: r{index}, targets: {{names: [db-{index}]}}, action: deny}}"
+        )
+        .expect("write to a String");
+    }
+    let objects = parse_objects(Path::new("flat.yaml"), &text).expect("flat policy parses");
+    Policy::build(objects).expect("flat policy builds")
 }
 
 fn subject() -> Subject {
@@ -116,6 +134,13 @@ fn bench_decide(c: &mut Criterion) {
             b.iter(|| policy.decide(black_box(&subject), target, request))
         });
     }
+    let flat = unindexed_policy();
+    print_p99("sql_unindexed_worst_case", || {
+        black_box(flat.decide(black_box(&subject), &database, Request::Sql(&none)));
+    });
+    group.bench_function("sql_unindexed_worst_case", |b| {
+        b.iter(|| flat.decide(black_box(&subject), &database, Request::Sql(&none)))
+    });
     group.finish();
 }
 
