@@ -1,6 +1,6 @@
 //! Policy evaluation per request with 1,000 rules, for SQL statements and Kubernetes
 //! requests, where the deciding rule is the last one or none (the class default). In the mixed
-//! policy the rule index skips most rules; in the unindexed one every rule names only a target,
+//! policy the rule index skips most rules. In the unindexed one every rule names only a target,
 //! which the index does not file, so every rule is tried. Run with
 //! `cargo bench -p gateway-user --bench policy`.
 //!

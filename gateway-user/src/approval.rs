@@ -34,9 +34,9 @@ use tracing::{info, warn};
 
 use crate::policy::ReviewScope;
 
-/// Longest request line the socket reads. A request is an id and a reason.
+/// Maximum length of a request line on the socket. A request is an id and a reason.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
-/// Longest reason kept; longer ones are rejected so that recordings stay readable.
+/// Maximum length of a reason. Longer ones are rejected so that recordings stay readable.
 pub const MAX_REASON_CHARS: usize = 1024;
 /// Time a client gets to send its request line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,7 +52,7 @@ pub enum ApprovalError {
     UnknownGroup { group: String },
 }
 
-/// What a handler puts up for review.
+/// A request a handler puts up for review.
 #[derive(Clone, Debug)]
 pub struct HoldRequest {
     pub session: String,
@@ -63,7 +63,7 @@ pub struct HoldRequest {
     pub target: String,
     pub rule: String,
     pub policy: Option<String>,
-    /// The request as the approver sees it: a masked SQL text or a kube request line.
+    /// The request as shown to the approver: a masked SQL text or a kube request line.
     pub summary: String,
     pub deadline: Duration,
     pub scope: ReviewScope,
@@ -98,7 +98,7 @@ pub struct Approver {
     pub name: Option<String>,
 }
 
-/// How a held request ended.
+/// Outcome of a held request.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {

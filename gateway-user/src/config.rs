@@ -90,7 +90,7 @@ pub struct Config {
     pub approvals: ApprovalsConfig,
 }
 
-/// Where the access policies come from.
+/// Source of the access policies.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {

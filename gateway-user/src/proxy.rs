@@ -517,7 +517,7 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The subject as policy sees it.
+/// Converts the subject to the terms policy matches on.
 // NOTE: pod namespace, service account and labels need the cluster's API, which the identity
 // module does not query yet, so every subject is `unknown` to policy for now.
 fn policy_subject(subject: &Subject) -> crate::policy::Subject {

@@ -202,7 +202,7 @@ fn finish(child: Child) -> (bool, String, String) {
     )
 }
 
-/// All recorded events of one type, across sessions.
+/// Collects the recorded events of one type, across sessions.
 fn events(node: &TestNode, event: &str) -> Vec<Value> {
     node.sessions()
         .into_iter()

@@ -2,7 +2,7 @@
 //! the protocol handlers make per request.
 //!
 //! Order: policies in the order they were loaded (files by path, then objects in file order),
-//! rules in the order written; the first rule whose every condition holds decides. When none
+//! rules in the order written. The first rule whose every condition is met decides. When none
 //! does, the first policy that sets a default for the target's class decides, and without one
 //! the request is allowed. A rule's mode is the mode of the policy it belongs to.
 
@@ -16,7 +16,7 @@ use super::spec::{
 };
 use crate::{config::TargetClass, sql::StatementInfo};
 
-/// The caller of a request, as policy sees it.
+/// The caller of a request, in the terms policy matches on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Subject {
     /// Pod namespace; `None` when the pod is not known (the subject is `unknown`).
@@ -151,7 +151,7 @@ impl From<&MaskingSpec> for MaskSettings {
 /// The outcome of [`Policy::decide`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Decision {
-    /// What the matching rule or default says, whatever the mode.
+    /// The action of the matching rule or default, whatever the mode.
     pub action: Action,
     /// Name of the matching rule, or `default/<class>` for a class default, or
     /// `default/allow` when nothing matched and no default is set.
@@ -199,7 +199,7 @@ struct CompiledDefault {
     mask: Option<MaskSettings>,
 }
 
-/// Where a policy came from, for listings and messages.
+/// Origin of a loaded policy, for listings and messages.
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicySource {
     pub name: String,
@@ -551,7 +551,7 @@ mod tests {
     use crate::sql::{SqlDialect, analyze};
 
     impl Policy {
-        /// The first matching rule by trying every rule in order, without the index.
+        /// Finds the first matching rule by trying every rule in order, without the index.
         fn decide_linear(
             &self,
             subject: &Subject,

@@ -3,7 +3,7 @@
 //! A policy path is a file or a directory. In a directory every regular file ending in `.yaml`,
 //! `.yml` or `.json` whose name does not start with `.` is read, in byte order of the file
 //! names, so a mounted ConfigMap (whose `..data` entries start with `.`) reads cleanly. A file
-//! holds one or more objects separated by `---`.
+//! contains one or more objects separated by `---`.
 //!
 //! [`PolicyStore`] polls the path and swaps in a new policy when it loads cleanly. When it
 //! does not, the last good policy stays in force and the error is kept as an alert until a
@@ -35,7 +35,7 @@ pub enum PolicyError {
     #[error("invalid policy {path}{}: field `{field}`: {message}", location(*.line, *.column))]
     Invalid {
         path: PathBuf,
-        /// 1-based line and column of the offending value, when the YAML parser knows it.
+        /// 1-based line and column of the offending value, when the YAML parser reports it.
         line: Option<usize>,
         column: Option<usize>,
         field: String,
@@ -122,7 +122,7 @@ pub fn parse_objects(
 ) -> Result<Vec<(String, AccessPolicySpec)>, PolicyError> {
     let mut objects = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        // An empty document (a trailing `---`, or a file of comments) holds no object.
+        // An empty document (a trailing `---`, or a file of comments) contains no object.
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(value) => value,
             Err(error) => return Err(invalid(path, index, String::new(), error)),
@@ -252,7 +252,7 @@ impl PolicyStore {
     }
 
     /// Loads the files again. On success the new policy replaces the old one and the alert is
-    /// cleared; on failure the old policy stays and the error becomes the alert.
+    /// cleared. On failure the old policy stays in force and the error becomes the alert.
     pub fn reload(&self) -> Result<(), PolicyError> {
         let Some(path) = &self.path else {
             return Ok(());

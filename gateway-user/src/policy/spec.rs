@@ -15,7 +15,7 @@ pub const API_VERSION: &str = "gateway.example.dev/v1alpha1";
 pub const KIND: &str = "AccessPolicy";
 /// Time a held request waits for an answer when its rule sets no deadline.
 pub const DEFAULT_REVIEW_DEADLINE: Duration = Duration::from_secs(300);
-/// Longest deadline a rule may set. A held database statement keeps its transaction and locks
+/// Maximum deadline a rule may set. A held database statement keeps its transaction and locks
 /// open while it waits, so a day is already far beyond what a client should be kept waiting.
 pub const MAX_REVIEW_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 

@@ -146,7 +146,9 @@ pub fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
                 };
                 let statements = analyze(&sql, dialect);
                 if statements.is_empty() {
-                    bail!("--sql holds no statement");
+                    bail!(
+                        "--sql contains no statement: give at least one, such as \"DELETE FROM cards\""
+                    );
                 }
                 for statement in &statements {
                     let decision = loaded.decide(&subject, &target, Request::Sql(statement));
@@ -337,7 +339,7 @@ pub fn run_approvals(socket: &Path, command: ApprovalsCommand) -> anyhow::Result
     Ok(())
 }
 
-/// Longest statement shown in the table; `--json` shows it whole.
+/// Maximum statement length shown in the table. `--json` shows it whole.
 const SUMMARY_COLUMN_CHARS: usize = 60;
 
 fn print_table(requests: &[HeldInfo]) {

@@ -24,11 +24,11 @@ use crate::{
 /// it waits for a person.
 const HELD_KEEPALIVE: Duration = Duration::from_secs(1);
 
-/// Why a message is denied.
+/// The rule that denies a message, and the reason.
 #[derive(Clone, Debug)]
 pub(super) struct Denial {
     pub rule: String,
-    /// For held statements: who denied it and why, or that nobody answered in time.
+    /// For held statements: who denied it and why, or that no answer came in time.
     pub detail: Option<String>,
 }
 
@@ -38,7 +38,7 @@ pub(super) struct SessionApprovals {
     rules: HashSet<String>,
 }
 
-/// Decides the statements of one message; holds it while a review is pending. `shown` is
+/// Decides the statements of one message and waits while a review is pending. `shown` is
 /// the masked statement text for recordings and for the approver.
 pub(super) async fn judge(
     approvals: &mut SessionApprovals,

@@ -73,7 +73,7 @@ const DENIED_SQLSTATE: &str = "42501";
 pub struct PostgresContext {
     pub policy: Arc<PolicyStore>,
     pub approvals: Arc<Broker>,
-    /// The caller and the target, as policy sees them.
+    /// The caller and the target, in the terms policy matches on.
     pub subject: PolicySubject,
     pub target: PolicyTarget,
     pub mask: MaskPolicy,
@@ -891,7 +891,7 @@ fn marker_query(marker: &str) -> Bytes {
     codec::frame(b'Q', &body)
 }
 
-/// Encodes the gateway's denial; `detail` says why a held statement was not approved.
+/// Encodes the gateway's denial. `detail` gives the reason a held statement was not approved.
 fn denial_error(rule: &str, detail: Option<&str>) -> Bytes {
     let mut message =
         format!("permission denied by the gateway: statement matches rule \"{rule}\"");
