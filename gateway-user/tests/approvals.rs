@@ -431,3 +431,95 @@ fn audit_mode_reload_and_alert() {
         "{alert}"
     );
 }
+
+/// Starts a raw protocol script in the pod: a pipeline of three extended-protocol statements,
+/// the middle one held for review, then one Sync.
+fn spawn_pipeline(setup: &Setup, name: &str) -> Child {
+    let script = [
+        "startup rawuser postgres",
+        "read-ready 1",
+        "parse - SELECT 1",
+        "bind - -",
+        "execute -",
+        "parse - DELETE FROM cards WHERE id = 3",
+        "bind - -",
+        "execute -",
+        "parse - SELECT 2",
+        "bind - -",
+        "execute -",
+        "sync",
+        "read-ready 1",
+        "terminate",
+    ];
+    let path = setup.node.dir.join(format!("{name}.script"));
+    std::fs::write(&path, script.join("\n")).expect("write script");
+    setup
+        .node
+        .in_pod(&setup.pod, env!("CARGO_BIN_EXE_gateway-testpeer"))
+        .args([
+            "pg-script",
+            "--connect",
+            &setup.postgres.addr.to_string(),
+            "--script",
+        ])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pg-script")
+}
+
+/// Returns the message tags the script printed after authentication.
+fn tags_after_auth(stdout: &str) -> String {
+    let tags: String = stdout
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("pg-script prints JSON lines"))
+        .filter_map(|message| message["tag"].as_str().map(str::to_string))
+        .collect();
+    let start = tags.find('Z').expect("authenticated") + 1;
+    tags[start..].to_string()
+}
+
+#[test]
+fn held_parse_in_pipeline() {
+    let setup = setup("held_parse_in_pipeline");
+
+    // Approved: all three statements complete, then one ReadyForQuery.
+    let script = spawn_pipeline(&setup, "approved");
+    let requests = wait_held(&setup, 1);
+    assert_eq!(requests[0]["summary"], "DELETE FROM cards WHERE id = 3");
+    let id = requests[0]["id"].as_str().expect("id").to_string();
+    assert!(gatewayctl(&setup, &["approve", &id]).status.success());
+    let (ok, stdout, stderr) = finish(script);
+    assert!(ok, "{stderr}");
+    assert_eq!(tags_after_auth(&stdout), "12DC12C12DCZ");
+    assert_eq!(count_of(&setup, "cards"), "2");
+
+    // Denied: the statement before completes, the denial follows, nothing after it runs
+    // until Sync, and exactly one ReadyForQuery ends the pipeline.
+    let script = spawn_pipeline(&setup, "denied");
+    let requests = wait_held(&setup, 1);
+    let id = requests[0]["id"].as_str().expect("id").to_string();
+    assert!(
+        gatewayctl(&setup, &["deny", &id, "--reason", "no"])
+            .status
+            .success()
+    );
+    let (ok, stdout, stderr) = finish(script);
+    assert!(ok, "{stderr}");
+    assert_eq!(tags_after_auth(&stdout), "12DCEZ");
+    let error = stdout
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("JSON line"))
+        .find(|message| message["tag"] == "E")
+        .expect("the denial");
+    assert_eq!(error["fields"]["C"], "42501");
+    assert!(
+        error["fields"]["M"]
+            .as_str()
+            .expect("message")
+            .contains("denied by root (uid 0): no"),
+        "{error}"
+    );
+}

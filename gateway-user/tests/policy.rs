@@ -1011,3 +1011,32 @@ fn approvals_socket_bad_requests() {
     // The server keeps serving after bad clients.
     stdout_of(&approvals(&fixture.socket, &["list"]));
 }
+
+#[test]
+fn approvals_socket_group_mode() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = runtime.enter();
+
+    // Group "0" is taken as a numeric gid.
+    let socket = dir.path().join("group.sock");
+    approval::serve(Broker::new(), &socket, Some("0")).expect("serve with a group");
+    let metadata = std::fs::metadata(&socket).expect("socket exists");
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
+    assert_eq!(metadata.gid(), 0);
+
+    let error = approval::serve(
+        Broker::new(),
+        &dir.path().join("other.sock"),
+        Some("no-such-group-here"),
+    )
+    .expect_err("unknown group");
+    assert!(error.to_string().contains("no-such-group-here"), "{error}");
+
+    let in_use = approval::serve(Broker::new(), &socket, None).expect_err("socket in use");
+    assert!(in_use.to_string().contains("in use"), "{in_use}");
+}
