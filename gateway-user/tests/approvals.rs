@@ -109,7 +109,7 @@ fn setup(test_name: &str) -> Setup {
     let policy_dir = node.dir.join("policies");
     std::fs::create_dir_all(&policy_dir).expect("create policy directory");
     std::fs::write(policy_dir.join("10-payments.yaml"), POLICY).expect("write policy");
-    let socket = node.dir.join("state").join("approvals.sock");
+    let socket = node.approval_socket();
 
     let targets = format!(
         "  - name: payments-db\n    address: {}\n    port: 5432\n    class: postgres\n",
@@ -118,9 +118,8 @@ fn setup(test_name: &str) -> Setup {
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
     text.push_str(&format!(
-        "policy:\n  path: {}\n  reload_interval: 100ms\napprovals:\n  socket: {}\n",
-        policy_dir.display(),
-        socket.display()
+        "policy:\n  path: {}\n  reload_interval: 100ms\n",
+        policy_dir.display()
     ));
     std::fs::write(&config, text).expect("write config");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
