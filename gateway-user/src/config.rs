@@ -37,6 +37,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Default heartbeat age after which the fail mode applies.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default path of the approvals socket, in the daemon's state directory.
+pub const DEFAULT_APPROVAL_SOCKET: &str = "/var/lib/gateway/approvals.sock";
+/// Default interval between checks of the policy files for changes.
+pub const DEFAULT_POLICY_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Kubernetes' default NodePort range, which the redirect port must stay out of.
 const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
 
@@ -85,6 +89,52 @@ pub struct Config {
     /// Rules that deny SQL statements on `postgres` and `mysql` targets, first match wins.
     #[serde(default)]
     pub sql_rules: Vec<crate::policy::SqlRule>,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+}
+
+/// Source of the access policies.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// File or directory of `AccessPolicy` objects. Without it, `sql_rules` are the policy.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// How often the files are checked for changes (e.g. `2s`).
+    #[serde(default = "default_policy_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            reload_interval: DEFAULT_POLICY_RELOAD_INTERVAL,
+        }
+    }
+}
+
+/// The socket on which held requests are listed and answered.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// Unix socket path; created by the daemon, owned by root.
+    #[serde(default = "default_approval_socket")]
+    pub socket: PathBuf,
+    /// Group allowed to answer (socket mode 0660); without it only root can (mode 0600).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_approval_socket(),
+            group: None,
+        }
+    }
 }
 
 /// The proxy's listeners and limits.
@@ -287,7 +337,7 @@ fn default_min_free_mib() -> u64 {
 }
 
 /// Protocol class of a target.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetClass {
     KubeApi,
@@ -389,6 +439,12 @@ fn default_bpffs() -> PathBuf {
 }
 fn default_recording_dir() -> PathBuf {
     PathBuf::from(DEFAULT_RECORDING_DIR)
+}
+fn default_approval_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_APPROVAL_SOCKET)
+}
+fn default_policy_reload_interval() -> Duration {
+    DEFAULT_POLICY_RELOAD_INTERVAL
 }
 fn default_mark() -> u32 {
     DEFAULT_MARK
@@ -573,6 +629,35 @@ impl Config {
             if let Err((field, message)) = rule.validate() {
                 return Err(invalid(&format!("sql_rules[{index}].{field}"), message));
             }
+            if self.sql_rules[..index]
+                .iter()
+                .any(|earlier| earlier.name == rule.name)
+            {
+                return Err(invalid(
+                    &format!("sql_rules[{index}].name"),
+                    format!("{:?} is used twice: denials must name one rule", rule.name),
+                ));
+            }
+        }
+        if self.policy.path.is_some() && !self.sql_rules.is_empty() {
+            return Err(invalid(
+                "sql_rules",
+                "cannot be combined with policy.path: move the rules into an AccessPolicy \
+                 (`gatewayctl policy check` validates it) and remove sql_rules"
+                    .into(),
+            ));
+        }
+        if self.policy.reload_interval.is_zero() {
+            return Err(invalid(
+                "policy.reload_interval",
+                "must be longer than zero".into(),
+            ));
+        }
+        if !self.approvals.socket.is_absolute() {
+            return Err(invalid(
+                "approvals.socket",
+                "must be an absolute path".into(),
+            ));
         }
 
         let mut seen = HashSet::new();
@@ -789,6 +874,41 @@ targets:
             "{message}"
         );
         assert!(message.contains("dropp"), "{message}");
+    }
+
+    #[test]
+    fn config_sql_rules_with_policy_path_rejected() {
+        let text = format!(
+            "{GOOD}sql_rules:\n  - name: no-drop\n    statement_kinds: [drop]\npolicy:\n  path: /etc/gateway/policies\n"
+        );
+        let message = error_of(&text);
+        assert!(message.contains("field `sql_rules`"), "{message}");
+        assert!(message.contains("policy.path"), "{message}");
+    }
+
+    #[test]
+    fn config_duplicate_sql_rule_name() {
+        let text = format!(
+            "{GOOD}sql_rules:\n  - name: a\n    statement_kinds: [drop]\n  - name: a\n    tables: [t]\n"
+        );
+        let message = error_of(&text);
+        assert!(message.contains("sql_rules[1].name"), "{message}");
+    }
+
+    #[test]
+    fn config_policy_and_approvals_defaults() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!(config.policy.path, None);
+        assert_eq!(
+            config.policy.reload_interval,
+            DEFAULT_POLICY_RELOAD_INTERVAL
+        );
+        assert_eq!(
+            config.approvals.socket,
+            PathBuf::from(DEFAULT_APPROVAL_SOCKET)
+        );
+        let message = error_of(&format!("{GOOD}approvals:\n  socket: relative.sock\n"));
+        assert!(message.contains("approvals.socket"), "{message}");
     }
 
     #[test]

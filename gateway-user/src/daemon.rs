@@ -14,8 +14,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
+    approval::Broker,
     config::{Config, FailMode},
     identity::Identity,
+    policy::{PolicyStore, policy_from_sql_rules},
     proxy::Proxy,
     record::Recorder,
     redirect::Redirect,
@@ -51,6 +53,8 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
 
     let target_tls = crate::proxy::load_target_tls(&config)?;
+    // Policy errors stop the start before anything is attached.
+    let (access, access_tasks) = start_access(&config)?;
     let redirect = {
         let config = Arc::clone(&config);
         tokio::task::spawn_blocking(move || Redirect::start(&config)).await??
@@ -86,6 +90,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         identity,
         recorder.clone(),
         target_tls,
+        access,
     );
     let listeners = proxy.bind()?;
 
@@ -125,11 +130,42 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     }
     heartbeat.abort();
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
+    for task in access_tasks {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&config.approvals.socket);
     if let Some(path) = &options.ready_file {
         let _ = std::fs::remove_file(path);
     }
     info!("gatewayd stopped; eBPF programs stay attached (remove them with `gatewayd uninstall`)");
     Ok(())
+}
+
+/// Loads the access policy (from `policy.path`, else from `sql_rules`), starts watching its
+/// files, and opens the approvals socket. Returns the shared state and the tasks to stop.
+fn start_access(
+    config: &Config,
+) -> anyhow::Result<(crate::proxy::Access, Vec<tokio::task::JoinHandle<()>>)> {
+    let mut tasks = Vec::new();
+    let policy = match &config.policy.path {
+        Some(path) => {
+            let store = Arc::new(PolicyStore::load(path)?);
+            let policy = store.current();
+            info!(path = %path.display(), policies = policy.sources().len(), rules = policy.rule_count(), "access policy loaded");
+            tasks.push(tokio::spawn(
+                Arc::clone(&store).watch(config.policy.reload_interval),
+            ));
+            store
+        }
+        None => Arc::new(PolicyStore::fixed(policy_from_sql_rules(&config.sql_rules))),
+    };
+    let approvals = Broker::new();
+    tasks.push(crate::approval::serve(
+        Arc::clone(&approvals),
+        &config.approvals.socket,
+        config.approvals.group.as_deref(),
+    )?);
+    Ok((crate::proxy::Access { policy, approvals }, tasks))
 }
 
 async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) {

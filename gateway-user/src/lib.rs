@@ -9,7 +9,8 @@
 //! - `protocol`: the handlers, one per target class;
 //! - `identity`: the subject behind a connection;
 //! - `mask`: finding card numbers (PANs) in bytes and masking them, whole or streamed;
-//! - `policy`: access decisions (the SQL rules for now);
+//! - `policy`: AccessPolicy objects and access decisions;
+//! - `approval`: requests held for review and the socket that answers them;
 //! - `record`: the tamper-evident recording store: sessions, journal, signing, verification;
 //! - `sql`: statement analysis for the database handlers;
 //! - `cli`: the larger `gatewayctl` commands (`sessions`);
@@ -19,6 +20,7 @@
 //! - `testing` (feature `testing`): the one-machine test node.
 #![deny(unsafe_code)]
 
+pub mod approval;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

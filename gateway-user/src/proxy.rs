@@ -113,9 +113,16 @@ pub struct Proxy {
     rejected_unknown: AtomicU64,
     /// Cancel keys of the live PostgreSQL sessions.
     postgres_cancels: Arc<CancelRegistry>,
-    sql_rules: Arc<Vec<crate::policy::SqlRule>>,
+    access: Access,
     /// Per target, in configuration order.
     target_tls: Vec<TargetTls>,
+}
+
+/// The access policy and the approvals broker, shared by every session.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub policy: Arc<crate::policy::PolicyStore>,
+    pub approvals: Arc<crate::approval::Broker>,
 }
 
 impl Proxy {
@@ -125,11 +132,12 @@ impl Proxy {
         identity: Arc<Identity>,
         recorder: Recorder,
         target_tls: Vec<TargetTls>,
+        access: Access,
     ) -> Arc<Self> {
         Arc::new(Self {
             target_tls,
             postgres_cancels: Arc::new(CancelRegistry::default()),
-            sql_rules: Arc::new(config.sql_rules.clone()),
+            access,
             permits: Arc::new(Semaphore::new(config.proxy.max_connections)),
             config,
             redirect,
@@ -291,6 +299,7 @@ impl Proxy {
         debug!(session = %record.id, %destination, cgroup = ?subject.cgroup, "session started");
 
         let record = Arc::new(std::sync::Mutex::new(record));
+        self.record_policy_alert(&record);
         let end = match self.connect_upstream(destination).await {
             Ok(upstream) => {
                 let handler = self.run_handler(
@@ -298,8 +307,8 @@ impl Proxy {
                     upstream,
                     orig.class,
                     orig.target_id,
-                    destination,
                     &record,
+                    (&subject, &target),
                 );
                 let result = if self.recorder.fail_mode() == FailMode::Closed {
                     // With recording failing and `fail_mode: closed`, sessions end.
@@ -397,15 +406,34 @@ impl Proxy {
         upstream: TcpStream,
         class: u8,
         target_id: u32,
-        destination: SocketAddr,
         record: &Arc<std::sync::Mutex<SessionRecord>>,
+        (subject, target): (&Subject, &TargetInfo),
     ) -> RelayResult {
+        let destination = target.addr;
         let tls = self.target_tls.get(target_id as usize);
         match gateway_common::TargetClass::try_from(class) {
             Ok(gateway_common::TargetClass::Postgres) => {
+                let policy_subject = policy_subject(subject);
+                let policy_target = crate::policy::Target {
+                    class: crate::config::TargetClass::Postgres,
+                    name: target.name.clone(),
+                };
+                let mask_settings = self
+                    .access
+                    .policy
+                    .current()
+                    .session_mask(&policy_subject, &policy_target);
                 let context = PostgresContext {
-                    rules: Arc::clone(&self.sql_rules),
-                    mask: MaskPolicy::default(),
+                    policy: Arc::clone(&self.access.policy),
+                    approvals: Arc::clone(&self.access.approvals),
+                    subject: policy_subject,
+                    target: policy_target,
+                    // NOTE: `mask_settings.fields` (columns masked whole) is not applied to
+                    // result rows yet; only the kept digits are.
+                    mask: MaskPolicy {
+                        keep: mask_settings.keep.to_mask_keep(),
+                        ..MaskPolicy::default()
+                    },
                     cancels: Arc::clone(&self.postgres_cancels),
                     upstream_addr: destination,
                     mark: self.config.redirect.mark,
@@ -432,6 +460,21 @@ impl Proxy {
                 )
                 .await
             }
+        }
+    }
+
+    /// Records the policy alert, while a reload has failed, at the start of each session.
+    fn record_policy_alert(&self, record: &Arc<std::sync::Mutex<SessionRecord>>) {
+        let Some(alert) = self.access.policy.status().alert else {
+            return;
+        };
+        let mut record = record.lock().expect("recording lock poisoned");
+        let fields = serde_json::json!({
+            "alert": "policy_reload_failed",
+            "error": alert.to_string(),
+        });
+        if let Err(error) = record.event("policy.alert", fields) {
+            warn!(error = %crate::error_chain(&error), session = %record.id, "failed to write a session event");
         }
     }
 
@@ -501,5 +544,18 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         SocketAddr::V4(_) => addr,
+    }
+}
+
+/// Converts the subject to the terms policy matches on. A subject no identity source named
+/// (no static file entry, not delivered by the pod watch) is `unknown` to policy.
+fn policy_subject(subject: &Subject) -> crate::policy::Subject {
+    crate::policy::Subject {
+        namespace: subject.namespace.clone(),
+        service_account: subject.service_account.clone(),
+        pod: subject.pod.clone(),
+        labels: subject.labels.clone(),
+        uid: Some(subject.uid),
+        ..crate::policy::Subject::unknown()
     }
 }

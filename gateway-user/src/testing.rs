@@ -431,6 +431,7 @@ impl TestNode {
              proxy:\n  listen_v4: {v4}:{port}\n  listen_v6: '[{v6}]:{port}'\n  drain_timeout: 2s\n\
              redirect:\n  cgroup: {cgroup}\n  bpffs: {bpffs}\n{redirect_extra}\
              recording:\n  dir: {recordings}\n\
+             approvals:\n  socket: {approvals}\n\
              targets:\n{targets}",
             name = self.node_netns,
             v4 = NODE_PROXY_V4,
@@ -439,10 +440,17 @@ impl TestNode {
             cgroup = self.kubepods.display(),
             bpffs = self.pin_dir().display(),
             recordings = self.recordings().display(),
+            approvals = self.approval_socket().display(),
         );
         let path = self.dir.join(file_name);
         fs::write(&path, text).expect("write daemon config");
         path
+    }
+
+    /// Returns the daemon's approvals socket, inside the test directory so that parallel test
+    /// daemons do not share the default path.
+    pub fn approval_socket(&self) -> PathBuf {
+        self.dir.join("state").join("approvals.sock")
     }
 
     /// Returns the daemon's pin directory inside the private bpffs.

@@ -61,3 +61,21 @@ fn check_reports_missing_file() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_rejects_broken_policy() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: gateway.example.dev/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: x\nspec:\n  rules:\n    - name: a\n      action: maybe\n",
+    )
+    .expect("write policy");
+    let (code, stderr) = check(&format!(
+        "{BASE}  - address: 10.96.0.1\n    port: 5432\n    class: postgres\npolicy:\n  path: {}\n",
+        policy.display()
+    ));
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("policy.yaml:8:"), "{stderr}");
+    assert!(stderr.contains("spec.rules[0].action"), "{stderr}");
+}

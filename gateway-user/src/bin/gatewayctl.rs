@@ -1,12 +1,25 @@
-//! `gatewayctl`: the operator's view of a node. `gatewayctl stats` prints the connect hook's
-//! verdict counters from the pinned maps; `gatewayctl sessions` reads and verifies the
-//! recordings.
+//! `gatewayctl`: the operator's view of a node.
+//!
+//! - `gatewayctl stats` prints the connect hook's verdict counters from the pinned maps.
+//! - `gatewayctl sessions list | show | replay | export | verify` reads and verifies the
+//!   recordings.
+//! - `gatewayctl policy check PATH` validates AccessPolicy files; `gatewayctl policy test`
+//!   decides a described request without traffic.
+//! - `gatewayctl approvals list | approve ID | deny ID --reason TEXT` answers held requests on
+//!   the daemon's approvals socket.
+
+#[path = "gatewayctl/policy_cmd.rs"]
+mod policy_cmd;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use gateway_common::Verdict;
-use gateway_user::{cli::sessions::SessionsArgs, config::DEFAULT_BPFFS_DIR, redirect};
+use gateway_user::{
+    cli::sessions::SessionsArgs,
+    config::{DEFAULT_APPROVAL_SOCKET, DEFAULT_BPFFS_DIR},
+    redirect,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "gatewayctl", version, about = "Inspect a node gateway")]
@@ -28,6 +41,17 @@ enum Command {
     },
     /// List, show, replay, export and verify session recordings.
     Sessions(SessionsArgs),
+    /// Validate AccessPolicy files or decide a described request.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+    /// List and answer requests held for review.
+    Approvals {
+        /// The daemon's approvals socket (`approvals.socket` in its configuration).
+        #[arg(long, env = "GATEWAY_APPROVAL_SOCKET", default_value = DEFAULT_APPROVAL_SOCKET, global = true)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: policy_cmd::ApprovalsCommand,
+    },
 }
 
 const VERDICTS: [(Verdict, &str); 10] = [
@@ -55,7 +79,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a command; returns false when it ran but its check failed (`sessions verify`).
+/// Runs a command; returns false when it ran but its check failed (`sessions verify`,
+/// `policy check`). Exit status: 0 success, 1 check failed, 2 error.
 fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Sessions(args) => gateway_user::cli::sessions::run(args),
@@ -73,6 +98,21 @@ fn run(command: Command) -> anyhow::Result<bool> {
                 }
             }
             Ok(true)
+        }
+        Command::Policy(command) => {
+            // An invalid policy is what `policy check` looks for: exit 1, like a failed verify.
+            let checking = matches!(command, policy_cmd::PolicyCommand::Check { .. });
+            match policy_cmd::run_policy(command) {
+                Ok(()) => Ok(true),
+                Err(error) if checking => {
+                    eprintln!("gatewayctl: {error:#}");
+                    Ok(false)
+                }
+                Err(error) => Err(error),
+            }
+        }
+        Command::Approvals { socket, command } => {
+            policy_cmd::run_approvals(&socket, command).map(|()| true)
         }
     }
 }

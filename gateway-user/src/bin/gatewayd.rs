@@ -81,12 +81,30 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;
+            let policy_summary = match &config.policy.path {
+                Some(path) => {
+                    let policy = gateway_user::policy::load_path(path)?;
+                    format!(
+                        "{} polic{} with {} rule(s) from {}",
+                        policy.sources().len(),
+                        if policy.sources().len() == 1 {
+                            "y"
+                        } else {
+                            "ies"
+                        },
+                        policy.rule_count(),
+                        path.display()
+                    )
+                }
+                None => format!("{} sql_rules entries", config.sql_rules.len()),
+            };
             let mounts =
                 gateway_user::cgroup::find_mounts(std::path::Path::new(redirect::MOUNTINFO))?;
             let cgroup = redirect::configured_cgroup(&mounts, &config)?;
             gateway_user::proxy::load_target_tls(&config)?;
             redirect::probe_kernel()?;
             println!("configuration valid: {} target(s)", config.targets.len());
+            println!("access policy: {policy_summary}");
             println!("cgroup2 mount: {}", mounts.unified.display());
             if !mounts.v1.is_empty() {
                 println!(

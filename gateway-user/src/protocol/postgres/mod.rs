@@ -1,6 +1,6 @@
 //! PostgreSQL handler for targets of class `postgres`: speaks the v3 protocol in both directions,
-//! records each statement, enforces the SQL rules, and masks card numbers in what the server
-//! sends back.
+//! records each statement, enforces the access policy (allow, deny, or hold for review), and
+//! masks card numbers in what the server sends back.
 //!
 //! The session runs as two pumps over one shared state: the frontend pump reads the client and
 //! writes the server, the backend pump the other way round. Each statement the client sends is
@@ -14,9 +14,13 @@
 //! statement had failed. The backend pump swaps that syntax error for the gateway's own
 //! ErrorResponse (SQLSTATE 42501, naming the rule), so the client sees the results owed before
 //! it, the denial, and nothing after it until Sync.
+//!
+//! A statement held for review (see `judge`) stops the frontend pump before it is forwarded:
+//! the client sees a slow query, and the statement then runs or is denied as above.
 
 pub mod cancel;
 pub mod codec;
+mod judge;
 mod refuse;
 pub mod rows;
 
@@ -50,8 +54,9 @@ use self::{
 };
 use super::tcp::{Counters, RelayResult, idle};
 use crate::{
+    approval::Broker,
     mask::{MaskPolicy, StreamMasker, mask_in_place},
-    policy::{Decision, SqlRule, judge_sql},
+    policy::{PolicyStore, Subject as PolicySubject, Target as PolicyTarget},
     record::{Outcome, SessionRecord},
     sql::{SqlDialect, StatementInfo, analyze},
 };
@@ -69,7 +74,11 @@ const DENIED_SQLSTATE: &str = "42501";
 /// Inputs of a PostgreSQL session from the rest of the daemon.
 #[derive(Clone, Debug)]
 pub struct PostgresContext {
-    pub rules: Arc<Vec<SqlRule>>,
+    pub policy: Arc<PolicyStore>,
+    pub approvals: Arc<Broker>,
+    /// The caller and the target, in the terms policy matches on.
+    pub subject: PolicySubject,
+    pub target: PolicyTarget,
     pub mask: MaskPolicy,
     pub cancels: Arc<CancelRegistry>,
     /// Server address of this session's upstream connection, for routing cancel requests.
@@ -148,12 +157,12 @@ impl Pending {
 impl Shared {
     /// Queues a denied statement at the open synchronization point and returns the stand-in
     /// text to send the server in its place.
-    fn deny(&mut self, pending: Pending, rule: &str, session_token: &str) -> String {
+    fn deny(&mut self, pending: Pending, denial: &judge::Denial, session_token: &str) -> String {
         let marker = denial_marker(session_token);
         let point = self.open();
         point.statements.push_back(pending);
         point.denial_marker = Some(marker.clone());
-        point.denial_error = Some(denial_error(rule));
+        point.denial_error = Some(denial_error(&denial.rule, denial.detail.as_deref()));
         marker
     }
 
@@ -621,6 +630,8 @@ struct Frontend {
     portals: HashMap<Vec<u8>, Portal>,
     /// After a denial, messages are dropped until the next Sync.
     discarding: bool,
+    /// Approvals that cover the rest of the session.
+    review: judge::SessionApprovals,
 }
 
 async fn frontend(
@@ -661,7 +672,7 @@ async fn frontend(
             }
             let body = client.read_body(header).await.map_err(client_error)?;
             let forward =
-                frontend_message(&mut state, header.tag, body, pump).map_err(client_error)?;
+                frontend_message(&mut state, header.tag, body, pump, &mut upstream).await?;
             if let Some(message) = forward {
                 upstream.write_all(&message).await.map_err(server_error)?;
             }
@@ -683,13 +694,15 @@ async fn frontend(
 }
 
 /// Judges and tracks one inspected client message and returns what to send upstream instead:
-/// the message itself, a replacement, or nothing.
-fn frontend_message(
+/// the message itself, a replacement, or nothing. A statement held for review waits here, after
+/// everything before it was flushed to `upstream`.
+async fn frontend_message(
     state: &mut Frontend,
     tag: u8,
     body: Bytes,
     pump: &PumpContext<'_>,
-) -> Result<Option<Bytes>, CodecError> {
+    upstream: &mut BufWriter<WriteHalf>,
+) -> Result<Option<Bytes>, SessionEnd> {
     let PumpContext {
         context,
         shared,
@@ -703,13 +716,18 @@ fn frontend_message(
     match tag {
         b'Q' => {
             let mut reader = BodyReader::new(&body, "Query");
-            let text = String::from_utf8_lossy(reader.cstr()?).into_owned();
+            let text = String::from_utf8_lossy(reader.cstr().map_err(client_error)?).into_owned();
             let infos = analyze(&text, SqlDialect::Postgres);
             let shown = recorded_text(text.as_bytes(), &context.mask);
+            let denial = judge::judge(&mut state.review, &infos, &shown, pump, upstream).await?;
             let mut shared = shared.lock().expect("session state lock poisoned");
-            if let Some(rule) = first_denial(&context.rules, &infos) {
+            if let Some(denial) = denial {
                 let info = infos.first().cloned().unwrap_or_default();
-                let marker = shared.deny(Pending::denied(shown, info, &rule), &rule, session_token);
+                let marker = shared.deny(
+                    Pending::denied(shown, info, &denial.rule),
+                    &denial,
+                    session_token,
+                );
                 shared.close();
                 return Ok(Some(marker_query(&marker)));
             }
@@ -727,17 +745,23 @@ fn frontend_message(
         }
         b'P' => {
             let mut reader = BodyReader::new(&body, "Parse");
-            let name = reader.cstr()?.to_vec();
-            let text = reader.cstr()?;
+            let name = reader.cstr().map_err(client_error)?.to_vec();
+            let text = reader.cstr().map_err(client_error)?;
             let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Postgres);
             let shown = recorded_text(text, &context.mask);
             let info = statements_or_unparsed(infos.clone())
                 .into_iter()
                 .next()
                 .unwrap_or_default();
-            if let Some(rule) = first_denial(&context.rules, &infos) {
+            if let Some(denial) =
+                judge::judge(&mut state.review, &infos, &shown, pump, upstream).await?
+            {
                 let mut shared = shared.lock().expect("session state lock poisoned");
-                let marker = shared.deny(Pending::denied(shown, info, &rule), &rule, session_token);
+                let marker = shared.deny(
+                    Pending::denied(shown, info, &denial.rule),
+                    &denial,
+                    session_token,
+                );
                 state.discarding = true;
                 let mut replacement = BytesMut::new();
                 replacement.put_slice(&name);
@@ -752,13 +776,13 @@ fn frontend_message(
         }
         b'B' => {
             let mut reader = BodyReader::new(&body, "Bind");
-            let portal = reader.cstr()?.to_vec();
-            let statement = reader.cstr()?.to_vec();
-            let params = bind_params(&mut reader, &context.mask)?;
-            let count = reader.i16()?.max(0) as usize;
+            let portal = reader.cstr().map_err(client_error)?.to_vec();
+            let statement = reader.cstr().map_err(client_error)?.to_vec();
+            let params = bind_params(&mut reader, &context.mask).map_err(client_error)?;
+            let count = reader.i16().map_err(client_error)?.max(0) as usize;
             let mut result_formats = Vec::with_capacity(count);
             for _ in 0..count {
-                result_formats.push(reader.i16()?);
+                result_formats.push(reader.i16().map_err(client_error)?);
             }
             state.portals.insert(
                 portal,
@@ -772,7 +796,7 @@ fn frontend_message(
         }
         b'E' => {
             let mut reader = BodyReader::new(&body, "Execute");
-            let portal = reader.cstr()?;
+            let portal = reader.cstr().map_err(client_error)?;
             let Portal {
                 statement,
                 params,
@@ -792,8 +816,8 @@ fn frontend_message(
         }
         b'C' => {
             let mut reader = BodyReader::new(&body, "Close");
-            let kind = reader.u8()?;
-            let name = reader.cstr()?;
+            let kind = reader.u8().map_err(client_error)?;
+            let name = reader.cstr().map_err(client_error)?;
             if kind == b'S' {
                 state.statements.remove(name);
             } else {
@@ -811,15 +835,27 @@ fn frontend_message(
             // function by OID with no SQL text. It is judged as kind `function_call`, and like
             // a Query it ends with one ReadyForQuery.
             let mut reader = BodyReader::new(&body, "FunctionCall");
-            let oid = reader.i32()? as u32;
+            let oid = reader.i32().map_err(client_error)? as u32;
             let info = StatementInfo {
                 kind: "function_call".to_string(),
                 ..StatementInfo::default()
             };
             let text = format!("function call (oid {oid})");
+            let denial = judge::judge(
+                &mut state.review,
+                std::slice::from_ref(&info),
+                &text,
+                pump,
+                upstream,
+            )
+            .await?;
             let mut shared = shared.lock().expect("session state lock poisoned");
-            if let Some(rule) = first_denial(&context.rules, std::slice::from_ref(&info)) {
-                let marker = shared.deny(Pending::denied(text, info, &rule), &rule, session_token);
+            if let Some(denial) = denial {
+                let marker = shared.deny(
+                    Pending::denied(text, info, &denial.rule),
+                    &denial,
+                    session_token,
+                );
                 shared.close();
                 return Ok(Some(marker_query(&marker)));
             }
@@ -846,13 +882,6 @@ fn statements_or_unparsed(infos: Vec<StatementInfo>) -> Vec<StatementInfo> {
     }
 }
 
-fn first_denial(rules: &[SqlRule], infos: &[StatementInfo]) -> Option<String> {
-    infos.iter().find_map(|info| match judge_sql(rules, info) {
-        Decision::Deny { rule } => Some(rule),
-        Decision::Allow => None,
-    })
-}
-
 /// Text that PostgreSQL rejects with a syntax error quoting it, unique to this session.
 fn denial_marker(session_token: &str) -> String {
     format!("gateway_denied_{session_token}")
@@ -865,11 +894,15 @@ fn marker_query(marker: &str) -> Bytes {
     codec::frame(b'Q', &body)
 }
 
-fn denial_error(rule: &str) -> Bytes {
-    codec::error_response(
-        DENIED_SQLSTATE,
-        &format!("permission denied by the gateway: statement matches rule \"{rule}\""),
-    )
+/// Encodes the gateway's denial. `detail` gives the reason a held statement was not approved.
+fn denial_error(rule: &str, detail: Option<&str>) -> Bytes {
+    let mut message =
+        format!("permission denied by the gateway: statement matches rule \"{rule}\"");
+    if let Some(detail) = detail {
+        message.push_str(": ");
+        message.push_str(detail);
+    }
+    codec::error_response(DENIED_SQLSTATE, &message)
 }
 
 /// Reads Bind's parameters as recorded values: text values masked and cut, binary ones by size.
@@ -1084,7 +1117,7 @@ fn backend_message(
                     let error = point
                         .denial_error
                         .take()
-                        .unwrap_or_else(|| denial_error("unknown"));
+                        .unwrap_or_else(|| denial_error("unknown", None));
                     point.denial_marker = None;
                     if let Some(pending) = point.statements.pop_back() {
                         let rule = pending.denied_by.clone().unwrap_or_default();

@@ -1,6 +1,25 @@
-//! Access decisions. For now: SQL rules from the configuration file, each naming the statements
-//! it denies. Every statement the database handlers see is judged here, and the first matching
-//! rule denies it; a statement no rule matches is allowed.
+//! Access decisions.
+//!
+//! Policies are `AccessPolicy` objects (`spec`: YAML types and their checks, `load`: files,
+//! directories and reloading, `eval`: the ordered rule list and [`Policy::decide`]). The
+//! protocol handlers build a [`Subject`], a [`Target`] and a [`Request`] and act on the
+//! returned [`Decision`]; holding a request for review is the `approval` module's part.
+//!
+//! The configuration file's `sql_rules` predate policies. [`policy_from_sql_rules`] turns them
+//! into an equivalent policy (one deny rule each, mode `enforce`) for daemons without a
+//! `policy.path`; [`judge_sql`] still evaluates them directly for handlers not yet moved over.
+
+pub mod eval;
+mod index;
+pub mod load;
+pub mod spec;
+
+pub use eval::{
+    Decision as PolicyDecision, ExecAttributes, KubeRequest, MaskSettings, Policy, PolicySource,
+    Request, ReviewSettings, Subject, Target,
+};
+pub use load::{PolicyError, PolicyStatus, PolicyStore, load_path};
+pub use spec::{API_VERSION, Action, KIND, Mode, ReviewScope};
 
 use serde::Deserialize;
 
@@ -135,18 +154,77 @@ impl SqlRule {
                 .any(|kind| kind.eq_ignore_ascii_case(&statement.kind));
         let table_matches = self.tables.is_empty()
             || statement.tables.iter().any(|table| {
-                self.tables.iter().any(|wanted| {
-                    // Match `cards` against `public.cards` as well.
-                    table.eq_ignore_ascii_case(wanted)
-                        || table
-                            .rsplit('.')
-                            .next()
-                            .is_some_and(|bare| bare.eq_ignore_ascii_case(wanted))
-                })
+                self.tables
+                    .iter()
+                    .any(|wanted| table_name_matches(table, wanted))
             });
         let where_matches = !self.without_where || statement.has_where == Some(false);
         kind_matches && table_matches && where_matches
     }
+}
+
+/// Compares a table named in a statement with one named in a rule, ignoring ASCII case. A
+/// rule naming `cards` also matches `public.cards`.
+pub(crate) fn table_name_matches(table: &str, wanted: &str) -> bool {
+    table.eq_ignore_ascii_case(wanted)
+        || table
+            .rsplit('.')
+            .next()
+            .is_some_and(|bare| bare.eq_ignore_ascii_case(wanted))
+}
+
+/// Builds the policy equivalent to the configuration's `sql_rules`: a policy named
+/// `config-sql-rules`, mode `enforce`, with one deny rule per SQL rule, in order, for the
+/// `postgres` and `mysql` classes.
+pub fn policy_from_sql_rules(rules: &[SqlRule]) -> Policy {
+    if rules.is_empty() {
+        return Policy::default();
+    }
+    let rules = rules
+        .iter()
+        .map(|rule| spec::RuleSpec {
+            name: rule.name.clone(),
+            subjects: None,
+            targets: Some(spec::TargetMatch {
+                classes: vec![
+                    crate::config::TargetClass::Postgres,
+                    crate::config::TargetClass::Mysql,
+                ],
+                names: Vec::new(),
+            }),
+            kube: None,
+            sql: Some(spec::SqlMatch {
+                statement_kinds: rule
+                    .statement_kinds
+                    .iter()
+                    .map(|kind| kind.to_ascii_lowercase())
+                    .collect(),
+                tables: rule.tables.clone(),
+                without_where: rule.without_where,
+            }),
+            token_pod_mismatch: None,
+            action: Action::Deny,
+            review: None,
+            masking: None,
+        })
+        .collect();
+    let object = spec::AccessPolicySpec {
+        api_version: spec::ApiVersion,
+        kind: spec::Kind,
+        metadata: spec::Metadata {
+            name: "config-sql-rules".to_string(),
+            namespace: None,
+            labels: Default::default(),
+            annotations: Default::default(),
+        },
+        spec: spec::PolicyBody {
+            mode: Mode::Enforce,
+            defaults: spec::ClassDefaults::default(),
+            rules,
+        },
+    };
+    Policy::build(vec![("config file sql_rules".to_string(), object)])
+        .expect("config validation keeps sql_rule names unique")
 }
 
 /// Judges one statement against the rules in order.
@@ -199,5 +277,39 @@ mod tests {
             }
         );
         assert_eq!(decide("SELECT 1"), Decision::Allow);
+    }
+
+    #[test]
+    fn sql_rules_policy_decides_alike() {
+        let policy = policy_from_sql_rules(&rules());
+        let subject = Subject::unknown();
+        for class in [
+            crate::config::TargetClass::Postgres,
+            crate::config::TargetClass::Mysql,
+        ] {
+            let target = Target {
+                class,
+                name: "db".to_string(),
+            };
+            for sql in [
+                "DROP TABLE t",
+                "DELETE FROM t",
+                "DELETE FROM t WHERE id = 1",
+                "SELECT * FROM public.secrets",
+                "SELECT 1",
+            ] {
+                let statement = &analyze(sql, SqlDialect::Postgres)[0];
+                let decision = policy.decide(&subject, &target, Request::Sql(statement));
+                let expected = judge_sql(&rules(), statement);
+                match expected {
+                    Decision::Allow => assert_eq!(decision.action, Action::Allow, "{sql}"),
+                    Decision::Deny { rule } => {
+                        assert_eq!(decision.action, Action::Deny, "{sql}");
+                        assert_eq!(decision.rule, rule, "{sql}");
+                        assert_eq!(decision.mode, Mode::Enforce, "{sql}");
+                    }
+                }
+            }
+        }
     }
 }

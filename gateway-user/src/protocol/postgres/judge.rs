@@ -1,0 +1,206 @@
+//! The policy decision for each client statement, and holding statements for review.
+//!
+//! Every statement of a message is decided. A `deny` in enforce mode denies the whole message
+//! at once. Each `review` in enforce mode, with a rule not yet approved for the session, is
+//! put up on the approvals broker in turn, and the frontend pump waits for the answer: the
+//! client simply sees a slow query. An approval lets the message through (and, with scope
+//! `session`, every later statement matching the same rule); a denial or a timeout denies it.
+//! Audit-mode decisions that would have blocked or held are recorded as `policy.audit` events
+//! and let through.
+
+use std::{collections::HashSet, time::Duration};
+
+use serde_json::json;
+use tokio::io::{AsyncWriteExt as _, BufWriter};
+
+use super::{PumpContext, SessionEnd, WriteHalf, record_event, server_error};
+use crate::{
+    approval::{HoldRequest, Verdict},
+    policy::{Action, PolicyDecision, Request, ReviewScope},
+    sql::StatementInfo,
+};
+
+/// How often a held session marks itself active, so the idle timeout does not close it while
+/// it waits for a person.
+const HELD_KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// The rule that denies a message, and the reason.
+#[derive(Clone, Debug)]
+pub(super) struct Denial {
+    pub rule: String,
+    /// For held statements: who denied it and why, or that no answer came in time.
+    pub detail: Option<String>,
+}
+
+/// Rules approved with scope `session` in this session.
+#[derive(Debug, Default)]
+pub(super) struct SessionApprovals {
+    rules: HashSet<String>,
+}
+
+/// Decides the statements of one message and waits while a review is pending. `shown` is
+/// the masked statement text for recordings and for the approver.
+pub(super) async fn judge(
+    approvals: &mut SessionApprovals,
+    infos: &[StatementInfo],
+    shown: &str,
+    pump: &PumpContext<'_>,
+    upstream: &mut BufWriter<WriteHalf>,
+) -> Result<Option<Denial>, SessionEnd> {
+    let context = pump.context;
+    let policy = context.policy.current();
+    let mut reviews: Vec<PolicyDecision> = Vec::new();
+    for info in infos {
+        let decision = policy.decide(&context.subject, &context.target, Request::Sql(info));
+        if decision.audit_only() {
+            record_event(
+                pump.record,
+                "policy.audit",
+                json!({
+                    "rule": decision.rule,
+                    "policy": decision.policy,
+                    "mode": decision.mode,
+                    "would": decision.action,
+                    "statement": shown,
+                    "kind": info.kind,
+                }),
+            );
+            continue;
+        }
+        match decision.enforced() {
+            Action::Allow => {}
+            Action::Deny => {
+                return Ok(Some(Denial {
+                    rule: decision.rule,
+                    detail: None,
+                }));
+            }
+            Action::Review => {
+                let approved = approvals.rules.contains(&decision.rule);
+                let listed = reviews.iter().any(|review| review.rule == decision.rule);
+                if !approved && !listed {
+                    reviews.push(decision);
+                }
+            }
+        }
+    }
+
+    for decision in reviews {
+        if let Some(denial) = hold(approvals, decision, shown, pump, upstream).await? {
+            return Ok(Some(denial));
+        }
+    }
+    Ok(None)
+}
+
+/// Puts one statement up for review and waits for the answer.
+async fn hold(
+    approvals: &mut SessionApprovals,
+    decision: PolicyDecision,
+    shown: &str,
+    pump: &PumpContext<'_>,
+    upstream: &mut BufWriter<WriteHalf>,
+) -> Result<Option<Denial>, SessionEnd> {
+    let context = pump.context;
+    // Statements pipelined before this one go to the server now, so their results are not
+    // held back with it.
+    upstream.flush().await.map_err(server_error)?;
+
+    let review = decision
+        .review
+        .clone()
+        .unwrap_or_else(|| (&crate::policy::spec::ReviewSpec::default()).into());
+    let session = pump
+        .record
+        .lock()
+        .expect("recording lock poisoned")
+        .id
+        .clone();
+    let pending = context.approvals.hold(HoldRequest {
+        session,
+        subject: context.subject.to_string(),
+        subject_uid: context.subject.uid,
+        target: context.target.name.clone(),
+        rule: decision.rule.clone(),
+        policy: decision.policy.clone(),
+        summary: shown.to_string(),
+        deadline: review.deadline,
+        scope: review.scope,
+        forbid_self_approval: review.forbid_self_approval,
+    });
+    record_event(
+        pump.record,
+        "approval.requested",
+        json!({
+            "id": pending.id,
+            "rule": decision.rule,
+            "policy": decision.policy,
+            "statement": shown,
+            "scope": review.scope,
+            "forbid_self_approval": review.forbid_self_approval,
+            "expires_at": pending.info.expires_at,
+        }),
+    );
+
+    // NOTE: the client is not read while its statement is held, so a client that disconnects
+    // or sends a CancelRequest (which reaches an idle server) keeps the request listed until
+    // it is answered or its deadline passes.
+    let id = pending.id.clone();
+    let wait = pending.wait();
+    tokio::pin!(wait);
+    let mut keepalive = tokio::time::interval(HELD_KEEPALIVE);
+    let answer = loop {
+        tokio::select! {
+            answer = &mut wait => break answer,
+            _ = keepalive.tick() => pump.counters.touch(),
+        }
+    };
+    pump.counters.touch();
+
+    let approver_uid = answer.approver.as_ref().map(|approver| approver.uid);
+    let approver_name = answer
+        .approver
+        .as_ref()
+        .and_then(|approver| approver.name.clone());
+    record_event(
+        pump.record,
+        "approval.answered",
+        json!({
+            "id": id,
+            "rule": decision.rule,
+            "verdict": answer.verdict,
+            "approver_uid": approver_uid,
+            "approver_name": approver_name,
+            "reason": answer.reason,
+            "answered_at": answer.answered_at,
+        }),
+    );
+
+    match answer.verdict {
+        Verdict::Approved => {
+            if review.scope == ReviewScope::Session {
+                approvals.rules.insert(decision.rule);
+            }
+            Ok(None)
+        }
+        Verdict::Denied => {
+            let who = match (&approver_name, approver_uid) {
+                (Some(name), Some(uid)) => format!("{name} (uid {uid})"),
+                (None, Some(uid)) => format!("uid {uid}"),
+                _ => "an approver".to_string(),
+            };
+            let reason = answer.reason.unwrap_or_default();
+            Ok(Some(Denial {
+                rule: decision.rule,
+                detail: Some(format!("denied by {who}: {reason}")),
+            }))
+        }
+        Verdict::TimedOut => Ok(Some(Denial {
+            rule: decision.rule,
+            detail: Some(format!(
+                "no approval within {}",
+                humantime::format_duration(review.deadline)
+            )),
+        })),
+    }
+}
