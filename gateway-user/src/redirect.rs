@@ -753,6 +753,19 @@ fn update_link(
     })
 }
 
+/// Detaches a pinned link from its cgroup before its pin goes. Removing the pin alone
+/// releases the link only when the kernel drops its last reference, which it may do later,
+/// from a work queue; after an explicit detach the programs are off the cgroup when
+/// `uninstall` returns.
+fn detach_link(path: &Path) {
+    match sys::bpf_obj_get(path).and_then(|link| sys::bpf_link_detach(link.as_fd())) {
+        Ok(()) => {}
+        Err(error) => {
+            tracing::warn!(%error, pin = %path.display(), "failed to detach link; removing its pin anyway")
+        }
+    }
+}
+
 fn remove_pin(path: &Path) -> Result<(), RedirectError> {
     fs::remove_file(path).map_err(|source| RedirectError::Pin {
         action: "remove pin",
@@ -814,6 +827,9 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, RedirectError> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
+            if dir == pins.links() {
+                detach_link(&path);
+            }
             remove_pin(&path)?;
             list.push(path);
         }

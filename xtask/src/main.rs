@@ -126,8 +126,40 @@ fn setup() -> anyhow::Result<()> {
     install_debian_packages()?;
     install_rust_src()?;
     install_bpf_linker()?;
-    eprintln!("xtask: setup complete (Debian packages, nightly rust-src, bpf-linker)");
+    check_kubectl()?;
+    eprintln!("xtask: setup complete (Debian packages, nightly rust-src, bpf-linker, kubectl)");
     Ok(())
+}
+
+/// Oldest kubectl minor version the Kubernetes tests are written against.
+const KUBECTL_MIN_MINOR: u32 = 32;
+
+/// Checks that kubectl 1.32 or newer is installed. Debian's archive only has kubectl 1.20, so
+/// setup cannot install it; the tests drive the real client and need this one.
+fn check_kubectl() -> anyhow::Result<()> {
+    let output = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output();
+    let minor = output.ok().and_then(|output| {
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        report["clientVersion"]["minor"]
+            .as_str()?
+            .trim_end_matches('+')
+            .parse::<u32>()
+            .ok()
+    });
+    match minor {
+        Some(minor) if minor >= KUBECTL_MIN_MINOR => Ok(()),
+        Some(minor) => bail!(
+            "kubectl 1.{minor} is installed; the Kubernetes tests need 1.{KUBECTL_MIN_MINOR} or \
+             newer (from the Kubernetes package repository, pkgs.k8s.io)"
+        ),
+        None => bail!(
+            "kubectl is missing; the Kubernetes tests need kubectl 1.{KUBECTL_MIN_MINOR} or newer, \
+             which Debian's archive does not carry: install it from the Kubernetes package \
+             repository (pkgs.k8s.io)"
+        ),
+    }
 }
 
 fn install_debian_packages() -> anyhow::Result<()> {
