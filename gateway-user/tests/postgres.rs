@@ -865,6 +865,24 @@ fn rust_driver_scenario_flat_memory() {
     assert_eq!(report["big_row_len"], 20 * 1024 * 1024);
     assert_eq!(report["big_row_all_x"], true);
     assert_eq!(report["param_length"], 20 * 1024 * 1024);
+    assert_eq!(
+        report["big_bind_card"], 4_111_110_000_001_111_i64,
+        "a card number bound by a streamed Bind comes back masked"
+    );
+    let big_bind = statements(&setup.node)
+        .into_iter()
+        .find(|record| {
+            record["statement"]
+                .as_str()
+                .is_some_and(|text| text.contains("::int8 WHERE length($1::text) > 0"))
+        })
+        .expect("the streamed Bind's statement is recorded");
+    // tokio-postgres sends every parameter in binary format, recorded by size.
+    assert_eq!(
+        big_bind["params"][0]["binary_bytes"],
+        20 * 1024 * 1024,
+        "the streamed Bind's parameter is recorded: {big_bind}"
+    );
     assert_eq!(report["copied_in_rows"], report["sent_rows"]);
     assert_eq!(
         report["copied_out_bytes"], report["sent_bytes"],

@@ -738,6 +738,15 @@ mod pg_driver {
             .query_one("SELECT length($1::text)", &[&big_param])
             .await?
             .get(0);
+        // A Bind over the gateway's hold limit with a binary result: the card number must come
+        // back masked like one bound by a small Bind.
+        let big_bind_card: i64 = client
+            .query_one(
+                "SELECT 4111111111111111::int8 WHERE length($1::text) > 0",
+                &[&big_param],
+            )
+            .await?
+            .get(0);
 
         let sink = client.copy_in("COPY driver_copy FROM STDIN").await?;
         futures_util::pin_mut!(sink);
@@ -773,6 +782,7 @@ mod pg_driver {
                 "big_row_len": big_row.len(),
                 "big_row_all_x": big_row.bytes().all(|b| b == b'x'),
                 "param_length": param_length,
+                "big_bind_card": big_bind_card,
                 "copied_in_rows": copied_in,
                 "sent_rows": sent_rows,
                 "sent_bytes": sent_bytes,

@@ -18,6 +18,7 @@
 //! A statement held for review (see `judge`) stops the frontend pump before it is forwarded:
 //! the client sees a slow query, and the statement then runs or is denied as above.
 
+mod bind;
 pub mod cancel;
 pub mod codec;
 mod judge;
@@ -660,8 +661,6 @@ async fn frontend(
             .fetch_add(header.body_len as u64 + 5, Ordering::Relaxed);
         counters.touch();
 
-        // NOTE: a Bind over the hold limit streams through unparsed, so its portal's parameters
-        // and result formats are not known: the statement is still recorded, without them.
         let inspect = matches!(header.tag, b'Q' | b'P' | b'B' | b'E' | b'C' | b'S' | b'F');
         if inspect && (header.is_held() || matches!(header.tag, b'Q' | b'P')) {
             if header.body_len > STATEMENT_HOLD_LIMIT {
@@ -678,6 +677,16 @@ async fn frontend(
             }
         } else if state.discarding {
             skip_body(&mut client, header).await?;
+        } else if header.tag == b'B' {
+            // A Bind over the hold limit streams through, read on the way for its portal.
+            copy_bind(
+                &mut client,
+                &mut upstream,
+                header,
+                &mut state,
+                &pump.context.mask,
+            )
+            .await?;
         } else {
             copy_body(&mut client, &mut upstream, header).await?;
         }
@@ -939,20 +948,67 @@ fn bind_params(reader: &mut BodyReader<'_>, mask: &MaskPolicy) -> Result<Vec<Val
 
 /// Masks and cuts a text for a recording.
 fn recorded_text(text: &[u8], mask: &MaskPolicy) -> String {
-    let mut copy = text[..text.len().min(RECORDED_TEXT_LIMIT)].to_vec();
-    if text.len() > RECORDED_TEXT_LIMIT {
+    recorded_prefix(
+        &text[..text.len().min(RECORDED_PREFIX_LEN)],
+        text.len(),
+        mask,
+    )
+}
+
+/// Bytes of a value a recording needs: what it shows, and 64 more so a number across the cut
+/// is still recognized and masked.
+const RECORDED_PREFIX_LEN: usize = RECORDED_TEXT_LIMIT + 64;
+
+/// Masks and cuts a text for a recording from its first `RECORDED_PREFIX_LEN` bytes (`prefix`)
+/// and its full length.
+fn recorded_prefix(prefix: &[u8], total: usize, mask: &MaskPolicy) -> String {
+    let mut copy = prefix[..prefix.len().min(RECORDED_TEXT_LIMIT)].to_vec();
+    if total > RECORDED_TEXT_LIMIT {
         // Mask with the digits after the cut in view, so a number across it is still caught.
-        let mut window = text[..text.len().min(RECORDED_TEXT_LIMIT + 64)].to_vec();
+        let mut window = prefix.to_vec();
         mask_in_place(&mut window, mask);
         copy.copy_from_slice(&window[..RECORDED_TEXT_LIMIT]);
     } else {
         mask_in_place(&mut copy, mask);
     }
     let mut shown = String::from_utf8_lossy(&copy).into_owned();
-    if text.len() > RECORDED_TEXT_LIMIT {
-        shown.push_str(&format!("... ({} bytes in all)", text.len()));
+    if total > RECORDED_TEXT_LIMIT {
+        shown.push_str(&format!("... ({total} bytes in all)"));
     }
     shown
+}
+
+/// Copies a streamed Bind upstream and tracks its portal like a Bind read whole.
+async fn copy_bind<W: AsyncWrite + Unpin>(
+    from: &mut FrameReader<ReadHalf>,
+    to: &mut W,
+    header: Header,
+    state: &mut Frontend,
+    mask: &MaskPolicy,
+) -> Result<(), SessionEnd> {
+    to.write_all(&header.encode()).await.map_err(server_error)?;
+    let mut scanner = bind::BindScanner::new(RECORDED_PREFIX_LEN);
+    let mut left = header.body_len;
+    while left > 0 {
+        let piece = from.read_piece(left).await.map_err(client_error)?;
+        left -= piece.len();
+        scanner.feed(&piece);
+        to.write_all(&piece).await.map_err(server_error)?;
+    }
+    if !scanner.is_complete() {
+        // The server rejects it too; the portal stays unknown.
+        return Ok(());
+    }
+    let params = scanner.params(|prefix, total| recorded_prefix(prefix, total, mask));
+    state.portals.insert(
+        std::mem::take(&mut scanner.portal),
+        Portal {
+            statement: std::mem::take(&mut scanner.statement),
+            params,
+            result_formats: std::mem::take(&mut scanner.result_formats),
+        },
+    );
+    Ok(())
 }
 
 async fn skip_body(client: &mut FrameReader<ReadHalf>, header: Header) -> Result<(), SessionEnd> {
