@@ -80,6 +80,9 @@ pub struct Config {
     /// Rules that deny SQL statements on `postgres` and `mysql` targets, first match wins.
     #[serde(default)]
     pub sql_rules: Vec<crate::policy::SqlRule>,
+    /// Rules that deny Kubernetes API requests on `kube_api` targets, first match wins.
+    #[serde(default)]
+    pub kube_rules: Vec<crate::policy::KubeRule>,
 }
 
 /// The proxy's listeners and limits.
@@ -224,10 +227,11 @@ pub struct TargetConfig {
     pub address: IpAddr,
     pub port: u16,
     pub class: TargetClass,
-    /// Serving certificate to terminate client TLS with (`postgres` targets).
+    /// Serving certificate to terminate client TLS with (`postgres` and `kube_api` targets). A
+    /// `kube_api` target without one is relayed as TCP, with its SNI recorded.
     #[serde(default)]
     pub tls: Option<crate::tls::ServingTls>,
-    /// Encryption of the proxy's connection to the server (`postgres` targets).
+    /// Encryption of the proxy's connection to the server (`postgres` and `kube_api` targets).
     #[serde(default)]
     pub upstream_tls: crate::tls::UpstreamTls,
 }
@@ -424,6 +428,12 @@ impl Config {
         for (index, rule) in self.sql_rules.iter().enumerate() {
             if let Err((field, message)) = rule.validate() {
                 return Err(invalid(&format!("sql_rules[{index}].{field}"), message));
+            }
+        }
+
+        for (index, rule) in self.kube_rules.iter().enumerate() {
+            if let Err((field, message)) = rule.validate() {
+                return Err(invalid(&format!("kube_rules[{index}].{field}"), message));
             }
         }
 

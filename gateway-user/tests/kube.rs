@@ -1,0 +1,1 @@
+//! The Kubernetes API handler end to end.
