@@ -477,13 +477,24 @@ impl Config {
             }
             let has_tls = target.tls.is_some()
                 || target.upstream_tls.mode != crate::tls::UpstreamTlsMode::Disable;
-            if has_tls && target.class != TargetClass::Postgres {
+            if has_tls && !matches!(target.class, TargetClass::Postgres | TargetClass::KubeApi) {
                 return Err(invalid(
                     &field("tls"),
                     format!(
-                        "TLS settings are supported on postgres targets only, not {}",
+                        "TLS settings are supported on postgres and kube_api targets only, not {}",
                         target.class
                     ),
+                ));
+            }
+            if target.class == TargetClass::KubeApi
+                && target.tls.is_some()
+                && target.upstream_tls.mode == crate::tls::UpstreamTlsMode::Disable
+            {
+                return Err(invalid(
+                    &field("upstream_tls.mode"),
+                    "a kube_api target with a serving certificate needs upstream TLS: the API \
+                     server serves HTTPS only; set verify-full with the cluster CA"
+                        .into(),
                 ));
             }
             if target.upstream_tls.mode == crate::tls::UpstreamTlsMode::VerifyFull

@@ -14,10 +14,12 @@
 //! - `sql`: statement analysis for the database handlers;
 //! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
 //! - `tls`: TLS settings of targets, both legs;
+//! - `cert`: issuing serving certificates for `kube_api` targets from a cluster CA;
 //! - `sys`: the only module with unsafe code, wrapping system calls;
 //! - `testing` (feature `testing`): the one-machine test node.
 #![deny(unsafe_code)]
 
+pub mod cert;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;

@@ -1,5 +1,6 @@
 //! `gatewayctl`: the operator's view of a node. `gatewayctl stats` prints the connect hook's
-//! verdict counters from the pinned maps.
+//! verdict counters from the pinned maps; `gatewayctl cert issue` makes a serving certificate
+//! for a `kube_api` target from the cluster CA.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -24,6 +25,39 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Manage serving certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue a serving certificate for the API server's names and addresses, signed by the
+    /// cluster CA, so the gateway can terminate the TLS of pods that trust that CA.
+    Issue {
+        /// PEM certificate of the cluster CA (kubeadm: /etc/kubernetes/pki/ca.crt).
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// PEM PKCS#8 private key of the cluster CA.
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// DNS name or IP address to certify; repeat for each (kubernetes.default.svc,
+        /// the Service ClusterIP, ...).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        out_cert: PathBuf,
+        /// Where to write the new private key (PEM, mode 0600).
+        #[arg(long)]
+        out_key: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = gateway_user::cert::DEFAULT_VALIDITY_DAYS)]
+        days: u32,
+        /// Replace existing output files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -66,6 +100,27 @@ fn run(command: Command) -> anyhow::Result<()> {
                     println!("{name:<28} {}", stats.get(verdict));
                 }
             }
+            Ok(())
+        }
+        Command::Cert(CertCommand::Issue {
+            ca_cert,
+            ca_key,
+            sans,
+            out_cert,
+            out_key,
+            days,
+            force,
+        }) => {
+            gateway_user::cert::issue(&gateway_user::cert::IssueRequest {
+                ca_cert: &ca_cert,
+                ca_key: &ca_key,
+                sans: &sans,
+                out_cert: &out_cert,
+                out_key: &out_key,
+                validity_days: days,
+                overwrite: force,
+            })?;
+            println!("wrote {} and {}", out_cert.display(), out_key.display());
             Ok(())
         }
     }
