@@ -435,6 +435,37 @@ impl KubeSetup {
             .expect("run curl")
     }
 
+    /// Sends `request` over TLS from the pod with `openssl s_client` and returns the reply.
+    fn raw_tls(&self, request: &[u8]) -> String {
+        let server = SocketAddr::new(self.server.addr_v4.into(), API_PORT);
+        let mut child = self
+            .node
+            .in_pod(&self.pod, "openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-connect",
+                &server.to_string(),
+                "-CAfile",
+            ])
+            .arg(&self.ca.cert)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run openssl s_client");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let request = request.to_vec();
+        // The server may answer and close before it has read everything.
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = stdin.write_all(&request);
+        });
+        let output = child.wait_with_output().expect("wait for openssl s_client");
+        let _ = writer.join();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("https://{}:{API_PORT}{path}", self.server.addr_v4)
     }
@@ -716,55 +747,15 @@ fn kube_bad_input_ends_only_its_session() {
     );
 
     // Malformed HTTP inside TLS: hyper answers 400.
-    let malformed = setup
-        .node
-        .in_pod(&setup.pod, "openssl")
-        .args([
-            "s_client",
-            "-quiet",
-            "-connect",
-            &server.to_string(),
-            "-CAfile",
-        ])
-        .arg(&setup.ca.cert)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .expect("piped stdin")
-                .write_all(b"GET /version HTTP/1.1\r\nHost\r\n\r\n")?;
-            child.wait_with_output()
-        })
-        .expect("run openssl s_client");
-    let reply = String::from_utf8_lossy(&malformed.stdout);
-    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    let malformed = setup.raw_tls(b"GET /version HTTP/1.1\r\nHost\r\n\r\n");
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
 
     // A header block over the limit.
-    let huge = setup.node.dir.join("huge-header.txt");
-    std::fs::write(
-        &huge,
-        format!("X-Padding: {}\n", "a".repeat(2 * 1024 * 1024)),
-    )
-    .expect("write header file");
-    let oversized = setup.curl(
-        &setup.pod,
-        &[
-            "--http1.1",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            &format!("@{}", huge.display()),
-            &setup.url("/version"),
-        ],
-    );
-    assert_eq!(String::from_utf8_lossy(&oversized.stdout), "431");
+    let mut huge = b"GET /version HTTP/1.1\r\nHost: kubernetes\r\nX-Padding: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 2 * 1024 * 1024));
+    huge.extend_from_slice(b"\r\n\r\n");
+    let oversized = setup.raw_tls(&huge);
+    assert!(oversized.starts_with("HTTP/1.1 431"), "{oversized}");
 
     // An upgrade to a protocol the gateway does not relay.
     let bogus = setup.curl(
