@@ -98,14 +98,14 @@ pub fn attribute(method: &http::Method, path: &str, query: Option<&str>) -> Requ
         .copied()
         .filter(|part| !part.is_empty())
         .collect();
-    if rest.first() == Some(&"namespaces") {
-        if let Some(namespace) = rest.get(1) {
-            info.namespace = (*namespace).to_string();
-            // `namespaces/NS/status` and `namespaces/NS/finalize` are subresources of the
-            // namespace itself; anything else after the name is a namespaced resource.
-            if rest.len() > 2 && !matches!(rest[2], "status" | "finalize") {
-                rest.drain(..2);
-            }
+    if rest.first() == Some(&"namespaces")
+        && let Some(namespace) = rest.get(1)
+    {
+        info.namespace = (*namespace).to_string();
+        // `namespaces/NS/status` and `namespaces/NS/finalize` are subresources of the
+        // namespace itself; anything else after the name is a namespaced resource.
+        if rest.len() > 2 && !matches!(rest[2], "status" | "finalize") {
+            rest.drain(..2);
         }
     }
     if let Some(resource) = rest.first() {
@@ -231,7 +231,18 @@ mod tests {
     use http::Method;
 
     /// (method, path and query, verb, group, version, resource, subresource, namespace, name)
-    const CASES: &[(&str, &str, &str, &str, &str, &str, &str, &str, &str)] = &[
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+    );
+    const CASES: &[Case] = &[
         ("GET", "/api/v1/pods", "list", "", "v1", "pods", "", "", ""),
         (
             "GET",

@@ -486,10 +486,10 @@ fn upstream_request(
             .uri(format!("https://{authority}{path}"))
             .version(http::Version::HTTP_2);
     } else {
-        if !headers.contains_key(header::HOST) {
-            if let Ok(host) = HeaderValue::from_str(&authority) {
-                headers.insert(header::HOST, host);
-            }
+        if !headers.contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(&authority)
+        {
+            headers.insert(header::HOST, host);
         }
         builder = builder.uri(path).version(http::Version::HTTP_11);
     }
