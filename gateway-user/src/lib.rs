@@ -15,7 +15,8 @@
 //! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
 //! - `tls`: TLS settings of targets, both legs;
 //! - `sys`: the only module with unsafe code, wrapping system calls;
-//! - `testing` (feature `testing`): the one-machine test node.
+//! - `testing` (feature `testing`): the one-machine test node;
+//! - `testing_apiserver` (feature `testing`): the stand-in Kubernetes API server of the tests.
 #![deny(unsafe_code)]
 
 pub mod cgroup;
@@ -33,6 +34,8 @@ pub mod sql;
 pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "testing")]
+pub mod testing_apiserver;
 pub mod tls;
 
 /// Formats an error with its chain of causes, `outer: inner: innermost`, for log fields.
