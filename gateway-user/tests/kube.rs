@@ -862,3 +862,162 @@ fn kube_without_certificate_relays_tls() {
         .expect("session end");
     assert!(end["bytes"]["from_upstream"].as_u64().unwrap_or(0) > body.len() as u64);
 }
+
+const APISERVER: &str = env!("CARGO_BIN_EXE_gateway-test-apiserver");
+/// ClusterIP of the `kubernetes` Service in a default cluster.
+const SERVICE_IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 1));
+
+/// Issues the gateway's serving certificate from the test API server's cluster CA with
+/// `gatewayctl cert issue` and returns the target entry of the daemon config.
+fn kube_target_with_issued_cert(node: &TestNode, ca_cert: &Path) -> String {
+    let ca_key = ca_cert.with_extension("key");
+    let serving_cert = node.dir.join("gateway-serving.crt");
+    let serving_key = node.dir.join("gateway-serving.key");
+    let issued = std::process::Command::new(GATEWAYCTL)
+        .args(["cert", "issue", "--ca-cert"])
+        .arg(ca_cert)
+        .arg("--ca-key")
+        .arg(&ca_key)
+        .args([
+            "--san",
+            &SERVICE_IP.to_string(),
+            "--san",
+            "kubernetes.default.svc",
+        ])
+        .arg("--out-cert")
+        .arg(&serving_cert)
+        .arg("--out-key")
+        .arg(&serving_key)
+        .output()
+        .expect("run gatewayctl cert issue");
+    assert!(
+        issued.status.success(),
+        "gatewayctl cert issue failed: {}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    format!(
+        "  - name: kubernetes\n    address: {SERVICE_IP}\n    port: {API_PORT}\n    class: kube_api\n\
+         \x20   tls:\n      cert: {}\n      key: {}\n\
+         \x20   upstream_tls:\n      mode: verify-full\n      ca: {}\n",
+        serving_cert.display(),
+        serving_key.display(),
+        ca_cert.display()
+    )
+}
+
+#[test]
+fn kubectl_in_cluster_through_gateway() {
+    use gateway_user::testing_apiserver::fixture::{Options, TestApiServer};
+
+    let mut node = TestNode::new("kubectl_in_cluster_through_gateway");
+    let pod = node.add_pod("client");
+    let server = node.add_server("api", &[SERVICE_IP]);
+    let options = Options {
+        address: Some(SERVICE_IP),
+        seed: vec![
+            TestApiServer::seed_pod("default", "default", &pod),
+            serde_json::json!({"kind": "ConfigMap", "apiVersion": "v1",
+                "metadata": {"name": "cards", "namespace": "default"},
+                "data": {"card": PAN}}),
+            serde_json::json!({"kind": "Secret", "apiVersion": "v1",
+                "metadata": {"name": "keep", "namespace": "default"},
+                "data": {"k": "dg=="}}),
+        ],
+        ..Options::default()
+    };
+    let api = TestApiServer::start(&node, &server, APISERVER.as_ref(), options);
+    let targets = kube_target_with_issued_cert(&node, &api.ca_cert);
+    let config = node.daemon_config("gatewayd.yaml", "", &targets);
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(
+        "kube_rules:\n  - name: keep-the-keep-secret\n    verbs: [delete]\n    resources: [secrets]\n    names: [keep]\n",
+    );
+    std::fs::write(&config, text).expect("write config");
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+
+    let token = api.token_for("default", "default", &pod);
+    let service_account = api.service_account_dir("client", &token, "default");
+    let home = node.dir.join("home");
+    let kubectl = |args: &[&str]| {
+        api.kubectl(&node, &pod, &service_account, &home)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    };
+    let ok = |args: &[&str]| {
+        let output = kubectl(args);
+        assert!(
+            output.status.success(),
+            "kubectl {args:?} failed: {}\ngatewayd log:\n{}\napiserver log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            daemon.log(),
+            api.log()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let pods = ok(&["get", "pods"]);
+    assert!(
+        pods.lines().any(|line| line.starts_with("client ")),
+        "{pods}"
+    );
+    let pods_json: Value =
+        serde_json::from_str(&ok(&["get", "pods", "-o", "json"])).expect("pod list JSON");
+    assert_eq!(pods_json["items"][0]["metadata"]["uid"], pod.uid.as_str());
+
+    let cards: Value = serde_json::from_str(&ok(&["get", "configmap", "cards", "-o", "json"]))
+        .expect("configmap JSON");
+    assert_eq!(cards["data"]["card"], MASKED_PAN);
+
+    assert!(
+        ok(&[
+            "create",
+            "configmap",
+            "new-card",
+            &format!("--from-literal=pan={PAN}")
+        ])
+        .contains("configmap/new-card created")
+    );
+    assert!(
+        ok(&["create", "secret", "generic", "s1", "--from-literal=k=v"])
+            .contains("secret/s1 created")
+    );
+    assert!(ok(&["delete", "secret", "s1"]).contains("secret \"s1\" deleted"));
+
+    let denied = kubectl(&["delete", "secret", "keep"]);
+    assert!(!denied.status.success());
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(stderr.contains("Error from server (Forbidden)"), "{stderr}");
+    assert!(stderr.contains("keep-the-keep-secret"), "{stderr}");
+    assert!(ok(&["get", "secret", "keep", "-o", "name"]).contains("secret/keep"));
+
+    daemon.stop();
+    let text: String = node
+        .session_files()
+        .iter()
+        .map(|path| std::fs::read_to_string(path).expect("read recording"))
+        .collect();
+    assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    let events: Vec<Value> = node.sessions().into_iter().flatten().collect();
+    let create = events
+        .iter()
+        .find(|event| {
+            event["event"] == "kube.request"
+                && event["request"]["verb"] == "create"
+                && event["request"]["resource"] == "configmaps"
+        })
+        .expect("configmap create recorded");
+    assert_eq!(create["status"], 201);
+    let body = create["request_body"]["text"]
+        .as_str()
+        .expect("request body text");
+    assert!(body.contains(MASKED_PAN), "{body}");
+    assert_eq!(create["token_pod_mismatch"], false);
+    let delete = events
+        .iter()
+        .find(|event| event["event"] == "kube.request" && event["outcome"] == "denied")
+        .expect("denied delete recorded");
+    assert_eq!(delete["request"]["verb"], "delete");
+    assert_eq!(delete["request"]["name"], "keep");
+}
