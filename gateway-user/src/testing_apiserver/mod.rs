@@ -29,6 +29,7 @@ mod exec;
 pub mod fixture;
 pub mod proto;
 mod select;
+mod spdy;
 pub mod status;
 pub mod store;
 mod table;
