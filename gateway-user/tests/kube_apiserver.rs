@@ -779,3 +779,61 @@ fn kubectl_port_forward_parallel_connections() {
         assert_eq!(methods.last().map(String::as_str), Some(expected));
     }
 }
+
+#[test]
+fn kubectl_exec_terminal_with_resize() {
+    let cluster = Cluster::new("kube_exec_tty", |_| {});
+    for websockets in TRANSPORTS {
+        // `script` gives kubectl a terminal of 30 rows and 100 columns; kubectl sends that
+        // size on the resize channel and the remote shell reads it back with `stty size`.
+        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &cluster.node,
+            &cluster.pod,
+            &cluster.service_account,
+            &cluster.home,
+            cluster.api.address,
+            cluster.api.port,
+            "script",
+        );
+        command
+            .args([
+                "-qec",
+                "stty rows 30 cols 100; exec kubectl exec -it client -- sh",
+                "/dev/null",
+            ])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start kubectl exec -it");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(b"stty size; echo $((6*7)); tty\nexit 4\n")
+            .expect("type into the terminal");
+        let output = child.wait_with_output().expect("wait for kubectl");
+        drop(stdin);
+
+        let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        // The shell's prompt may precede a line of output.
+        assert!(
+            lines.iter().any(|line| line.ends_with("30 100")),
+            "websockets={websockets}: {text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|line| line.ends_with("42") && !line.contains('*')),
+            "websockets={websockets}: {text}"
+        );
+        assert!(
+            lines.iter().any(|line| line.starts_with("/dev/pts/")),
+            "websockets={websockets}: no terminal in {text}"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(4),
+            "websockets={websockets}: {text}"
+        );
+    }
+}

@@ -417,60 +417,34 @@ fn exit_status(result: std::io::Result<std::process::ExitStatus>, command: &[Str
 /// final `Status` once it has exited and all its output was handed on.
 async fn run_command(
     options: ExecOptions,
-    mut input: mpsc::Receiver<Input>,
+    input: mpsc::Receiver<Input>,
     output: mpsc::Sender<Output>,
 ) -> Value {
-    // NOTE: `tty` is served without a pseudo-terminal: stderr is merged into stdout as a
-    // terminal would show it, and resize messages are read and dropped.
+    if options.tty {
+        return run_in_terminal(options, input, output).await;
+    }
+    let piped = |wanted: bool| {
+        if wanted {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        }
+    };
     let mut command = tokio::process::Command::new(&options.command[0]);
     command
         .args(&options.command[1..])
-        .stdin(if options.stdin {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(if options.stdout {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stderr(if options.stderr || options.tty {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
+        .stdin(piped(options.stdin))
+        .stdout(piped(options.stdout))
+        .stderr(piped(options.stderr))
         .kill_on_drop(true);
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => return exit_status(Err(error), &options.command),
     };
 
-    let mut stdin = child.stdin.take();
-    let input_task = tokio::spawn(async move {
-        while let Some(message) = input.recv().await {
-            match message {
-                Input::Stdin(data) => {
-                    if let Some(pipe) = stdin.as_mut()
-                        && pipe.write_all(&data).await.is_err()
-                    {
-                        stdin = None;
-                    }
-                }
-                Input::StdinEnd => stdin = None,
-                Input::Resize { width, height } => {
-                    tracing::debug!(width, height, "terminal resize");
-                }
-            }
-        }
-    });
-
+    let stdin = child.stdin.take();
+    let input_task = tokio::spawn(feed_input(input, stdin, None));
     let mut readers = Vec::new();
-    let stderr_channel = if options.tty {
-        CHANNEL_STDOUT
-    } else {
-        CHANNEL_STDERR
-    };
     if let Some(pipe) = child.stdout.take() {
         readers.push(tokio::spawn(pump_output(
             pipe,
@@ -481,7 +455,7 @@ async fn run_command(
     if let Some(pipe) = child.stderr.take() {
         readers.push(tokio::spawn(pump_output(
             pipe,
-            stderr_channel,
+            CHANNEL_STDERR,
             output.clone(),
         )));
     }
@@ -493,6 +467,79 @@ async fn run_command(
     }
     input_task.abort();
     exit_status(result, &options.command)
+}
+
+/// Runs the command on a new pseudo-terminal as its session leader: the terminal is its
+/// stdin, stdout and stderr, its output goes to the stdout channel, and resize messages set
+/// the terminal's window size.
+async fn run_in_terminal(
+    options: ExecOptions,
+    input: mpsc::Receiver<Input>,
+    output: mpsc::Sender<Output>,
+) -> Value {
+    let spawned = (|| -> std::io::Result<_> {
+        let (controller, terminal) = crate::sys::open_pty()?;
+        let mut command = std::process::Command::new(&options.command[0]);
+        command
+            .args(&options.command[1..])
+            .env("TERM", "xterm")
+            .stdin(terminal.try_clone()?)
+            .stdout(terminal.try_clone()?)
+            .stderr(terminal);
+        crate::sys::pre_exec(&mut command, crate::sys::become_terminal_session_leader);
+        let mut command = tokio::process::Command::from(command);
+        command.kill_on_drop(true);
+        let child = command.spawn()?;
+        // The command (and with it the parent's copies of the terminal) is dropped here, so
+        // reads from the controller end with an error once the child's side closes.
+        Ok((child, controller))
+    })();
+    let (mut child, controller) = match spawned {
+        Ok(spawned) => spawned,
+        Err(error) => return exit_status(Err(error), &options.command),
+    };
+
+    let resize_handle = controller.try_clone();
+    let writer = controller
+        .try_clone()
+        .map(|fd| tokio::fs::File::from_std(std::fs::File::from(fd)));
+    let reader = tokio::fs::File::from_std(std::fs::File::from(controller));
+    let input_task = tokio::spawn(feed_input(input, writer.ok(), resize_handle.ok()));
+    let output_task = tokio::spawn(pump_output(reader, CHANNEL_STDOUT, output));
+
+    let result = child.wait().await;
+    let _ = output_task.await;
+    input_task.abort();
+    exit_status(result, &options.command)
+}
+
+/// Writes stdin data to the command until the client closes stdin, and applies resizes to
+/// `terminal` when the command runs on one.
+async fn feed_input(
+    mut input: mpsc::Receiver<Input>,
+    mut stdin: Option<impl AsyncWrite + Unpin>,
+    terminal: Option<std::os::fd::OwnedFd>,
+) {
+    use std::os::fd::AsFd as _;
+    while let Some(message) = input.recv().await {
+        match message {
+            Input::Stdin(data) => {
+                if let Some(pipe) = stdin.as_mut()
+                    && (pipe.write_all(&data).await.is_err() || pipe.flush().await.is_err())
+                {
+                    stdin = None;
+                }
+            }
+            Input::StdinEnd => stdin = None,
+            Input::Resize { width, height } => {
+                if let Some(terminal) = &terminal
+                    && let Err(error) = crate::sys::set_window_size(terminal.as_fd(), width, height)
+                {
+                    tracing::info!(error = %error, "terminal resize failed");
+                }
+            }
+        }
+    }
 }
 
 async fn pump_output(mut pipe: impl AsyncRead + Unpin, channel: u8, output: mpsc::Sender<Output>) {
