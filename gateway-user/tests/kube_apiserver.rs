@@ -3,7 +3,7 @@
 //! gateway's Kubernetes tests rely on it behaving as kubectl expects.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     process::{Command, Output, Stdio},
@@ -12,7 +12,7 @@ use std::{
 };
 
 use gateway_user::{
-    testing::{ChildGuard, Pod, TestNode},
+    testing::{ChildGuard, Pod, Server, TestNode},
     testing_apiserver::fixture::{Options, TestApiServer},
 };
 use serde_json::{Value, json};
@@ -25,6 +25,7 @@ const SERVICE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
 struct Cluster {
     node: TestNode,
     pod: Pod,
+    server: Server,
     api: TestApiServer,
     service_account: PathBuf,
     home: PathBuf,
@@ -53,6 +54,7 @@ impl Cluster {
         Self {
             node,
             pod,
+            server,
             api,
             service_account,
             home,
@@ -576,4 +578,262 @@ fn watch_stream_sends_events_and_bookmarks() {
     ]);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(text.ends_with("\n400"), "{text}");
+}
+
+const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
+
+/// Both transports kubectl 1.32 has for exec and port-forward: WebSocket (its default) and
+/// SPDY/3.1.
+const TRANSPORTS: [&str; 2] = ["true", "false"];
+
+/// The request methods the server logged for a pod subresource, oldest first: GET for
+/// WebSocket, POST for SPDY.
+fn exec_methods(log: &str, subresource: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains(&format!("/pods/client/{subresource} ")))
+        .filter_map(|line| line.split("method=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn kubectl_exec_pipes_stdin_and_exit_code() {
+    let cluster = Cluster::new("kube_exec", |_| {});
+    for websockets in TRANSPORTS {
+        let expected_method = if websockets == "true" { "GET" } else { "POST" };
+
+        let mut child = cluster
+            .kubectl(&["exec", "-i", "client", "--", "cat"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kubectl exec");
+        let input: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let writer = {
+            let input = input.clone();
+            std::thread::spawn(move || stdin.write_all(&input))
+        };
+        let mut output = Vec::new();
+        child
+            .stdout
+            .take()
+            .expect("piped stdout")
+            .read_to_end(&mut output)
+            .expect("read exec output");
+        writer.join().expect("writer thread").expect("write stdin");
+        let status = child.wait().expect("wait for kubectl");
+        let mut errors = String::new();
+        child
+            .stderr
+            .take()
+            .expect("piped stderr")
+            .read_to_string(&mut errors)
+            .expect("read stderr");
+        assert!(
+            status.success(),
+            "websockets={websockets}: {status}: {errors}"
+        );
+        assert_eq!(output.len(), input.len(), "websockets={websockets}");
+        assert!(
+            output == input,
+            "websockets={websockets}: output differs from input"
+        );
+
+        let exit = cluster
+            .kubectl(&["exec", "client", "--", "sh", "-c", "exit 3"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl exec");
+        assert_eq!(
+            exit.status.code(),
+            Some(3),
+            "websockets={websockets}: {}",
+            stderr(&exit)
+        );
+
+        let split = cluster
+            .kubectl(&["exec", "client", "--", "sh", "-c", "echo out; echo err >&2"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl exec");
+        assert!(
+            split.status.success(),
+            "websockets={websockets}: {}",
+            stderr(&split)
+        );
+        assert_eq!(String::from_utf8_lossy(&split.stdout), "out\n");
+        assert_eq!(stderr(&split), "err\n");
+
+        let methods = exec_methods(&cluster.api.log(), "exec");
+        assert_eq!(
+            methods[methods.len() - 3..],
+            [expected_method; 3],
+            "websockets={websockets}"
+        );
+    }
+
+    let missing = cluster.run(&["exec", "nosuchpod", "--", "true"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("Error from server (NotFound): pods \"nosuchpod\" not found"),
+        "{}",
+        stderr(&missing)
+    );
+}
+
+#[test]
+fn websocket_upgrade_failure_is_not_101() {
+    let cluster = Cluster::new("kube_ws_fail", |_| {});
+    let auth = format!("Authorization: Bearer {}", cluster.token());
+    let output = cluster.curl(&[
+        "--http1.1",
+        "-H",
+        &auth,
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "-H",
+        "Sec-WebSocket-Protocol: bogus.example",
+        "-w",
+        "\n%{http_code}",
+        &cluster.url("/api/v1/namespaces/default/pods/client/exec?command=true&stdout=true"),
+    ]);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("body and status code");
+    assert_eq!(code, "400", "{text}");
+    let status: Value = serde_json::from_str(body).expect("a Status body");
+    assert_eq!(status["reason"], "BadRequest");
+
+    // A plain request with no upgrade at all.
+    let output = cluster.curl(&[
+        "-H",
+        &auth,
+        "-X",
+        "POST",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &cluster.url("/api/v1/namespaces/default/pods/client/exec?command=true&stdout=true"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "400");
+}
+
+#[test]
+fn kubectl_port_forward_parallel_connections() {
+    let cluster = Cluster::new("kube_port_forward", |_| {});
+    let mut echo = cluster.node.in_server(&cluster.server, TESTPEER);
+    echo.args(["serve", "--listen", "127.0.0.1:8080"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _echo = ChildGuard(echo.spawn().expect("start the echo server"));
+
+    for (index, websockets) in TRANSPORTS.iter().enumerate() {
+        let local_port = 18080 + index;
+        let mut forward =
+            cluster.kubectl(&["port-forward", "pod/client", &format!("{local_port}:8080")]);
+        forward.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets);
+        let (_forward, lines) = spawn_lines(forward);
+        wait_for_line(&lines, &format!("Forwarding from 127.0.0.1:{local_port}"));
+
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let mut client = cluster.node.in_pod(&cluster.pod, TESTPEER);
+                client.args([
+                    "client",
+                    "--connect",
+                    &format!("127.0.0.1:{local_port}"),
+                    "--bytes",
+                    "300000",
+                ]);
+                client
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("start a client")
+            })
+            .collect();
+        for client in clients {
+            let output = client.wait_with_output().expect("wait for a client");
+            assert!(
+                output.status.success(),
+                "websockets={websockets}: {}\nserver log:\n{}",
+                stderr(&output),
+                cluster.api.log()
+            );
+        }
+        let methods = exec_methods(&cluster.api.log(), "portforward");
+        let expected = if *websockets == "true" { "GET" } else { "POST" };
+        assert_eq!(methods.last().map(String::as_str), Some(expected));
+    }
+}
+
+#[test]
+fn kubectl_exec_terminal_with_resize() {
+    let cluster = Cluster::new("kube_exec_tty", |_| {});
+    for websockets in TRANSPORTS {
+        // `script` gives kubectl a terminal of 30 rows and 100 columns; kubectl sends that
+        // size on the resize channel and the remote shell reads it back with `stty size`.
+        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &cluster.node,
+            &cluster.pod,
+            &cluster.service_account,
+            &cluster.home,
+            cluster.api.address,
+            cluster.api.port,
+            "script",
+        );
+        command
+            .args([
+                "-qec",
+                "stty rows 30 cols 100; exec kubectl exec -it client -- sh",
+                "/dev/null",
+            ])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start kubectl exec -it");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(b"stty size; echo $((6*7)); tty\nexit 4\n")
+            .expect("type into the terminal");
+        let output = child.wait_with_output().expect("wait for kubectl");
+        drop(stdin);
+
+        let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        // The shell's prompt may precede a line of output.
+        assert!(
+            lines.iter().any(|line| line.ends_with("30 100")),
+            "websockets={websockets}: {text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|line| line.ends_with("42") && !line.contains('*')),
+            "websockets={websockets}: {text}"
+        );
+        assert!(
+            lines.iter().any(|line| line.starts_with("/dev/pts/")),
+            "websockets={websockets}: no terminal in {text}"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(4),
+            "websockets={websockets}: {text}"
+        );
+    }
 }

@@ -17,8 +17,9 @@
 //! - Watch: one JSON event per chunk, flushed at once, BOOKMARK events on request, ending
 //!   only at `timeoutSeconds` or when the client leaves.
 //! - `pods/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and SPDY/3.1, and
-//!   `pods/portforward`, running real commands and connecting to real ports in the server's
-//!   own namespace: the pod named in the URL only has to exist.
+//!   `pods/portforward`, running real commands (on a pseudo-terminal with resize for
+//!   `tty=true`) and connecting to real loopback ports in the server's own namespace: the
+//!   pod named in the URL only has to exist and be Running.
 //!
 //! What it does not: API groups other than core/v1, admission, defaulting beyond what the
 //! store fills in, graceful deletion, finalizers, server-side apply, JSON patch, protobuf
@@ -29,6 +30,7 @@ mod exec;
 pub mod fixture;
 pub mod proto;
 mod select;
+mod spdy;
 pub mod status;
 pub mod store;
 mod table;
