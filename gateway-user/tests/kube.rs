@@ -930,7 +930,8 @@ fn kubectl_in_cluster_through_gateway() {
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
     text.push_str(
-        "kube_rules:\n  - name: keep-the-keep-secret\n    verbs: [delete]\n    resources: [secrets]\n    names: [keep]\n",
+        "kube_rules:\n  - name: keep-the-keep-secret\n    verbs: [delete]\n    resources: [secrets]\n    names: [keep]\n\
+         \x20 - name: no-interactive-exec\n    verbs: [create]\n    resources: [pods]\n    subresources: [exec]\n    stdin: true\n    tty: true\n",
     );
     std::fs::write(&config, text).expect("write config");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
@@ -992,6 +993,31 @@ fn kubectl_in_cluster_through_gateway() {
     assert!(stderr.contains("keep-the-keep-secret"), "{stderr}");
     assert!(ok(&["get", "secret", "keep", "-o", "name"]).contains("secret/keep"));
 
+    for websockets in TRANSPORTS {
+        // kubectl drops `-t` without a terminal, so `script` gives it one.
+        let denied_exec = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &node,
+            &pod,
+            &service_account,
+            &home,
+            api.address,
+            api.port,
+            "script",
+        )
+        .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+        .stdin(Stdio::piped())
+        .output()
+        .expect("run kubectl exec -it");
+        assert!(!denied_exec.status.success(), "websockets={websockets}");
+        // `script` puts kubectl's standard error on the terminal, so on its output.
+        let stderr = String::from_utf8_lossy(&denied_exec.stdout);
+        assert!(
+            stderr.contains("Forbidden") && stderr.contains("no-interactive-exec"),
+            "websockets={websockets}: {stderr}"
+        );
+    }
+
     daemon.stop();
     let text: String = node
         .session_files()
@@ -1016,8 +1042,292 @@ fn kubectl_in_cluster_through_gateway() {
     assert_eq!(create["token_pod_mismatch"], false);
     let delete = events
         .iter()
-        .find(|event| event["event"] == "kube.request" && event["outcome"] == "denied")
+        .find(|event| {
+            event["event"] == "kube.request"
+                && event["outcome"] == "denied"
+                && event["request"]["verb"] == "delete"
+        })
         .expect("denied delete recorded");
     assert_eq!(delete["request"]["verb"], "delete");
     assert_eq!(delete["request"]["name"], "keep");
+}
+
+/// A node whose pod runs kubectl in-cluster against the test API server through `gatewayd`.
+struct InCluster {
+    node: TestNode,
+    pod: Pod,
+    server: Server,
+    api: gateway_user::testing_apiserver::fixture::TestApiServer,
+    service_account: PathBuf,
+    home: PathBuf,
+    daemon: Option<gateway_user::testing::Daemon>,
+}
+
+impl InCluster {
+    fn new(test_name: &str, rules: &str) -> Self {
+        use gateway_user::testing_apiserver::fixture::{Options, TestApiServer};
+
+        let mut node = TestNode::new(test_name);
+        let pod = node.add_pod("client");
+        let server = node.add_server("api", &[SERVICE_IP]);
+        let options = Options {
+            address: Some(SERVICE_IP),
+            seed: vec![TestApiServer::seed_pod("default", "default", &pod)],
+            ..Options::default()
+        };
+        let api = TestApiServer::start(&node, &server, APISERVER.as_ref(), options);
+        let targets = kube_target_with_issued_cert(&node, &api.ca_cert);
+        let config = node.daemon_config("gatewayd.yaml", "", &targets);
+        let mut text = std::fs::read_to_string(&config).expect("read config");
+        text.push_str(rules);
+        std::fs::write(&config, text).expect("write config");
+        let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+        let token = api.token_for("default", "default", &pod);
+        let service_account = api.service_account_dir("client", &token, "default");
+        let home = node.dir.join("home");
+        Self {
+            node,
+            pod,
+            server,
+            api,
+            service_account,
+            home,
+            daemon: Some(daemon),
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> std::process::Command {
+        let mut command =
+            self.api
+                .kubectl(&self.node, &self.pod, &self.service_account, &self.home);
+        command.args(args);
+        command
+    }
+
+    fn events(&mut self) -> Vec<Value> {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.stop();
+        }
+        self.node.sessions().into_iter().flatten().collect()
+    }
+}
+
+impl Drop for InCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(daemon) = &self.daemon {
+                eprintln!("gatewayd log:\n{}", daemon.log());
+            }
+            eprintln!("apiserver log:\n{}", self.api.log());
+        }
+    }
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Both exec transports of kubectl 1.32: WebSocket (its default) and SPDY/3.1.
+const TRANSPORTS: [&str; 2] = ["true", "false"];
+
+#[test]
+fn kubectl_exec_through_gateway() {
+    use std::io::{Read as _, Write as _};
+
+    let mut cluster = InCluster::new("kubectl_exec_through_gateway", "");
+    for websockets in TRANSPORTS {
+        // Piped input comes back through `cat`, masked on its way out.
+        let mut child = cluster
+            .kubectl(&["exec", "-i", "client", "--", "cat"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kubectl exec");
+        let mut input = format!("card {PAN}\n").into_bytes();
+        input.extend((0..100_000u32).map(|i| b'a' + (i % 26) as u8));
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let writer = {
+            let input = input.clone();
+            std::thread::spawn(move || stdin.write_all(&input))
+        };
+        let mut output = Vec::new();
+        child
+            .stdout
+            .take()
+            .expect("piped stdout")
+            .read_to_end(&mut output)
+            .expect("read exec output");
+        writer.join().expect("writer thread").expect("write stdin");
+        let status = child.wait().expect("wait for kubectl");
+        assert!(status.success(), "websockets={websockets}: {status}");
+        assert_eq!(output.len(), input.len(), "websockets={websockets}");
+        let expected = String::from_utf8_lossy(&input).replace(PAN, MASKED_PAN);
+        assert!(
+            String::from_utf8_lossy(&output) == expected,
+            "websockets={websockets}: output is not the masked input"
+        );
+
+        let exit = cluster
+            .kubectl(&["exec", "client", "--", "sh", "-c", "exit 3"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl exec");
+        assert_eq!(
+            exit.status.code(),
+            Some(3),
+            "websockets={websockets}: {}",
+            stderr_of(&exit)
+        );
+
+        let split = cluster
+            .kubectl(&["exec", "client", "--", "sh", "-c", "echo out; echo err >&2"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl exec");
+        assert!(
+            split.status.success(),
+            "websockets={websockets}: {}",
+            stderr_of(&split)
+        );
+        assert_eq!(String::from_utf8_lossy(&split.stdout), "out\n");
+        assert_eq!(stderr_of(&split), "err\n");
+
+        // A terminal session, typed into through `script`.
+        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &cluster.node,
+            &cluster.pod,
+            &cluster.service_account,
+            &cluster.home,
+            cluster.api.address,
+            cluster.api.port,
+            "script",
+        );
+        command
+            .args([
+                "-qec",
+                "stty rows 30 cols 100; exec kubectl exec -it client -- sh",
+                "/dev/null",
+            ])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start kubectl exec -it");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(b"stty size; echo $((6*7)); tty\nexit 4\n")
+            .expect("type into the terminal");
+        let output = child.wait_with_output().expect("wait for kubectl");
+        drop(stdin);
+        let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        assert!(
+            lines.iter().any(|line| line.ends_with("30 100")),
+            "websockets={websockets}: {text}"
+        );
+        assert!(
+            lines.iter().any(|line| line.starts_with("/dev/pts/")),
+            "websockets={websockets}: no terminal in {text}"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(4),
+            "websockets={websockets}: {text}"
+        );
+    }
+
+    let text: String = cluster
+        .node
+        .session_files()
+        .iter()
+        .map(|path| std::fs::read_to_string(path).expect("read recording"))
+        .collect();
+    let events = cluster.events();
+    assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    let opens: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "stream.open")
+        .collect();
+    assert_eq!(opens.len(), 8, "{opens:#?}");
+    assert_eq!(opens[0]["command"], serde_json::json!(["cat"]));
+    assert_eq!(opens[0]["transport"], "websocket");
+    assert_eq!(opens[4]["transport"], "spdy");
+    assert_eq!(opens[3]["tty"], true);
+    for stream in ["stdin", "stdout"] {
+        let frame = events.iter().find(|event| {
+            event["event"] == "stream.frame"
+                && event["stream"] == stream
+                && event["data"]
+                    .as_str()
+                    .is_some_and(|data| data.contains(MASKED_PAN))
+        });
+        assert!(frame.is_some(), "no {stream} frame with the masked PAN");
+    }
+    let stderr_frame = events.iter().any(|event| {
+        event["event"] == "stream.frame" && event["stream"] == "stderr" && event["data"] == "err\n"
+    });
+    assert!(stderr_frame, "no stderr frame recorded");
+}
+
+#[test]
+fn kubectl_port_forward_through_gateway() {
+    const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
+    let cluster = InCluster::new("kubectl_port_forward_through_gateway", "");
+    let mut echo = cluster.node.in_server(&cluster.server, TESTPEER);
+    echo.args(["serve", "--listen", "127.0.0.1:8080"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _echo = gateway_user::testing::ChildGuard(echo.spawn().expect("start the echo server"));
+
+    for (index, websockets) in TRANSPORTS.iter().enumerate() {
+        let local_port = 18080 + index;
+        let mut forward =
+            cluster.kubectl(&["port-forward", "pod/client", &format!("{local_port}:8080")]);
+        forward
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut forward =
+            gateway_user::testing::ChildGuard(forward.spawn().expect("start port-forward"));
+        let stdout = forward.0.stdout.take().expect("piped stdout");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let ready = format!("Forwarding from 127.0.0.1:{local_port}");
+        assert!(
+            lines.any(|line| line.is_ok_and(|line| line.contains(&ready))),
+            "port-forward did not start"
+        );
+
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                cluster
+                    .node
+                    .in_pod(&cluster.pod, TESTPEER)
+                    .args([
+                        "client",
+                        "--connect",
+                        &format!("127.0.0.1:{local_port}"),
+                        "--bytes",
+                        "300000",
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("start a client")
+            })
+            .collect();
+        for client in clients {
+            let output = client.wait_with_output().expect("wait for a client");
+            assert!(
+                output.status.success(),
+                "websockets={websockets}: {}",
+                stderr_of(&output)
+            );
+        }
+    }
 }
