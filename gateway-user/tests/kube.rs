@@ -1331,3 +1331,89 @@ fn kubectl_port_forward_through_gateway() {
         }
     }
 }
+
+#[test]
+fn kubectl_watch_through_gateway_after_quiet_minute() {
+    let cluster = InCluster::new("kubectl_watch_through_gateway_after_quiet_minute", "");
+    let mut watch = cluster.kubectl(&["get", "configmaps", "-w", "-o", "name"]);
+    watch
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut watch = gateway_user::testing::ChildGuard(watch.spawn().expect("start kubectl -w"));
+    let stdout = watch.0.stdout.take().expect("piped stdout");
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // No configmap exists yet, so the watch prints nothing until one is created. Longer than
+    // a minute of silence is where proxies with idle or request timeouts cut a watch.
+    std::thread::sleep(Duration::from_secs(65));
+    assert!(
+        lines.try_recv().is_err(),
+        "the watch printed before any change"
+    );
+    let created = cluster
+        .kubectl(&["create", "configmap", "late", "--from-literal=a=b"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl create");
+    assert!(created.status.success(), "{}", stderr_of(&created));
+    // A generous bound that only fails a watch that is stuck or cut.
+    let line = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the watch reports the new configmap");
+    assert_eq!(line, "configmap/late");
+}
+
+#[test]
+fn websocket_upgrade_refusal_passes_through() {
+    let cluster = InCluster::new("websocket_upgrade_refusal_passes_through", "");
+    let token = std::fs::read_to_string(cluster.service_account.join("token")).expect("read token");
+    let script =
+        "exec curl -sS --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \"$@\"";
+    let output = gateway_user::testing_apiserver::fixture::in_cluster_command(
+        &cluster.node,
+        &cluster.pod,
+        &cluster.service_account,
+        &cluster.home,
+        cluster.api.address,
+        cluster.api.port,
+        "sh",
+    )
+    .args(["-c", script, "curl"])
+    .args([
+        "--http1.1",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "-H",
+        "Sec-WebSocket-Protocol: bogus.example",
+        "-w",
+        "\n%{http_code}",
+        &format!(
+            "https://{SERVICE_IP}:{API_PORT}/api/v1/namespaces/default/pods/client/exec?command=true&stdout=true"
+        ),
+    ])
+    .stdin(Stdio::null())
+    .output()
+    .expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("body and status code");
+    assert_eq!(code, "400", "{text}");
+    let status: Value = serde_json::from_str(body).expect("a Status body");
+    assert_eq!(status["reason"], "BadRequest");
+}
