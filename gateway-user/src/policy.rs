@@ -290,8 +290,8 @@ impl KubeRule {
 }
 
 /// Judges one Kubernetes API request against the rules in order.
-// NOTE: rules only deny for now; `review` (holding a request for a human approval) is to be
-// decided here once the AccessPolicy module replaces the configuration file's rules.
+// NOTE: rules only deny for now. `review` (holding a request for a human approval) belongs
+// here once the AccessPolicy module replaces the configuration file's rules.
 pub fn judge_kube(rules: &[KubeRule], request: &KubeRequestFacts<'_>) -> Decision {
     match rules.iter().find(|rule| rule.matches(request)) {
         Some(rule) => Decision::Deny {

@@ -2,9 +2,9 @@
 //! query (its `RequestInfo`), plus the parameters of exec and attach requests.
 //!
 //! The rules follow the API server's request info resolver (k8s.io/apiserver, `request`
-//! package): `/api/VERSION/...` is the core group, `/apis/GROUP/VERSION/...` a named group,
-//! `namespaces/NS/RESOURCE/NAME/SUBRESOURCE` below that, a `GET` without a name is `list` or,
-//! with `watch=true`, `watch`, and a `DELETE` without a name is `deletecollection`. Everything
+//! package). `/api/VERSION/...` is the core group and `/apis/GROUP/VERSION/...` a named group,
+//! with `namespaces/NS/RESOURCE/NAME/SUBRESOURCE` below that. A `GET` without a name is `list`
+//! or, with `watch=true`, `watch`, and a `DELETE` without a name is `deletecollection`. Everything
 //! else (`/healthz`, `/version`, `/openapi/v3`) is a non-resource request whose verb is the
 //! lowercase method.
 
@@ -47,7 +47,7 @@ pub struct ExecParams {
 }
 
 impl RequestInfo {
-    /// Whether the request is an exec, attach, port-forward or proxy stream.
+    /// Reports whether the request is an exec, attach, port-forward or proxy stream.
     pub fn is_connect(&self) -> bool {
         self.is_resource && CONNECT_SUBRESOURCES.contains(&self.subresource.as_str())
     }
@@ -81,7 +81,7 @@ pub fn attribute(method: &http::Method, path: &str, query: Option<&str>) -> Requ
         http::Method::PUT => "update",
         http::Method::PATCH => "patch",
         http::Method::DELETE => "delete",
-        // The API server answers other methods with 405; keep the method as the verb.
+        // The API server rejects other methods with 405, so the method stays the verb.
         _ => info.verb.as_str(),
     }
     .to_string();

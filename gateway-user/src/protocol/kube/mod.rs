@@ -3,10 +3,11 @@
 //! With a serving certificate, the gateway terminates the pod's TLS (ALPN `h2` and
 //! `http/1.1`), serves HTTP with hyper and sends each request on to the API server over its
 //! own TLS connection, which verifies the cluster CA. The client's `Authorization` header goes
-//! upstream unchanged, so the API server authenticates and authorizes the pod as before. Per
-//! request it attributes the request (`attribution`), reads the bearer token's claims
-//! (`token`), checks the token against the calling pod, asks the rules, answers a denial with a
-//! `Status` (`status`), masks PANs in the response (`body`) and records the request.
+//! upstream unchanged, so the API server authenticates and authorizes the pod as before.
+//! Per request the handler attributes the request (`attribution`) and reads the bearer token's
+//! claims (`token`) to check them against the calling pod. It then judges the request against
+//! the rules, returns a denial as a `Status` (`status`), masks PANs in the response (`body`)
+//! and records the request.
 //! Upgrades (exec, attach, port-forward) go upstream over HTTP/1.1 and their streams are
 //! relayed frame by frame (`upgrade`).
 //!
@@ -144,7 +145,7 @@ pub async fn run(
     }
 }
 
-/// Why a session ended early.
+/// Reason a session ended early.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("client TLS handshake failed")]
@@ -387,7 +388,7 @@ fn forbidden(info: &RequestInfo, rule: &str) -> Status {
     }
 }
 
-/// Answers with a `Status` the gateway makes itself and records the request.
+/// Builds a response from a `Status` the gateway makes itself and records the request.
 fn status_response(
     status: &Status,
     request: &HeaderMap,
@@ -407,7 +408,7 @@ fn status_response(
 }
 
 /// Headers that belong to one connection and are never forwarded (RFC 9110 section 7.6.1),
-/// plus `Accept-Encoding`, removed so the API server answers uncompressed and every body
+/// plus `Accept-Encoding`, removed so the API server responds uncompressed and every body
 /// can be scanned.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -575,7 +576,7 @@ fn upgrade_protocol(request: &http::request::Parts) -> Option<Result<Framing, St
 }
 
 /// Sends an upgrade request upstream on a connection of its own. A `101` from the server is
-/// passed on and the two upgraded streams are relayed; any other answer (a WebSocket upgrade
+/// passed on and the two upgraded streams are relayed; any other response (a WebSocket upgrade
 /// an older server refuses, an authorization failure) goes to the client as it is, so kubectl
 /// can fall back to SPDY.
 async fn upgrade(
@@ -682,7 +683,7 @@ async fn upgrade(
     });
 
     let (mut parts, _) = response.into_parts();
-    // The 101 keeps `Upgrade` and `Connection`; they are this hop's answer.
+    // The 101 keeps `Upgrade` and `Connection`, because they belong to this hop's response.
     let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(upgrade_header) = upgrade_header {
@@ -726,7 +727,7 @@ where
     );
 }
 
-/// A request body for the recording: masked, cut at `MAX_RECORDED_BODY`.
+/// Prepares a request body for the recording: masked, cut at `MAX_RECORDED_BODY`.
 fn recorded_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
     let kept = &bytes[..bytes.len().min(MAX_RECORDED_BODY)];
     let mut copy = kept.to_vec();
@@ -799,7 +800,7 @@ async fn peek_server_name(client: &TcpStream) -> io::Result<Result<Option<String
 /// Writes one event to the session recording.
 pub(crate) fn record_event(record: &Recording, event: &str, fields: Value) {
     // NOTE: this writes to the session file on the async thread, as the PostgreSQL handler
-    // does; the recorder's own writer task is to take these writes over.
+    // does. The recorder's own writer task is to take these writes over.
     let mut record = record
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

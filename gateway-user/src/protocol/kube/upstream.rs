@@ -2,7 +2,7 @@
 //!
 //! The first connection is the socket the proxy already opened. Its TLS offers `h2` and
 //! `http/1.1`: with `h2` every request of the session shares it, with `http/1.1` further
-//! connections are opened as requests overlap (a watch holds its connection for as long as it
+//! connections are opened as requests overlap (a watch keeps its connection for as long as it
 //! runs) and idle ones are reused. Upgrade requests (exec, attach, port-forward) always get a
 //! connection of their own that offers `http/1.1` only, because HTTP/2 has no `Upgrade`.
 
