@@ -43,6 +43,10 @@ fn main() -> anyhow::Result<()> {
 
     let mut node = TestNode::new("gateway-bench");
     let pod = node.add_pod("bench-client");
+    // `bench -- kube` runs only the Kubernetes API section.
+    if std::env::args().nth(1).as_deref() == Some("kube") {
+        return kube_comparison(&mut node, &binaries, &pod);
+    }
     let server = node.add_server("bench-server", &[]);
     // Thousands of short connects leave TIME_WAIT sockets, and in a nearly full port range each
     // connect searches for a free port, which swamps the hook's cost. So the pod's namespace
@@ -281,12 +285,13 @@ fn kube_comparison(node: &mut TestNode, binaries: &Path, pod: &Pod) -> anyhow::R
     let curl_config = node.dir.join("bench-curl.conf");
     let mut text = format!(
         "silent\nshow-error\ncacert = \"{}\"\nheader = \"Authorization: Bearer {token}\"\n\
-         header = \"Accept: application/json\"\noutput = /dev/null\n\
+         header = \"Accept: application/json\"\n\
          write-out = \"%{{size_download}} %{{time_starttransfer}} %{{time_total}}\\n\"\n",
         api.ca_cert.display()
     );
+    // `output` applies to one URL, so each URL gets its own.
     for _ in 0..KUBE_REQUESTS {
-        text.push_str(&format!("url = \"{url}\"\n"));
+        text.push_str(&format!("url = \"{url}\"\noutput = /dev/null\n"));
     }
     std::fs::write(&curl_config, text)?;
 
@@ -316,7 +321,11 @@ fn kube_comparison(node: &mut TestNode, binaries: &Path, pod: &Pod) -> anyhow::R
                 .split_whitespace()
                 .filter_map(|field| field.parse().ok())
                 .collect();
-            anyhow::ensure!(fields.len() == 3, "unexpected curl output line {line:?}");
+            anyhow::ensure!(
+                fields.len() == 3,
+                "unexpected curl output line {:?}",
+                line.chars().take(80).collect::<String>()
+            );
             size = fields[0];
             anyhow::ensure!(size > 40_000.0, "the list is only {size} bytes");
             times.push(fields[2] * 1000.0);
