@@ -13,7 +13,7 @@ use std::{
 
 use gateway_user::{
     testing::{ChildGuard, Pod, Server, TestNode},
-    testing_apiserver::fixture::{Options, TestApiServer},
+    testing_apiserver::fixture::{KUBECTL, Options, TestApiServer},
 };
 use serde_json::{Value, json};
 
@@ -33,6 +33,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(test_name: &str, configure: impl FnOnce(&mut Options)) -> Self {
+        assert!(
+            std::path::Path::new(KUBECTL).exists(),
+            "kubectl 1.32 is missing at {KUBECTL}: these tests run it (it is not a Debian package \
+             that `cargo xtask setup` can install)"
+        );
         let mut node = TestNode::new(test_name);
         let pod = node.add_pod("client");
         let server = node.add_server("api", &[SERVICE_IP]);
@@ -836,4 +841,111 @@ fn kubectl_exec_terminal_with_resize() {
             "websockets={websockets}: {text}"
         );
     }
+}
+
+#[test]
+fn watch_event_split_across_chunks_and_http2() {
+    let cluster = Cluster::new("kube_watch_split", |options| {
+        options.split_watch_after = Some("4111-1111".to_string());
+    });
+    let auth = format!("Authorization: Bearer {}", cluster.token());
+    cluster.ok(&[
+        "create",
+        "configmap",
+        "card",
+        "--from-literal=number=4111-1111-1111-1111",
+    ]);
+
+    // curl's trace shows each chunk of the HTTP/1.1 response as it is received.
+    let trace = cluster.node.dir.join("watch-trace.txt");
+    let output = cluster.curl(&[
+        "--http1.1",
+        "-N",
+        "--trace-ascii",
+        trace.to_str().expect("UTF-8 path"),
+        "-H",
+        &auth,
+        &cluster.url("/api/v1/namespaces/default/configmaps?watch=true&fieldSelector=metadata.name%3Dcard&timeoutSeconds=1"),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let event: Value = serde_json::from_slice(&output.stdout).expect("one whole JSON event");
+    assert_eq!(event["object"]["data"]["number"], "4111-1111-1111-1111");
+    let trace = std::fs::read_to_string(&trace).expect("read the curl trace");
+    let received: Vec<&str> = trace
+        .lines()
+        .filter(|line| line.starts_with("<= Recv data"))
+        .collect();
+    assert!(
+        received.len() >= 2,
+        "the event came in {} read(s): {trace}",
+        received.len()
+    );
+
+    // The same server speaks HTTP/2 when the client offers it.
+    let output = cluster.curl(&[
+        "--http2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+        "-H",
+        &auth,
+        &cluster.url("/api/v1/namespaces/default/pods"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "2");
+}
+
+#[test]
+fn malformed_peers_leave_server_serving() {
+    let cluster = Cluster::new("kube_malformed", |_| {});
+    let target = format!("{}:{}", cluster.api.address, cluster.api.port);
+    // Not TLS at all, then TLS carrying a request line that is not HTTP.
+    let mut garbage = cluster.node.in_pod(&cluster.pod, "sh");
+    garbage
+        .args([
+            "-c",
+            "printf 'GARBAGE\\r\\n\\r\\n' | socat -t1 - TCP:$0; \
+             printf 'NOT HTTP AT ALL\\r\\n\\r\\n' | socat -t1 - OPENSSL:$0,verify=0",
+            &target,
+        ])
+        .stdin(Stdio::null());
+    let output = garbage.output().expect("run socat");
+    let answer = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        answer.contains("400"),
+        "no 400 for a malformed request: {answer}"
+    );
+
+    // A header block of 800 KiB, more than the server reads, is not served. The real server
+    // answers 431; this one leaves the request unanswered (see the module's NOTE), so curl
+    // gives up after its time limit.
+    let auth = format!("Authorization: Bearer {}", cluster.token());
+    let huge = cluster.node.dir.join("huge-header.txt");
+    let lines: String = (0..200)
+        .map(|index| format!("X-Filler-{index}: {}\n", "a".repeat(4096)))
+        .collect();
+    std::fs::write(&huge, lines).expect("write the header file");
+    let huge = format!("@{}", huge.display());
+    let output = cluster.curl(&[
+        "--http1.1",
+        "--max-time",
+        "5",
+        "-H",
+        &auth,
+        "-H",
+        &huge,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &cluster.url("/api/v1/namespaces/default/pods"),
+    ]);
+    let code = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        code == "431" || code == "000",
+        "oversized headers got {code}: {}",
+        stderr(&output)
+    );
+
+    assert!(cluster.ok(&["get", "pods"]).contains("client"));
 }

@@ -551,6 +551,7 @@ impl ApiServer {
         let resource = info.resource;
         let namespace = info.namespace.clone();
         let bookmark_interval = self.bookmark_interval;
+        let split_after = self.split_watch_after.clone();
         tokio::spawn(async move {
             let mut stream = WatchStream {
                 resource,
@@ -567,7 +568,10 @@ impl ApiServer {
 
             for object in initial {
                 let line = stream.event_line(EventType::Added.as_str(), &object);
-                if sender.send_data(line).await.is_err() {
+                if send_line(&mut sender, line, split_after.as_deref())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -579,7 +583,10 @@ impl ApiServer {
                     continue;
                 }
                 let line = stream.event_line(event.event_type.as_str(), &event.object);
-                if sender.send_data(line).await.is_err() {
+                if send_line(&mut sender, line, split_after.as_deref())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -619,7 +626,10 @@ impl ApiServer {
                     continue;
                 }
                 let line = stream.event_line(event.event_type.as_str(), &event.object);
-                if sender.send_data(line).await.is_err() {
+                if send_line(&mut sender, line, split_after.as_deref())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -632,6 +642,32 @@ impl ApiServer {
             .body(body.boxed())
             .expect("static response parts are valid"))
     }
+}
+
+/// Pause between the two chunks of a split watch event, so that they leave in separate
+/// TLS records and reads.
+const SPLIT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Sends one watch event as one chunk or, when it contains `split_after`, as two chunks
+/// divided right after the first occurrence of that text.
+async fn send_line(
+    sender: &mut http_body_util::channel::Sender<Bytes, Infallible>,
+    line: Bytes,
+    split_after: Option<&str>,
+) -> Result<(), http_body_util::channel::SendError> {
+    let split_at = split_after
+        .filter(|text| !text.is_empty())
+        .and_then(|text| {
+            line.windows(text.len())
+                .position(|window| window == text.as_bytes())
+                .map(|start| start + text.len())
+        });
+    let Some(split_at) = split_at.filter(|at| *at < line.len()) else {
+        return sender.send_data(line).await;
+    };
+    sender.send_data(line.slice(..split_at)).await?;
+    tokio::time::sleep(SPLIT_PAUSE).await;
+    sender.send_data(line.slice(split_at..)).await
 }
 
 /// Encoding state of one watch response.

@@ -34,6 +34,10 @@ pub struct Options {
     /// Allow rules (see [`super::Rule`]); allow-all when `None`.
     pub rules: Option<Value>,
     pub bookmark_interval: Duration,
+    /// Watch events containing this text are sent as two chunks split right after it.
+    pub split_watch_after: Option<String>,
+    /// Accept bound tokens whose pod is not in the store.
+    pub skip_bound_pod_check: bool,
 }
 
 impl Default for Options {
@@ -44,6 +48,8 @@ impl Default for Options {
             seed: Vec::new(),
             rules: None,
             bookmark_interval: super::DEFAULT_BOOKMARK_INTERVAL,
+            split_watch_after: None,
+            skip_bound_pod_check: false,
         }
     }
 }
@@ -108,6 +114,12 @@ impl TestApiServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log file"))
             .stderr(log);
+        if let Some(text) = &options.split_watch_after {
+            command.arg("--split-watch-events-after").arg(text);
+        }
+        if options.skip_bound_pod_check {
+            command.arg("--skip-bound-pod-check");
+        }
         if let Some(rules) = &options.rules {
             let path = dir.join("rules.json");
             fs::write(&path, serde_json::to_vec(rules).expect("rules serialize"))
