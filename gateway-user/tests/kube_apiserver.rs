@@ -591,8 +591,8 @@ const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
 /// SPDY/3.1.
 const TRANSPORTS: [&str; 2] = ["true", "false"];
 
-/// The request methods the server logged for a pod subresource, oldest first: GET for
-/// WebSocket, POST for SPDY.
+/// Returns the request methods the server logged for a pod subresource, oldest first: GET
+/// for WebSocket, POST for SPDY.
 fn exec_methods(log: &str, subresource: &str) -> Vec<String> {
     log.lines()
         .filter(|line| line.contains(&format!("/pods/client/{subresource} ")))
@@ -789,8 +789,8 @@ fn kubectl_port_forward_parallel_connections() {
 fn kubectl_exec_terminal_with_resize() {
     let cluster = Cluster::new("kube_exec_tty", |_| {});
     for websockets in TRANSPORTS {
-        // `script` gives kubectl a terminal of 30 rows and 100 columns; kubectl sends that
-        // size on the resize channel and the remote shell reads it back with `stty size`.
+        // `script` gives kubectl a terminal of 30 rows and 100 columns. kubectl sends that
+        // size on the resize channel, and the remote shell reads it back with `stty size`.
         let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
             &cluster.node,
             &cluster.pod,
@@ -917,7 +917,7 @@ fn malformed_peers_leave_server_serving() {
     );
 
     // A header block of 800 KiB, more than the server reads, is not served. The real server
-    // answers 431; this one leaves the request unanswered (see the module's NOTE), so curl
+    // returns 431, but this one leaves the request unanswered (see the module's NOTE), so curl
     // gives up after its time limit.
     let auth = format!("Authorization: Bearer {}", cluster.token());
     let huge = cluster.node.dir.join("huge-header.txt");

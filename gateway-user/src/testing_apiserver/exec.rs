@@ -1,5 +1,5 @@
-//! `pods/exec` and `pods/portforward`: the command runs, and forwarded ports are reached, in
-//! the server's own network namespace; the pod in the URL only has to exist.
+//! `pods/exec` and `pods/portforward`. Commands run, and forwarded ports are reached, in the
+//! server's own network namespace, so the pod in the URL only has to exist.
 //!
 //! Exec is served over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`: each binary
 //! message starts with its channel, 0 stdin, 1 stdout, 2 stderr, 3 status, 4 resize, and in
@@ -115,7 +115,7 @@ fn check_container(query: &Query, pod: &Value, pod_name: &str) -> Result<(), Api
     }
 }
 
-/// Which upgrade a request asks for.
+/// The upgrade a request names.
 enum Upgrade {
     WebSocket { key: String, offered: Vec<String> },
     Spdy { offered: Vec<String> },
@@ -381,7 +381,7 @@ fn parse_resizes(data: &[u8]) -> Vec<Input> {
         .collect()
 }
 
-/// The final `Status` of an exec, as the status channel carries it.
+/// Builds the final `Status` of an exec, as the status channel carries it.
 fn exit_status(result: std::io::Result<std::process::ExitStatus>, command: &[String]) -> Value {
     use std::os::unix::process::ExitStatusExt as _;
     let status = match result {
@@ -895,8 +895,8 @@ where
     Ok(())
 }
 
-/// Connects to `port` on the loopback and copies both ways between it and the data stream;
-/// a failed connect is reported on the error stream, as the kubelet reports it.
+/// Connects to `port` on the loopback and copies both ways between it and the data stream.
+/// A failed connect is reported on the error stream, as the kubelet reports it.
 async fn forward_connection<W>(
     writer: SharedWriter<W>,
     port: u16,

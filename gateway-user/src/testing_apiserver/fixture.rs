@@ -1,8 +1,9 @@
-//! Starting the stand-in API server in a test server namespace, minting tokens for pods, and
-//! running kubectl in a pod the way it runs in a real one: in-cluster configuration from
-//! `KUBERNETES_SERVICE_HOST`/`PORT` and the service-account files at
-//! `/var/run/secrets/kubernetes.io/serviceaccount`, bind-mounted in a mount namespace of
-//! the kubectl process alone (the machine's own `/run` is never changed).
+//! Test helpers around the stand-in API server: starting it in a test server namespace,
+//! minting tokens for pods, and running kubectl in a pod the way it runs in a real one.
+//! kubectl gets the in-cluster configuration from `KUBERNETES_SERVICE_HOST`/`PORT` and the
+//! service-account files at `/var/run/secrets/kubernetes.io/serviceaccount`. Those files
+//! are bind-mounted in a mount namespace of the kubectl process alone, so the machine's own
+//! `/run` is never changed.
 
 use std::{
     fs,

@@ -5,8 +5,8 @@
 //! What it implements:
 //! - TLS (rustls) with ALPN `h2` and `http/1.1`; HTTP/1.1 and HTTP/2 through hyper.
 //! - Bearer tokens as bound service-account JWTs (ES256), checked for signature, issuer,
-//!   audience and time, and for a bound pod that still exists with the UID in the token;
-//!   a bad token gets 401, a missing one is `system:anonymous`.
+//!   audience and time, and for a bound pod that still exists with the UID in the token.
+//!   A bad token gets 401, and a request without one is `system:anonymous`.
 //! - Authorization: allow-all for service accounts, or the allow rules of a JSON file.
 //! - Legacy discovery (`/api`, `/api/v1`, `/apis` with no groups, `/version`). kubectl 1.32
 //!   asks for aggregated discovery first and falls back when the reply is plain JSON.
@@ -30,6 +30,7 @@
 //! yet known.
 
 pub mod api;
+mod discovery;
 mod exec;
 pub mod fixture;
 pub mod proto;
@@ -39,6 +40,7 @@ pub mod status;
 pub mod store;
 mod table;
 pub mod token;
+mod watch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -58,7 +60,7 @@ use self::{api::RequestInfo, store::Store, token::TokenVerifier};
 /// about every minute.
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
 
-/// How the server is started.
+/// Startup settings of the server.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
@@ -171,13 +173,13 @@ impl ApiServer {
                 .and_then(Value::as_str)
                 .unwrap_or(if resource.namespaced { "default" } else { "" })
                 .to_string();
-            let wanted_uid = object.pointer("/metadata/uid").cloned();
+            let fixed_uid = object.pointer("/metadata/uid").cloned();
             let created = self
                 .store
                 .create(resource, &namespace, object)
                 .map_err(|error| anyhow::anyhow!("seed object rejected: {}", error.message))?;
             // A seed may fix a pod's UID so that tokens minted for it stay valid.
-            if let Some(uid) = wanted_uid {
+            if let Some(uid) = fixed_uid {
                 let name = created["metadata"]["name"]
                     .as_str()
                     .unwrap_or_default()

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 
 use super::status::ApiError;
 
-/// Events kept for watches that start from an older `resourceVersion`; a watch from before
+/// Events kept for watches that start from an older `resourceVersion`. A watch from before
 /// the oldest kept event gets 410 Gone, as from a real server after etcd compaction.
 const HISTORY_LIMIT: usize = 4096;
 /// Live events buffered per watcher before it is cut off as too slow.
@@ -118,7 +118,7 @@ pub struct Store {
     events: broadcast::Sender<Arc<Event>>,
 }
 
-/// What a new watch gets: the recorded events it missed, then the live ones.
+/// The start of a new watch: the recorded events it missed, then the live ones.
 #[derive(Debug)]
 pub struct Subscription {
     pub backlog: Vec<Arc<Event>>,
@@ -277,7 +277,7 @@ impl Store {
                 "the object has been modified; please apply your changes to the latest version and try again",
             ));
         }
-        let kept: Vec<(String, Value)> = ["uid", "creationTimestamp"]
+        let preserved: Vec<(String, Value)> = ["uid", "creationTimestamp"]
             .iter()
             .filter_map(|field| {
                 current
@@ -289,7 +289,7 @@ impl Store {
         inner.resource_version += 1;
         let version = inner.resource_version;
         let metadata = metadata_mut(&mut object);
-        for (field, value) in kept {
+        for (field, value) in preserved {
             metadata.insert(field, value);
         }
         metadata.insert("name".into(), json!(name));
@@ -396,7 +396,7 @@ impl Store {
             inner.history.pop_front();
         }
         inner.history.push_back(event.clone());
-        // No receivers is the normal state when nobody watches.
+        // A send without receivers fails, which is normal while no watch is open.
         let _ = self.events.send(event);
     }
 
