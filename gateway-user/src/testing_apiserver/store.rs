@@ -121,6 +121,9 @@ pub struct Store {
 /// The start of a new watch: the recorded events it missed, then the live ones.
 #[derive(Debug)]
 pub struct Subscription {
+    /// For a watch from now: the objects of the watched resource at the start, taken under
+    /// the same lock as the subscription, so that no change is lost or sent twice.
+    pub snapshot: Vec<Value>,
     pub backlog: Vec<Arc<Event>>,
     pub live: broadcast::Receiver<Arc<Event>>,
     /// The store's version when the watch started, for the first BOOKMARK.
@@ -401,11 +404,24 @@ impl Store {
     }
 
     /// Starts a watch from `since` (exclusive): events after it that are still in the
-    /// history come first. `None` starts from now, as `resourceVersion` unset or "0" does
-    /// after the caller sent the current state as ADDED events.
-    pub fn watch(&self, since: Option<u64>) -> Result<Subscription, ApiError> {
+    /// history come first. `None` starts from now with a snapshot of `resource`, which the
+    /// caller sends as ADDED events, as for `resourceVersion` unset or "0".
+    pub fn watch(
+        &self,
+        since: Option<u64>,
+        resource: &'static Resource,
+    ) -> Result<Subscription, ApiError> {
         let inner = self.lock();
         let live = self.events.subscribe();
+        let snapshot = match since {
+            None => inner
+                .objects
+                .iter()
+                .filter(|((kind, _, _), _)| *kind == resource.name)
+                .map(|(_, object)| object.clone())
+                .collect(),
+            Some(_) => Vec::new(),
+        };
         let backlog = match since {
             None => Vec::new(),
             Some(version) => {
@@ -428,6 +444,7 @@ impl Store {
             }
         };
         Ok(Subscription {
+            snapshot,
             backlog,
             live,
             resource_version: inner.resource_version,
@@ -642,7 +659,7 @@ mod tests {
         store
             .create(configmaps(), "default", json!({"metadata": {"name": "b"}}))
             .expect("create b");
-        let subscription = store.watch(Some(version)).expect("watch");
+        let subscription = store.watch(Some(version), configmaps()).expect("watch");
         assert_eq!(subscription.backlog.len(), 1);
         assert_eq!(subscription.backlog[0].object["metadata"]["name"], "b");
     }

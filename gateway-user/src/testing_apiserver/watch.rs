@@ -48,7 +48,7 @@ impl ApiServer {
                 })?),
             };
 
-        let subscription = self.store.watch(since)?;
+        let mut subscription = self.store.watch(since, info.resource)?;
         let matches = {
             let labels = labels.clone();
             let fields = fields.clone();
@@ -56,13 +56,19 @@ impl ApiServer {
         };
         // Without a starting version the watch begins with the current state, as ADDED
         // events, the way the real server serves `resourceVersion` unset or "0".
-        let initial = if since.is_none() {
-            self.store
-                .list(info.resource, info.namespace.as_deref(), &matches)
-                .0
-        } else {
-            Vec::new()
-        };
+        let namespace_filter = info.namespace.clone();
+        let initial: Vec<Value> = std::mem::take(&mut subscription.snapshot)
+            .into_iter()
+            .filter(|object| {
+                namespace_filter.as_deref().is_none_or(|namespace| {
+                    object
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        == Some(namespace)
+                })
+            })
+            .filter(|object| matches(object))
+            .collect();
 
         let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(16);
         let resource = info.resource;
