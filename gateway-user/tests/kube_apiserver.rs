@@ -128,6 +128,16 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn kubectl_get_pods_prints_table() {
     let cluster = Cluster::new("kube_get_pods", |_| {});
+    // kubectl requests aggregated discovery first; the plain JSON reply makes it fall back to
+    // the legacy documents.
+    let verbose = cluster.run(&["get", "pods", "-v=8"]);
+    assert!(verbose.status.success(), "{}", stderr(&verbose));
+    assert!(
+        stderr(&verbose).contains("g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"),
+        "{}",
+        stderr(&verbose)
+    );
+
     let text = cluster.ok(&["get", "pods"]);
     let mut lines = text.lines();
     let header: Vec<&str> = lines

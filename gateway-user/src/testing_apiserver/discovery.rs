@@ -1,5 +1,5 @@
 //! Legacy discovery documents: `/version`, `/api`, `/api/v1` (and `/apis`, built by the
-//! caller with no groups). kubectl 1.32 first asks for aggregated discovery and falls back to
+//! caller with no groups). kubectl 1.32 first requests aggregated discovery and falls back to
 //! these when the response is plain JSON.
 
 use serde_json::{Value, json};

@@ -9,7 +9,7 @@
 //!   A bad token gets 401, and a request without one is `system:anonymous`.
 //! - Authorization: allow-all for service accounts, or the allow rules of a JSON file.
 //! - Legacy discovery (`/api`, `/api/v1`, `/apis` with no groups, `/version`). kubectl 1.32
-//!   asks for aggregated discovery first and falls back when the reply is plain JSON.
+//!   requests aggregated discovery first and falls back when the reply is plain JSON.
 //! - core/v1 pods, configmaps, secrets, serviceaccounts and namespaces in memory: get, list
 //!   (label and field selectors, `limit`/`continue`), watch, create, update, merge patch,
 //!   delete and deletecollection, with one `resourceVersion` counter and real `Status`

@@ -152,7 +152,7 @@ impl ApiError {
         error
     }
 
-    /// A denial of a non-resource path such as `/api` for an anonymous request.
+    /// Builds the denial of a non-resource path such as `/api` for an anonymous request.
     pub fn forbidden_path(user: &str, verb: &str, path: &str) -> Self {
         Self::new(
             403,
