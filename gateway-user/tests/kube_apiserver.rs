@@ -583,6 +583,22 @@ fn watch_stream_sends_events_and_bookmarks() {
         events[0]["object"]["metadata"]["resourceVersion"]
     );
 
+    // A watch on one object's path sees only that object.
+    let output = cluster.curl(&[
+        "-N",
+        "-H",
+        &auth,
+        &cluster.url("/api/v1/namespaces/default/configmaps/later?watch=true&timeoutSeconds=1"),
+    ]);
+    let names: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let event: Value = serde_json::from_str(line).expect("one JSON event per line");
+            event["object"]["metadata"]["name"].clone()
+        })
+        .collect();
+    assert_eq!(names, [json!("later")]);
+
     // A resourceVersion that is not a number is a bad request.
     let output = cluster.curl(&[
         "-H",

@@ -49,10 +49,13 @@ impl ApiServer {
             };
 
         let mut subscription = self.store.watch(since, info.resource)?;
-        let matches = {
-            let labels = labels.clone();
-            let fields = fields.clone();
-            move |object: &Value| labels.matches_labels(object) && fields.matches_fields(object)
+        // A watch on `/.../NAME?watch=true` follows that one object.
+        let name = info.name.clone();
+        let matches = move |object: &Value| {
+            name.as_deref().is_none_or(|name| {
+                object.pointer("/metadata/name").and_then(Value::as_str) == Some(name)
+            }) && labels.matches_labels(object)
+                && fields.matches_fields(object)
         };
         // Without a starting version the watch begins with the current state, as ADDED
         // events, the way the real server serves `resourceVersion` unset or "0".
