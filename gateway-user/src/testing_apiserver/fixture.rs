@@ -62,6 +62,9 @@ pub struct TestApiServer {
     pub port: u16,
     /// CA that signed the serving certificate; pods trust it as the cluster CA.
     pub ca_cert: PathBuf,
+    /// The cluster CA itself, to issue more certificates for the server's names (such as a
+    /// TLS-terminating gateway's serving certificate).
+    pub ca: TestCa,
     pub issuer: TokenIssuer,
     pub log_path: PathBuf,
     dir: PathBuf,
@@ -146,6 +149,7 @@ impl TestApiServer {
             address,
             port: options.port,
             ca_cert: ca.cert_path.clone(),
+            ca,
             issuer,
             log_path,
             dir,
