@@ -975,3 +975,43 @@ fn malformed_peers_leave_server_serving() {
 
     assert!(cluster.ok(&["get", "pods"]).contains("client"));
 }
+
+#[test]
+fn configmap_protobuf_watch_frames() {
+    let cluster = Cluster::new("kube_protobuf_watch", |_| {});
+    let auth = format!("Authorization: Bearer {}", cluster.token());
+    let output = cluster.curl(&[
+        "-N",
+        "-H",
+        &auth,
+        "-H",
+        "Accept: application/vnd.kubernetes.protobuf, application/json",
+        "-D",
+        "/dev/stderr",
+        &cluster.url("/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=1"),
+    ]);
+    assert!(
+        stderr(&output)
+            .to_ascii_lowercase()
+            .contains("content-type: application/vnd.kubernetes.protobuf;stream=watch"),
+        "{}",
+        stderr(&output)
+    );
+
+    // One frame: a 4-byte length, then the enveloped WatchEvent of the seeded ConfigMap.
+    let body = output.stdout;
+    let length = u32::from_be_bytes([body[0], body[1], body[2], body[3]]) as usize;
+    assert_eq!(body.len(), 4 + length, "exactly one event frame");
+    let message = &body[4..];
+    assert_eq!(&message[..4], b"k8s\0");
+    let unknown = proto_fields(&message[4..]);
+    assert_eq!(proto_fields(&unknown[0].1)[1], (2, b"WatchEvent".to_vec()));
+    let event = proto_fields(&unknown[1].1);
+    assert_eq!(event[0], (1, b"ADDED".to_vec()));
+    let raw = &proto_fields(&event[1].1)[0].1;
+    assert_eq!(&raw[..4], b"k8s\0");
+    let object = proto_fields(&raw[4..]);
+    assert_eq!(proto_fields(&object[0].1)[1], (2, b"ConfigMap".to_vec()));
+    let metadata = proto_fields(&proto_fields(&object[1].1)[0].1);
+    assert_eq!(metadata[0], (1, b"settings".to_vec()));
+}

@@ -13,7 +13,8 @@
 //! - core/v1 pods, configmaps, secrets, serviceaccounts and namespaces in memory: get, list
 //!   (label and field selectors, `limit`/`continue`), watch, create, update, merge patch,
 //!   delete and deletecollection, with one `resourceVersion` counter and real `Status`
-//!   errors; Table responses as kubectl requests them; protobuf for ConfigMap get and list.
+//!   errors; Table responses as kubectl requests them; protobuf for ConfigMap get, list and
+//!   watch.
 //! - Watch: one JSON event per chunk, flushed at once, BOOKMARK events on request, ending
 //!   only at `timeoutSeconds` or when the client leaves.
 //! - `pods/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and SPDY/3.1, and
@@ -23,7 +24,7 @@
 //!
 //! What it does not: API groups other than core/v1, admission, defaulting beyond what the
 //! store fills in, graceful deletion, finalizers, server-side apply, JSON patch, protobuf
-//! request bodies, protobuf watch, YAML, and consistent pagination snapshots.
+//! request bodies other than Secret, ConfigMap and Namespace, YAML, and consistent pagination snapshots.
 //!
 //! NOTE: a request whose header block exceeds hyper's read buffer (about 400 KiB) is left
 //! unanswered over TLS instead of getting the 431 the real server sends; the cause is not

@@ -26,10 +26,6 @@ impl ApiServer {
         query: &Query,
         format: Format,
     ) -> Result<Response<Body>, ApiError> {
-        if format == Format::Protobuf {
-            // NOTE: protobuf watch framing is not implemented.
-            return Err(ApiError::not_acceptable(proto::CONTENT_TYPE));
-        }
         let labels = Selector::parse(query.get("labelSelector").unwrap_or_default())?;
         let fields = Selector::parse(query.get("fieldSelector").unwrap_or_default())?;
         fields.check_fields()?;
@@ -138,8 +134,11 @@ impl ApiServer {
                         let error = ApiError::gone(
                             "watch fell too far behind; restart it from a new list".to_string(),
                         );
-                        let line = stream.event_line("ERROR", &error.to_status());
-                        let _ = sender.send_data(line).await;
+                        tracing::info!(resource = resource.name, "watch fell behind and ends");
+                        if format != Format::Protobuf {
+                            let line = stream.event_line("ERROR", &error.to_status());
+                            let _ = sender.send_data(line).await;
+                        }
                         return;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -163,7 +162,14 @@ impl ApiServer {
 
         Ok(Response::builder()
             .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/json")
+            .header(
+                header::CONTENT_TYPE,
+                if format == Format::Protobuf {
+                    proto::WATCH_CONTENT_TYPE
+                } else {
+                    "application/json"
+                },
+            )
             .header(header::CACHE_CONTROL, "no-cache, private")
             .body(body.boxed())
             .expect("static response parts are valid"))
@@ -208,6 +214,9 @@ struct WatchStream {
 
 impl WatchStream {
     fn event_line(&mut self, event_type: &str, object: &Value) -> Bytes {
+        if self.format == Format::Protobuf {
+            return Bytes::from(proto::watch_event_frame(event_type, object));
+        }
         let object = if self.format == Format::Table && event_type != "ERROR" {
             let version = object
                 .pointer("/metadata/resourceVersion")
@@ -237,6 +246,9 @@ impl WatchStream {
             "apiVersion": "v1",
             "metadata": {"resourceVersion": self.last_version.to_string()},
         });
+        if self.format == Format::Protobuf {
+            return Bytes::from(proto::watch_event_frame("BOOKMARK", &object));
+        }
         let mut line = serde_json::to_vec(&json!({"type": "BOOKMARK", "object": object}))
             .expect("JSON values always serialize");
         line.push(b'\n');
