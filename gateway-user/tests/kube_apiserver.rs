@@ -583,7 +583,7 @@ fn watch_stream_sends_events_and_bookmarks() {
         events[0]["object"]["metadata"]["resourceVersion"]
     );
 
-    // A watch on one object's path sees only that object.
+    // A watch on one object's path gets events of that object only.
     let output = cluster.curl(&[
         "-N",
         "-H",

@@ -12,11 +12,12 @@
 //!   requests aggregated discovery first and falls back when the reply is plain JSON.
 //! - core/v1 pods, configmaps, secrets, serviceaccounts and namespaces in memory: get, list
 //!   (label and field selectors, `limit`/`continue`), watch, create, update, merge patch,
-//!   delete and deletecollection, with one `resourceVersion` counter and real `Status`
-//!   errors; Table responses as kubectl requests them; protobuf for ConfigMap get, list and
-//!   watch.
-//! - Watch: one JSON event per chunk, flushed at once, BOOKMARK events on request, ending
-//!   only at `timeoutSeconds` or when the client leaves.
+//!   delete and deletecollection. One `resourceVersion` counter orders all changes, and
+//!   errors are real `Status` objects. Table responses are sent as kubectl requests them,
+//!   and protobuf for ConfigMap get, list and watch.
+//! - Watch: one event per chunk (a JSON line or a protobuf frame), flushed at once, BOOKMARK
+//!   events on request, ending only at `timeoutSeconds` or when the client leaves. A test
+//!   knob splits events that contain a given text into two chunks.
 //! - `pods/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and SPDY/3.1, and
 //!   `pods/portforward`, running real commands (on a pseudo-terminal with resize for
 //!   `tty=true`) and connecting to real loopback ports in the server's own namespace: the
@@ -24,7 +25,8 @@
 //!
 //! What it does not: API groups other than core/v1, admission, defaulting beyond what the
 //! store fills in, graceful deletion, finalizers, server-side apply, JSON patch, protobuf
-//! request bodies other than Secret, ConfigMap and Namespace, YAML, and consistent pagination snapshots.
+//! request bodies other than Secret, ConfigMap and Namespace, YAML, and consistent
+//! pagination snapshots.
 //!
 //! NOTE: a request whose header block exceeds hyper's read buffer (about 400 KiB) is left
 //! unanswered over TLS instead of getting the 431 the real server sends; the cause is not
@@ -71,7 +73,7 @@ pub struct Config {
     pub service_account_key: PathBuf,
     /// JSON array of objects to create at start (each with `kind` and `metadata`).
     pub seed: Option<PathBuf>,
-    /// JSON array of [`Rule`]s; without it every service account may do everything.
+    /// JSON array of [`Rule`]s. Without it, every service account may do everything.
     pub authorization: Option<PathBuf>,
     pub bookmark_interval: Duration,
     /// Whether a bound token's pod must exist with the token's pod UID.

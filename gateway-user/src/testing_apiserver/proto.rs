@@ -164,7 +164,7 @@ pub fn envelope(api_version: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
 
 /// Encodes one ConfigMap watch event as a frame of a protobuf watch stream: a 4-byte
 /// big-endian length, then a `WatchEvent` (`type` 1, `object` 2 as a RawExtension whose
-/// `raw` 1 holds the enveloped ConfigMap) in its own envelope.
+/// `raw` 1 contains the enveloped ConfigMap) in its own envelope.
 ///
 /// NOTE: the outer envelope's `apiVersion` is `v1`, not checked against a real server's
 /// bytes. ERROR events are not encoded (a `Status` needs its own message), so a protobuf
