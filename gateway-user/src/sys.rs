@@ -419,7 +419,7 @@ pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: openpty succeeded, so both descriptors are open and owned by nobody else.
+    // SAFETY: openpty succeeded, so both descriptors are open and have no other owner.
     let pair = unsafe {
         (
             OwnedFd::from_raw_fd(controller),

@@ -36,6 +36,9 @@ struct Cli {
     /// Accept bound tokens whose pod does not exist in the store.
     #[arg(long)]
     skip_bound_pod_check: bool,
+    /// Send each watch event that contains TEXT as two chunks, split right after TEXT.
+    #[arg(long, value_name = "TEXT")]
+    split_watch_events_after: Option<String>,
 }
 
 #[tokio::main]
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         authorization: cli.authorization,
         bookmark_interval: cli.bookmark_interval,
         check_bound_pods: !cli.skip_bound_pod_check,
+        split_watch_after: cli.split_watch_events_after,
     })
     .await
 }

@@ -1,7 +1,7 @@
 //! Request handling: authentication, request attribution (verb, resource, namespace, name),
 //! authorization, content negotiation and the REST verbs on the store.
 
-use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, convert::Infallible, sync::Arc};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -11,10 +11,10 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::{
-    ApiServer, proto,
+    ApiServer, discovery, proto,
     select::Selector,
     status::{ApiError, deleted_status},
-    store::{self, EventType, Resource},
+    store::{self, Resource},
     table,
     token::Identity,
 };
@@ -24,10 +24,8 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Largest request body accepted, the real server's limit for JSON requests (3 MiB).
 const MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
-/// Server version reported by `/version`: the release kubectl 1.32 expects as its peer.
-const VERSION_MINOR: &str = "32";
 
-/// What a request asks for, as the real server's request-info resolver derives it.
+/// The attributes of a request, derived as the real server's request-info resolver does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestInfo {
     pub verb: &'static str,
@@ -183,7 +181,7 @@ fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
-/// Who sent the request.
+/// The authenticated sender of a request.
 #[derive(Clone, Debug)]
 pub enum Subject {
     Anonymous,
@@ -272,7 +270,7 @@ impl ApiServer {
         // the default `system:public-info-viewer` and `system:discovery` roles grant.
         match segments.as_slice() {
             ["healthz"] | ["livez"] | ["readyz"] => return Ok(text_response(StatusCode::OK, "ok")),
-            ["version"] => return Ok(json_response(StatusCode::OK, &version())),
+            ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
             ["api"] | ["apis"] | ["api", "v1"] => {
                 if matches!(subject, Subject::Anonymous) {
                     return Err(ApiError::forbidden_path(subject.username(), "get", &path));
@@ -281,9 +279,9 @@ impl ApiServer {
                     return Err(ApiError::method_not_allowed(request.method().as_str()));
                 }
                 let body = match segments.as_slice() {
-                    ["api"] => api_versions(),
+                    ["api"] => discovery::api_versions(),
                     ["apis"] => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}),
-                    _ => api_resources(),
+                    _ => discovery::api_resources(),
                 };
                 return Ok(json_response(StatusCode::OK, &body));
             }
@@ -450,7 +448,7 @@ impl ApiServer {
     ) -> Result<Response<Body>, ApiError> {
         let (mut items, version) = self.select(info, query)?;
 
-        // Paging: `continue` holds the namespace/name of the last item sent. Pages are not a
+        // Paging: `continue` contains the namespace/name of the last item sent. Pages are not a
         // consistent snapshot as on the real server.
         if let Some(token) = query.get("continue").filter(|token| !token.is_empty()) {
             let last = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -501,188 +499,9 @@ impl ApiServer {
             StatusCode::CREATED,
         ))
     }
-
-    /// Streams watch events: one JSON object per chunk, each flushed as it is written.
-    fn watch(
-        self: &Arc<Self>,
-        info: &RequestInfo,
-        query: &Query,
-        format: Format,
-    ) -> Result<Response<Body>, ApiError> {
-        if format == Format::Protobuf {
-            // NOTE: protobuf watch framing is not implemented.
-            return Err(ApiError::not_acceptable(proto::CONTENT_TYPE));
-        }
-        let labels = Selector::parse(query.get("labelSelector").unwrap_or_default())?;
-        let fields = Selector::parse(query.get("fieldSelector").unwrap_or_default())?;
-        fields.check_fields()?;
-        let bookmarks = query.flag("allowWatchBookmarks")?;
-        let timeout = match query.get("timeoutSeconds") {
-            Some(text) => Some(Duration::from_secs(text.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid timeoutSeconds {text:?}"))
-            })?)),
-            None => None,
-        };
-        let since =
-            match query.get("resourceVersion") {
-                None | Some("") | Some("0") => None,
-                Some(text) => Some(text.parse::<u64>().map_err(|_| {
-                    ApiError::bad_request(format!("invalid resourceVersion {text:?}"))
-                })?),
-            };
-
-        let subscription = self.store.watch(since)?;
-        let matches = {
-            let labels = labels.clone();
-            let fields = fields.clone();
-            move |object: &Value| labels.matches_labels(object) && fields.matches_fields(object)
-        };
-        // Without a starting version the watch begins with the current state, as ADDED
-        // events, the way the real server serves `resourceVersion` unset or "0".
-        let initial = if since.is_none() {
-            self.store
-                .list(info.resource, info.namespace.as_deref(), &matches)
-                .0
-        } else {
-            Vec::new()
-        };
-
-        let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(16);
-        let resource = info.resource;
-        let namespace = info.namespace.clone();
-        let bookmark_interval = self.bookmark_interval;
-        tokio::spawn(async move {
-            let mut stream = WatchStream {
-                resource,
-                format,
-                first: true,
-                last_version: subscription.resource_version,
-            };
-            let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
-            let mut live = subscription.live;
-            let mut bookmark = tokio::time::interval_at(
-                tokio::time::Instant::now() + bookmark_interval,
-                bookmark_interval,
-            );
-
-            for object in initial {
-                let line = stream.event_line(EventType::Added.as_str(), &object);
-                if sender.send_data(line).await.is_err() {
-                    return;
-                }
-            }
-            for event in subscription.backlog {
-                if event.resource.name != resource.name
-                    || namespace.as_ref().is_some_and(|ns| *ns != event.namespace)
-                    || !matches(&event.object)
-                {
-                    continue;
-                }
-                let line = stream.event_line(event.event_type.as_str(), &event.object);
-                if sender.send_data(line).await.is_err() {
-                    return;
-                }
-            }
-
-            loop {
-                let sleep_until = deadline.unwrap_or_else(|| {
-                    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
-                });
-                let event = tokio::select! {
-                    received = live.recv() => received,
-                    _ = bookmark.tick(), if bookmarks => {
-                        let line = stream.bookmark_line();
-                        if sender.send_data(line).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    () = tokio::time::sleep_until(sleep_until) => return,
-                };
-                let event = match event {
-                    Ok(event) => event,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let error = ApiError::gone(
-                            "watch fell too far behind; restart it from a new list".to_string(),
-                        );
-                        let line = stream.event_line("ERROR", &error.to_status());
-                        let _ = sender.send_data(line).await;
-                        return;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                };
-                stream.last_version = event.resource_version;
-                if event.resource.name != resource.name
-                    || namespace.as_ref().is_some_and(|ns| *ns != event.namespace)
-                    || !matches(&event.object)
-                {
-                    continue;
-                }
-                let line = stream.event_line(event.event_type.as_str(), &event.object);
-                if sender.send_data(line).await.is_err() {
-                    return;
-                }
-            }
-        });
-
-        Ok(Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::CACHE_CONTROL, "no-cache, private")
-            .body(body.boxed())
-            .expect("static response parts are valid"))
-    }
 }
 
-/// Encoding state of one watch response.
-struct WatchStream {
-    resource: &'static Resource,
-    format: Format,
-    /// Whether no Table event was sent yet: only the first carries column definitions.
-    first: bool,
-    /// Version of the last event this watch has seen, for BOOKMARK events.
-    last_version: u64,
-}
-
-impl WatchStream {
-    fn event_line(&mut self, event_type: &str, object: &Value) -> Bytes {
-        let object = if self.format == Format::Table && event_type != "ERROR" {
-            let version = object
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .and_then(|text| text.parse().ok())
-                .unwrap_or(self.last_version);
-            let table = table::table(
-                self.resource,
-                std::slice::from_ref(object),
-                version,
-                self.first,
-            );
-            self.first = false;
-            table
-        } else {
-            object.clone()
-        };
-        let mut line = serde_json::to_vec(&json!({"type": event_type, "object": object}))
-            .expect("JSON values always serialize");
-        line.push(b'\n');
-        Bytes::from(line)
-    }
-
-    fn bookmark_line(&mut self) -> Bytes {
-        let object = json!({
-            "kind": self.resource.kind,
-            "apiVersion": "v1",
-            "metadata": {"resourceVersion": self.last_version.to_string()},
-        });
-        let mut line = serde_json::to_vec(&json!({"type": "BOOKMARK", "object": object}))
-            .expect("JSON values always serialize");
-        line.push(b'\n');
-        Bytes::from(line)
-    }
-}
-
-fn namespace_of(info: &RequestInfo) -> &str {
+pub(super) fn namespace_of(info: &RequestInfo) -> &str {
     info.namespace.as_deref().unwrap_or_default()
 }
 
@@ -928,56 +747,6 @@ pub fn request_info(
         subresource,
         namespace,
         name,
-    })
-}
-
-fn version() -> Value {
-    json!({
-        "major": "1",
-        "minor": VERSION_MINOR,
-        "gitVersion": format!("v1.{VERSION_MINOR}.0-gateway-test"),
-        "gitCommit": "0000000000000000000000000000000000000000",
-        "gitTreeState": "clean",
-        "buildDate": "2026-01-01T00:00:00Z",
-        "goVersion": "go1.23.0",
-        "compiler": "gc",
-        "platform": "linux/amd64",
-    })
-}
-
-fn api_versions() -> Value {
-    json!({
-        "kind": "APIVersions",
-        "versions": ["v1"],
-        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "kubernetes.default.svc:443"}],
-    })
-}
-
-fn api_resources() -> Value {
-    let mut resources = Vec::new();
-    for resource in store::RESOURCES {
-        resources.push(json!({
-            "name": resource.name,
-            "singularName": resource.singular,
-            "namespaced": resource.namespaced,
-            "kind": resource.kind,
-            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
-            "shortNames": resource.short_names,
-        }));
-    }
-    for sub in ["exec", "portforward"] {
-        resources.push(json!({
-            "name": format!("pods/{sub}"),
-            "singularName": "",
-            "namespaced": true,
-            "kind": if sub == "exec" { "PodExecOptions" } else { "PodPortForwardOptions" },
-            "verbs": ["create", "get"],
-        }));
-    }
-    json!({
-        "kind": "APIResourceList",
-        "groupVersion": "v1",
-        "resources": resources,
     })
 }
 

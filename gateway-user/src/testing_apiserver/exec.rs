@@ -1,11 +1,12 @@
-//! `pods/exec` and `pods/portforward`: the command runs, and forwarded ports are reached, in
-//! the server's own network namespace; the pod in the URL only has to exist.
+//! `pods/exec` and `pods/portforward`. Commands run, and forwarded ports are reached, in the
+//! server's own network namespace, so the pod in the URL only has to exist.
 //!
-//! Exec is served over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`: each binary
-//! message starts with its channel, 0 stdin, 1 stdout, 2 stderr, 3 status, 4 resize, and in
-//! v5 255 closes a channel) and over SPDY/3.1 (`X-Stream-Protocol-Version` v5 or v4: one
-//! stream per channel, named by the `streamType` header). The status channel carries a
-//! `Status` whose `NonZeroExitCode` cause gives kubectl the exit code.
+//! Exec is served over WebSocket, with `v5.channel.k8s.io` or `v4.channel.k8s.io`. Each
+//! binary message starts with its channel: 0 stdin, 1 stdout, 2 stderr, 3 status, 4 resize,
+//! and in v5 255 closes a channel. Exec is also served over SPDY/3.1, where
+//! `X-Stream-Protocol-Version` is v5 or v4 and each channel is a stream named by its
+//! `streamType` header. The status channel carries a `Status` whose `NonZeroExitCode`
+//! cause gives kubectl the exit code.
 //!
 //! Port-forward is served over SPDY (`portforward.k8s.io`: an `error` and a `data` stream
 //! per connection, paired by `requestID`) and over WebSocket with the SPDY stream tunneled
@@ -115,7 +116,7 @@ fn check_container(query: &Query, pod: &Value, pod_name: &str) -> Result<(), Api
     }
 }
 
-/// Which upgrade a request asks for.
+/// The upgrade a request names.
 enum Upgrade {
     WebSocket { key: String, offered: Vec<String> },
     Spdy { offered: Vec<String> },
@@ -381,7 +382,7 @@ fn parse_resizes(data: &[u8]) -> Vec<Input> {
         .collect()
 }
 
-/// The final `Status` of an exec, as the status channel carries it.
+/// Builds the final `Status` of an exec, as the status channel carries it.
 fn exit_status(result: std::io::Result<std::process::ExitStatus>, command: &[String]) -> Value {
     use std::os::unix::process::ExitStatusExt as _;
     let status = match result {
@@ -895,8 +896,8 @@ where
     Ok(())
 }
 
-/// Connects to `port` on the loopback and copies both ways between it and the data stream;
-/// a failed connect is reported on the error stream, as the kubelet reports it.
+/// Connects to `port` on the loopback and copies both ways between it and the data stream.
+/// A failed connect is reported on the error stream, as the kubelet reports it.
 async fn forward_connection<W>(
     writer: SharedWriter<W>,
     port: u16,

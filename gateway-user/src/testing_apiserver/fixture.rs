@@ -1,8 +1,9 @@
-//! Starting the stand-in API server in a test server namespace, minting tokens for pods, and
-//! running kubectl in a pod the way it runs in a real one: in-cluster configuration from
-//! `KUBERNETES_SERVICE_HOST`/`PORT` and the service-account files at
-//! `/var/run/secrets/kubernetes.io/serviceaccount`, bind-mounted in a mount namespace of
-//! the kubectl process alone (the machine's own `/run` is never changed).
+//! Test helpers around the stand-in API server: starting it in a test server namespace,
+//! minting tokens for pods, and running kubectl in a pod the way it runs in a real one.
+//! kubectl gets the in-cluster configuration from `KUBERNETES_SERVICE_HOST`/`PORT` and the
+//! service-account files at `/var/run/secrets/kubernetes.io/serviceaccount`. Those files
+//! are bind-mounted in a mount namespace of the kubectl process alone, so the machine's own
+//! `/run` is never changed.
 
 use std::{
     fs,
@@ -34,6 +35,10 @@ pub struct Options {
     /// Allow rules (see [`super::Rule`]); allow-all when `None`.
     pub rules: Option<Value>,
     pub bookmark_interval: Duration,
+    /// Watch events containing this text are sent as two chunks split right after it.
+    pub split_watch_after: Option<String>,
+    /// Accept bound tokens whose pod is not in the store.
+    pub skip_bound_pod_check: bool,
 }
 
 impl Default for Options {
@@ -44,6 +49,8 @@ impl Default for Options {
             seed: Vec::new(),
             rules: None,
             bookmark_interval: super::DEFAULT_BOOKMARK_INTERVAL,
+            split_watch_after: None,
+            skip_bound_pod_check: false,
         }
     }
 }
@@ -55,6 +62,9 @@ pub struct TestApiServer {
     pub port: u16,
     /// CA that signed the serving certificate; pods trust it as the cluster CA.
     pub ca_cert: PathBuf,
+    /// The cluster CA itself, to issue more certificates for the server's names (such as a
+    /// TLS-terminating gateway's serving certificate).
+    pub ca: TestCa,
     pub issuer: TokenIssuer,
     pub log_path: PathBuf,
     dir: PathBuf,
@@ -108,6 +118,12 @@ impl TestApiServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log file"))
             .stderr(log);
+        if let Some(text) = &options.split_watch_after {
+            command.arg("--split-watch-events-after").arg(text);
+        }
+        if options.skip_bound_pod_check {
+            command.arg("--skip-bound-pod-check");
+        }
         if let Some(rules) = &options.rules {
             let path = dir.join("rules.json");
             fs::write(&path, serde_json::to_vec(rules).expect("rules serialize"))
@@ -133,6 +149,7 @@ impl TestApiServer {
             address,
             port: options.port,
             ca_cert: ca.cert_path.clone(),
+            ca,
             issuer,
             log_path,
             dir,

@@ -5,17 +5,19 @@
 //! What it implements:
 //! - TLS (rustls) with ALPN `h2` and `http/1.1`; HTTP/1.1 and HTTP/2 through hyper.
 //! - Bearer tokens as bound service-account JWTs (ES256), checked for signature, issuer,
-//!   audience and time, and for a bound pod that still exists with the UID in the token;
-//!   a bad token gets 401, a missing one is `system:anonymous`.
+//!   audience and time, and for a bound pod that still exists with the UID in the token.
+//!   A bad token gets 401, and a request without one is `system:anonymous`.
 //! - Authorization: allow-all for service accounts, or the allow rules of a JSON file.
 //! - Legacy discovery (`/api`, `/api/v1`, `/apis` with no groups, `/version`). kubectl 1.32
-//!   asks for aggregated discovery first and falls back when the reply is plain JSON.
+//!   requests aggregated discovery first and falls back when the reply is plain JSON.
 //! - core/v1 pods, configmaps, secrets, serviceaccounts and namespaces in memory: get, list
 //!   (label and field selectors, `limit`/`continue`), watch, create, update, merge patch,
-//!   delete and deletecollection, with one `resourceVersion` counter and real `Status`
-//!   errors; Table responses as kubectl requests them; protobuf for ConfigMap get and list.
-//! - Watch: one JSON event per chunk, flushed at once, BOOKMARK events on request, ending
-//!   only at `timeoutSeconds` or when the client leaves.
+//!   delete and deletecollection. One `resourceVersion` counter orders all changes, and
+//!   errors are real `Status` objects. Table responses are sent as kubectl requests them,
+//!   and protobuf for ConfigMap get, list and watch.
+//! - Watch: one event per chunk (a JSON line or a protobuf frame), flushed at once, BOOKMARK
+//!   events on request, ending only at `timeoutSeconds` or when the client leaves. A test
+//!   knob splits events that contain a given text into two chunks.
 //! - `pods/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and SPDY/3.1, and
 //!   `pods/portforward`, running real commands (on a pseudo-terminal with resize for
 //!   `tty=true`) and connecting to real loopback ports in the server's own namespace: the
@@ -23,9 +25,15 @@
 //!
 //! What it does not: API groups other than core/v1, admission, defaulting beyond what the
 //! store fills in, graceful deletion, finalizers, server-side apply, JSON patch, protobuf
-//! request bodies, protobuf watch, YAML, and consistent pagination snapshots.
+//! request bodies other than Secret, ConfigMap and Namespace, YAML, and consistent
+//! pagination snapshots.
+//!
+//! NOTE: a request whose header block exceeds hyper's read buffer (about 400 KiB) is left
+//! unanswered over TLS instead of getting the 431 the real server sends; the cause is not
+//! yet known.
 
 pub mod api;
+mod discovery;
 mod exec;
 pub mod fixture;
 pub mod proto;
@@ -35,6 +43,7 @@ pub mod status;
 pub mod store;
 mod table;
 pub mod token;
+mod watch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -54,7 +63,7 @@ use self::{api::RequestInfo, store::Store, token::TokenVerifier};
 /// about every minute.
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
 
-/// How the server is started.
+/// Startup settings of the server.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
@@ -64,11 +73,15 @@ pub struct Config {
     pub service_account_key: PathBuf,
     /// JSON array of objects to create at start (each with `kind` and `metadata`).
     pub seed: Option<PathBuf>,
-    /// JSON array of [`Rule`]s; without it every service account may do everything.
+    /// JSON array of [`Rule`]s. Without it, every service account may do everything.
     pub authorization: Option<PathBuf>,
     pub bookmark_interval: Duration,
     /// Whether a bound token's pod must exist with the token's pod UID.
     pub check_bound_pods: bool,
+    /// Test knob: a watch event containing this text is sent as two chunks, split right
+    /// after it, to exercise readers of chunk boundaries. A real server splits only at
+    /// its own buffer sizes.
+    pub split_watch_after: Option<String>,
 }
 
 /// An allow rule: `users` may use `verbs` on `resources` (`pods`, `pods/exec`) in
@@ -112,6 +125,7 @@ pub struct ApiServer {
     rules: Option<Vec<Rule>>,
     bookmark_interval: Duration,
     check_bound_pods: bool,
+    split_watch_after: Option<String>,
 }
 
 impl ApiServer {
@@ -135,6 +149,7 @@ impl ApiServer {
             rules,
             bookmark_interval: config.bookmark_interval,
             check_bound_pods: config.check_bound_pods,
+            split_watch_after: config.split_watch_after.clone(),
         };
         if let Some(path) = &config.seed {
             server.seed(path)?;
@@ -161,13 +176,13 @@ impl ApiServer {
                 .and_then(Value::as_str)
                 .unwrap_or(if resource.namespaced { "default" } else { "" })
                 .to_string();
-            let wanted_uid = object.pointer("/metadata/uid").cloned();
+            let fixed_uid = object.pointer("/metadata/uid").cloned();
             let created = self
                 .store
                 .create(resource, &namespace, object)
                 .map_err(|error| anyhow::anyhow!("seed object rejected: {}", error.message))?;
             // A seed may fix a pod's UID so that tokens minted for it stay valid.
-            if let Some(uid) = wanted_uid {
+            if let Some(uid) = fixed_uid {
                 let name = created["metadata"]["name"]
                     .as_str()
                     .unwrap_or_default()

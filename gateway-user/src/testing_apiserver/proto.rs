@@ -26,6 +26,8 @@ use serde_json::Value;
 /// Magic prefix of every protobuf body.
 pub const MAGIC: &[u8] = b"k8s\0";
 pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
+/// Content type of a protobuf watch response.
+pub const WATCH_CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf;stream=watch";
 
 const WIRE_VARINT: u64 = 0;
 const WIRE_LEN: u64 = 2;
@@ -158,6 +160,27 @@ pub fn envelope(api_version: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
     put_bytes(&mut out, 3, b"");
     put_bytes(&mut out, 4, b"");
     out
+}
+
+/// Encodes one ConfigMap watch event as a frame of a protobuf watch stream: a 4-byte
+/// big-endian length, then a `WatchEvent` (`type` 1, `object` 2 as a RawExtension whose
+/// `raw` 1 contains the enveloped ConfigMap) in its own envelope.
+///
+/// NOTE: the outer envelope's `apiVersion` is `v1`, not checked against a real server's
+/// bytes. ERROR events are not encoded (a `Status` needs its own message), so a protobuf
+/// watch that falls behind ends without one.
+pub fn watch_event_frame(event_type: &str, object: &Value) -> Vec<u8> {
+    let inner = envelope("v1", "ConfigMap", &encode_config_map(object));
+    let mut raw_extension = Vec::new();
+    put_bytes(&mut raw_extension, 1, &inner);
+    let mut event = Vec::new();
+    put_bytes(&mut event, 1, event_type.as_bytes());
+    put_bytes(&mut event, 2, &raw_extension);
+    let message = envelope("v1", "WatchEvent", &event);
+
+    let mut frame = (message.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&message);
+    frame
 }
 
 #[cfg(test)]

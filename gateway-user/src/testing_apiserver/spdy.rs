@@ -1,6 +1,6 @@
 //! SPDY/3.1 framing, as kubectl's SPDY transport (moby/spdystream) speaks it for exec and
-//! port-forward: the client opens every stream with SYN_STREAM and a `streamType` header,
-//! the server accepts each with SYN_REPLY, and data flows in DATA frames with FIN closing a
+//! port-forward. The client opens every stream with SYN_STREAM and a `streamType` header,
+//! and the server accepts each with SYN_REPLY. Data flows in DATA frames, and FIN closes a
 //! direction.
 //!
 //! # Format
@@ -33,8 +33,8 @@ const MAX_FRAME: usize = 1024 * 1024;
 /// Largest decompressed header block accepted.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
 
-/// The zlib dictionary of SPDY/3 header blocks: the length-prefixed words below, then the
-/// literal tail, as given in the SPDY protocol draft 3, section 2.6.10.1.
+/// Returns the zlib dictionary of SPDY/3 header blocks: the length-prefixed words below,
+/// then the literal tail, as given in the SPDY protocol draft 3, section 2.6.10.1.
 fn dictionary() -> &'static [u8] {
     static DICTIONARY: OnceLock<Vec<u8>> = OnceLock::new();
     DICTIONARY.get_or_init(|| {

@@ -49,12 +49,12 @@ impl ApiError {
         .with_details(resource, name)
     }
 
-    pub fn conflict(resource: &Resource, name: &str, why: &str) -> Self {
+    pub fn conflict(resource: &Resource, name: &str, cause: &str) -> Self {
         Self::new(
             409,
             "Conflict",
             format!(
-                "Operation cannot be fulfilled on {} \"{name}\": {why}",
+                "Operation cannot be fulfilled on {} \"{name}\": {cause}",
                 resource.name
             ),
         )
@@ -110,8 +110,8 @@ impl ApiError {
         )
     }
 
-    /// A path the server does not serve: the real server answers such paths with 404 and the
-    /// body `404 page not found`, but a `Status` is what clients decode.
+    /// Builds the error for a path the server does not serve. The real server returns 404
+    /// with the plain body `404 page not found` there, but clients decode a `Status`.
     pub fn path_not_found() -> Self {
         Self::new(
             404,
@@ -120,7 +120,7 @@ impl ApiError {
         )
     }
 
-    /// The authorizer's denial, worded as the real RBAC authorizer words it.
+    /// Builds the authorizer's denial, worded as the real RBAC authorizer words it.
     pub fn forbidden(
         user: &str,
         verb: &str,
@@ -152,7 +152,7 @@ impl ApiError {
         error
     }
 
-    /// A denial of a non-resource path such as `/api` for an anonymous request.
+    /// Builds the denial of a non-resource path such as `/api` for an anonymous request.
     pub fn forbidden_path(user: &str, verb: &str, path: &str) -> Self {
         Self::new(
             403,

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 
 use super::status::ApiError;
 
-/// Events kept for watches that start from an older `resourceVersion`; a watch from before
+/// Events kept for watches that start from an older `resourceVersion`. A watch from before
 /// the oldest kept event gets 410 Gone, as from a real server after etcd compaction.
 const HISTORY_LIMIT: usize = 4096;
 /// Live events buffered per watcher before it is cut off as too slow.
@@ -118,9 +118,12 @@ pub struct Store {
     events: broadcast::Sender<Arc<Event>>,
 }
 
-/// What a new watch gets: the recorded events it missed, then the live ones.
+/// The start of a new watch: the recorded events it missed, then the live ones.
 #[derive(Debug)]
 pub struct Subscription {
+    /// For a watch from now: the objects of the watched resource at the start, taken under
+    /// the same lock as the subscription, so that no change is lost or sent twice.
+    pub snapshot: Vec<Value>,
     pub backlog: Vec<Arc<Event>>,
     pub live: broadcast::Receiver<Arc<Event>>,
     /// The store's version when the watch started, for the first BOOKMARK.
@@ -277,7 +280,7 @@ impl Store {
                 "the object has been modified; please apply your changes to the latest version and try again",
             ));
         }
-        let kept: Vec<(String, Value)> = ["uid", "creationTimestamp"]
+        let preserved: Vec<(String, Value)> = ["uid", "creationTimestamp"]
             .iter()
             .filter_map(|field| {
                 current
@@ -289,7 +292,7 @@ impl Store {
         inner.resource_version += 1;
         let version = inner.resource_version;
         let metadata = metadata_mut(&mut object);
-        for (field, value) in kept {
+        for (field, value) in preserved {
             metadata.insert(field, value);
         }
         metadata.insert("name".into(), json!(name));
@@ -396,16 +399,29 @@ impl Store {
             inner.history.pop_front();
         }
         inner.history.push_back(event.clone());
-        // No receivers is the normal state when nobody watches.
+        // A send without receivers fails, which is normal while no watch is open.
         let _ = self.events.send(event);
     }
 
     /// Starts a watch from `since` (exclusive): events after it that are still in the
-    /// history come first. `None` starts from now, as `resourceVersion` unset or "0" does
-    /// after the caller sent the current state as ADDED events.
-    pub fn watch(&self, since: Option<u64>) -> Result<Subscription, ApiError> {
+    /// history come first. `None` starts from now with a snapshot of `resource`, which the
+    /// caller sends as ADDED events, as for `resourceVersion` unset or "0".
+    pub fn watch(
+        &self,
+        since: Option<u64>,
+        resource: &'static Resource,
+    ) -> Result<Subscription, ApiError> {
         let inner = self.lock();
         let live = self.events.subscribe();
+        let snapshot = match since {
+            None => inner
+                .objects
+                .iter()
+                .filter(|((kind, _, _), _)| *kind == resource.name)
+                .map(|(_, object)| object.clone())
+                .collect(),
+            Some(_) => Vec::new(),
+        };
         let backlog = match since {
             None => Vec::new(),
             Some(version) => {
@@ -428,6 +444,7 @@ impl Store {
             }
         };
         Ok(Subscription {
+            snapshot,
             backlog,
             live,
             resource_version: inner.resource_version,
@@ -642,7 +659,7 @@ mod tests {
         store
             .create(configmaps(), "default", json!({"metadata": {"name": "b"}}))
             .expect("create b");
-        let subscription = store.watch(Some(version)).expect("watch");
+        let subscription = store.watch(Some(version), configmaps()).expect("watch");
         assert_eq!(subscription.backlog.len(), 1);
         assert_eq!(subscription.backlog[0].object["metadata"]["name"], "b");
     }

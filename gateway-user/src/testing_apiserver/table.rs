@@ -1,4 +1,4 @@
-//! `meta.k8s.io/v1` Table responses, which kubectl asks for on `get` and prints as is: the
+//! `meta.k8s.io/v1` Table responses, which kubectl requests on `get` and prints as is: the
 //! server chooses the columns and formats the cells, as the real server's printers do.
 
 use serde_json::{Value, json};
@@ -41,7 +41,7 @@ pub fn columns(resource: &Resource) -> Value {
     )
 }
 
-/// Builds one row: the cells and, as `includeObject=Metadata` (the default) asks, the
+/// Builds one row: the cells and, as `includeObject=Metadata` (the default) requests, the
 /// object's metadata as a PartialObjectMetadata.
 pub fn row(resource: &Resource, object: &Value) -> Value {
     let name = object

@@ -1,5 +1,5 @@
-//! Service-account tokens in the format a real API server issues for projected volumes:
-//! compact JWS (ES256) whose claims are those of a bound token (`iss`, `sub`, `aud`, `exp`,
+//! Service-account tokens in the format a real API server issues for projected volumes.
+//! They are compact JWS (ES256) whose claims are those of a bound token (`iss`, `sub`, `aud`, `exp`,
 //! `iat`, `nbf`, `jti` and the `kubernetes.io` object naming the namespace, service account,
 //! pod and node). [`TokenIssuer`] mints them for tests; [`TokenVerifier`] checks signature,
 //! issuer, audience and times and maps a token to an [`Identity`].
@@ -26,7 +26,7 @@ pub const DEFAULT_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local
 /// Clock skew allowed when checking `exp` and `nbf`, as the real authenticator allows.
 const LEEWAY_SECONDS: i64 = 60;
 
-/// Why a bearer token was rejected.
+/// Reason a bearer token was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("token is not a compact JWS with three parts")]
@@ -63,7 +63,7 @@ pub enum KeyError {
     Generate { reason: String },
 }
 
-/// What a token says about its holder, as the authenticator maps it.
+/// The identity a token authenticates, as the authenticator maps its claims.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// `system:serviceaccount:NAMESPACE:NAME`.
