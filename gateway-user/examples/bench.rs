@@ -257,7 +257,7 @@ fn kube_comparison(node: &mut TestNode, binaries: &Path, pod: &Pod) -> anyhow::R
         .args(["cert", "issue", "--ca-cert"])
         .arg(&api.ca_cert)
         .arg("--ca-key")
-        .arg(api.ca_cert.with_extension("key"))
+        .arg(&api.ca.key_path)
         .args(["--san", &KUBE_SERVICE_IP.to_string(), "--out-cert"])
         .arg(&serving_cert)
         .arg("--out-key")

@@ -869,15 +869,16 @@ const SERVICE_IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::ne
 
 /// Issues the gateway's serving certificate from the test API server's cluster CA with
 /// `gatewayctl cert issue` and returns the target entry of the daemon config.
-fn kube_target_with_issued_cert(node: &TestNode, ca_cert: &Path) -> String {
-    let ca_key = ca_cert.with_extension("key");
+fn kube_target_with_issued_cert(node: &TestNode, ca: &gateway_user::testing::TestCa) -> String {
+    let ca_cert = &ca.cert_path;
+    let ca_key = &ca.key_path;
     let serving_cert = node.dir.join("gateway-serving.crt");
     let serving_key = node.dir.join("gateway-serving.key");
     let issued = std::process::Command::new(GATEWAYCTL)
         .args(["cert", "issue", "--ca-cert"])
         .arg(ca_cert)
         .arg("--ca-key")
-        .arg(&ca_key)
+        .arg(ca_key)
         .args([
             "--san",
             &SERVICE_IP.to_string(),
@@ -926,7 +927,7 @@ fn kubectl_in_cluster_through_gateway() {
         ..Options::default()
     };
     let api = TestApiServer::start(&node, &server, APISERVER.as_ref(), options);
-    let targets = kube_target_with_issued_cert(&node, &api.ca_cert);
+    let targets = kube_target_with_issued_cert(&node, &api.ca);
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
     text.push_str(
@@ -1076,7 +1077,7 @@ impl InCluster {
             ..Options::default()
         };
         let api = TestApiServer::start(&node, &server, APISERVER.as_ref(), options);
-        let targets = kube_target_with_issued_cert(&node, &api.ca_cert);
+        let targets = kube_target_with_issued_cert(&node, &api.ca);
         let config = node.daemon_config("gatewayd.yaml", "", &targets);
         let mut text = std::fs::read_to_string(&config).expect("read config");
         text.push_str(rules);
