@@ -6,7 +6,10 @@
 //! 3. proxy memory per idle connection: the daemon's resident set before and after holding
 //!    many idle proxied connections;
 //! 4. PostgreSQL through the handler (masking on) and directly: `pgbench -S` and the TPC-B-like
-//!    default, with 1 and 8 clients, as TPS ratios, and the latency one simple query gains.
+//!    default, with 1 and 8 clients, as TPS ratios, and the latency one simple query gains;
+//! 5. the Kubernetes API handler (TLS both legs, masking on): GETs of a 50 KiB ConfigMap list
+//!    from the test API server on one kept-alive connection, through the gateway and directly,
+//!    as the p50 and p99 latency the gateway adds.
 //!
 //! Each figure is the median of several rounds. Results depend on the machine; the README
 //! lists the ones measured and where.
@@ -40,6 +43,10 @@ fn main() -> anyhow::Result<()> {
 
     let mut node = TestNode::new("gateway-bench");
     let pod = node.add_pod("bench-client");
+    // `bench -- kube` runs only the Kubernetes API section.
+    if std::env::args().nth(1).as_deref() == Some("kube") {
+        return kube_comparison(&mut node, &binaries, &pod);
+    }
     let server = node.add_server("bench-server", &[]);
     // Thousands of short connects leave TIME_WAIT sockets, and in a nearly full port range each
     // connect searches for a free port, which swamps the hook's cost. So the pod's namespace
@@ -207,7 +214,153 @@ fn main() -> anyhow::Result<()> {
 
     daemon.stop();
     uninstall(&gatewayd, &config)?;
+
+    kube_comparison(&mut node, &binaries, &pod)?;
     Ok(())
+}
+
+/// ClusterIP the test API server answers on in the Kubernetes benchmark.
+const KUBE_SERVICE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 1);
+/// ConfigMaps in the listed namespace, about 1 KiB each, so the list is about 50 KiB.
+const KUBE_CONFIGMAPS: usize = 50;
+/// GETs per path and round, all on one connection.
+const KUBE_REQUESTS: usize = 1000;
+
+/// Times GETs of a 50 KiB list through the Kubernetes handler and directly, and prints the
+/// added p50 and p99 latency.
+fn kube_comparison(node: &mut TestNode, binaries: &Path, pod: &Pod) -> anyhow::Result<()> {
+    use gateway_user::testing_apiserver::fixture::{Options, TestApiServer};
+
+    let server = node.add_server("bench-api", &[KUBE_SERVICE_IP.into()]);
+    let mut seed = vec![TestApiServer::seed_pod("default", "default", pod)];
+    for index in 0..KUBE_CONFIGMAPS {
+        seed.push(serde_json::json!({
+            "kind": "ConfigMap", "apiVersion": "v1",
+            "metadata": {"name": format!("bench-{index}"), "namespace": "default"},
+            "data": {"payload": "x".repeat(900)},
+        }));
+    }
+    let api = TestApiServer::start(
+        node,
+        &server,
+        &binaries.join("gateway-test-apiserver"),
+        Options {
+            address: Some(KUBE_SERVICE_IP.into()),
+            seed,
+            ..Options::default()
+        },
+    );
+
+    let serving_cert = node.dir.join("bench-serving.crt");
+    let serving_key = node.dir.join("bench-serving.key");
+    let issued = Command::new(binaries.join("gatewayctl"))
+        .args(["cert", "issue", "--ca-cert"])
+        .arg(&api.ca_cert)
+        .arg("--ca-key")
+        .arg(&api.ca.key_path)
+        .args(["--san", &KUBE_SERVICE_IP.to_string(), "--out-cert"])
+        .arg(&serving_cert)
+        .arg("--out-key")
+        .arg(&serving_key)
+        .output()?;
+    anyhow::ensure!(
+        issued.status.success(),
+        "gatewayctl cert issue failed: {}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let targets = format!(
+        "  - name: kubernetes\n    address: {KUBE_SERVICE_IP}\n    port: 443\n    class: kube_api\n\
+         \x20   tls:\n      cert: {}\n      key: {}\n\
+         \x20   upstream_tls:\n      mode: verify-full\n      ca: {}\n",
+        serving_cert.display(),
+        serving_key.display(),
+        api.ca_cert.display()
+    );
+    let config = node.daemon_config("gatewayd-kube.yaml", "", &targets);
+    let gatewayd = binaries.join("gatewayd");
+    let daemon = node.start_daemon(&gatewayd, &config, None);
+
+    let token = api.token_for("default", "default", pod);
+    let url = format!("https://{KUBE_SERVICE_IP}/api/v1/namespaces/default/configmaps");
+    let curl_config = node.dir.join("bench-curl.conf");
+    let mut text = format!(
+        "silent\nshow-error\ncacert = \"{}\"\nheader = \"Authorization: Bearer {token}\"\n\
+         header = \"Accept: application/json\"\n\
+         write-out = \"%{{size_download}} %{{time_starttransfer}} %{{time_total}}\\n\"\n",
+        api.ca_cert.display()
+    );
+    // `output` applies to one URL, so each URL gets its own.
+    for _ in 0..KUBE_REQUESTS {
+        text.push_str(&format!("url = \"{url}\"\noutput = /dev/null\n"));
+    }
+    std::fs::write(&curl_config, text)?;
+
+    // curl runs every URL of its config on one kept-alive connection. The first transfer
+    // carries the TLS handshake, so it is left out.
+    let timings = |through_gateway: bool| -> anyhow::Result<(Vec<f64>, f64)> {
+        let mut command = if through_gateway {
+            node.in_pod(pod, "curl")
+        } else {
+            node.in_node(None, "curl")
+        };
+        let output = command
+            .arg("--http1.1")
+            .arg("-K")
+            .arg(&curl_config)
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut times = Vec::new();
+        let mut size = 0.0;
+        for line in String::from_utf8_lossy(&output.stdout).lines().skip(1) {
+            let fields: Vec<f64> = line
+                .split_whitespace()
+                .filter_map(|field| field.parse().ok())
+                .collect();
+            anyhow::ensure!(
+                fields.len() == 3,
+                "unexpected curl output line {:?}",
+                line.chars().take(80).collect::<String>()
+            );
+            size = fields[0];
+            anyhow::ensure!(size > 40_000.0, "the list is only {size} bytes");
+            times.push(fields[2] * 1000.0);
+        }
+        Ok((times, size))
+    };
+    let (mut direct, size) = timings(false)?;
+    let (mut proxied, _) = timings(true)?;
+    let (direct_p50, direct_p99) = (percentile(&mut direct, 0.5), percentile(&mut direct, 0.99));
+    let (proxied_p50, proxied_p99) = (
+        percentile(&mut proxied, 0.5),
+        percentile(&mut proxied, 0.99),
+    );
+    println!(
+        "\nKubernetes API, GET of a {size}-byte ConfigMap list, {} requests on one HTTP/1.1 connection, masking on:",
+        KUBE_REQUESTS - 1
+    );
+    println!("  direct:  p50 {direct_p50:.3} ms, p99 {direct_p99:.3} ms");
+    println!("  gateway: p50 {proxied_p50:.3} ms, p99 {proxied_p99:.3} ms");
+    println!(
+        "  added:   p50 {:.3} ms, p99 {:.3} ms",
+        proxied_p50 - direct_p50,
+        proxied_p99 - direct_p99
+    );
+
+    daemon.stop();
+    uninstall(&gatewayd, &config)?;
+    Ok(())
+}
+
+/// Returns the value below which `fraction` of `values` lie (nearest rank).
+fn percentile(values: &mut [f64], fraction: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let rank = ((values.len() as f64 * fraction).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
 }
 
 /// Seconds each pgbench run lasts.

@@ -89,6 +89,9 @@ pub struct Config {
     /// Rules that deny SQL statements on `postgres` and `mysql` targets, first match wins.
     #[serde(default)]
     pub sql_rules: Vec<crate::policy::SqlRule>,
+    /// Rules that deny Kubernetes API requests on `kube_api` targets, first match wins.
+    #[serde(default)]
+    pub kube_rules: Vec<crate::policy::KubeRule>,
     #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(default)]
@@ -383,10 +386,11 @@ pub struct TargetConfig {
     pub address: IpAddr,
     pub port: u16,
     pub class: TargetClass,
-    /// Serving certificate to terminate client TLS with (`postgres` targets).
+    /// Serving certificate to terminate client TLS with (`postgres` and `kube_api` targets). A
+    /// `kube_api` target without one is relayed as TCP, with its SNI recorded.
     #[serde(default)]
     pub tls: Option<crate::tls::ServingTls>,
-    /// Encryption of the proxy's connection to the server (`postgres` targets).
+    /// Encryption of the proxy's connection to the server (`postgres` and `kube_api` targets).
     #[serde(default)]
     pub upstream_tls: crate::tls::UpstreamTls,
 }
@@ -660,6 +664,12 @@ impl Config {
             ));
         }
 
+        for (index, rule) in self.kube_rules.iter().enumerate() {
+            if let Err((field, message)) = rule.validate() {
+                return Err(invalid(&format!("kube_rules[{index}].{field}"), message));
+            }
+        }
+
         let mut seen = HashSet::new();
         for (index, target) in self.targets.iter().enumerate() {
             let field = |name: &str| format!("targets[{index}].{name}");
@@ -700,13 +710,24 @@ impl Config {
             }
             let has_tls = target.tls.is_some()
                 || target.upstream_tls.mode != crate::tls::UpstreamTlsMode::Disable;
-            if has_tls && target.class != TargetClass::Postgres {
+            if has_tls && !matches!(target.class, TargetClass::Postgres | TargetClass::KubeApi) {
                 return Err(invalid(
                     &field("tls"),
                     format!(
-                        "TLS settings are supported on postgres targets only, not {}",
+                        "TLS settings are supported on postgres and kube_api targets only, not {}",
                         target.class
                     ),
+                ));
+            }
+            if target.class == TargetClass::KubeApi
+                && target.tls.is_some()
+                && target.upstream_tls.mode == crate::tls::UpstreamTlsMode::Disable
+            {
+                return Err(invalid(
+                    &field("upstream_tls.mode"),
+                    "a kube_api target with a serving certificate needs upstream TLS: the API \
+                     server serves HTTPS only; set verify-full with the cluster CA"
+                        .into(),
                 ));
             }
             if target.upstream_tls.mode == crate::tls::UpstreamTlsMode::VerifyFull

@@ -16,11 +16,14 @@
 //! - `cli`: the larger `gatewayctl` commands (`sessions`);
 //! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
 //! - `tls`: TLS settings of targets, both legs;
+//! - `cert`: issuing serving certificates for `kube_api` targets from a cluster CA;
 //! - `sys`: the only module with unsafe code, wrapping system calls;
-//! - `testing` (feature `testing`): the one-machine test node.
+//! - `testing` (feature `testing`): the one-machine test node;
+//! - `testing_apiserver` (feature `testing`): the stand-in Kubernetes API server of the tests.
 #![deny(unsafe_code)]
 
 pub mod approval;
+pub mod cert;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
@@ -37,6 +40,8 @@ pub mod sql;
 pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "testing")]
+pub mod testing_apiserver;
 pub mod tls;
 
 /// Formats an error with its chain of causes, `outer: inner: innermost`, for log fields.

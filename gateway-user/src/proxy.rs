@@ -69,6 +69,8 @@ pub struct TargetTls {
         Arc<rustls::ClientConfig>,
         rustls::pki_types::ServerName<'static>,
     )>,
+    /// The upstream configuration with the Kubernetes API handler's ALPN offers.
+    kube_upstream: Option<protocol::kube::upstream::UpstreamTls>,
 }
 
 /// Loads every target's TLS material, in configuration order; run before anything is
@@ -80,16 +82,32 @@ pub fn load_target_tls(config: &Config) -> Result<Vec<TargetTls>, ProxyError> {
             let field = format!("targets[{index}].{field}");
             move |source| ProxyError::Tls { field, source }
         };
+        let alpn: &[&[u8]] = match target.class {
+            crate::config::TargetClass::KubeApi => &[
+                protocol::kube::upstream::ALPN_H2,
+                protocol::kube::upstream::ALPN_HTTP1,
+            ],
+            _ => &[crate::tls::ALPN_POSTGRESQL],
+        };
         let server = match &target.tls {
-            Some(serving) => Some(
-                crate::tls::server_config(serving, &[crate::tls::ALPN_POSTGRESQL])
-                    .map_err(tls_error("tls"))?,
-            ),
+            Some(serving) => {
+                Some(crate::tls::server_config(serving, alpn).map_err(tls_error("tls"))?)
+            }
             None => None,
         };
         let upstream = crate::tls::client_config(&target.upstream_tls, target.address)
             .map_err(tls_error("upstream_tls"))?;
-        loaded.push(TargetTls { server, upstream });
+        let kube_upstream = match (&upstream, target.class) {
+            (Some((config, name)), crate::config::TargetClass::KubeApi) => Some(
+                protocol::kube::upstream::UpstreamTls::new(config, name.clone()),
+            ),
+            _ => None,
+        };
+        loaded.push(TargetTls {
+            server,
+            upstream,
+            kube_upstream,
+        });
     }
     Ok(loaded)
 }
@@ -114,6 +132,7 @@ pub struct Proxy {
     /// Cancel keys of the live PostgreSQL sessions.
     postgres_cancels: Arc<CancelRegistry>,
     access: Access,
+    kube_rules: Arc<Vec<crate::policy::KubeRule>>,
     /// Per target, in configuration order.
     target_tls: Vec<TargetTls>,
 }
@@ -138,6 +157,7 @@ impl Proxy {
             target_tls,
             postgres_cancels: Arc::new(CancelRegistry::default()),
             access,
+            kube_rules: Arc::new(config.kube_rules.clone()),
             permits: Arc::new(Semaphore::new(config.proxy.max_connections)),
             config,
             redirect,
@@ -450,7 +470,30 @@ impl Proxy {
                 )
                 .await
             }
-            // The Kubernetes API and MySQL handlers are not built yet: relay their bytes.
+            Ok(gateway_common::TargetClass::KubeApi) => {
+                let context = protocol::kube::KubeContext {
+                    rules: Arc::clone(&self.kube_rules),
+                    mask: MaskPolicy::default(),
+                    server_tls: tls.and_then(|tls| tls.server.clone()),
+                    upstream: protocol::kube::upstream::UpstreamSettings {
+                        addr: destination,
+                        mark: self.config.redirect.mark,
+                        connect_timeout: self.config.proxy.connect_timeout,
+                        tls: tls.and_then(|tls| tls.kube_upstream.clone()),
+                    },
+                    subject: subject.clone(),
+                    idle_timeout: self.config.proxy.idle_timeout,
+                };
+                protocol::kube::run(
+                    client,
+                    upstream,
+                    context,
+                    Arc::clone(record),
+                    self.force_close.clone(),
+                )
+                .await
+            }
+            // The MySQL handler is not built yet: relay its bytes.
             _ => {
                 protocol::tcp::relay(
                     client,
@@ -494,29 +537,39 @@ impl Proxy {
         }
     }
 
-    /// Connects to the original destination with the gateway's mark, so the connect hook lets
-    /// this connection through even if the daemon runs inside the pods' cgroup.
+    /// Connects to the original destination with the gateway's mark.
     async fn connect_upstream(&self, destination: SocketAddr) -> io::Result<TcpStream> {
-        let domain = Domain::for_address(destination);
-        let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-        socket.set_mark(self.config.redirect.mark)?;
-        socket.set_tcp_nodelay(true)?;
-        let socket = TcpSocket::from_std_stream(socket.into());
-        match tokio::time::timeout(
+        connect_marked(
+            destination,
+            self.config.redirect.mark,
             self.config.proxy.connect_timeout,
-            socket.connect(destination),
         )
         .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "timed out after {}",
-                    humantime::format_duration(self.config.proxy.connect_timeout)
-                ),
-            )),
-        }
+    }
+}
+
+/// Connects to `destination` with socket mark `mark`, so the connect hook lets the connection
+/// through even if the daemon runs inside the pods' cgroup. Handlers that open more than the
+/// one upstream connection the proxy made for them use it too.
+pub(crate) async fn connect_marked(
+    destination: SocketAddr,
+    mark: u32,
+    connect_timeout: std::time::Duration,
+) -> io::Result<TcpStream> {
+    let domain = Domain::for_address(destination);
+    let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(connect_timeout, socket.connect(destination)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "timed out after {}",
+                humantime::format_duration(connect_timeout)
+            ),
+        )),
     }
 }
 

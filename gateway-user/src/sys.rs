@@ -428,3 +428,69 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(limit.rlim_cur)
 }
+
+/// Opens a pseudo-terminal pair with `openpty(3)` and returns (controller, terminal), both
+/// close-on-exec.
+pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut controller: libc::c_int = -1;
+    let mut terminal: libc::c_int = -1;
+    // SAFETY: both out-pointers point to live integers; name, termios and winsize may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded, so both descriptors are open and have no other owner.
+    let pair = unsafe {
+        (
+            OwnedFd::from_raw_fd(controller),
+            OwnedFd::from_raw_fd(terminal),
+        )
+    };
+    for fd in [&pair.0, &pair.1] {
+        // SAFETY: fcntl(2) on an open descriptor with an integer argument.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(pair)
+}
+
+/// Sets a terminal's window size (`TIOCSWINSZ`), which sends SIGWINCH to its foreground
+/// process group.
+pub fn set_window_size(terminal: BorrowedFd<'_>, columns: u16, rows: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: columns,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `size` is a live winsize that the ioctl only reads.
+    let ret = unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts a new session and makes standard input its controlling terminal, as a terminal
+/// session's first process needs. Safe to call between `fork` and `exec`: it allocates
+/// nothing.
+pub fn become_terminal_session_leader() -> io::Result<()> {
+    // SAFETY: setsid(2) takes no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ioctl(2) TIOCSCTTY on descriptor 0 with an integer argument.
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

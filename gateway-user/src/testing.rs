@@ -981,6 +981,9 @@ pub fn postgres_bin_dir() -> PathBuf {
 pub struct TestCa {
     /// The CA certificate, for clients to trust.
     pub cert_path: PathBuf,
+    /// The CA's PKCS#8 private key, `<name>-ca.key` beside the certificate, for tools that
+    /// issue from the CA themselves (`gatewayctl cert issue`).
+    pub key_path: PathBuf,
     dir: PathBuf,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
@@ -998,8 +1001,11 @@ impl TestCa {
         let cert = params.self_signed(&key).expect("self-sign CA");
         let cert_path = dir.join(format!("{name}-ca.pem"));
         fs::write(&cert_path, cert.pem()).expect("write CA certificate");
+        let key_path = dir.join(format!("{name}-ca.key"));
+        fs::write(&key_path, key.serialize_pem()).expect("write CA key");
         Self {
             cert_path,
+            key_path,
             dir: dir.to_path_buf(),
             issuer: rcgen::Issuer::new(params, key),
         }

@@ -79,3 +79,122 @@ fn check_rejects_broken_policy() {
     assert!(stderr.contains("policy.yaml:8:"), "{stderr}");
     assert!(stderr.contains("spec.rules[0].action"), "{stderr}");
 }
+
+const GATEWAYCTL: &str = env!("CARGO_BIN_EXE_gatewayctl");
+
+/// Writes a CA certificate and its PKCS#8 key into `dir`.
+fn write_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().expect("generate CA key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kubernetes");
+    let cert = params.self_signed(&key).expect("self-sign CA");
+    let cert_path = dir.join("ca.crt");
+    let key_path = dir.join("ca.key");
+    std::fs::write(&cert_path, cert.pem()).expect("write CA certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write CA key");
+    (cert_path, key_path)
+}
+
+fn cert_issue(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(GATEWAYCTL)
+        .args(["cert", "issue"])
+        .args(args)
+        .output()
+        .expect("run gatewayctl cert issue")
+}
+
+#[test]
+fn cert_issue_signs_for_the_names() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (ca_cert, ca_key) = write_ca(dir.path());
+    let out_cert = dir.path().join("serving.crt");
+    let out_key = dir.path().join("serving.key");
+    let args = [
+        "--ca-cert".as_ref(),
+        ca_cert.as_os_str(),
+        "--ca-key".as_ref(),
+        ca_key.as_os_str(),
+        "--san".as_ref(),
+        "kubernetes.default.svc".as_ref(),
+        "--san".as_ref(),
+        "10.96.0.1".as_ref(),
+        "--out-cert".as_ref(),
+        out_cert.as_os_str(),
+        "--out-key".as_ref(),
+        out_key.as_os_str(),
+    ];
+    let output = cert_issue(&args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let verify = Command::new("openssl")
+        .args(["verify", "-purpose", "sslserver", "-CAfile"])
+        .arg(&ca_cert)
+        .arg(&out_cert)
+        .output()
+        .expect("run openssl verify");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let names = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(&out_cert)
+        .output()
+        .expect("run openssl x509");
+    let names = String::from_utf8_lossy(&names.stdout);
+    assert!(names.contains("DNS:kubernetes.default.svc"), "{names}");
+    assert!(names.contains("IP Address:10.96.0.1"), "{names}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&out_key)
+            .expect("key metadata")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A second run does not replace the files unless asked to.
+    let again = cert_issue(&args);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists; pass --force"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
+#[test]
+fn cert_issue_rejects_pkcs1_ca_key() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (ca_cert, _) = write_ca(dir.path());
+    let rsa_key = dir.path().join("rsa.key");
+    let generated = Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&rsa_key)
+        .arg("2048")
+        .output()
+        .expect("run openssl genrsa");
+    assert!(generated.status.success());
+    let output = cert_issue(&[
+        "--ca-cert".as_ref(),
+        ca_cert.as_os_str(),
+        "--ca-key".as_ref(),
+        rsa_key.as_os_str(),
+        "--san".as_ref(),
+        "kubernetes".as_ref(),
+        "--out-cert".as_ref(),
+        dir.path().join("c.crt").as_os_str(),
+        "--out-key".as_ref(),
+        dir.path().join("c.key").as_os_str(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("invalid CA key"), "{stderr}");
+    assert!(stderr.contains("openssl pkcs8 -topk8"), "{stderr}");
+}

@@ -5,6 +5,8 @@
 //!   recordings.
 //! - `gatewayctl policy check PATH` validates AccessPolicy files; `gatewayctl policy test`
 //!   decides a described request without traffic.
+//! - `gatewayctl cert issue` makes a serving certificate for a `kube_api` target from the
+//!   cluster CA.
 //! - `gatewayctl approvals list | approve ID | deny ID --reason TEXT` answers held requests on
 //!   the daemon's approvals socket.
 
@@ -51,6 +53,39 @@ enum Command {
         socket: PathBuf,
         #[command(subcommand)]
         command: policy_cmd::ApprovalsCommand,
+    },
+    /// Manage serving certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue a serving certificate for the API server's names and addresses, signed by the
+    /// cluster CA, so the gateway can terminate the TLS of pods that trust that CA.
+    Issue {
+        /// PEM certificate of the cluster CA (kubeadm: /etc/kubernetes/pki/ca.crt).
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// PEM PKCS#8 private key of the cluster CA.
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// DNS name or IP address to certify; repeat for each (kubernetes.default.svc,
+        /// the Service ClusterIP, ...).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        out_cert: PathBuf,
+        /// Where to write the new private key (PEM, mode 0600).
+        #[arg(long)]
+        out_key: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = gateway_user::cert::DEFAULT_VALIDITY_DAYS)]
+        days: u32,
+        /// Replace existing output files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -113,6 +148,27 @@ fn run(command: Command) -> anyhow::Result<bool> {
         }
         Command::Approvals { socket, command } => {
             policy_cmd::run_approvals(&socket, command).map(|()| true)
+        }
+        Command::Cert(CertCommand::Issue {
+            ca_cert,
+            ca_key,
+            sans,
+            out_cert,
+            out_key,
+            days,
+            force,
+        }) => {
+            gateway_user::cert::issue(&gateway_user::cert::IssueRequest {
+                ca_cert: &ca_cert,
+                ca_key: &ca_key,
+                sans: &sans,
+                out_cert: &out_cert,
+                out_key: &out_key,
+                validity_days: days,
+                overwrite: force,
+            })?;
+            println!("wrote {} and {}", out_cert.display(), out_key.display());
+            Ok(true)
         }
     }
 }

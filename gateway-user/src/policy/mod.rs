@@ -8,6 +8,7 @@
 //! The configuration file's `sql_rules` predate policies. [`policy_from_sql_rules`] turns them
 //! into an equivalent policy (one deny rule each, mode `enforce`) for daemons without a
 //! `policy.path`; [`judge_sql`] still evaluates them directly for handlers not yet moved over.
+//! The Kubernetes API handler's `kube_rules` (deny only) are judged by [`judge_kube`].
 
 pub mod eval;
 mod index;
@@ -237,6 +238,147 @@ pub fn judge_sql(rules: &[SqlRule], statement: &StatementInfo) -> Decision {
     }
 }
 
+/// A rule that denies the Kubernetes API requests it matches. Every condition given must hold;
+/// an empty list matches any value.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubeRule {
+    /// Name shown to the client in the `Forbidden` status and written to the recording.
+    pub name: String,
+    /// Verbs as the API server derives them (`get`, `list`, `watch`, `create`, ...).
+    #[serde(default)]
+    pub verbs: Vec<String>,
+    /// API groups; `""` is the core group.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Resources, such as `pods` or `secrets`.
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// Subresources, such as `exec`, `attach`, `portforward` or `log`.
+    #[serde(default)]
+    pub subresources: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Object names.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Matches only exec and attach requests whose `stdin` parameter equals this value.
+    #[serde(default)]
+    pub stdin: Option<bool>,
+    /// Matches only exec and attach requests whose `tty` parameter equals this value.
+    #[serde(default)]
+    pub tty: Option<bool>,
+    /// Matches only requests whose bearer token was issued for a pod other than the caller.
+    #[serde(default)]
+    pub token_pod_mismatch: Option<bool>,
+}
+
+/// Verbs a Kubernetes rule may name: the API server's request verbs.
+pub const KUBE_VERBS: &[&str] = &[
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "proxy",
+    // Verbs of non-resource requests (`/healthz`, `/version`) are the lowercase HTTP method.
+    "post",
+    "put",
+    "head",
+    "options",
+];
+
+/// The attributes of one Kubernetes API request that rules can match.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KubeRequestFacts<'a> {
+    pub verb: &'a str,
+    pub group: &'a str,
+    pub resource: &'a str,
+    pub subresource: &'a str,
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// The `stdin` parameter of an exec or attach request; `None` for other requests.
+    pub stdin: Option<bool>,
+    /// The `tty` parameter of an exec or attach request; `None` for other requests.
+    pub tty: Option<bool>,
+    /// Whether the bearer token names a pod other than the caller; `None` when either side is
+    /// unknown.
+    pub token_pod_mismatch: Option<bool>,
+}
+
+impl KubeRule {
+    /// Checks the rule's fields; returns the first problem as (field, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.name.trim().is_empty() {
+            return Err(("name", "must not be empty: denials quote it".to_string()));
+        }
+        if let Some(verb) = self
+            .verbs
+            .iter()
+            .find(|verb| !KUBE_VERBS.contains(&verb.as_str()))
+        {
+            return Err((
+                "verbs",
+                format!(
+                    "unknown verb {verb:?}; known verbs: {}",
+                    KUBE_VERBS.join(", ")
+                ),
+            ));
+        }
+        let has_condition = !(self.verbs.is_empty()
+            && self.groups.is_empty()
+            && self.resources.is_empty()
+            && self.subresources.is_empty()
+            && self.namespaces.is_empty()
+            && self.names.is_empty())
+            || self.stdin.is_some()
+            || self.tty.is_some()
+            || self.token_pod_mismatch.is_some();
+        if !has_condition {
+            return Err((
+                "verbs",
+                "the rule has no condition and would deny every request; name verbs, resources \
+                 or another attribute"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn matches(&self, request: &KubeRequestFacts<'_>) -> bool {
+        let listed = |values: &[String], value: &str| {
+            values.is_empty() || values.iter().any(|wanted| wanted == value)
+        };
+        let flag = |wanted: Option<bool>, actual: Option<bool>| {
+            wanted.is_none_or(|wanted| actual == Some(wanted))
+        };
+        listed(&self.verbs, request.verb)
+            && listed(&self.groups, request.group)
+            && listed(&self.resources, request.resource)
+            && listed(&self.subresources, request.subresource)
+            && listed(&self.namespaces, request.namespace)
+            && listed(&self.names, request.name)
+            && flag(self.stdin, request.stdin)
+            && flag(self.tty, request.tty)
+            && flag(self.token_pod_mismatch, request.token_pod_mismatch)
+    }
+}
+
+/// Judges one Kubernetes API request against the rules in order.
+// NOTE: rules only deny for now. `review` (holding a request for a human approval) belongs
+// here once the AccessPolicy module replaces the configuration file's rules.
+pub fn judge_kube(rules: &[KubeRule], request: &KubeRequestFacts<'_>) -> Decision {
+    match rules.iter().find(|rule| rule.matches(request)) {
+        Some(rule) => Decision::Deny {
+            rule: rule.name.clone(),
+        },
+        None => Decision::Allow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +453,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn kube_rules() -> Vec<KubeRule> {
+        serde_yaml::from_str(
+            "- name: no-interactive-exec\n  verbs: [create]\n  resources: [pods]\n  subresources: [exec]\n  stdin: true\n  tty: true\n\
+             - name: no-stolen-tokens\n  token_pod_mismatch: true\n\
+             - name: no-secret-writes\n  verbs: [create, update, patch]\n  resources: [secrets]\n",
+        )
+        .expect("valid rules")
+    }
+
+    #[test]
+    fn kube_rules_deny_and_allow() {
+        let rules = kube_rules();
+        let exec = KubeRequestFacts {
+            verb: "create",
+            resource: "pods",
+            subresource: "exec",
+            namespace: "default",
+            name: "web",
+            stdin: Some(true),
+            tty: Some(true),
+            ..KubeRequestFacts::default()
+        };
+        assert_eq!(
+            judge_kube(&rules, &exec),
+            Decision::Deny {
+                rule: "no-interactive-exec".into()
+            }
+        );
+        let batch_exec = KubeRequestFacts {
+            tty: Some(false),
+            ..exec
+        };
+        assert_eq!(judge_kube(&rules, &batch_exec), Decision::Allow);
+        let stolen = KubeRequestFacts {
+            verb: "list",
+            resource: "pods",
+            token_pod_mismatch: Some(true),
+            ..KubeRequestFacts::default()
+        };
+        assert_eq!(
+            judge_kube(&rules, &stolen),
+            Decision::Deny {
+                rule: "no-stolen-tokens".into()
+            }
+        );
+        let unknown_token = KubeRequestFacts {
+            token_pod_mismatch: None,
+            ..stolen
+        };
+        assert_eq!(judge_kube(&rules, &unknown_token), Decision::Allow);
+        let secret = KubeRequestFacts {
+            verb: "create",
+            resource: "secrets",
+            ..KubeRequestFacts::default()
+        };
+        assert_eq!(
+            judge_kube(&rules, &secret),
+            Decision::Deny {
+                rule: "no-secret-writes".into()
+            }
+        );
+    }
+
+    #[test]
+    fn kube_rule_validation() {
+        let rules = kube_rules();
+        assert!(rules.iter().all(|rule| rule.validate().is_ok()));
+        let empty: KubeRule = serde_yaml::from_str("name: everything\n").expect("valid YAML");
+        assert_eq!(empty.validate().map_err(|(field, _)| field), Err("verbs"));
+        let typo: KubeRule =
+            serde_yaml::from_str("name: typo\nverbs: [craete]\n").expect("valid YAML");
+        assert_eq!(typo.validate().map_err(|(field, _)| field), Err("verbs"));
     }
 }

@@ -1,0 +1,210 @@
+//! Response bodies on their way to the client: PANs masked in place as each chunk passes, and
+//! the request's record written when the body ends.
+//!
+//! Masking keeps lengths, so `Content-Length` stays true. A chunk is passed on as soon as it
+//! is scanned, apart from a short tail that could still be the start of a PAN; the masker holds
+//! that tail until the next chunk or the end of the body. Watch events end in a newline, so a
+//! watch event is never held back.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use serde_json::{Value, json};
+
+use super::Recording;
+use crate::mask::{MaskPolicy, StreamMasker};
+
+/// The record of one request, written once: when its response body ends, fails or is dropped
+/// (the client went away), or at once for answers the gateway makes itself.
+#[derive(Debug)]
+pub struct RequestLog {
+    record: Recording,
+    /// Attribution, token subject and request body, prepared when the request arrived.
+    fields: Value,
+    started: Instant,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub response_bytes: u64,
+    pub masked: usize,
+    pub error: Option<String>,
+    /// Set once the response body reached its end.
+    complete: bool,
+    written: bool,
+}
+
+impl RequestLog {
+    pub fn new(record: Recording, fields: Value, started: Instant) -> Self {
+        Self {
+            record,
+            fields,
+            started,
+            status: 0,
+            outcome: "allowed",
+            response_bytes: 0,
+            masked: 0,
+            error: None,
+            complete: false,
+            written: false,
+        }
+    }
+
+    /// The event's fields: attribution, token subject, request body.
+    pub fn fields_mut(&mut self) -> &mut Value {
+        &mut self.fields
+    }
+
+    /// Marks the response as fully sent (answers the gateway makes itself, upgrades).
+    pub fn mark_complete(&mut self) {
+        self.complete = true;
+    }
+
+    /// Writes the `kube.request` event.
+    pub fn write(&mut self) {
+        if self.written {
+            return;
+        }
+        self.written = true;
+        let mut fields = std::mem::take(&mut self.fields);
+        if let Value::Object(map) = &mut fields {
+            map.insert("outcome".into(), json!(self.outcome));
+            map.insert("status".into(), json!(self.status));
+            map.insert(
+                "response".into(),
+                json!({
+                    "bytes": self.response_bytes,
+                    "pans_masked": self.masked,
+                    "complete": self.complete,
+                }),
+            );
+            map.insert(
+                "duration_ms".into(),
+                json!(self.started.elapsed().as_millis() as u64),
+            );
+            if let Some(error) = &self.error {
+                map.insert("error".into(), json!(error));
+            }
+        }
+        super::record_event(&self.record, "kube.request", fields);
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        if !self.complete && self.error.is_none() && self.status != 101 {
+            self.error = Some("response not finished: the client closed the stream".into());
+        }
+        self.write();
+    }
+}
+
+/// A response body from the API server with PANs masked.
+#[derive(Debug)]
+pub struct MaskedBody {
+    inner: Incoming,
+    masker: StreamMasker,
+    /// Trailers that arrived while the masker still held bytes; sent after them.
+    pending_trailers: Option<http::HeaderMap>,
+    done: bool,
+    /// Set at the first poll; from then on the inner size hint leaves out held-back bytes.
+    polled: bool,
+    log: RequestLog,
+}
+
+impl MaskedBody {
+    pub fn new(inner: Incoming, policy: MaskPolicy, log: RequestLog) -> Self {
+        Self {
+            inner,
+            masker: StreamMasker::new(policy),
+            pending_trailers: None,
+            done: false,
+            polled: false,
+            log,
+        }
+    }
+
+    fn settle(&mut self, output: Vec<u8>) -> Option<Frame<Bytes>> {
+        self.log.response_bytes += output.len() as u64;
+        (!output.is_empty()).then(|| Frame::data(Bytes::from(output)))
+    }
+}
+
+impl Body for MaskedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        this.polled = true;
+        loop {
+            if let Some(trailers) = this.pending_trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let mut output = Vec::with_capacity(data.len() + 32);
+                        this.log.masked += this.masker.feed(&data, &mut output);
+                        if let Some(frame) = this.settle(output) {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                    }
+                    Err(frame) => {
+                        // Trailers end the body: flush the held-back bytes before them.
+                        let mut output = Vec::new();
+                        this.log.masked += this.masker.finish(&mut output);
+                        this.pending_trailers = frame.into_trailers().ok();
+                        this.done = true;
+                        this.log.complete = true;
+                        if let Some(frame) = this.settle(output) {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                    }
+                },
+                Some(Err(error)) => {
+                    // The held-back tail is dropped with the broken body: it could be half a
+                    // PAN, and the client sees a failed response either way.
+                    this.log.error = Some(format!("upstream body failed: {error}"));
+                    this.done = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => {
+                    let mut output = Vec::new();
+                    this.log.masked += this.masker.finish(&mut output);
+                    this.done = true;
+                    this.log.complete = true;
+                    if let Some(frame) = this.settle(output) {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending_trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Masking keeps lengths, so the upstream's exact length stays exact before the first
+        // chunk. Afterwards the masker may hold bytes the inner body no longer counts.
+        if self.done {
+            SizeHint::with_exact(0)
+        } else if !self.polled {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
+    }
+}

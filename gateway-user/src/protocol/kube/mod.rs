@@ -1,0 +1,866 @@
+//! The Kubernetes API handler, for targets of class `kube_api`.
+//!
+//! With a serving certificate, the gateway terminates the pod's TLS (ALPN `h2` and
+//! `http/1.1`), serves HTTP with hyper and sends each request on to the API server over its
+//! own TLS connection, which verifies the cluster CA. The client's `Authorization` header goes
+//! upstream unchanged, so the API server authenticates and authorizes the pod as before.
+//! Per request the handler attributes the request (`attribution`) and reads the bearer token's
+//! claims (`token`) to check them against the calling pod. It then judges the request against
+//! the rules, returns a denial as a `Status` (`status`), masks PANs in the response (`body`)
+//! and records the request.
+//! Upgrades (exec, attach, port-forward) go upstream over HTTP/1.1 and their streams are
+//! relayed frame by frame (`upgrade`).
+//!
+//! Without a serving certificate the pod's TLS cannot be opened: the connection is relayed as
+//! TCP and the recording holds the server name from the ClientHello and the byte counts.
+//!
+//! No timeout limits a request or an upgraded stream: watches, `logs -f` and idle `exec -it`
+//! sessions stay open as long as both ends do. Only the wait for a request's headers is
+//! limited.
+
+pub mod attribution;
+pub mod body;
+pub mod sni;
+pub mod status;
+pub mod token;
+pub mod upgrade;
+pub mod upstream;
+
+use std::{
+    convert::Infallible,
+    io,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::{body::Incoming, server::conn as server_conn, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, warn};
+
+use self::{
+    attribution::RequestInfo,
+    body::{MaskedBody, RequestLog},
+    status::Status,
+    token::TokenSubject,
+    upgrade::{Direction, Framing, StreamContext},
+    upstream::{TrackedExecutor, Upstream, UpstreamBody, UpstreamSettings},
+};
+use crate::{
+    identity::Subject,
+    mask::{MaskPolicy, mask_in_place},
+    policy::{Decision, KubeRequestFacts, KubeRule, judge_kube},
+    protocol::tcp::RelayResult,
+    record::{Outcome, SessionRecord},
+};
+
+/// The session recording, shared by the session's requests and streams.
+pub type Recording = Arc<Mutex<SessionRecord>>;
+
+/// Largest request header block accepted, the same as Go's `http.DefaultMaxHeaderBytes`
+/// that the API server serves with. Larger ones get `431` and end the connection.
+pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
+/// Time a client has to send a request's headers once it starts one.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request body of a mutating request the gateway buffers for the recording: the API
+/// server's own limit (`--max-request-body-bytes` defaults to 3 MiB), so a body the gateway
+/// refuses would have been refused upstream too.
+pub const MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
+/// Bytes of a request body kept in the recording.
+const MAX_RECORDED_BODY: usize = 64 * 1024;
+/// Time allowed for a client's ClientHello on a target relayed as TCP.
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a Kubernetes API session needs from the proxy.
+#[derive(Debug)]
+pub struct KubeContext {
+    pub rules: Arc<Vec<KubeRule>>,
+    pub mask: MaskPolicy,
+    /// Serving configuration with ALPN `h2` and `http/1.1`; `None` relays the target as TCP.
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    pub upstream: UpstreamSettings,
+    /// The pod that made the connection.
+    pub subject: Subject,
+    /// Idle timeout of the TCP relay used without a serving certificate.
+    pub idle_timeout: Duration,
+}
+
+/// Runs one client connection to its end.
+pub async fn run(
+    client: TcpStream,
+    upstream: TcpStream,
+    context: KubeContext,
+    record: Recording,
+    force_close: CancellationToken,
+) -> RelayResult {
+    let Some(server_tls) = context.server_tls.clone() else {
+        return relay_without_certificate(client, upstream, &context, &record, force_close).await;
+    };
+
+    let counters = Arc::new(ByteCounters::default());
+    let tasks = TaskTracker::new();
+    let session = Arc::new(Session {
+        upstream: Upstream::new(context.upstream.clone(), upstream, tasks.clone()),
+        context,
+        record,
+        tasks: tasks.clone(),
+        force_close: force_close.clone(),
+    });
+
+    let served = tokio::select! {
+        result = serve(session, client, server_tls, &counters) => result,
+        () = force_close.cancelled() => Err(SessionError::Shutdown),
+    };
+
+    // Upgraded streams, HTTP/2 streams and upstream connections still hold the recording.
+    // The upstream connections end now that the session (and so their senders) is gone, and
+    // upgraded streams end with their peers or with `force_close`.
+    tasks.close();
+    tasks.wait().await;
+
+    let (outcome, reason) = match served {
+        Ok(()) => (Outcome::Closed, None),
+        Err(SessionError::Shutdown) => (Outcome::Shutdown, None),
+        Err(error) => (Outcome::Error, Some(crate::error_chain(&error))),
+    };
+    RelayResult {
+        outcome,
+        reason,
+        bytes_from_client: counters.from_client.load(Ordering::Relaxed),
+        bytes_from_upstream: counters.to_client.load(Ordering::Relaxed),
+    }
+}
+
+/// Reason a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("client TLS handshake failed")]
+    ClientTls(#[source] io::Error),
+    #[error("client HTTP connection failed")]
+    ClientHttp(#[source] hyper::Error),
+    #[error("the daemon is shutting down")]
+    Shutdown,
+}
+
+/// State shared by the requests of one session.
+#[derive(Debug)]
+struct Session {
+    context: KubeContext,
+    record: Recording,
+    upstream: Upstream,
+    /// Upgraded streams and HTTP/2 tasks of the session.
+    tasks: TaskTracker,
+    force_close: CancellationToken,
+}
+
+/// Terminates TLS and serves HTTP on the client connection until it closes.
+async fn serve(
+    session: Arc<Session>,
+    client: TcpStream,
+    server_tls: Arc<rustls::ServerConfig>,
+    counters: &Arc<ByteCounters>,
+) -> Result<(), SessionError> {
+    let client = CountingIo {
+        inner: client,
+        counters: Arc::clone(counters),
+    };
+    let stream = TlsAcceptor::from(server_tls)
+        .accept(client)
+        .await
+        .map_err(SessionError::ClientTls)?;
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(upstream::ALPN_H2);
+    let server_name = stream.get_ref().1.server_name().map(str::to_string);
+    record_event(
+        &session.record,
+        "kube.tls",
+        json!({ "alpn": if h2 { "h2" } else { "http/1.1" }, "sni": server_name }),
+    );
+
+    let io = TokioIo::new(stream);
+    let executor = TrackedExecutor(session.tasks.clone());
+    let service = service_fn(move |request| {
+        let session = Arc::clone(&session);
+        async move { Ok::<_, Infallible>(handle(session, request).await) }
+    });
+    let result = if h2 {
+        server_conn::http2::Builder::new(executor)
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .serve_connection(io, service)
+            .await
+    } else {
+        server_conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
+    result.map_err(SessionError::ClientHttp)
+}
+
+/// Response body sent to the client.
+type ClientBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+fn full_body(bytes: Bytes) -> ClientBody {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// Handles one request: attribute, check, decide, forward, mask, record.
+async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<ClientBody> {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let info = attribution::attribute(&parts.method, parts.uri.path(), parts.uri.query());
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| token::decode_bearer(value.as_bytes()));
+    let mismatch = token_pod_mismatch(token.as_ref(), &session.context.subject);
+    if mismatch == Some(true) {
+        record_event(
+            &session.record,
+            "token_pod_mismatch",
+            json!({
+                "token": token,
+                "caller_pod_uid": session.context.subject.pod_uid,
+                "request": &info,
+            }),
+        );
+    }
+
+    let mut fields = json!({
+        "method": parts.method.as_str(),
+        "http_version": format!("{:?}", parts.version),
+        "request": &info,
+        "token": token,
+        "token_pod_mismatch": mismatch,
+    });
+    let mut log = RequestLog::new(Arc::clone(&session.record), Value::Null, started);
+
+    let exec = info.exec.as_ref();
+    let facts = KubeRequestFacts {
+        verb: &info.verb,
+        group: &info.group,
+        resource: &info.resource,
+        subresource: &info.subresource,
+        namespace: &info.namespace,
+        name: &info.name,
+        stdin: exec.map(|exec| exec.stdin),
+        tty: exec.map(|exec| exec.tty),
+        token_pod_mismatch: mismatch,
+    };
+    // The one place a Kubernetes request is decided.
+    if let Decision::Deny { rule } = judge_kube(&session.context.rules, &facts) {
+        fields["rule"] = json!(rule);
+        *log.fields_mut() = fields;
+        log.outcome = "denied";
+        return status_response(&forbidden(&info, &rule), &parts.headers, log);
+    }
+
+    if let Some(protocol) = upgrade_protocol(&parts) {
+        *log.fields_mut() = fields;
+        return match protocol {
+            Ok(framing) => upgrade(session, parts, body, info, framing, log).await,
+            Err(offered) => {
+                log.outcome = "rejected";
+                let status = Status {
+                    code: StatusCode::BAD_REQUEST,
+                    reason: "BadRequest",
+                    message: format!(
+                        "unsupported upgrade protocol {offered:?}: the gateway relays websocket and SPDY/3.1 upgrades"
+                    ),
+                    name: info.name.clone(),
+                    group: info.group.clone(),
+                    kind: info.resource.clone(),
+                };
+                status_response(&status, &parts.headers, log)
+            }
+        };
+    }
+
+    // Mutating requests are read whole, so the recording can hold their (masked) body.
+    let mutating =
+        matches!(info.verb.as_str(), "create" | "update" | "patch") && !info.is_connect();
+    let upstream_body: UpstreamBody = if mutating {
+        match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                fields["request_body"] = recorded_body(&bytes, &session.context.mask);
+                Full::new(bytes)
+                    .map_err(|never: Infallible| match never {})
+                    .boxed_unsync()
+            }
+            Err(error) => {
+                *log.fields_mut() = fields;
+                log.outcome = "rejected";
+                let too_large = error.is::<http_body_util::LengthLimitError>();
+                let status = if too_large {
+                    Status {
+                        code: StatusCode::PAYLOAD_TOO_LARGE,
+                        reason: "RequestEntityTooLarge",
+                        message: format!("request body exceeds the {MAX_REQUEST_BODY}-byte limit"),
+                        name: info.name.clone(),
+                        group: info.group.clone(),
+                        kind: info.resource.clone(),
+                    }
+                } else {
+                    Status {
+                        code: StatusCode::BAD_REQUEST,
+                        reason: "BadRequest",
+                        message: format!("failed to read the request body: {error}"),
+                        name: info.name.clone(),
+                        group: info.group.clone(),
+                        kind: info.resource.clone(),
+                    }
+                };
+                return status_response(&status, &parts.headers, log);
+            }
+        }
+    } else {
+        body.boxed_unsync()
+    };
+    *log.fields_mut() = fields;
+
+    let h2 = session.upstream.uses_h2().await;
+    let upstream_request = upstream_request(&parts, upstream_body, h2, false, &session);
+    match session.upstream.send(upstream_request).await {
+        Ok(response) => client_response(response, &session, &parts.headers, log),
+        Err(error) => {
+            log.outcome = "upstream_failed";
+            log.error = Some(crate::error_chain(&error));
+            warn!(error = %crate::error_chain(&error), "request to the API server failed");
+            let status = Status {
+                code: StatusCode::SERVICE_UNAVAILABLE,
+                reason: "ServiceUnavailable",
+                message: format!("gateway: {}", crate::error_chain(&error)),
+                name: String::new(),
+                group: String::new(),
+                kind: String::new(),
+            };
+            status_response(&status, &parts.headers, log)
+        }
+    }
+}
+
+/// Compares the pod a bound token was issued for with the pod that made the connection.
+/// `None` when either is unknown (an unbound token, a caller outside a pod).
+fn token_pod_mismatch(token: Option<&TokenSubject>, subject: &Subject) -> Option<bool> {
+    let token_pod = token?.pod_uid.as_deref()?;
+    let caller_pod = subject.pod_uid.as_deref()?;
+    Some(!token_pod.eq_ignore_ascii_case(caller_pod))
+}
+
+fn forbidden(info: &RequestInfo, rule: &str) -> Status {
+    let resource = if info.subresource.is_empty() {
+        info.resource.clone()
+    } else {
+        format!("{}/{}", info.resource, info.subresource)
+    };
+    let object = match (resource.is_empty(), info.name.is_empty()) {
+        (true, _) => format!("{} {}", info.verb, info.path),
+        (false, true) => resource.clone(),
+        (false, false) => format!("{resource} {:?}", info.name),
+    };
+    Status {
+        code: StatusCode::FORBIDDEN,
+        reason: "Forbidden",
+        message: format!("{object} is forbidden: denied by node gateway rule {rule:?}"),
+        name: info.name.clone(),
+        group: info.group.clone(),
+        kind: info.resource.clone(),
+    }
+}
+
+/// Builds a response from a `Status` the gateway makes itself and records the request.
+fn status_response(
+    status: &Status,
+    request: &HeaderMap,
+    mut log: RequestLog,
+) -> Response<ClientBody> {
+    let (content_type, body) = status.encode(request);
+    log.status = status.code.as_u16();
+    log.response_bytes = body.len() as u64;
+    log.mark_complete();
+    log.write();
+    let mut response = Response::new(full_body(body));
+    *response.status_mut() = status.code;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    response
+}
+
+/// Headers that belong to one connection and are never forwarded (RFC 9110 section 7.6.1),
+/// plus `Accept-Encoding`, removed so the API server responds uncompressed and every body
+/// can be scanned.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        headers.remove(name);
+    }
+}
+
+/// Builds the request sent upstream: same method, path, query and headers (the
+/// `Authorization` header included), minus hop-by-hop headers and `Accept-Encoding`.
+fn upstream_request(
+    request: &http::request::Parts,
+    body: UpstreamBody,
+    h2: bool,
+    upgrade: bool,
+    session: &Session,
+) -> Request<UpstreamBody> {
+    let path = request
+        .uri
+        .path_and_query()
+        .map_or("/", |path| path.as_str());
+    let authority = request
+        .uri
+        .authority()
+        .map(|authority| authority.as_str().to_string())
+        .or_else(|| {
+            request
+                .headers
+                .get(header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| session.context.upstream.addr.to_string());
+
+    let mut headers = request.headers.clone();
+    let upgrade_headers = if upgrade {
+        (
+            headers.get(header::UPGRADE).cloned(),
+            headers.get(header::CONNECTION).cloned(),
+        )
+    } else {
+        (None, None)
+    };
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::ACCEPT_ENCODING);
+    if let (Some(upgrade), Some(_)) = upgrade_headers {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+
+    let mut builder = Request::builder().method(request.method.clone());
+    if h2 {
+        headers.remove(header::HOST);
+        builder = builder
+            .uri(format!("https://{authority}{path}"))
+            .version(http::Version::HTTP_2);
+    } else {
+        if !headers.contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(&authority)
+        {
+            headers.insert(header::HOST, host);
+        }
+        builder = builder.uri(path).version(http::Version::HTTP_11);
+    }
+    let mut upstream = builder
+        .body(body)
+        .expect("method and URI come from a parsed request");
+    *upstream.headers_mut() = headers;
+    upstream
+}
+
+/// Turns the API server's response into the client's, with the body masked.
+fn client_response(
+    response: Response<Incoming>,
+    session: &Session,
+    request: &HeaderMap,
+    mut log: RequestLog,
+) -> Response<ClientBody> {
+    let (mut parts, body) = response.into_parts();
+    log.status = parts.status.as_u16();
+
+    // `Accept-Encoding` was removed, so a compressed body means a server that ignores it;
+    // it could not be scanned, so it is not passed on.
+    let encoding = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .map(|value| value.as_bytes().to_ascii_lowercase());
+    if encoding.is_some_and(|encoding| encoding != b"identity") {
+        log.outcome = "upstream_failed";
+        log.error = Some("the API server sent a compressed body, which cannot be scanned".into());
+        let status = Status {
+            code: StatusCode::BAD_GATEWAY,
+            reason: "InternalError",
+            message: "gateway: the API server sent a compressed response although none was requested; it was withheld because it could not be scanned for card numbers".into(),
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+        };
+        return status_response(&status, request, log);
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    let body = MaskedBody::new(body, session.context.mask.clone(), log);
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Reads the requested upgrade: `Ok` with the framing for WebSocket and SPDY/3.1,
+/// `Err` with the offered protocol for anything else, `None` for requests that are no
+/// upgrade. HTTP/2 has no `Upgrade`, so only HTTP/1.1 requests are upgrades.
+fn upgrade_protocol(request: &http::request::Parts) -> Option<Result<Framing, String>> {
+    if request.version != http::Version::HTTP_11 {
+        return None;
+    }
+    let connection_upgrade = request
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let offered = request.headers.get(header::UPGRADE)?;
+    if !connection_upgrade {
+        return None;
+    }
+    let offered = String::from_utf8_lossy(offered.as_bytes()).into_owned();
+    if offered.eq_ignore_ascii_case("websocket") {
+        let channels = request
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|protocol| {
+                let protocol = protocol.trim();
+                protocol.ends_with("channel.k8s.io") && !protocol.starts_with("base64")
+                    || protocol == "portforward.k8s.io"
+            });
+        Some(Ok(Framing::WebSocket { channels }))
+    } else if offered.eq_ignore_ascii_case("SPDY/3.1") {
+        Some(Ok(Framing::Spdy))
+    } else {
+        Some(Err(offered))
+    }
+}
+
+/// Sends an upgrade request upstream on a connection of its own. A `101` from the server is
+/// passed on and the two upgraded streams are relayed; any other response (a WebSocket upgrade
+/// an older server refuses, an authorization failure) goes to the client as it is, so kubectl
+/// can fall back to SPDY.
+async fn upgrade(
+    session: Arc<Session>,
+    mut request: http::request::Parts,
+    body: Incoming,
+    info: RequestInfo,
+    framing: Framing,
+    mut log: RequestLog,
+) -> Response<ClientBody> {
+    let Some(client_upgrade) = request.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        log.outcome = "rejected";
+        log.error = Some("the connection cannot be upgraded".into());
+        let status = Status {
+            code: StatusCode::BAD_REQUEST,
+            reason: "BadRequest",
+            message: "the connection cannot be upgraded".into(),
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+        };
+        return status_response(&status, &request.headers, log);
+    };
+    let upstream_request = upstream_request(&request, body.boxed_unsync(), false, true, &session);
+    let mut response = match session.upstream.send_upgrade(upstream_request).await {
+        Ok(response) => response,
+        Err(error) => {
+            log.outcome = "upstream_failed";
+            log.error = Some(crate::error_chain(&error));
+            let status = Status {
+                code: StatusCode::SERVICE_UNAVAILABLE,
+                reason: "ServiceUnavailable",
+                message: format!("gateway: {}", crate::error_chain(&error)),
+                name: String::new(),
+                group: String::new(),
+                kind: String::new(),
+            };
+            return status_response(&status, &request.headers, log);
+        }
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return client_response(response, &session, &request.headers, log);
+    }
+
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    log.status = 101;
+    log.mark_complete();
+    log.write();
+    let protocol = response
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .or_else(|| response.headers().get("x-stream-protocol-version"))
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let record_frames = matches!(info.subresource.as_str(), "exec" | "attach");
+    record_event(
+        &session.record,
+        "stream.open",
+        json!({
+            "subresource": info.subresource,
+            "namespace": info.namespace,
+            "pod": info.name,
+            "command": info.exec.as_ref().map(|exec| &exec.command),
+            "container": info.exec.as_ref().map(|exec| &exec.container),
+            "tty": info.exec.as_ref().map(|exec| exec.tty),
+            "stdin": info.exec.as_ref().map(|exec| exec.stdin),
+            "transport": match framing { Framing::Spdy => "spdy", Framing::WebSocket { .. } => "websocket" },
+            "protocol": protocol,
+        }),
+    );
+
+    let context = StreamContext {
+        framing,
+        mask: session.context.mask.clone(),
+        record: Arc::clone(&session.record),
+        record_frames,
+        opened: Instant::now(),
+    };
+    let force_close = session.force_close.clone();
+    session.tasks.spawn(async move {
+        let (client, server) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok(streams) => streams,
+            Err(error) => {
+                record_event(
+                    &context.record,
+                    "stream.close",
+                    json!({ "error": format!("upgrade failed: {error}") }),
+                );
+                return;
+            }
+        };
+        let relay = relay_upgraded(TokioIo::new(client), TokioIo::new(server), &context);
+        tokio::select! {
+            () = relay => {}
+            () = force_close.cancelled() => {
+                record_event(
+                    &context.record,
+                    "stream.close",
+                    json!({ "error": "closed because the daemon is shutting down" }),
+                );
+            }
+        }
+    });
+
+    let (mut parts, _) = response.into_parts();
+    // The 101 keeps `Upgrade` and `Connection`, because they belong to this hop's response.
+    let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(upgrade_header) = upgrade_header {
+        parts.headers.insert(header::UPGRADE, upgrade_header);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+    Response::from_parts(parts, full_body(Bytes::new()))
+}
+
+async fn relay_upgraded<C, S>(client: C, server: S, context: &StreamContext)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = tokio::io::split(server);
+    let to_server = upgrade::pump(client_read, server_write, Direction::ToServer, context);
+    let to_client = upgrade::pump(server_read, client_write, Direction::ToClient, context);
+    let (to_server, to_client) = tokio::join!(to_server, to_client);
+
+    let error = [&to_server, &to_client]
+        .iter()
+        .find_map(|result| result.as_ref().err().map(|error| crate::error_chain(error)));
+    let totals = |result: &Result<upgrade::DirectionTotals, _>| match result {
+        Ok(totals) => {
+            json!({ "bytes": totals.bytes, "frames": totals.frames, "pans_masked": totals.pans_masked })
+        }
+        Err(_) => Value::Null,
+    };
+    record_event(
+        &context.record,
+        "stream.close",
+        json!({
+            "duration_ms": context.opened.elapsed().as_millis() as u64,
+            "from_client": totals(&to_server),
+            "from_server": totals(&to_client),
+            "error": error,
+        }),
+    );
+}
+
+/// Prepares a request body for the recording: masked, cut at `MAX_RECORDED_BODY`.
+fn recorded_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
+    let kept = &bytes[..bytes.len().min(MAX_RECORDED_BODY)];
+    let mut copy = kept.to_vec();
+    // A PAN cut by the limit at the end is masked as far as it is kept.
+    mask_in_place(&mut copy, mask);
+    json!({
+        "bytes": bytes.len(),
+        "truncated": bytes.len() > kept.len(),
+        "text": String::from_utf8_lossy(&copy),
+    })
+}
+
+/// Relays a target whose TLS cannot be terminated, recording the ClientHello's server name.
+async fn relay_without_certificate(
+    client: TcpStream,
+    upstream: TcpStream,
+    context: &KubeContext,
+    record: &Recording,
+    force_close: CancellationToken,
+) -> RelayResult {
+    let server_name =
+        match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, peek_server_name(&client)).await {
+            Ok(Ok(name)) => name,
+            Ok(Err(error)) => Err(format!("failed to read the ClientHello: {error}")),
+            Err(_) => Err("no complete ClientHello within the timeout".to_string()),
+        };
+    let (sni, note) = match server_name {
+        Ok(name) => (name, None),
+        Err(note) => (None, Some(note)),
+    };
+    record_event(
+        record,
+        "kube.passthrough",
+        json!({
+            "reason": "no serving certificate is configured for this target, so its TLS is relayed unopened: requests are neither attributed nor masked",
+            "sni": sni,
+            "note": note,
+        }),
+    );
+    crate::protocol::tcp::relay(client, upstream, context.idle_timeout, force_close).await
+}
+
+/// Peeks at the client's first TLS record and returns its server name, without consuming
+/// anything, so the relay passes the ClientHello on untouched.
+async fn peek_server_name(client: &TcpStream) -> io::Result<Result<Option<String>, String>> {
+    let mut buffer = vec![0u8; 512];
+    loop {
+        let peeked = client.peek(&mut buffer).await?;
+        if peeked == 0 {
+            return Ok(Err("the client closed before sending a ClientHello".into()));
+        }
+        match sni::parse_client_hello(&buffer[..peeked]) {
+            sni::ClientHello::Parsed { server_name } => return Ok(Ok(server_name)),
+            sni::ClientHello::NotTls => {
+                return Ok(Err("the client did not start with a TLS ClientHello".into()));
+            }
+            sni::ClientHello::Incomplete => {
+                let wanted = sni::first_record_len(&buffer[..peeked]).unwrap_or(buffer.len() * 2);
+                if wanted > buffer.len() {
+                    buffer.resize(wanted, 0);
+                } else {
+                    // The record is not all here yet: wait for more bytes.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Writes one event to the session recording.
+pub(crate) fn record_event(record: &Recording, event: &str, fields: Value) {
+    // NOTE: this writes to the session file on the async thread, as the PostgreSQL handler
+    // does. The recorder's own writer task is to take these writes over.
+    let mut record = record
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(error) = record.event(event, fields) {
+        warn!(error = %crate::error_chain(&error), session = %record.id, "failed to write a session event");
+    } else {
+        debug!(session = %record.id, event, "session event recorded");
+    }
+}
+
+/// Bytes moved on the client connection, counted below TLS.
+#[derive(Debug, Default)]
+struct ByteCounters {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+}
+
+/// The client socket with its bytes counted.
+#[derive(Debug)]
+struct CountingIo {
+    inner: TcpStream,
+    counters: Arc<ByteCounters>,
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.counters
+            .from_client
+            .fetch_add(read as u64, Ordering::Relaxed);
+        result
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = result {
+            self.counters
+                .to_client
+                .fetch_add(written as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

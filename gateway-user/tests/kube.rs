@@ -1,0 +1,1420 @@
+//! The Kubernetes API handler end to end: real `kubectl` and `curl` in a pod namespace, every
+//! connection redirected by the real eBPF programs into `gatewayd`, and an API server upstream
+//! in a server namespace. The serving certificate is made with `gatewayctl cert issue` from
+//! the same cluster CA the pod trusts. Needs root; run with `cargo xtask test`.
+//!
+//! The upstream here is a small HTTP server in this file that returns fixed objects, so each
+//! test controls exactly what the API server sends (a PAN split across two watch chunks, a
+//! protobuf body) and can see what reached it.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    pin::Pin,
+    process::{Output, Stdio},
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use gateway_user::testing::{Pod, Server, TestNode};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    Request, Response,
+    body::{Body, Frame, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject as _;
+use serde_json::Value;
+
+const GATEWAYD: &str = env!("CARGO_BIN_EXE_gatewayd");
+const GATEWAYCTL: &str = env!("CARGO_BIN_EXE_gatewayctl");
+
+const PAN: &str = "4111-1111-1111-1111";
+const MASKED_PAN: &str = "4111-11**-****-1111";
+const API_PORT: u16 = 443;
+
+/// A request as the upstream server saw it.
+#[derive(Clone, Debug)]
+struct SeenRequest {
+    path: String,
+    version: http::Version,
+    authorization: Option<String>,
+    accept_encoding: Option<String>,
+}
+
+/// The upstream API server: a thread inside the server namespace running a hyper server with
+/// TLS from the cluster CA.
+struct Upstream {
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+}
+
+/// A response body fed from a channel, so a handler can send chunks with pauses between.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|chunk| Ok(Frame::data(chunk))))
+    }
+}
+
+type TestBody = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(body: impl Into<Bytes>) -> TestBody {
+    Full::new(body.into()).boxed_unsync()
+}
+
+fn configmap_json() -> String {
+    serde_json::json!({
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {"name": "cards", "namespace": "default", "resourceVersion": "7"},
+        "data": {"card": PAN, "note": "order 1748503543012"},
+    })
+    .to_string()
+}
+
+/// A ConfigMap in Kubernetes protobuf: the `k8s\0` prefix and a `runtime.Unknown` whose raw
+/// message holds the card number as a string field.
+fn configmap_protobuf() -> Vec<u8> {
+    let mut raw = vec![0x12, PAN.len() as u8];
+    raw.extend_from_slice(PAN.as_bytes());
+    let type_meta = b"\x0a\x02v1\x12\x09ConfigMap";
+    let mut body = b"k8s\0".to_vec();
+    body.push(0x0a);
+    body.push(type_meta.len() as u8);
+    body.extend_from_slice(type_meta);
+    body.push(0x12);
+    body.push(raw.len() as u8);
+    body.extend_from_slice(&raw);
+    body
+}
+
+async fn serve_request(
+    request: Request<Incoming>,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+) -> Result<Response<TestBody>, Infallible> {
+    let header = |name: http::header::HeaderName| {
+        request
+            .headers()
+            .get(name)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    seen.lock().expect("seen lock").push(SeenRequest {
+        path: request
+            .uri()
+            .path_and_query()
+            .map(|path| path.to_string())
+            .unwrap_or_default(),
+        version: request.version(),
+        authorization: header(http::header::AUTHORIZATION),
+        accept_encoding: header(http::header::ACCEPT_ENCODING),
+    });
+    let accept = header(http::header::ACCEPT).unwrap_or_default();
+
+    let response = match (request.uri().path(), request.uri().query()) {
+        ("/api/v1/namespaces/default/configmaps/cards", _) if accept.contains("protobuf") => {
+            Response::builder()
+                .header("content-type", "application/vnd.kubernetes.protobuf")
+                .body(full(configmap_protobuf()))
+        }
+        ("/api/v1/namespaces/default/configmaps/cards", _) => Response::builder()
+            .header("content-type", "application/json")
+            .body(full(configmap_json())),
+        ("/api/v1/namespaces/default/configmaps", Some(query)) if query.contains("watch=true") => {
+            // The card number is cut in the middle, and the halves leave as separate chunks.
+            let event = format!(
+                "{{\"type\":\"ADDED\",\"object\":{}}}\n",
+                configmap_json()
+            );
+            let cut = event.find(PAN).expect("event holds the PAN") + 7;
+            let (first, second) = event.split_at(cut);
+            let bookmark = "{\"type\":\"BOOKMARK\",\"object\":{\"kind\":\"ConfigMap\",\"apiVersion\":\"v1\",\"metadata\":{\"resourceVersion\":\"8\"}}}\n";
+            let chunks = [first.to_string(), second.to_string(), bookmark.to_string()];
+            let (sender, receiver) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                for chunk in chunks {
+                    if sender.send(Bytes::from(chunk)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(ChannelBody(receiver).boxed_unsync())
+        }
+        ("/version", _) => Response::builder()
+            .header("content-type", "application/json")
+            .body(full(r#"{"major":"1","minor":"32","gitVersion":"v1.32.0"}"#)),
+        _ => Response::builder()
+            .status(404)
+            .header("content-type", "application/json")
+            .body(full(
+                r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"not found","reason":"NotFound","code":404}"#,
+            )),
+    };
+    Ok(response.expect("valid response"))
+}
+
+/// Starts the upstream API server in `server`'s namespace on port 443.
+fn start_upstream(server: &Server, cert: &Path, key: &Path) -> Upstream {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let netns = std::fs::File::open(Path::new("/var/run/netns").join(&server.netns))
+        .expect("open server namespace");
+    let config = {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+            .expect("read certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("parse certificate");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).expect("read key");
+        #[expect(deprecated, reason = "ring is the provider the gateway builds with")]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    };
+    let addr = SocketAddr::new(server.addr_v4.into(), API_PORT);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread_seen = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        // setns changes only this thread's namespace.
+        gateway_user::sys::setns_net(netns.as_raw_fd()).expect("enter server namespace");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .expect("bind upstream");
+            ready_tx.send(()).expect("report ready");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&config));
+                let seen = Arc::clone(&thread_seen);
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let service =
+                        service_fn(move |request| serve_request(request, Arc::clone(&seen)));
+                    let io = TokioIo::new(stream);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, service)
+                        .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    }
+                });
+            }
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("upstream started");
+    Upstream { seen }
+}
+
+/// The cluster CA: its certificate and PKCS#8 key as files, as a control plane keeps them.
+struct ClusterCa {
+    cert: PathBuf,
+    key: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl ClusterCa {
+    fn new(dir: &Path) -> Self {
+        let key = rcgen::KeyPair::generate().expect("generate CA key");
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kubernetes");
+        let cert = params.self_signed(&key).expect("self-sign CA");
+        let cert_path = dir.join("cluster-ca.crt");
+        let key_path = dir.join("cluster-ca.key");
+        std::fs::write(&cert_path, cert.pem()).expect("write CA certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write CA key");
+        Self {
+            cert: cert_path,
+            key: key_path,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Issues the API server's own certificate.
+    fn issue_apiserver(&self, dir: &Path, names: &[String]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("generate key");
+        let params = rcgen::CertificateParams::new(names.to_vec()).expect("parameters");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let cert_path = dir.join("apiserver.crt");
+        let key_path = dir.join("apiserver.key");
+        std::fs::write(&cert_path, cert.pem()).expect("write certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+}
+
+/// A service-account token bound to `pod` in the real claim layout; the signature is not
+/// checked by this upstream.
+fn bound_token(pod: &Pod) -> String {
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let claims = serde_json::json!({
+        "aud": ["https://kubernetes.default.svc"],
+        "exp": 4_000_000_000u64,
+        "iat": 1_700_000_000u64,
+        "iss": "https://kubernetes.default.svc",
+        "sub": "system:serviceaccount:default:app",
+        "kubernetes.io": {
+            "namespace": "default",
+            "pod": {"name": pod.name, "uid": pod.uid},
+            "serviceaccount": {"name": "app", "uid": "5d0c8c8e-0000-4000-8000-000000000001"},
+        },
+    });
+    format!(
+        "{}.{}.{}",
+        engine.encode(br#"{"alg":"RS256","kid":"test"}"#),
+        engine.encode(claims.to_string()),
+        engine.encode(b"signature")
+    )
+}
+
+struct KubeSetup {
+    node: TestNode,
+    pod: Pod,
+    other_pod: Pod,
+    server: Server,
+    upstream: Upstream,
+    ca: ClusterCa,
+    daemon: Option<gateway_user::testing::Daemon>,
+}
+
+impl Drop for KubeSetup {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(daemon) = &self.daemon
+        {
+            eprintln!("gatewayd log:\n{}", daemon.log());
+        }
+        if let Some(daemon) = self.daemon.take() {
+            daemon.stop();
+        }
+    }
+}
+
+/// A node with two pods, an API server at 10.245.0.2:443 and `gatewayd` terminating TLS for
+/// it with a certificate from `gatewayctl cert issue`; `rules` is appended to the config.
+fn kube_setup(test_name: &str, rules: &str) -> KubeSetup {
+    let mut node = TestNode::new(test_name);
+    let pod = node.add_pod("app");
+    let other_pod = node.add_pod("other");
+    let server = node.add_server("apiserver", &[]);
+    let server_ip = server.addr_v4.to_string();
+
+    let ca = ClusterCa::new(&node.dir);
+    let names = vec![server_ip.clone(), "kubernetes.default.svc".to_string()];
+    let (cert, key) = ca.issue_apiserver(&node.dir, &names);
+    let upstream = start_upstream(&server, &cert, &key);
+
+    let serving_cert = node.dir.join("gateway-serving.crt");
+    let serving_key = node.dir.join("gateway-serving.key");
+    let issued = std::process::Command::new(GATEWAYCTL)
+        .args(["cert", "issue", "--ca-cert"])
+        .arg(&ca.cert)
+        .arg("--ca-key")
+        .arg(&ca.key)
+        .args(["--san", &server_ip, "--san", "kubernetes.default.svc"])
+        .arg("--out-cert")
+        .arg(&serving_cert)
+        .arg("--out-key")
+        .arg(&serving_key)
+        .output()
+        .expect("run gatewayctl cert issue");
+    assert!(
+        issued.status.success(),
+        "gatewayctl cert issue failed: {}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+
+    let targets = format!(
+        "  - name: kubernetes\n    address: {server_ip}\n    port: {API_PORT}\n    class: kube_api\n\
+         \x20   tls:\n      cert: {}\n      key: {}\n\
+         \x20   upstream_tls:\n      mode: verify-full\n      ca: {}\n",
+        serving_cert.display(),
+        serving_key.display(),
+        ca.cert.display()
+    );
+    let config = node.daemon_config("gatewayd.yaml", "", &targets);
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(rules);
+    std::fs::write(&config, text).expect("write config");
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+    KubeSetup {
+        node,
+        pod,
+        other_pod,
+        server,
+        upstream,
+        ca,
+        daemon: Some(daemon),
+    }
+}
+
+impl KubeSetup {
+    /// Writes a kubeconfig for the API server with `token`, as an in-cluster client would
+    /// build it from its service-account volume.
+    fn kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.node.dir.join(format!("{name}.kubeconfig"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: cluster\n  cluster:\n    server: https://{}:{API_PORT}\n    certificate-authority: {}\n\
+             users:\n- name: app\n  user:\n    token: {token}\n\
+             contexts:\n- name: app\n  context:\n    cluster: cluster\n    user: app\n    namespace: default\n\
+             current-context: app\n",
+            self.server.addr_v4,
+            self.ca.cert.display()
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
+    /// Runs kubectl with `args` in `pod` (through the gateway) or in the node (direct).
+    fn kubectl(&self, pod: Option<&Pod>, token: &str, args: &[&str]) -> Output {
+        let kubeconfig = self.kubeconfig("kubectl", token);
+        let mut command = match pod {
+            Some(pod) => self.node.in_pod(pod, "kubectl"),
+            None => self.node.in_node(None, "kubectl"),
+        };
+        command
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", &self.node.dir)
+            .args(["--request-timeout", "20s"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// Runs curl in `pod` against the API server with `args`, trusting the cluster CA.
+    fn curl(&self, pod: &Pod, args: &[&str]) -> Output {
+        self.node
+            .in_pod(pod, "curl")
+            .args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(&self.ca.cert)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl")
+    }
+
+    /// Sends `request` over TLS from the pod with `openssl s_client` and returns the reply.
+    fn raw_tls(&self, request: &[u8]) -> String {
+        let server = SocketAddr::new(self.server.addr_v4.into(), API_PORT);
+        let mut child = self
+            .node
+            .in_pod(&self.pod, "openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-connect",
+                &server.to_string(),
+                "-CAfile",
+            ])
+            .arg(&self.ca.cert)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run openssl s_client");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let request = request.to_vec();
+        // The server may answer and close before it has read everything.
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = stdin.write_all(&request);
+        });
+        let output = child.wait_with_output().expect("wait for openssl s_client");
+        let _ = writer.join();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{}:{API_PORT}{path}", self.server.addr_v4)
+    }
+
+    fn seen(&self) -> Vec<SeenRequest> {
+        self.upstream.seen.lock().expect("seen lock").clone()
+    }
+
+    /// Every recorded event, across sessions, after the daemon stopped.
+    fn stop_and_read_events(&mut self) -> Vec<Value> {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.stop();
+        }
+        self.node.sessions().into_iter().flatten().collect()
+    }
+
+    fn recordings_text(&self) -> String {
+        self.node
+            .session_files()
+            .iter()
+            .map(|path| std::fs::read_to_string(path).expect("read recording"))
+            .collect()
+    }
+}
+
+fn stdout_of(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({:?}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn kube_masks_json_protobuf_and_watch() {
+    let mut setup = kube_setup("kube_masks_json_protobuf_and_watch", "");
+    let token = bound_token(&setup.pod);
+    let path = "/api/v1/namespaces/default/configmaps/cards";
+
+    // JSON through the gateway with real kubectl, and direct for comparison.
+    let through = stdout_of(
+        &setup.kubectl(Some(&setup.pod), &token, &["get", "--raw", path]),
+        "kubectl through the gateway",
+    );
+    let direct = stdout_of(
+        &setup.kubectl(None, &token, &["get", "--raw", path]),
+        "kubectl direct",
+    );
+    assert!(direct.contains(PAN), "direct read is unmasked: {direct}");
+    assert!(!through.contains(PAN), "PAN leaked: {through}");
+    assert_eq!(through.len(), direct.len(), "masking keeps the length");
+    let object: Value = serde_json::from_str(&through).expect("masked body is JSON");
+    assert_eq!(object["data"]["card"], MASKED_PAN);
+    // A 13-digit timestamp passes Luhn but has no card issuer prefix.
+    assert_eq!(object["data"]["note"], "order 1748503543012");
+
+    // Protobuf, as client-go asks for it.
+    let protobuf = setup.curl(
+        &setup.pod,
+        &[
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "Accept: application/vnd.kubernetes.protobuf",
+            &setup.url(path),
+        ],
+    );
+    let body = stdout_of(&protobuf, "curl protobuf").into_bytes();
+    let mut expected = configmap_protobuf();
+    let at = expected
+        .windows(PAN.len())
+        .position(|window| window == PAN.as_bytes())
+        .expect("PAN in fixture");
+    expected[at..at + PAN.len()].copy_from_slice(MASKED_PAN.as_bytes());
+    assert_eq!(body, expected, "protobuf body masked in place");
+
+    // A watch whose event carries the PAN split across two chunks.
+    let watch = setup.curl(
+        &setup.pod,
+        &[
+            "-N",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &setup.url("/api/v1/namespaces/default/configmaps?watch=true"),
+        ],
+    );
+    let events = stdout_of(&watch, "curl watch");
+    let lines: Vec<Value> = events
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("watch event is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{events}");
+    assert_eq!(lines[0]["type"], "ADDED");
+    assert_eq!(lines[0]["object"]["data"]["card"], MASKED_PAN);
+    assert_eq!(lines[1]["type"], "BOOKMARK");
+    assert_eq!(lines[1]["object"]["metadata"]["resourceVersion"], "8");
+
+    // The upstream saw the pod's own token, no compression offer, and HTTP/2 from kubectl.
+    let seen = setup.seen();
+    let proxied: Vec<&SeenRequest> = seen
+        .iter()
+        .filter(|request| {
+            request
+                .path
+                .starts_with("/api/v1/namespaces/default/configmaps")
+        })
+        .collect();
+    assert_eq!(proxied.len(), 4, "{seen:#?}");
+    for request in &proxied {
+        assert_eq!(
+            request.authorization.as_deref(),
+            Some(format!("Bearer {token}").as_str())
+        );
+    }
+    // The second request is kubectl's direct one, which offers gzip.
+    assert_eq!(proxied[1].accept_encoding.as_deref(), Some("gzip"));
+    for index in [0, 2, 3] {
+        assert_eq!(
+            proxied[index].accept_encoding, None,
+            "request {index} through the gateway offered compression"
+        );
+    }
+    assert_eq!(proxied[0].version, http::Version::HTTP_2);
+
+    let text = setup.recordings_text();
+    let events = setup.stop_and_read_events();
+    assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    // kubectl asks for /version first; the configmap requests follow.
+    let requests: Vec<&Value> = events
+        .iter()
+        .filter(|event| {
+            event["event"] == "kube.request" && event["request"]["resource"] == "configmaps"
+        })
+        .collect();
+    assert_eq!(requests.len(), 3, "{requests:#?}");
+    let get = requests[0];
+    assert_eq!(get["request"]["verb"], "get");
+    assert_eq!(get["request"]["resource"], "configmaps");
+    assert_eq!(get["request"]["namespace"], "default");
+    assert_eq!(get["request"]["name"], "cards");
+    assert_eq!(get["status"], 200);
+    assert_eq!(get["outcome"], "allowed");
+    assert_eq!(get["response"]["pans_masked"], 1);
+    assert_eq!(get["token"]["pod_uid"], setup.pod.uid.as_str());
+    assert_eq!(get["token_pod_mismatch"], false);
+    let watch = requests[2];
+    assert_eq!(watch["request"]["verb"], "watch");
+    assert_eq!(watch["response"]["complete"], true);
+}
+
+const DENY_RULES: &str = "kube_rules:
+  - name: no-secret-reads
+    verbs: [get, list, watch]
+    resources: [secrets]
+  - name: no-stolen-tokens
+    token_pod_mismatch: true
+";
+
+#[test]
+fn kube_denies_by_rule_and_stolen_token() {
+    let mut setup = kube_setup("kube_denies_by_rule_and_stolen_token", DENY_RULES);
+    let token = bound_token(&setup.pod);
+
+    // kubectl prints the gateway's Status as an ordinary Forbidden error.
+    let denied = setup.kubectl(
+        Some(&setup.pod),
+        &token,
+        &["get", "--raw", "/api/v1/namespaces/default/secrets/db"],
+    );
+    assert!(!denied.status.success(), "denied read succeeded");
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(stderr.contains("Error from server (Forbidden)"), "{stderr}");
+    assert!(stderr.contains("no-secret-reads"), "{stderr}");
+
+    // The same denial in protobuf when the client prefers it.
+    let protobuf = setup.curl(
+        &setup.pod,
+        &[
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Accept: application/vnd.kubernetes.protobuf, application/json",
+            &setup.url("/api/v1/namespaces/default/secrets/db"),
+        ],
+    );
+    let body = stdout_of(&protobuf, "curl protobuf denial");
+    assert!(body.starts_with("k8s\0"), "{body:?}");
+    assert!(body.ends_with("\n403"), "{body:?}");
+
+    // A token bound to the other pod, used from this one.
+    let stolen = bound_token(&setup.other_pod);
+    let mismatch = setup.curl(
+        &setup.pod,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {stolen}"),
+            &setup.url("/api/v1/namespaces/default/configmaps/cards"),
+        ],
+    );
+    let body = stdout_of(&mismatch, "curl with a stolen token");
+    assert!(body.ends_with("\n403"), "{body}");
+    assert!(body.contains("no-stolen-tokens"), "{body}");
+
+    // The same token from its own pod passes.
+    let own = setup.curl(
+        &setup.other_pod,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {stolen}"),
+            &setup.url("/api/v1/namespaces/default/configmaps/cards"),
+        ],
+    );
+    assert!(stdout_of(&own, "curl with its own token").ends_with("\n200"));
+
+    let upstream_paths: Vec<String> = setup.seen().into_iter().map(|seen| seen.path).collect();
+    assert!(
+        !upstream_paths.iter().any(|path| path.contains("secrets")),
+        "a denied request reached the API server: {upstream_paths:?}"
+    );
+
+    let events = setup.stop_and_read_events();
+    let mismatches: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "token_pod_mismatch")
+        .collect();
+    assert_eq!(mismatches.len(), 1, "{mismatches:#?}");
+    assert_eq!(
+        mismatches[0]["token"]["pod_uid"],
+        setup.other_pod.uid.as_str()
+    );
+    assert_eq!(mismatches[0]["caller_pod_uid"], setup.pod.uid.as_str());
+    let denied: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "kube.request" && event["outcome"] == "denied")
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert_eq!(denied[0]["rule"], "no-secret-reads");
+    assert_eq!(denied[0]["status"], 403);
+    assert_eq!(denied[2]["rule"], "no-stolen-tokens");
+}
+
+#[test]
+fn kube_bad_input_ends_only_its_session() {
+    let mut setup = kube_setup("kube_bad_input_ends_only_its_session", "");
+    let token = bound_token(&setup.pod);
+    let server = SocketAddr::new(setup.server.addr_v4.into(), API_PORT);
+
+    // A TLS record header followed by garbage.
+    let garbage = setup
+        .node
+        .in_pod(&setup.pod, "socat")
+        .args(["-t", "2", "-", &format!("TCP:{server}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(b"\x16\x03\x01\x00\x20not a client hello at all, sorry")?;
+            child.wait_with_output()
+        })
+        .expect("run socat");
+    assert!(
+        garbage.stdout.is_empty() || garbage.stdout[0] == 0x15,
+        "expected nothing or a TLS alert, got {:?}",
+        garbage.stdout
+    );
+
+    // Malformed HTTP inside TLS: hyper answers 400.
+    let malformed = setup.raw_tls(b"GET /version HTTP/1.1\r\nHost\r\n\r\n");
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+
+    // A header block over the limit.
+    let mut huge = b"GET /version HTTP/1.1\r\nHost: kubernetes\r\nX-Padding: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 2 * 1024 * 1024));
+    huge.extend_from_slice(b"\r\n\r\n");
+    let oversized = setup.raw_tls(&huge);
+    assert!(oversized.starts_with("HTTP/1.1 431"), "{oversized}");
+
+    // An upgrade to a protocol the gateway does not relay.
+    let bogus = setup.curl(
+        &setup.pod,
+        &[
+            "--http1.1",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: bogus/9",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &setup.url("/api/v1/namespaces/default/pods/web/exec?command=sh"),
+        ],
+    );
+    let body = stdout_of(&bogus, "curl bogus upgrade");
+    assert!(body.ends_with("\n400"), "{body}");
+    assert!(body.contains("unsupported upgrade protocol"), "{body}");
+
+    // The daemon still serves.
+    let after = stdout_of(
+        &setup.kubectl(Some(&setup.pod), &token, &["get", "--raw", "/version"]),
+        "kubectl after bad input",
+    );
+    assert!(after.contains("v1.32.0"), "{after}");
+
+    let events = setup.stop_and_read_events();
+    let ends: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "session.end")
+        .collect();
+    assert_eq!(ends.len(), 5, "{ends:#?}");
+    let reasons: Vec<String> = ends
+        .iter()
+        .map(|end| end["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        reasons[0].contains("client TLS handshake failed"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("client HTTP connection failed"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("client HTTP connection failed"),
+        "{reasons:?}"
+    );
+    let bogus_request = events
+        .iter()
+        .find(|event| event["event"] == "kube.request" && event["outcome"] == "rejected")
+        .expect("bogus upgrade recorded");
+    assert_eq!(bogus_request["status"], 400);
+}
+
+#[test]
+fn kube_without_certificate_relays_tls() {
+    let mut node = TestNode::new("kube_without_certificate_relays_tls");
+    let pod = node.add_pod("app");
+    let server = node.add_server("apiserver", &[]);
+    let ca = ClusterCa::new(&node.dir);
+    let names = vec![
+        server.addr_v4.to_string(),
+        "kubernetes.default.svc".to_string(),
+    ];
+    let (cert, key) = ca.issue_apiserver(&node.dir, &names);
+    let upstream = start_upstream(&server, &cert, &key);
+    let targets = format!(
+        "  - name: kubernetes\n    address: {}\n    port: {API_PORT}\n    class: kube_api\n",
+        server.addr_v4
+    );
+    let config = node.daemon_config("gatewayd.yaml", "", &targets);
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+
+    // The pod sees the API server's own certificate, unmasked data and all.
+    let output = node
+        .in_pod(&pod, "curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(&ca.cert)
+        .args([
+            "--resolve",
+            &format!("kubernetes.default.svc:{API_PORT}:{}", server.addr_v4),
+            &format!("https://kubernetes.default.svc:{API_PORT}/api/v1/namespaces/default/configmaps/cards"),
+        ])
+        .output()
+        .expect("run curl");
+    let body = stdout_of(&output, "curl through the TCP relay");
+    assert!(body.contains(PAN), "{body}");
+    assert_eq!(upstream.seen.lock().expect("seen lock").len(), 1);
+
+    daemon.stop();
+    let sessions = node.sessions();
+    assert_eq!(sessions.len(), 1);
+    let passthrough = sessions[0]
+        .iter()
+        .find(|event| event["event"] == "kube.passthrough")
+        .expect("passthrough event");
+    assert_eq!(passthrough["sni"], "kubernetes.default.svc");
+    let end = sessions[0]
+        .iter()
+        .find(|event| event["event"] == "session.end")
+        .expect("session end");
+    assert!(end["bytes"]["from_upstream"].as_u64().unwrap_or(0) > body.len() as u64);
+}
+
+const APISERVER: &str = env!("CARGO_BIN_EXE_gateway-test-apiserver");
+/// ClusterIP of the `kubernetes` Service in a default cluster.
+const SERVICE_IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 1));
+
+/// Issues the gateway's serving certificate from the test API server's cluster CA with
+/// `gatewayctl cert issue` and returns the target entry of the daemon config.
+fn kube_target_with_issued_cert(node: &TestNode, ca: &gateway_user::testing::TestCa) -> String {
+    let ca_cert = &ca.cert_path;
+    let ca_key = &ca.key_path;
+    let serving_cert = node.dir.join("gateway-serving.crt");
+    let serving_key = node.dir.join("gateway-serving.key");
+    let issued = std::process::Command::new(GATEWAYCTL)
+        .args(["cert", "issue", "--ca-cert"])
+        .arg(ca_cert)
+        .arg("--ca-key")
+        .arg(ca_key)
+        .args([
+            "--san",
+            &SERVICE_IP.to_string(),
+            "--san",
+            "kubernetes.default.svc",
+        ])
+        .arg("--out-cert")
+        .arg(&serving_cert)
+        .arg("--out-key")
+        .arg(&serving_key)
+        .output()
+        .expect("run gatewayctl cert issue");
+    assert!(
+        issued.status.success(),
+        "gatewayctl cert issue failed: {}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    format!(
+        "  - name: kubernetes\n    address: {SERVICE_IP}\n    port: {API_PORT}\n    class: kube_api\n\
+         \x20   tls:\n      cert: {}\n      key: {}\n\
+         \x20   upstream_tls:\n      mode: verify-full\n      ca: {}\n",
+        serving_cert.display(),
+        serving_key.display(),
+        ca_cert.display()
+    )
+}
+
+#[test]
+fn kubectl_in_cluster_through_gateway() {
+    use gateway_user::testing_apiserver::fixture::{Options, TestApiServer};
+
+    let mut node = TestNode::new("kubectl_in_cluster_through_gateway");
+    let pod = node.add_pod("client");
+    let server = node.add_server("api", &[SERVICE_IP]);
+    let options = Options {
+        address: Some(SERVICE_IP),
+        seed: vec![
+            TestApiServer::seed_pod("default", "default", &pod),
+            serde_json::json!({"kind": "ConfigMap", "apiVersion": "v1",
+                "metadata": {"name": "cards", "namespace": "default"},
+                "data": {"card": PAN}}),
+            serde_json::json!({"kind": "Secret", "apiVersion": "v1",
+                "metadata": {"name": "keep", "namespace": "default"},
+                "data": {"k": "dg=="}}),
+        ],
+        ..Options::default()
+    };
+    let api = TestApiServer::start(&node, &server, APISERVER.as_ref(), options);
+    let targets = kube_target_with_issued_cert(&node, &api.ca);
+    let config = node.daemon_config("gatewayd.yaml", "", &targets);
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(
+        "kube_rules:\n  - name: keep-the-keep-secret\n    verbs: [delete]\n    resources: [secrets]\n    names: [keep]\n\
+         \x20 - name: no-interactive-exec\n    verbs: [create]\n    resources: [pods]\n    subresources: [exec]\n    stdin: true\n    tty: true\n",
+    );
+    std::fs::write(&config, text).expect("write config");
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+
+    let token = api.token_for("default", "default", &pod);
+    let service_account = api.service_account_dir("client", &token, "default");
+    let home = node.dir.join("home");
+    let kubectl = |args: &[&str]| {
+        api.kubectl(&node, &pod, &service_account, &home)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    };
+    let ok = |args: &[&str]| {
+        let output = kubectl(args);
+        assert!(
+            output.status.success(),
+            "kubectl {args:?} failed: {}\ngatewayd log:\n{}\napiserver log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            daemon.log(),
+            api.log()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let pods = ok(&["get", "pods"]);
+    assert!(
+        pods.lines().any(|line| line.starts_with("client ")),
+        "{pods}"
+    );
+    let pods_json: Value =
+        serde_json::from_str(&ok(&["get", "pods", "-o", "json"])).expect("pod list JSON");
+    assert_eq!(pods_json["items"][0]["metadata"]["uid"], pod.uid.as_str());
+
+    let cards: Value = serde_json::from_str(&ok(&["get", "configmap", "cards", "-o", "json"]))
+        .expect("configmap JSON");
+    assert_eq!(cards["data"]["card"], MASKED_PAN);
+
+    assert!(
+        ok(&[
+            "create",
+            "configmap",
+            "new-card",
+            &format!("--from-literal=pan={PAN}")
+        ])
+        .contains("configmap/new-card created")
+    );
+    assert!(
+        ok(&["create", "secret", "generic", "s1", "--from-literal=k=v"])
+            .contains("secret/s1 created")
+    );
+    assert!(ok(&["delete", "secret", "s1"]).contains("secret \"s1\" deleted"));
+
+    let denied = kubectl(&["delete", "secret", "keep"]);
+    assert!(!denied.status.success());
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(stderr.contains("Error from server (Forbidden)"), "{stderr}");
+    assert!(stderr.contains("keep-the-keep-secret"), "{stderr}");
+    assert!(ok(&["get", "secret", "keep", "-o", "name"]).contains("secret/keep"));
+
+    for websockets in TRANSPORTS {
+        // kubectl drops `-t` without a terminal, so `script` gives it one.
+        let denied_exec = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &node,
+            &pod,
+            &service_account,
+            &home,
+            api.address,
+            api.port,
+            "script",
+        )
+        .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+        .stdin(Stdio::piped())
+        .output()
+        .expect("run kubectl exec -it");
+        assert!(!denied_exec.status.success(), "websockets={websockets}");
+        // `script` puts kubectl's standard error on the terminal, so on its output.
+        let stderr = String::from_utf8_lossy(&denied_exec.stdout);
+        assert!(
+            stderr.contains("Forbidden") && stderr.contains("no-interactive-exec"),
+            "websockets={websockets}: {stderr}"
+        );
+    }
+
+    daemon.stop();
+    let text: String = node
+        .session_files()
+        .iter()
+        .map(|path| std::fs::read_to_string(path).expect("read recording"))
+        .collect();
+    assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    let events: Vec<Value> = node.sessions().into_iter().flatten().collect();
+    let create = events
+        .iter()
+        .find(|event| {
+            event["event"] == "kube.request"
+                && event["request"]["verb"] == "create"
+                && event["request"]["resource"] == "configmaps"
+        })
+        .expect("configmap create recorded");
+    assert_eq!(create["status"], 201);
+    let body = create["request_body"]["text"]
+        .as_str()
+        .expect("request body text");
+    assert!(body.contains(MASKED_PAN), "{body}");
+    assert_eq!(create["token_pod_mismatch"], false);
+    let delete = events
+        .iter()
+        .find(|event| {
+            event["event"] == "kube.request"
+                && event["outcome"] == "denied"
+                && event["request"]["verb"] == "delete"
+        })
+        .expect("denied delete recorded");
+    assert_eq!(delete["request"]["verb"], "delete");
+    assert_eq!(delete["request"]["name"], "keep");
+}
+
+/// A node whose pod runs kubectl in-cluster against the test API server through `gatewayd`.
+struct InCluster {
+    node: TestNode,
+    pod: Pod,
+    server: Server,
+    api: gateway_user::testing_apiserver::fixture::TestApiServer,
+    service_account: PathBuf,
+    home: PathBuf,
+    daemon: Option<gateway_user::testing::Daemon>,
+}
+
+impl InCluster {
+    fn new(test_name: &str, rules: &str) -> Self {
+        use gateway_user::testing_apiserver::fixture::{Options, TestApiServer};
+
+        let mut node = TestNode::new(test_name);
+        let pod = node.add_pod("client");
+        let server = node.add_server("api", &[SERVICE_IP]);
+        let options = Options {
+            address: Some(SERVICE_IP),
+            seed: vec![TestApiServer::seed_pod("default", "default", &pod)],
+            ..Options::default()
+        };
+        let api = TestApiServer::start(&node, &server, APISERVER.as_ref(), options);
+        let targets = kube_target_with_issued_cert(&node, &api.ca);
+        let config = node.daemon_config("gatewayd.yaml", "", &targets);
+        let mut text = std::fs::read_to_string(&config).expect("read config");
+        text.push_str(rules);
+        std::fs::write(&config, text).expect("write config");
+        let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+        let token = api.token_for("default", "default", &pod);
+        let service_account = api.service_account_dir("client", &token, "default");
+        let home = node.dir.join("home");
+        Self {
+            node,
+            pod,
+            server,
+            api,
+            service_account,
+            home,
+            daemon: Some(daemon),
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> std::process::Command {
+        let mut command =
+            self.api
+                .kubectl(&self.node, &self.pod, &self.service_account, &self.home);
+        command.args(args);
+        command
+    }
+
+    fn events(&mut self) -> Vec<Value> {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.stop();
+        }
+        self.node.sessions().into_iter().flatten().collect()
+    }
+}
+
+impl Drop for InCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(daemon) = &self.daemon {
+                eprintln!("gatewayd log:\n{}", daemon.log());
+            }
+            eprintln!("apiserver log:\n{}", self.api.log());
+        }
+    }
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Both exec transports of kubectl 1.32: WebSocket (its default) and SPDY/3.1.
+const TRANSPORTS: [&str; 2] = ["true", "false"];
+
+#[test]
+fn kubectl_exec_through_gateway() {
+    use std::io::{Read as _, Write as _};
+
+    let mut cluster = InCluster::new("kubectl_exec_through_gateway", "");
+    for websockets in TRANSPORTS {
+        // Piped input comes back through `cat`, masked on its way out.
+        let mut child = cluster
+            .kubectl(&["exec", "-i", "client", "--", "cat"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kubectl exec");
+        let mut input = format!("card {PAN}\n").into_bytes();
+        input.extend((0..100_000u32).map(|i| b'a' + (i % 26) as u8));
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let writer = {
+            let input = input.clone();
+            std::thread::spawn(move || stdin.write_all(&input))
+        };
+        let mut output = Vec::new();
+        child
+            .stdout
+            .take()
+            .expect("piped stdout")
+            .read_to_end(&mut output)
+            .expect("read exec output");
+        writer.join().expect("writer thread").expect("write stdin");
+        let status = child.wait().expect("wait for kubectl");
+        assert!(status.success(), "websockets={websockets}: {status}");
+        assert_eq!(output.len(), input.len(), "websockets={websockets}");
+        let expected = String::from_utf8_lossy(&input).replace(PAN, MASKED_PAN);
+        assert!(
+            String::from_utf8_lossy(&output) == expected,
+            "websockets={websockets}: output is not the masked input"
+        );
+
+        let exit = cluster
+            .kubectl(&["exec", "client", "--", "sh", "-c", "exit 3"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl exec");
+        assert_eq!(
+            exit.status.code(),
+            Some(3),
+            "websockets={websockets}: {}",
+            stderr_of(&exit)
+        );
+
+        let split = cluster
+            .kubectl(&["exec", "client", "--", "sh", "-c", "echo out; echo err >&2"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl exec");
+        assert!(
+            split.status.success(),
+            "websockets={websockets}: {}",
+            stderr_of(&split)
+        );
+        assert_eq!(String::from_utf8_lossy(&split.stdout), "out\n");
+        assert_eq!(stderr_of(&split), "err\n");
+
+        // A terminal session, typed into through `script`.
+        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &cluster.node,
+            &cluster.pod,
+            &cluster.service_account,
+            &cluster.home,
+            cluster.api.address,
+            cluster.api.port,
+            "script",
+        );
+        command
+            .args([
+                "-qec",
+                "stty rows 30 cols 100; exec kubectl exec -it client -- sh",
+                "/dev/null",
+            ])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start kubectl exec -it");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(b"stty size; echo $((6*7)); tty\nexit 4\n")
+            .expect("type into the terminal");
+        let output = child.wait_with_output().expect("wait for kubectl");
+        drop(stdin);
+        let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        assert!(
+            lines.iter().any(|line| line.ends_with("30 100")),
+            "websockets={websockets}: {text}"
+        );
+        assert!(
+            lines.iter().any(|line| line.starts_with("/dev/pts/")),
+            "websockets={websockets}: no terminal in {text}"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(4),
+            "websockets={websockets}: {text}"
+        );
+    }
+
+    let text: String = cluster
+        .node
+        .session_files()
+        .iter()
+        .map(|path| std::fs::read_to_string(path).expect("read recording"))
+        .collect();
+    let events = cluster.events();
+    assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    let opens: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "stream.open")
+        .collect();
+    assert_eq!(opens.len(), 8, "{opens:#?}");
+    assert_eq!(opens[0]["command"], serde_json::json!(["cat"]));
+    assert_eq!(opens[0]["transport"], "websocket");
+    assert_eq!(opens[4]["transport"], "spdy");
+    assert_eq!(opens[3]["tty"], true);
+    for stream in ["stdin", "stdout"] {
+        let frame = events.iter().find(|event| {
+            event["event"] == "stream.frame"
+                && event["stream"] == stream
+                && event["data"]
+                    .as_str()
+                    .is_some_and(|data| data.contains(MASKED_PAN))
+        });
+        assert!(frame.is_some(), "no {stream} frame with the masked PAN");
+    }
+    let stderr_frame = events.iter().any(|event| {
+        event["event"] == "stream.frame" && event["stream"] == "stderr" && event["data"] == "err\n"
+    });
+    assert!(stderr_frame, "no stderr frame recorded");
+}
+
+#[test]
+fn kubectl_port_forward_through_gateway() {
+    const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
+    let cluster = InCluster::new("kubectl_port_forward_through_gateway", "");
+    let mut echo = cluster.node.in_server(&cluster.server, TESTPEER);
+    echo.args(["serve", "--listen", "127.0.0.1:8080"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _echo = gateway_user::testing::ChildGuard(echo.spawn().expect("start the echo server"));
+
+    for (index, websockets) in TRANSPORTS.iter().enumerate() {
+        let local_port = 18080 + index;
+        let mut forward =
+            cluster.kubectl(&["port-forward", "pod/client", &format!("{local_port}:8080")]);
+        forward
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut forward =
+            gateway_user::testing::ChildGuard(forward.spawn().expect("start port-forward"));
+        let stdout = forward.0.stdout.take().expect("piped stdout");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let ready = format!("Forwarding from 127.0.0.1:{local_port}");
+        assert!(
+            lines.any(|line| line.is_ok_and(|line| line.contains(&ready))),
+            "port-forward did not start"
+        );
+
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                cluster
+                    .node
+                    .in_pod(&cluster.pod, TESTPEER)
+                    .args([
+                        "client",
+                        "--connect",
+                        &format!("127.0.0.1:{local_port}"),
+                        "--bytes",
+                        "300000",
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("start a client")
+            })
+            .collect();
+        for client in clients {
+            let output = client.wait_with_output().expect("wait for a client");
+            assert!(
+                output.status.success(),
+                "websockets={websockets}: {}",
+                stderr_of(&output)
+            );
+        }
+    }
+}
+
+#[test]
+fn kubectl_watch_through_gateway_after_quiet_minute() {
+    let cluster = InCluster::new("kubectl_watch_through_gateway_after_quiet_minute", "");
+    let mut watch = cluster.kubectl(&["get", "configmaps", "-w", "-o", "name"]);
+    watch
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut watch = gateway_user::testing::ChildGuard(watch.spawn().expect("start kubectl -w"));
+    let stdout = watch.0.stdout.take().expect("piped stdout");
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // No configmap exists yet, so the watch prints nothing until one is created. Longer than
+    // a minute of silence is where proxies with idle or request timeouts cut a watch.
+    std::thread::sleep(Duration::from_secs(65));
+    assert!(
+        lines.try_recv().is_err(),
+        "the watch printed before any change"
+    );
+    let created = cluster
+        .kubectl(&["create", "configmap", "late", "--from-literal=a=b"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl create");
+    assert!(created.status.success(), "{}", stderr_of(&created));
+    // A generous bound that only fails a watch that is stuck or cut.
+    let line = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the watch reports the new configmap");
+    assert_eq!(line, "configmap/late");
+}
+
+#[test]
+fn websocket_upgrade_refusal_passes_through() {
+    let cluster = InCluster::new("websocket_upgrade_refusal_passes_through", "");
+    let token = std::fs::read_to_string(cluster.service_account.join("token")).expect("read token");
+    let script =
+        "exec curl -sS --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \"$@\"";
+    let output = gateway_user::testing_apiserver::fixture::in_cluster_command(
+        &cluster.node,
+        &cluster.pod,
+        &cluster.service_account,
+        &cluster.home,
+        cluster.api.address,
+        cluster.api.port,
+        "sh",
+    )
+    .args(["-c", script, "curl"])
+    .args([
+        "--http1.1",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "-H",
+        "Sec-WebSocket-Protocol: bogus.example",
+        "-w",
+        "\n%{http_code}",
+        &format!(
+            "https://{SERVICE_IP}:{API_PORT}/api/v1/namespaces/default/pods/client/exec?command=true&stdout=true"
+        ),
+    ])
+    .stdin(Stdio::null())
+    .output()
+    .expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("body and status code");
+    assert_eq!(code, "400", "{text}");
+    let status: Value = serde_json::from_str(body).expect("a Status body");
+    assert_eq!(status["reason"], "BadRequest");
+}
