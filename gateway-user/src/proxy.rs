@@ -473,6 +473,15 @@ impl Proxy {
             Ok(gateway_common::TargetClass::KubeApi) => {
                 let context = protocol::kube::KubeContext {
                     rules: Arc::clone(&self.kube_rules),
+                    access: Some(protocol::kube::KubeAccess {
+                        policy: Arc::clone(&self.access.policy),
+                        approvals: Arc::clone(&self.access.approvals),
+                        subject: policy_subject(subject),
+                        target: crate::policy::Target {
+                            class: crate::config::TargetClass::KubeApi,
+                            name: target.name.clone(),
+                        },
+                    }),
                     mask: MaskPolicy::default(),
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream: protocol::kube::upstream::UpstreamSettings {

@@ -18,6 +18,7 @@
 //! sessions stay open as long as both ends do. Only the wait for a request's headers is
 //! limited.
 
+mod access;
 pub mod attribution;
 pub mod body;
 pub mod sni;
@@ -89,6 +90,8 @@ const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct KubeContext {
     pub rules: Arc<Vec<KubeRule>>,
+    /// The AccessPolicy and approvals broker, with the subject and target in policy terms.
+    pub access: Option<KubeAccess>,
     pub mask: MaskPolicy,
     /// Serving configuration with ALPN `h2` and `http/1.1`; `None` relays the target as TCP.
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
@@ -97,6 +100,15 @@ pub struct KubeContext {
     pub subject: Subject,
     /// Idle timeout of the TCP relay used without a serving certificate.
     pub idle_timeout: Duration,
+}
+
+/// What the handler needs to ask the AccessPolicy and hold requests for review.
+#[derive(Clone, Debug)]
+pub struct KubeAccess {
+    pub policy: Arc<crate::policy::PolicyStore>,
+    pub approvals: Arc<crate::approval::Broker>,
+    pub subject: crate::policy::Subject,
+    pub target: crate::policy::Target,
 }
 
 /// Runs one client connection to its end.
@@ -266,12 +278,29 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
         tty: exec.map(|exec| exec.tty),
         token_pod_mismatch: mismatch,
     };
-    // The one place a Kubernetes request is decided.
-    if let Decision::Deny { rule } = judge_kube(&session.context.rules, &facts) {
+    // The one place a Kubernetes request is decided: the configuration's rules, then the
+    // AccessPolicy, which may hold the request for review.
+    let denial = match judge_kube(&session.context.rules, &facts) {
+        Decision::Deny { rule } => Some((rule, None)),
+        Decision::Allow => match &session.context.access {
+            Some(access) => {
+                access::decide(access, &session.record, &info, mismatch == Some(true)).await
+            }
+            None => None,
+        },
+    };
+    if let Some((rule, detail)) = denial {
         fields["rule"] = json!(rule);
+        if let Some(detail) = &detail {
+            fields["reason"] = json!(detail);
+        }
         *log.fields_mut() = fields;
         log.outcome = "denied";
-        return status_response(&forbidden(&info, &rule), &parts.headers, log);
+        let mut status = forbidden(&info, &rule);
+        if let Some(detail) = detail {
+            status.message = format!("{} ({detail})", status.message);
+        }
+        return status_response(&status, &parts.headers, log);
     }
 
     if let Some(protocol) = upgrade_protocol(&parts) {
