@@ -467,11 +467,11 @@ impl Config {
             }
             let has_tls = target.tls.is_some()
                 || target.upstream_tls.mode != crate::tls::UpstreamTlsMode::Disable;
-            if has_tls && target.class != TargetClass::Postgres {
+            if has_tls && !matches!(target.class, TargetClass::Postgres | TargetClass::Mysql) {
                 return Err(invalid(
                     &field("tls"),
                     format!(
-                        "TLS settings are supported on postgres targets only, not {}",
+                        "TLS settings are supported on postgres and mysql targets only, not {}",
                         target.class
                     ),
                 ));

@@ -32,6 +32,7 @@ use crate::{
     mask::MaskPolicy,
     protocol,
     protocol::{
+        mysql::MysqlContext,
         postgres::{PostgresContext, cancel::CancelRegistry},
         tcp::RelayResult,
     },
@@ -80,11 +81,15 @@ pub fn load_target_tls(config: &Config) -> Result<Vec<TargetTls>, ProxyError> {
             let field = format!("targets[{index}].{field}");
             move |source| ProxyError::Tls { field, source }
         };
+        // MySQL clients start TLS inside the protocol and send no ALPN.
+        let alpn: &[&[u8]] = match target.class {
+            crate::config::TargetClass::Postgres => &[crate::tls::ALPN_POSTGRESQL],
+            _ => &[],
+        };
         let server = match &target.tls {
-            Some(serving) => Some(
-                crate::tls::server_config(serving, &[crate::tls::ALPN_POSTGRESQL])
-                    .map_err(tls_error("tls"))?,
-            ),
+            Some(serving) => {
+                Some(crate::tls::server_config(serving, alpn).map_err(tls_error("tls"))?)
+            }
             None => None,
         };
         let upstream = crate::tls::client_config(&target.upstream_tls, target.address)
@@ -393,7 +398,24 @@ impl Proxy {
                 )
                 .await
             }
-            // The Kubernetes API and MySQL handlers are not built yet: relay their bytes.
+            Ok(gateway_common::TargetClass::Mysql) => {
+                let context = MysqlContext {
+                    rules: Arc::clone(&self.sql_rules),
+                    mask: MaskPolicy::default(),
+                    idle_timeout: self.config.proxy.idle_timeout,
+                    server_tls: tls.and_then(|tls| tls.server.clone()),
+                    upstream_tls: tls.and_then(|tls| tls.upstream.clone()),
+                };
+                protocol::mysql::run(
+                    client,
+                    upstream,
+                    context,
+                    Arc::clone(record),
+                    self.force_close.clone(),
+                )
+                .await
+            }
+            // The Kubernetes API handler is not built yet: relay its bytes.
             _ => {
                 protocol::tcp::relay(
                     client,

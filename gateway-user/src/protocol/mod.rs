@@ -1,8 +1,8 @@
 //! Protocol handlers, one per target class. Each takes the accepted client connection and the
 //! upstream connection and runs the session to its end.
 //!
-//! The Kubernetes API and MySQL classes are relayed byte for byte until their own handlers
-//! land.
+//! The Kubernetes API class is relayed byte for byte until its own handler lands.
 
+pub mod mysql;
 pub mod postgres;
 pub mod tcp;
