@@ -14,6 +14,11 @@
 //! - `pg-script --connect ADDR --script FILE`: a raw PostgreSQL client for protocol tests.
 //! - `pg-driver --connect ADDR ...`: a tokio-postgres scenario (prepared statements,
 //!   pipelining, 20 MiB values, COPY both ways).
+//! - `mysql-raw --connect ADDR --scenario NAME`: a raw MySQL client for protocol tests and the
+//!   point-select benchmark (see `mysql`).
+
+#[path = "testpeer/mysql.rs"]
+mod mysql;
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
@@ -100,6 +105,25 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         copy_mib: usize,
     },
+    /// Log in to a MySQL server as a user without a password, run a scenario (`sizes`,
+    /// `prepared`, `results`, `binary-rows`, `denied`, `garbage-handshake`, `too-long`,
+    /// `eof-mid-packet`, `point-select`) and print one JSON object.
+    MysqlRaw {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "rawuser")]
+        user: String,
+        #[arg(long, default_value = "payments")]
+        database: String,
+        #[arg(long)]
+        scenario: String,
+        /// Ask for CLIENT_DEPRECATE_EOF (result sets end with OK instead of EOF).
+        #[arg(long)]
+        deprecate_eof: bool,
+        /// Duration of `point-select`, in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,6 +153,14 @@ fn main() -> anyhow::Result<()> {
             password,
             copy_mib,
         } => pg_driver::run(connect, &user, &password, copy_mib),
+        Command::MysqlRaw {
+            connect,
+            user,
+            database,
+            scenario,
+            deprecate_eof,
+            seconds,
+        } => mysql::run(connect, &user, &database, &scenario, deprecate_eof, seconds),
     }
 }
 

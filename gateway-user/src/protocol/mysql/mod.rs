@@ -707,14 +707,24 @@ impl Session<'_> {
                 .deny(&payload, Pending::new(shown, info, Vec::new()), &rule)
                 .await;
         }
+        // `USE db` as a statement changes the database like COM_INIT_DB does.
+        let used_database = match &infos[..] {
+            [info] if info.kind == "use" => used_database(text),
+            _ => None,
+        };
         let pending = statements_or_empty(infos)
             .into_iter()
             .map(|info| Pending::new(shown.clone(), info, Vec::new()))
             .collect();
         self.send_server(0, &payload.data).await?;
         self.to_server.flush().await.map_err(server_error)?;
-        self.relay_results(payload.last_seq, false, pending, None)
-            .await
+        let succeeded = self
+            .relay_results(payload.last_seq, false, pending, None)
+            .await?;
+        if succeeded && let Some(database) = used_database {
+            self.login.database = database;
+        }
+        Ok(())
     }
 
     async fn prepare(&mut self, payload: Payload) -> Result<(), SessionEnd> {
@@ -803,7 +813,8 @@ impl Session<'_> {
         self.send_server(0, &payload.data).await?;
         self.to_server.flush().await.map_err(server_error)?;
         self.relay_results(payload.last_seq, true, VecDeque::from([pending]), Some(id))
-            .await
+            .await?;
+        Ok(())
     }
 
     /// Streams COM_STMT_SEND_LONG_DATA to the server. It has no answer, and its data is
@@ -997,14 +1008,15 @@ impl Session<'_> {
     /// Relays the answer to a command that returns result sets: one or more of OK, ERR or a
     /// result set, chained by `SERVER_MORE_RESULTS_EXISTS`. `last_seq` is the command's last
     /// sequence id. Each statement in `pending` takes one answer in order, except that a CALL
-    /// takes its procedure's result sets up to the OK that ends it.
+    /// takes its procedure's result sets up to the OK that ends it. Returns whether the answer
+    /// ended without an ERR.
     async fn relay_results(
         &mut self,
         last_seq: u8,
         binary: bool,
         mut pending: VecDeque<Pending>,
         statement_id: Option<u32>,
-    ) -> Result<(), SessionEnd> {
+    ) -> Result<bool, SessionEnd> {
         let mut expected = last_seq.wrapping_add(1);
         loop {
             let first = self.read_server(CONTROL_LIMIT, &mut expected).await?;
@@ -1026,7 +1038,8 @@ impl Session<'_> {
                 }
                 Some(ERR_HEADER) => {
                     let failed = pending.pop_front();
-                    return self.forward_error(first, failed, Some(pending)).await;
+                    self.forward_error(first, failed, Some(pending)).await?;
+                    return Ok(false);
                 }
                 Some(NULL_MARKER) => {
                     return Err(server_error(PacketError::Malformed {
@@ -1089,7 +1102,7 @@ impl Session<'_> {
                                 for rest in pending {
                                     self.record_statement(&rest, "not_executed", None);
                                 }
-                                return Ok(());
+                                return Ok(false);
                             }
                         }
                     };
@@ -1104,7 +1117,7 @@ impl Session<'_> {
                 for statement in pending {
                     self.record_statement(&statement, "not_executed", None);
                 }
-                return Ok(());
+                return Ok(true);
             }
             // Let the client see each result set as soon as it is complete.
             if self.server.buffered() == 0 {
@@ -1333,6 +1346,19 @@ fn statements_or_empty(infos: Vec<StatementInfo>) -> Vec<StatementInfo> {
     }
 }
 
+/// Reads the database name of a `USE name` statement, unquoted.
+fn used_database(text: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(text);
+    let rest = text.trim().get(3..)?;
+    let name = rest.trim().trim_end_matches(';').trim();
+    let name = name
+        .strip_prefix('`')
+        .and_then(|quoted| quoted.strip_suffix('`'))
+        .map(|quoted| quoted.replace("``", "`"))
+        .unwrap_or_else(|| name.to_string());
+    (!name.is_empty()).then_some(name)
+}
+
 /// Reads the status of an OK packet (also the `0xfe` OK that ends a result set under
 /// `CLIENT_DEPRECATE_EOF`): header, affected rows, last insert id, status flags, warnings.
 fn parse_ok(data: &[u8]) -> Result<Status, PacketError> {
@@ -1436,6 +1462,16 @@ mod tests {
             shown.ends_with(&format!("({} bytes in all)", long.len())),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn use_statement_database_read() {
+        assert_eq!(used_database(b"USE payments").as_deref(), Some("payments"));
+        assert_eq!(
+            used_database(b" use `odd``name` ;").as_deref(),
+            Some("odd`name")
+        );
+        assert_eq!(used_database(b"USE"), None);
     }
 
     #[test]
