@@ -322,8 +322,10 @@ fn mysql_point_selects(
     };
     let direct = run(node.in_node(None, testpeer))?;
     let proxied = run(node.in_pod(pod, testpeer))?;
-    println!("
-MySQL point selects, 8 connections, {POINT_SELECT_SECONDS} s per run, masking on:");
+    println!(
+        "
+MySQL point selects, 8 connections, {POINT_SELECT_SECONDS} s per run, masking on:"
+    );
     println!(
         "  direct {direct:.0} q/s, handler {proxied:.0} q/s (ratio {:.3})",
         proxied / direct

@@ -163,7 +163,7 @@ impl Client {
             match reply.body.first() {
                 Some(0x00) => return Ok(client),
                 Some(0xff) => anyhow::bail!("login failed: {}", err_message(&reply.body)),
-                // An auth switch or more data: the account has no password, so the answer is empty.
+                // An auth switch or more data: the account has no password, so the reply is empty.
                 _ => {
                     client.write_payload(reply.seq.wrapping_add(1), &[])?;
                 }
@@ -184,7 +184,7 @@ impl Client {
         self.read_answers(false)
     }
 
-    /// Reads answers chained by `SERVER_MORE_RESULTS_EXISTS`.
+    /// Reads the results chained by `SERVER_MORE_RESULTS_EXISTS`.
     fn read_answers(&mut self, binary: bool) -> anyhow::Result<Vec<Answer>> {
         let mut answers = Vec::new();
         loop {
@@ -419,7 +419,7 @@ fn binary_row(body: &[u8], columns: &[(String, u8, u16)]) -> anyhow::Result<Vec<
     Ok(values)
 }
 
-/// JSON form of answers: text values as strings, binary INT and BIGINT values as numbers.
+/// Converts results to JSON: text values as strings, binary INT and BIGINT values as numbers.
 fn answers_json(answers: &[Answer]) -> Value {
     Value::Array(
         answers

@@ -3,7 +3,7 @@
 //! card numbers in what the server sends back. MariaDB servers speak the same protocol.
 //!
 //! After authentication the classic protocol is strictly request and response: the client
-//! sends one command, the server answers it completely, and only then comes the next command.
+//! sends one command, the server sends its whole response, and only then comes the next command.
 //! The session therefore runs as one loop that reads a command, judges and forwards it, and
 //! relays the server's whole answer, so a response is always paired with the command it
 //! answers. A client that sends its next command early only waits in the socket buffer.
@@ -278,7 +278,7 @@ async fn session(
         .map_err(client_error)?;
     client.flush().await.map_err(client_error)?;
 
-    // The client answers with an SSL request or its handshake response.
+    // The client replies with an SSL request or its handshake response.
     let Some(first) = read_exact_packet(&mut client, &counters.from_client)
         .await
         .map_err(client_error)?
@@ -700,11 +700,11 @@ impl Session<'_> {
     async fn query(&mut self, payload: Payload) -> Result<(), SessionEnd> {
         let text = &payload.data[1..];
         let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Mysql);
-        let shown = recorded_text(text, &self.context.mask);
+        let masked_text = recorded_text(text, &self.context.mask);
         if let Some(rule) = self.judge(&infos) {
             let info = infos.first().cloned().unwrap_or_default();
             return self
-                .deny(&payload, Pending::new(shown, info, Vec::new()), &rule)
+                .deny(&payload, Pending::new(masked_text, info, Vec::new()), &rule)
                 .await;
         }
         // `USE db` as a statement changes the database like COM_INIT_DB does.
@@ -714,7 +714,7 @@ impl Session<'_> {
         };
         let pending = statements_or_empty(infos)
             .into_iter()
-            .map(|info| Pending::new(shown.clone(), info, Vec::new()))
+            .map(|info| Pending::new(masked_text.clone(), info, Vec::new()))
             .collect();
         self.send_server(0, &payload.data).await?;
         self.to_server.flush().await.map_err(server_error)?;
@@ -730,14 +730,14 @@ impl Session<'_> {
     async fn prepare(&mut self, payload: Payload) -> Result<(), SessionEnd> {
         let text = &payload.data[1..];
         let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Mysql);
-        let shown = recorded_text(text, &self.context.mask);
+        let masked_text = recorded_text(text, &self.context.mask);
         let info = statements_or_empty(infos.clone())
             .into_iter()
             .next()
             .unwrap_or_default();
         if let Some(rule) = self.judge(&infos) {
             return self
-                .deny(&payload, Pending::new(shown, info, Vec::new()), &rule)
+                .deny(&payload, Pending::new(masked_text, info, Vec::new()), &rule)
                 .await;
         }
         self.send_server(0, &payload.data).await?;
@@ -746,7 +746,7 @@ impl Session<'_> {
         let mut expected = payload.last_seq.wrapping_add(1);
         let reply = self.read_server(CONTROL_LIMIT, &mut expected).await?;
         if reply.data.first() == Some(&ERR_HEADER) {
-            let pending = Pending::new(shown, info, Vec::new());
+            let pending = Pending::new(masked_text, info, Vec::new());
             return self.forward_error(reply, Some(pending), None).await;
         }
         // OK: status 0x00, statement id u32, columns u16, parameters u16, filler, warnings.
@@ -773,7 +773,7 @@ impl Session<'_> {
         self.statements.insert(
             id,
             Prepared {
-                text: shown,
+                text: masked_text,
                 info,
                 param_count: params,
                 ..Prepared::default()
@@ -1413,11 +1413,11 @@ fn recorded_text(text: &[u8], mask: &MaskPolicy) -> String {
     masker.feed(window, &mut out);
     masker.finish(&mut out);
     out.truncate(RECORDED_TEXT_LIMIT);
-    let mut shown = String::from_utf8_lossy(&out).into_owned();
+    let mut masked_text = String::from_utf8_lossy(&out).into_owned();
     if text.len() > RECORDED_TEXT_LIMIT {
-        shown.push_str(&format!("... ({} bytes in all)", text.len()));
+        masked_text.push_str(&format!("... ({} bytes in all)", text.len()));
     }
-    shown
+    masked_text
 }
 
 fn record_event(record: &Recording, event: &str, fields: Value) {
@@ -1455,12 +1455,12 @@ mod tests {
         );
         let mut long = vec![b'x'; RECORDED_TEXT_LIMIT - 8];
         long.extend_from_slice(b"4111111111111111");
-        let shown = recorded_text(&long, &policy);
-        assert!(shown.contains("411111**"), "{shown}");
-        assert!(!shown.contains("41111111"), "{shown}");
+        let masked_text = recorded_text(&long, &policy);
+        assert!(masked_text.contains("411111**"), "{masked_text}");
+        assert!(!masked_text.contains("41111111"), "{masked_text}");
         assert!(
-            shown.ends_with(&format!("({} bytes in all)", long.len())),
-            "{shown}"
+            masked_text.ends_with(&format!("({} bytes in all)", long.len())),
+            "{masked_text}"
         );
     }
 

@@ -359,7 +359,11 @@ impl RowMasker {
     /// masker for the next row.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         self.masked += self.text.finish(out);
-        out.append(&mut self.gathered);
+        // Prefix bytes were written as they came; only a fixed-size value is held back whole.
+        if matches!(self.state, State::Fixed { .. }) {
+            out.extend_from_slice(&self.gathered);
+        }
+        self.gathered.clear();
         self.column = 0;
         self.state = if self.binary {
             State::RowHeader
@@ -556,6 +560,19 @@ mod tests {
         let bigint = i64::from_le_bytes(masked[19..27].try_into().expect("8 bytes"));
         assert_eq!(bigint, 4111110000001111);
         assert_eq!(&masked[27..31], &42i32.to_le_bytes());
+    }
+
+    #[test]
+    fn cut_off_rows_keep_their_length() {
+        // Rows that end inside a length prefix or a fixed-size value.
+        let cases: [(&[Column], bool, &[u8]); 3] = [
+            (&[STRING; 6], false, &[0x01, 0xfd, 0xfd, 0xfd]),
+            (&[BIGINT, STRING], true, &[0x00, 0x00, 1, 2, 3]),
+            (&[STRING], true, &[0x00, 0x00, 0xfe, 1, 2]),
+        ];
+        for (columns, binary, row) in cases {
+            mask_all_splits(columns, binary, row);
+        }
     }
 
     #[test]
