@@ -595,3 +595,82 @@ fn tls_terminated_and_upstream_verified() {
     );
     assert!(startups.iter().all(|s| s["upstream_tls"] == true));
 }
+
+/// Runs the mysql_async scenario in the pod (through the gateway) or in the node (direct).
+fn driver(setup: &MySetup, through_gateway: bool) -> Value {
+    let mut command = if through_gateway {
+        setup.node.in_pod(&setup.pod, TESTPEER)
+    } else {
+        setup.node.in_node(None, TESTPEER)
+    };
+    let output = command
+        .args(["mysql-driver", "--connect", &setup.mariadb.addr.to_string()])
+        .args(["--user", "gateway", "--password", MARIADB_PASSWORD])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mysql-driver");
+    assert!(
+        output.status.success(),
+        "mysql-driver failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("mysql-driver prints JSON")
+}
+
+#[test]
+fn rust_driver_matches_direct() {
+    let setup = my_setup("rust_driver_matches_direct");
+    card_table(&setup.mariadb);
+    // Directly, the DROP runs, so the table is put back for the proxied run.
+    let direct = driver(&setup, false);
+    assert_eq!(direct["denied"], "ran");
+    card_table_again(&setup.mariadb);
+    let through = driver(&setup, true);
+
+    assert_eq!(through["denied"]["code"], 1142, "{through}");
+    assert_eq!(through["denied"]["state"], "42000");
+    assert!(
+        through["denied"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no-drop")),
+        "{through}"
+    );
+    // The table still exists, and the connection still runs queries.
+    assert_eq!(through["after_denied"], 1);
+    assert_eq!(direct["after_denied"], 0);
+    for field in [
+        "reused",
+        "big_param",
+        "big_value_len",
+        "big_value_all_x",
+        "call_sets",
+        "after_call",
+    ] {
+        assert_eq!(through[field], direct[field], "{field}");
+    }
+    assert_eq!(through["big_param"], 20 * 1024 * 1024);
+    assert_eq!(through["call_sets"], json!([1, 1, 3, 1]));
+
+    // Rows match except for the masked card numbers.
+    assert_eq!(
+        direct["text_rows"][0],
+        json!([1, "4111111111111111", "4111111111111111", "visa"])
+    );
+    assert_eq!(
+        through["text_rows"][0],
+        json!([1, "411111******1111", "411111******1111", "visa"]),
+        "{through}"
+    );
+    assert_eq!(
+        through["binary_rows"][0],
+        json!([1, "411111******1111", 4111110000001111i64, "visa"])
+    );
+    assert_eq!(through["binary_rows"][4], direct["binary_rows"][4]);
+    assert_eq!(through["text_rows"][4], direct["text_rows"][4]);
+}
+
+/// Recreates the card table after a direct run dropped it.
+fn card_table_again(mariadb: &Mariadb) {
+    mariadb.admin_sql("DROP PROCEDURE payments.four_results");
+    card_table(mariadb);
+}

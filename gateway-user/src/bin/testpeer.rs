@@ -16,6 +16,8 @@
 //!   pipelining, 20 MiB values, COPY both ways).
 //! - `mysql-raw --connect ADDR --scenario NAME`: a raw MySQL client for protocol tests and the
 //!   point-select benchmark (see `mysql`).
+//! - `mysql-driver --connect ADDR ...`: a mysql_async scenario (text and binary rows, cached
+//!   prepared statements, 20 MiB values, a procedure's result sets, a denied statement).
 
 #[path = "testpeer/mysql.rs"]
 mod mysql;
@@ -124,6 +126,16 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Run a fixed scenario with the mysql_async driver (see `mysql::driver`) and print one
+    /// JSON object with what each step returned.
+    MysqlDriver {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -161,6 +173,11 @@ fn main() -> anyhow::Result<()> {
             deprecate_eof,
             seconds,
         } => mysql::run(connect, &user, &database, &scenario, deprecate_eof, seconds),
+        Command::MysqlDriver {
+            connect,
+            user,
+            password,
+        } => mysql::driver::run(connect, &user, &password),
     }
 }
 

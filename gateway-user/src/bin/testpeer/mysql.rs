@@ -783,3 +783,99 @@ fn point_select(
     let elapsed = started.elapsed().as_secs_f64();
     Ok(json!({ "queries": total, "seconds": elapsed, "qps": total as f64 / elapsed }))
 }
+
+/// A scenario run with mysql_async, an ordinary Rust driver: text and binary result rows,
+/// cached prepared statements, 20 MiB values both ways, a procedure's result sets, and a denied
+/// statement followed by a working one. Prints one JSON object with what each step returned.
+pub mod driver {
+    use std::net::SocketAddr;
+
+    use mysql_async::{Conn, OptsBuilder, Row, prelude::*};
+    use serde_json::{Value, json};
+
+    const BIG: usize = 20 * 1024 * 1024;
+
+    pub fn run(addr: SocketAddr, user: &str, password: &str) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let result = runtime.block_on(scenario(addr, user, password))?;
+        println!("{result}");
+        Ok(())
+    }
+
+    async fn scenario(addr: SocketAddr, user: &str, password: &str) -> anyhow::Result<Value> {
+        let opts = OptsBuilder::default()
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
+            .user(Some(user))
+            .pass(Some(password))
+            .db_name(Some("payments"))
+            .prefer_socket(false);
+        let mut conn = Conn::new(opts).await?;
+
+        // Text rows carry numbers as text, and a masked number is no longer one.
+        let text_rows: Vec<(i32, String, Option<String>, String)> = conn
+            .query("SELECT id, card_text, card_number, note FROM cards ORDER BY id")
+            .await?;
+        let binary_rows: Vec<(i32, String, Option<i64>, String)> = conn
+            .exec(
+                "SELECT id, card_text, card_number, note FROM cards WHERE id >= ? ORDER BY id",
+                (1,),
+            )
+            .await?;
+        // The driver caches the statement, so the second call is an execute alone.
+        let mut reused = Vec::new();
+        for id in [2, 5] {
+            let note: Option<String> = conn
+                .exec_first("SELECT note FROM cards WHERE id = ?", (id,))
+                .await?;
+            reused.push(note);
+        }
+
+        let big_param: Option<i64> = conn
+            .exec_first("SELECT LENGTH(?)", ("x".repeat(BIG),))
+            .await?;
+        let big_value: Option<Vec<u8>> = conn
+            .exec_first("SELECT REPEAT('x', ?)", (BIG as i64,))
+            .await?;
+        let big_value = big_value.unwrap_or_default();
+
+        let mut sets = Vec::new();
+        let mut call = conn.query_iter("CALL four_results()").await?;
+        while !call.is_empty() {
+            let rows: Vec<Row> = call.collect().await?;
+            sets.push(rows.len());
+        }
+        drop(call);
+        let after_call: Option<i64> = conn.query_first("SELECT 42").await?;
+
+        let denied = match conn.query_drop("DROP TABLE cards").await {
+            Ok(()) => json!("ran"),
+            Err(mysql_async::Error::Server(error)) => {
+                json!({ "code": error.code, "state": error.state, "message": error.message })
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let after_denied: Option<i64> = conn
+            .query_first(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = 'payments' AND table_name = 'cards'",
+            )
+            .await?;
+        conn.disconnect().await?;
+
+        Ok(json!({
+            "text_rows": text_rows,
+            "binary_rows": binary_rows,
+            "reused": reused,
+            "big_param": big_param,
+            "big_value_len": big_value.len(),
+            "big_value_all_x": big_value.iter().all(|&b| b == b'x'),
+            "call_sets": sets,
+            "after_call": after_call,
+            "denied": denied,
+            "after_denied": after_denied,
+        }))
+    }
+}
