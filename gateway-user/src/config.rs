@@ -563,6 +563,24 @@ targets:
     }
 
     #[test]
+    fn config_tls_on_database_targets_only() {
+        let with_tls = |class: &str| {
+            GOOD.replace("class: postgres", class).replace(
+                "    class: kube_api\n",
+                "    class: kube_api\n    upstream_tls: {mode: require}\n",
+            )
+        };
+        let mysql = GOOD.replace(
+            "class: postgres",
+            "class: mysql\n    upstream_tls: {mode: require}",
+        );
+        assert!(parse(&mysql).is_ok(), "TLS on a mysql target is valid");
+        let message = error_of(&with_tls("class: postgres"));
+        assert!(message.contains("targets[1].tls"), "{message}");
+        assert!(message.contains("postgres and mysql"), "{message}");
+    }
+
+    #[test]
     fn config_bad_address() {
         let text = GOOD.replace("10.96.0.20", "10.96.0.300");
         let message = error_of(&text);

@@ -446,6 +446,9 @@ fn denied_drop_keeps_connection() {
     for statement in &denied {
         assert_eq!(statement["decision"], "deny");
         assert_eq!(statement["rule"], "no-drop");
+        // In a multi-statement query, the denied statement is the one recorded.
+        assert_eq!(statement["kind"], "drop", "{statement}");
+        assert_eq!(statement["tables"], json!(["cards"]), "{statement}");
     }
 }
 
