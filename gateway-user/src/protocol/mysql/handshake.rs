@@ -77,7 +77,7 @@ pub const PROXY_CAPABILITIES: u32 = CLIENT_LONG_PASSWORD
     | CLIENT_SESSION_TRACK
     | CLIENT_DEPRECATE_EOF;
 
-/// Protocol version of every greeting since MySQL 3.21.
+/// Protocol version of the greeting; current MySQL and MariaDB servers send no other.
 const PROTOCOL_VERSION: u8 = 10;
 /// Length of an SSL request payload.
 pub const SSL_REQUEST_LEN: usize = 32;

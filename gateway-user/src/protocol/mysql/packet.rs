@@ -4,14 +4,14 @@
 //! # Format
 //!
 //! A packet is a 3-byte little-endian payload length, a 1-byte sequence id, and the payload:
-//! `05 00 00 00 03 "SELECT"` is not complete, `07 00 00 00 03 "SELECT 1"[..7]` is. A payload of
+//! `09 00 00 00 03 "SELECT 1"` is a COM_QUERY (command byte `03`) of 9 bytes. A payload of
 //! 16,777,215 bytes (`MAX_PACKET_LEN`) or more is sent as packets of exactly that length
 //! followed by one shorter packet, which is empty when the payload is an exact multiple. Each
 //! packet of an exchange carries the next sequence id, modulo 256.
 //!
 //! The reader checks every declared length against the limit of the current phase before it
 //! reserves memory, counting the continuation packets of one payload together. Payloads are
-//! read whole only by callers that must inspect them; everything else is handed out in pieces
+//! read whole only by callers that must inspect them. Everything else is handed out in pieces
 //! of at most `PIECE_LEN` bytes, so a payload of any size passes with bounded memory.
 
 use std::{fmt, io};
