@@ -10,6 +10,8 @@
 //! 5. the Kubernetes API handler (TLS both legs, masking on): GETs of a 50 KiB ConfigMap list
 //!    from the test API server on one kept-alive connection, through the gateway and directly,
 //!    as the p50 and p99 latency the gateway adds.
+//! 6. MySQL (MariaDB) through the handler and directly: a point-select loop over 8
+//!    connections from `gateway-testpeer mysql-raw`, as a ratio of queries per second.
 //!
 //! Each figure is the median of several rounds. Results depend on the machine; the README
 //! lists the ones measured and where.
@@ -91,11 +93,15 @@ fn main() -> anyhow::Result<()> {
 
     let database = node.add_server("bench-db", &[]);
     let postgres = node.start_postgres(&database);
+    let mysql_server = node.add_server("bench-mysql", &[]);
+    let mariadb = node.start_mariadb(&mysql_server);
     let targets = format!(
-        "  - name: bench\n    address: {ip}\n    port: {TARGET_PORT}\n    class: tcp\n  - name: bench-sink\n    address: {ip}\n    port: {SINK_TARGET_PORT}\n    class: tcp\n  - name: bench-db\n    address: {db}\n    port: 5432\n    class: postgres\n  - name: bench-db-relay\n    address: '{db6}'\n    port: 5432\n    class: tcp\n",
+        "  - name: bench-mysql\n    address: {mysql}\n    port: {mysql_port}\n    class: mysql\n  - name: bench\n    address: {ip}\n    port: {TARGET_PORT}\n    class: tcp\n  - name: bench-sink\n    address: {ip}\n    port: {SINK_TARGET_PORT}\n    class: tcp\n  - name: bench-db\n    address: {db}\n    port: 5432\n    class: postgres\n  - name: bench-db-relay\n    address: '{db6}'\n    port: 5432\n    class: tcp\n",
         ip = target.ip(),
         db = postgres.addr.ip(),
         db6 = database.addr_v6,
+        mysql = mariadb.addr.ip(),
+        mysql_port = mariadb.addr.port(),
     );
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
 
@@ -211,6 +217,7 @@ fn main() -> anyhow::Result<()> {
     println!("  per idle connection: {per_connection:.1} KiB");
 
     pgbench_comparison(&node, &pod, &postgres, database.addr_v6.into())?;
+    mysql_point_selects(&node, &testpeer, &pod, &mariadb)?;
 
     daemon.stop();
     uninstall(&gatewayd, &config)?;
@@ -434,6 +441,48 @@ fn pgbench_comparison(
             );
         }
     }
+    Ok(())
+}
+
+/// Seconds each point-select run lasts.
+const POINT_SELECT_SECONDS: u64 = 10;
+/// Rows of the point-select table; the loop picks keys from 1 to this.
+const POINT_SELECT_ROWS: usize = 1000;
+
+/// Runs the point-select loop directly and through the MySQL handler and prints the ratio.
+fn mysql_point_selects(
+    node: &TestNode,
+    testpeer: &Path,
+    pod: &Pod,
+    mariadb: &testing::Mariadb,
+) -> anyhow::Result<()> {
+    let values: Vec<String> = (1..=POINT_SELECT_ROWS)
+        .map(|key| format!("({key}, 'value {key}')"))
+        .collect();
+    mariadb.admin_sql(&format!(
+        "CREATE TABLE payments.kv (k INT PRIMARY KEY, v VARCHAR(32)); \
+         INSERT INTO payments.kv VALUES {};",
+        values.join(", ")
+    ));
+    let seconds = POINT_SELECT_SECONDS.to_string();
+    let run = |mut command: Command| -> anyhow::Result<f64> {
+        let report = run_json(
+            command
+                .args(["mysql-raw", "--connect", &mariadb.addr.to_string()])
+                .args(["--scenario", "point-select", "--seconds", &seconds]),
+        )?;
+        Ok(report["qps"].as_f64().unwrap_or(0.0))
+    };
+    let direct = run(node.in_node(None, testpeer))?;
+    let proxied = run(node.in_pod(pod, testpeer))?;
+    println!(
+        "
+MySQL point selects, 8 connections, {POINT_SELECT_SECONDS} s per run, masking on:"
+    );
+    println!(
+        "  direct {direct:.0} q/s, handler {proxied:.0} q/s (ratio {:.3})",
+        proxied / direct
+    );
     Ok(())
 }
 

@@ -710,11 +710,16 @@ impl Config {
             }
             let has_tls = target.tls.is_some()
                 || target.upstream_tls.mode != crate::tls::UpstreamTlsMode::Disable;
-            if has_tls && !matches!(target.class, TargetClass::Postgres | TargetClass::KubeApi) {
+            if has_tls
+                && !matches!(
+                    target.class,
+                    TargetClass::Postgres | TargetClass::KubeApi | TargetClass::Mysql
+                )
+            {
                 return Err(invalid(
                     &field("tls"),
                     format!(
-                        "TLS settings are supported on postgres and kube_api targets only, not {}",
+                        "TLS settings are supported on postgres, mysql and kube_api targets only, not {}",
                         target.class
                     ),
                 ));
@@ -814,6 +819,24 @@ targets:
         let message = error_of(&text);
         assert!(message.contains("targets[0].class"), "{message}");
         assert!(message.contains("ftp"), "{message}");
+    }
+
+    #[test]
+    fn config_tls_on_database_targets_only() {
+        let with_tls = |class: &str| {
+            GOOD.replace("class: postgres", class).replace(
+                "    class: kube_api\n",
+                "    class: kube_api\n    upstream_tls: {mode: require}\n",
+            )
+        };
+        let mysql = GOOD.replace(
+            "class: postgres",
+            "class: mysql\n    upstream_tls: {mode: require}",
+        );
+        assert!(parse(&mysql).is_ok(), "TLS on a mysql target is valid");
+        let message = error_of(&with_tls("class: postgres"));
+        assert!(message.contains("targets[1].tls"), "{message}");
+        assert!(message.contains("postgres and mysql"), "{message}");
     }
 
     #[test]

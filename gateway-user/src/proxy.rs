@@ -32,6 +32,7 @@ use crate::{
     mask::MaskPolicy,
     protocol,
     protocol::{
+        mysql::MysqlContext,
         postgres::{PostgresContext, cancel::CancelRegistry},
         tcp::RelayResult,
     },
@@ -82,12 +83,14 @@ pub fn load_target_tls(config: &Config) -> Result<Vec<TargetTls>, ProxyError> {
             let field = format!("targets[{index}].{field}");
             move |source| ProxyError::Tls { field, source }
         };
+        // MySQL clients start TLS inside the protocol and send no ALPN.
         let alpn: &[&[u8]] = match target.class {
             crate::config::TargetClass::KubeApi => &[
                 protocol::kube::upstream::ALPN_H2,
                 protocol::kube::upstream::ALPN_HTTP1,
             ],
-            _ => &[crate::tls::ALPN_POSTGRESQL],
+            crate::config::TargetClass::Postgres => &[crate::tls::ALPN_POSTGRESQL],
+            _ => &[],
         };
         let server = match &target.tls {
             Some(serving) => {
@@ -502,7 +505,29 @@ impl Proxy {
                 )
                 .await
             }
-            // The MySQL handler is not built yet: relay its bytes.
+            Ok(gateway_common::TargetClass::Mysql) => {
+                let context = MysqlContext {
+                    policy: Arc::clone(&self.access.policy),
+                    subject: policy_subject(subject),
+                    target: crate::policy::Target {
+                        class: crate::config::TargetClass::Mysql,
+                        name: target.name.clone(),
+                    },
+                    mask: MaskPolicy::default(),
+                    idle_timeout: self.config.proxy.idle_timeout,
+                    server_tls: tls.and_then(|tls| tls.server.clone()),
+                    upstream_tls: tls.and_then(|tls| tls.upstream.clone()),
+                };
+                protocol::mysql::run(
+                    client,
+                    upstream,
+                    context,
+                    Arc::clone(record),
+                    self.force_close.clone(),
+                )
+                .await
+            }
+            // Plain TCP targets: relay their bytes.
             _ => {
                 protocol::tcp::relay(
                     client,

@@ -31,6 +31,9 @@ use std::{
 
 use crate::{cgroup, sys};
 
+mod mariadb;
+pub use mariadb::{MARIADB_PASSWORD, MARIADB_PORT, Mariadb};
+
 /// The node's redirect address (IPv4).
 pub const NODE_PROXY_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 255, 1);
 /// The node's redirect address (IPv6).

@@ -309,8 +309,9 @@ fn ci() -> anyhow::Result<()> {
     test()
 }
 
-/// Fuzz targets under `fuzz/`: the PostgreSQL frame reader, startup parser and row masking.
-const FUZZ_TARGETS: &[&str] = &["pg_frames", "pg_startup", "pg_rows"];
+/// Fuzz targets under `fuzz/`: the PostgreSQL frame reader, startup parser and row masking,
+/// and the MySQL packet reader with its row masking.
+const FUZZ_TARGETS: &[&str] = &["pg_frames", "pg_startup", "pg_rows", "mysql_packets"];
 
 fn fuzz(seconds: u64) -> anyhow::Result<()> {
     let present = Command::new("cargo")

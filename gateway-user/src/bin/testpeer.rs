@@ -14,6 +14,13 @@
 //! - `pg-script --connect ADDR --script FILE`: a raw PostgreSQL client for protocol tests.
 //! - `pg-driver --connect ADDR ...`: a tokio-postgres scenario (prepared statements,
 //!   pipelining, 20 MiB values, COPY both ways).
+//! - `mysql-raw --connect ADDR --scenario NAME`: a raw MySQL client for protocol tests and the
+//!   point-select benchmark (see `mysql`).
+//! - `mysql-driver --connect ADDR ...`: a mysql_async scenario (text and binary rows, cached
+//!   prepared statements, 20 MiB values, a procedure's result sets, a denied statement).
+
+#[path = "testpeer/mysql.rs"]
+mod mysql;
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
@@ -100,6 +107,35 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         copy_mib: usize,
     },
+    /// Log in to a MySQL server as a user without a password, run a scenario (`sizes`,
+    /// `prepared`, `results`, `binary-rows`, `denied`, `garbage-handshake`, `too-long`,
+    /// `eof-mid-packet`, `point-select`) and print one JSON object.
+    MysqlRaw {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "rawuser")]
+        user: String,
+        #[arg(long, default_value = "payments")]
+        database: String,
+        #[arg(long)]
+        scenario: String,
+        /// Ask for CLIENT_DEPRECATE_EOF (result sets end with OK instead of EOF).
+        #[arg(long)]
+        deprecate_eof: bool,
+        /// Duration of `point-select`, in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Run a fixed scenario with the mysql_async driver (see `mysql::driver`) and print one
+    /// JSON object with what each step returned.
+    MysqlDriver {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,6 +165,19 @@ fn main() -> anyhow::Result<()> {
             password,
             copy_mib,
         } => pg_driver::run(connect, &user, &password, copy_mib),
+        Command::MysqlRaw {
+            connect,
+            user,
+            database,
+            scenario,
+            deprecate_eof,
+            seconds,
+        } => mysql::run(connect, &user, &database, &scenario, deprecate_eof, seconds),
+        Command::MysqlDriver {
+            connect,
+            user,
+            password,
+        } => mysql::driver::run(connect, &user, &password),
     }
 }
 
