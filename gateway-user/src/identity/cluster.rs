@@ -2,7 +2,7 @@
 //! `spec.nodeName=<node>`), kept in a bounded cache by pod UID.
 //!
 //! The cache survives API server outages: while the watch fails, known pods keep resolving and
-//! are marked stale, and the watch resumes with a fresh list once the API server answers. A
+//! are marked stale, and the watch resumes with a fresh list once the API server responds again. A
 //! deleted pod stays resolvable for [`DELETED_GRACE`], so connections its containers opened
 //! just before the deletion still get a name.
 

@@ -8,7 +8,7 @@
 
 use serde_json::{Value, json};
 
-/// Longest portal or statement name kept; PostgreSQL truncates names to 63 bytes anyway.
+/// Maximum length of a portal or statement name kept; PostgreSQL truncates names to 63 bytes.
 const MAX_NAME: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
