@@ -506,14 +506,27 @@ impl Proxy {
                 .await
             }
             Ok(gateway_common::TargetClass::Mysql) => {
+                let policy_subject = policy_subject(subject);
+                let policy_target = crate::policy::Target {
+                    class: crate::config::TargetClass::Mysql,
+                    name: target.name.clone(),
+                };
+                let mask_settings = self
+                    .access
+                    .policy
+                    .current()
+                    .session_mask(&policy_subject, &policy_target);
                 let context = MysqlContext {
                     policy: Arc::clone(&self.access.policy),
-                    subject: policy_subject(subject),
-                    target: crate::policy::Target {
-                        class: crate::config::TargetClass::Mysql,
-                        name: target.name.clone(),
+                    approvals: Arc::clone(&self.access.approvals),
+                    subject: policy_subject,
+                    target: policy_target,
+                    // NOTE: `mask_settings.fields` (columns masked whole) is not applied to
+                    // result rows yet; only the kept digits are.
+                    mask: MaskPolicy {
+                        keep: mask_settings.keep.to_mask_keep(),
+                        ..MaskPolicy::default()
                     },
-                    mask: MaskPolicy::default(),
                     idle_timeout: self.config.proxy.idle_timeout,
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream_tls: tls.and_then(|tls| tls.upstream.clone()),

@@ -2,7 +2,8 @@
 //! the servers they dial, joined by veth pairs, with each pod's processes in a cgroup v2
 //! directory laid out the way the kubelet lays them out with the systemd driver
 //! (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<UID>.slice/
-//! cri-containerd-<ID>.scope`).
+//! cri-containerd-<ID>.scope`), or with the cgroupfs driver when the node is created with
+//! [`CgroupLayout::Cgroupfs`] (`kubepods/besteffort/pod<UID>/<ID>`).
 //!
 //! Addresses (the same in every test node; namespaces keep them apart):
 //! - node: `10.244.255.1` and `fd00:244:ff::1` on its loopback, the redirect address;
@@ -109,6 +110,15 @@ impl Drop for Daemon {
     }
 }
 
+/// How the kubelet names pod cgroups, after its `cgroupDriver` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<UID>.slice/...`
+    Systemd,
+    /// `kubepods/besteffort/pod<UID>/<container id>`
+    Cgroupfs,
+}
+
 /// One test node with its pods and servers.
 #[derive(Debug)]
 pub struct TestNode {
@@ -118,8 +128,9 @@ pub struct TestNode {
     pub node_netns: String,
     /// The cgroup2 mount.
     pub unified: PathBuf,
-    /// This test's top cgroup; `kubepods.slice` is below it.
+    /// This test's top cgroup; `kubepods.slice` (or `kubepods`) is below it.
     pub cgroup_root: PathBuf,
+    pub layout: CgroupLayout,
     /// The pods cgroup the daemon attaches to.
     pub kubepods: PathBuf,
     /// Scratch directory: configs, logs, recordings, and the bpffs mount.
@@ -135,6 +146,11 @@ pub struct TestNode {
 impl TestNode {
     /// Creates the node namespace, the test's cgroups and a private bpffs.
     pub fn new(test_name: &str) -> Self {
+        Self::with_layout(test_name, CgroupLayout::Systemd)
+    }
+
+    /// Creates the node like [`new`](Self::new), with pod cgroups named after `layout`.
+    pub fn with_layout(test_name: &str, layout: CgroupLayout) -> Self {
         let id = short_id(test_name);
         let mounts = cgroup::find_mounts(Path::new("/proc/self/mountinfo"))
             .expect("the test node needs a cgroup2 mount");
@@ -144,7 +160,11 @@ impl TestNode {
         let node = Self {
             name: test_name.to_string(),
             node_netns: format!("gw-{id}-node"),
-            kubepods: cgroup_root.join("kubepods.slice"),
+            kubepods: cgroup_root.join(match layout {
+                CgroupLayout::Systemd => "kubepods.slice",
+                CgroupLayout::Cgroupfs => "kubepods",
+            }),
+            layout,
             bpffs: dir.join("bpffs"),
             id,
             unified,
@@ -159,8 +179,7 @@ impl TestNode {
         fs::create_dir_all(&node.dir).expect("create the test directory");
         fs::create_dir_all(&node.bpffs).expect("create the bpffs mount point");
         sys::mount_bpffs(&node.bpffs).expect("mount a private bpffs");
-        fs::create_dir_all(node.kubepods.join("kubepods-besteffort.slice"))
-            .expect("create the kubepods cgroups");
+        fs::create_dir_all(node.besteffort()).expect("create the kubepods cgroups");
 
         let ns = &node.node_netns;
         ip(&["netns", "add", ns]);
@@ -192,22 +211,36 @@ impl TestNode {
         node
     }
 
-    /// Adds a pod with the given name; its container cgroup is created below `kubepods.slice`.
+    /// Returns the cgroup of the best-effort QoS class, parent of the pods' cgroups.
+    fn besteffort(&self) -> PathBuf {
+        match self.layout {
+            CgroupLayout::Systemd => self.kubepods.join("kubepods-besteffort.slice"),
+            CgroupLayout::Cgroupfs => self.kubepods.join("besteffort"),
+        }
+    }
+
+    /// Adds a pod with the given name; its container cgroup is created below the kubepods
+    /// cgroup, named after the node's layout.
     pub fn add_pod(&mut self, name: &str) -> Pod {
         let index = self.pods.len() as u8;
         let netns = format!("gw-{}-p{index}", self.id);
         let uid = pod_uid(&self.id, index);
-        let pod_slice = self
-            .kubepods
-            .join("kubepods-besteffort.slice")
-            .join(format!(
-                "kubepods-besteffort-pod{}.slice",
-                uid.replace('-', "_")
-            ));
-        let container = pod_slice.join(format!(
-            "cri-containerd-{}.scope",
-            container_id(&self.id, index)
-        ));
+        let container = match self.layout {
+            CgroupLayout::Systemd => self
+                .besteffort()
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ))
+                .join(format!(
+                    "cri-containerd-{}.scope",
+                    container_id(&self.id, index)
+                )),
+            CgroupLayout::Cgroupfs => self
+                .besteffort()
+                .join(format!("pod{uid}"))
+                .join(container_id(&self.id, index)),
+        };
         fs::create_dir_all(&container).expect("create the pod's container cgroup");
 
         let addr_v4 = Ipv4Addr::new(10, 244, index, 2);

@@ -1066,6 +1066,11 @@ struct InCluster {
 
 impl InCluster {
     fn new(test_name: &str, rules: &str) -> Self {
+        Self::with_policy(test_name, rules, None)
+    }
+
+    /// Starts the node like `new`, with the AccessPolicy `policy` (YAML) when given.
+    fn with_policy(test_name: &str, rules: &str, policy: Option<&str>) -> Self {
         use gateway_user::testing_apiserver::fixture::{Options, TestApiServer};
 
         let mut node = TestNode::new(test_name);
@@ -1081,6 +1086,12 @@ impl InCluster {
         let config = node.daemon_config("gatewayd.yaml", "", &targets);
         let mut text = std::fs::read_to_string(&config).expect("read config");
         text.push_str(rules);
+        if let Some(policy) = policy {
+            let policy_dir = node.dir.join("policies");
+            std::fs::create_dir_all(&policy_dir).expect("create the policy directory");
+            std::fs::write(policy_dir.join("10-test.yaml"), policy).expect("write the policy");
+            text.push_str(&format!("policy:\n  path: {}\n", policy_dir.display()));
+        }
         std::fs::write(&config, text).expect("write config");
         let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
         let token = api.token_for("default", "default", &pod);
@@ -1417,4 +1428,170 @@ fn websocket_upgrade_refusal_passes_through() {
     assert_eq!(code, "400", "{text}");
     let status: Value = serde_json::from_str(body).expect("a Status body");
     assert_eq!(status["reason"], "BadRequest");
+}
+
+/// Writes to secrets and config maps are held for review: the Kubernetes requests wait in
+/// `gatewayctl approvals` until an approver answers or the deadline passes.
+const REVIEW_POLICY: &str = "\
+apiVersion: gateway.example.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: cluster-writes
+spec:
+  defaults:
+    kube_api:
+      action: allow
+  rules:
+    - name: review-secret-writes
+      kube:
+        verbs: [create, update, patch, delete]
+        resources: [secrets]
+      action: review
+    - name: review-configmap-writes
+      kube:
+        verbs: [create]
+        resources: [configmaps]
+      action: review
+      review:
+        deadline: 2s
+";
+
+impl InCluster {
+    fn approvals(&self, args: &[&str]) -> Output {
+        std::process::Command::new(GATEWAYCTL)
+            .arg("approvals")
+            .arg("--socket")
+            .arg(self.node.approval_socket())
+            .args(args)
+            .output()
+            .expect("run gatewayctl approvals")
+    }
+
+    /// Waits until one request is held and returns it.
+    fn wait_held(&self) -> Value {
+        let mut held = Vec::new();
+        gateway_user::testing::wait_until("a held request", Duration::from_secs(30), || {
+            let output = self.approvals(&["list", "--json"]);
+            assert!(
+                output.status.success(),
+                "approvals list: {}",
+                stderr_of(&output)
+            );
+            let listing: Value = serde_json::from_slice(&output.stdout).expect("JSON listing");
+            held = listing["requests"].as_array().cloned().unwrap_or_default();
+            !held.is_empty()
+        });
+        assert_eq!(held.len(), 1, "{held:#?}");
+        held.remove(0)
+    }
+}
+
+#[test]
+fn kubectl_writes_held_for_approval() {
+    let mut cluster =
+        InCluster::with_policy("kubectl_writes_held_for_approval", "", Some(REVIEW_POLICY));
+    let spawn = |args: &[&str]| {
+        cluster
+            .kubectl(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kubectl")
+    };
+
+    // Reads are not held.
+    let pods = cluster
+        .kubectl(&["get", "pods"])
+        .output()
+        .expect("run kubectl");
+    assert!(pods.status.success(), "{}", stderr_of(&pods));
+
+    // An approved write goes through to the API server.
+    let approved = spawn(&[
+        "create",
+        "secret",
+        "generic",
+        "approved",
+        "--from-literal=k=v",
+    ]);
+    let held = cluster.wait_held();
+    assert_eq!(held["rule"], "review-secret-writes");
+    assert_eq!(held["summary"], "create secrets -n default");
+    let id = held["id"].as_str().expect("request id").to_string();
+    let answer = cluster.approvals(&["approve", &id, "--reason", "change 7"]);
+    assert!(answer.status.success(), "approve: {}", stderr_of(&answer));
+    let output = approved.wait_with_output().expect("wait for kubectl");
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("secret/approved created"));
+
+    // A denied write is Forbidden, naming the rule and the approver's reason.
+    let denied = spawn(&[
+        "create",
+        "secret",
+        "generic",
+        "denied",
+        "--from-literal=k=v",
+    ]);
+    let id = cluster.wait_held()["id"]
+        .as_str()
+        .expect("request id")
+        .to_string();
+    let answer = cluster.approvals(&["deny", &id, "--reason", "not during the freeze"]);
+    assert!(answer.status.success(), "deny: {}", stderr_of(&answer));
+    let output = denied.wait_with_output().expect("wait for kubectl");
+    assert!(!output.status.success());
+    let stderr = stderr_of(&output);
+    // `kubectl create secret` words the API server's Forbidden Status itself.
+    assert!(stderr.contains("secrets is forbidden"), "{stderr}");
+    assert!(stderr.contains("review-secret-writes"), "{stderr}");
+    assert!(stderr.contains("not during the freeze"), "{stderr}");
+
+    // Nobody answers: the deadline denies.
+    let late = cluster
+        .kubectl(&["create", "configmap", "late", "--from-literal=k=v"])
+        .output()
+        .expect("run kubectl");
+    assert!(!late.status.success());
+    let stderr = stderr_of(&late);
+    assert!(stderr.contains("configmaps is forbidden"), "{stderr}");
+    assert!(stderr.contains("no approval within 2s"), "{stderr}");
+
+    // Only the approved write reached the API server.
+    let secrets = cluster
+        .kubectl(&["get", "secrets", "-o", "name"])
+        .output()
+        .expect("run kubectl");
+    let names = String::from_utf8_lossy(&secrets.stdout).into_owned();
+    assert!(names.contains("secret/approved"), "{names}");
+    assert!(!names.contains("secret/denied"), "{names}");
+    let configmaps = cluster
+        .kubectl(&["get", "configmaps", "-o", "name"])
+        .output()
+        .expect("run kubectl");
+    assert!(!String::from_utf8_lossy(&configmaps.stdout).contains("configmap/late"));
+
+    // Every hold and every answer is recorded.
+    let events = cluster.events();
+    let of = |kind: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|event| event["event"] == kind)
+            .collect()
+    };
+    assert_eq!(of("approval.requested").len(), 3);
+    let verdicts: Vec<&Value> = of("approval.answered")
+        .iter()
+        .map(|event| &event["verdict"])
+        .collect();
+    assert_eq!(verdicts, ["approved", "denied", "timed_out"]);
+    let outcomes: Vec<(&Value, &Value)> = of("kube.request")
+        .iter()
+        .filter(|event| event["request"]["verb"] == "create")
+        .map(|event| (&event["request"]["resource"], &event["outcome"]))
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    assert_eq!(outcomes[0].1, "allowed", "{outcomes:?}");
+    assert_eq!(outcomes[1].1, "denied", "{outcomes:?}");
+    assert_eq!(outcomes[2].1, "denied", "{outcomes:?}");
 }

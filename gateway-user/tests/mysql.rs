@@ -40,6 +40,12 @@ fn my_setup(test_name: &str) -> MySetup {
 /// TLS with a certificate from its own CA; with `upstream_tls` MariaDB has a certificate from
 /// a database CA that the gateway verifies.
 fn my_setup_tls(test_name: &str, client_tls: bool, upstream_tls: bool) -> MySetup {
+    start(test_name, client_tls, upstream_tls, None)
+}
+
+/// Starts MariaDB and the daemon like [`my_setup_tls`], with the AccessPolicy `policy` (YAML)
+/// in place of the SQL rules when given.
+fn start(test_name: &str, client_tls: bool, upstream_tls: bool, policy: Option<&str>) -> MySetup {
     let mut node = TestNode::new(test_name);
     let pod = node.add_pod("app");
     let server = node.add_server("db", &[]);
@@ -72,7 +78,14 @@ fn my_setup_tls(test_name: &str, client_tls: bool, upstream_tls: bool) -> MySetu
     }
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
-    text.push_str(SQL_RULES);
+    if let Some(policy) = policy {
+        let policy_dir = node.dir.join("policies");
+        std::fs::create_dir_all(&policy_dir).expect("create the policy directory");
+        std::fs::write(policy_dir.join("10-test.yaml"), policy).expect("write the policy");
+        text.push_str(&format!("policy:\n  path: {}\n", policy_dir.display()));
+    } else {
+        text.push_str(SQL_RULES);
+    }
     std::fs::write(&config, text).expect("write config");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
     let gateway_ca = gateway_ca.cert_path.clone();
@@ -676,4 +689,157 @@ fn rust_driver_matches_direct() {
 fn card_table_again(mariadb: &Mariadb) {
     mariadb.admin_sql("DROP PROCEDURE payments.four_results");
     card_table(mariadb);
+}
+
+/// Deletes from `cards` wait for an approver; reads of `hurry` wait two seconds at most.
+const REVIEW_POLICY: &str = "\
+apiVersion: gateway.example.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: payments
+spec:
+  defaults:
+    mysql:
+      action: allow
+  rules:
+    - name: review-card-deletes
+      sql:
+        statementKinds: [delete]
+        tables: [cards]
+      action: review
+    - name: quick-review
+      sql:
+        tables: [hurry]
+      action: review
+      review:
+        deadline: 2s
+";
+
+impl MySetup {
+    fn approvals(&self, args: &[&str]) -> Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatewayctl"))
+            .arg("approvals")
+            .arg("--socket")
+            .arg(self.node.approval_socket())
+            .args(args)
+            .output()
+            .expect("run gatewayctl approvals")
+    }
+
+    /// Waits until one request is held and returns its id.
+    fn wait_held(&self) -> String {
+        let mut held = Vec::new();
+        gateway_user::testing::wait_until(
+            "a held statement",
+            std::time::Duration::from_secs(30),
+            || {
+                let output = self.approvals(&["list", "--json"]);
+                assert!(output.status.success(), "{output:?}");
+                let listing: Value = serde_json::from_slice(&output.stdout).expect("JSON listing");
+                held = listing["requests"].as_array().cloned().unwrap_or_default();
+                !held.is_empty()
+            },
+        );
+        assert_eq!(held.len(), 1, "{held:#?}");
+        assert_eq!(held[0]["target"], "payments-mysql");
+        held[0]["id"].as_str().expect("request id").to_string()
+    }
+
+    /// Starts the `mariadb` CLI in the pod running `sql`.
+    fn spawn_cli(&self, sql: &str) -> std::process::Child {
+        self.node
+            .in_pod(&self.pod, "mariadb")
+            .arg("--no-defaults")
+            .arg(format!("--host={}", self.mariadb.addr.ip()))
+            .arg(format!("--port={}", self.mariadb.addr.port()))
+            .args(["--user=gateway", &format!("--password={MARIADB_PASSWORD}")])
+            .args([
+                "--batch",
+                "--connect-timeout=10",
+                "--database=payments",
+                "-e",
+                sql,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mariadb")
+    }
+
+    fn count_cards(&self) -> String {
+        self.mariadb
+            .admin_sql("SELECT COUNT(*) FROM payments.cards")
+            .trim()
+            .to_string()
+    }
+}
+
+#[test]
+fn held_statements_wait_for_approval() {
+    let setup = start(
+        "held_statements_wait_for_approval",
+        false,
+        false,
+        Some(REVIEW_POLICY),
+    );
+    card_table(&setup.mariadb);
+    setup
+        .mariadb
+        .admin_sql("CREATE TABLE payments.hurry (id INT); INSERT INTO payments.hurry VALUES (1);");
+
+    // Approved: the delete runs once the approver approves it.
+    let approved = setup.spawn_cli("DELETE FROM cards WHERE id = 1");
+    let id = setup.wait_held();
+    assert_eq!(setup.count_cards(), "6", "a held delete has not run");
+    let answer = setup.approvals(&["approve", &id, "--reason", "ticket 42"]);
+    assert!(answer.status.success(), "{answer:?}");
+    let output = approved.wait_with_output().expect("wait for mariadb");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(setup.count_cards(), "5");
+
+    // Denied: the client gets the gateway's error with the approver's reason.
+    let denied = setup.spawn_cli("DELETE FROM cards WHERE id = 2");
+    let id = setup.wait_held();
+    let answer = setup.approvals(&["deny", &id, "--reason", "change freeze"]);
+    assert!(answer.status.success(), "{answer:?}");
+    let output = denied.wait_with_output().expect("wait for mariadb");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ERROR 1142 (42000)"), "{stderr}");
+    assert!(stderr.contains("\"review-card-deletes\""), "{stderr}");
+    assert!(stderr.contains("change freeze"), "{stderr}");
+    assert_eq!(setup.count_cards(), "5");
+
+    // No verdict: the deadline denies the read, and the connection is still usable.
+    let output = setup
+        .spawn_cli("SELECT * FROM hurry; SELECT 7")
+        .wait_with_output()
+        .expect("wait for mariadb");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no approval within 2s"), "{stderr}");
+    let after = cli_ok(&setup, true, "SELECT COUNT(*) FROM cards");
+    assert!(after.contains('5'), "{after}");
+
+    setup.node.wait_for_sessions(4);
+    let events: Vec<Value> = setup.node.sessions().into_iter().flatten().collect();
+    let verdicts: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "approval.answered")
+        .map(|event| &event["verdict"])
+        .collect();
+    assert_eq!(verdicts, ["approved", "denied", "timed_out"]);
+    let requested: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "approval.requested")
+        .collect();
+    assert_eq!(requested.len(), 3);
+    assert_eq!(requested[0]["statement"], "DELETE FROM cards WHERE id = 1");
+    let recorded = statements(&setup.node);
+    let denied: Vec<&Value> = recorded
+        .iter()
+        .filter(|statement| statement["outcome"] == "denied")
+        .map(|statement| &statement["rule"])
+        .collect();
+    assert_eq!(denied, ["review-card-deletes", "quick-review"]);
 }

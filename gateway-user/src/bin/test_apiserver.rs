@@ -27,6 +27,9 @@ struct Cli {
     /// JSON array of objects to create at start.
     #[arg(long)]
     seed: Option<PathBuf>,
+    /// JSON array of objects to create each time the process receives SIGUSR1.
+    #[arg(long)]
+    late_seed: Option<PathBuf>,
     /// JSON array of allow rules; without it every service account may do everything.
     #[arg(long)]
     authorization: Option<PathBuf>,
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         tls_key: cli.tls_key,
         service_account_key: cli.service_account_key,
         seed: cli.seed,
+        late_seed: cli.late_seed,
         authorization: cli.authorization,
         bookmark_interval: cli.bookmark_interval,
         check_bound_pods: !cli.skip_bound_pod_check,

@@ -32,6 +32,8 @@ pub struct Options {
     pub port: u16,
     /// Objects created at start (pods for the tokens, configmaps, ...).
     pub seed: Vec<Value>,
+    /// Objects created when the test calls [`TestApiServer::create_late_seed`].
+    pub late_seed: Vec<Value>,
     /// Allow rules (see [`super::Rule`]); allow-all when `None`.
     pub rules: Option<Value>,
     pub bookmark_interval: Duration,
@@ -47,6 +49,7 @@ impl Default for Options {
             address: None,
             port: 443,
             seed: Vec::new(),
+            late_seed: Vec::new(),
             rules: None,
             bookmark_interval: super::DEFAULT_BOOKMARK_INTERVAL,
             split_watch_after: None,
@@ -68,7 +71,7 @@ pub struct TestApiServer {
     pub issuer: TokenIssuer,
     pub log_path: PathBuf,
     dir: PathBuf,
-    _child: ChildGuard,
+    child: ChildGuard,
 }
 
 impl TestApiServer {
@@ -121,6 +124,15 @@ impl TestApiServer {
         if let Some(text) = &options.split_watch_after {
             command.arg("--split-watch-events-after").arg(text);
         }
+        if !options.late_seed.is_empty() {
+            let path = dir.join("late-seed.json");
+            fs::write(
+                &path,
+                serde_json::to_vec(&options.late_seed).expect("late seed objects serialize"),
+            )
+            .expect("write the late seed objects");
+            command.arg("--late-seed").arg(path);
+        }
         if options.skip_bound_pod_check {
             command.arg("--skip-bound-pod-check");
         }
@@ -153,7 +165,7 @@ impl TestApiServer {
             issuer,
             log_path,
             dir,
-            _child: child,
+            child,
         }
     }
 
@@ -166,6 +178,19 @@ impl TestApiServer {
             &pod.name,
             &pod.uid,
         ))
+    }
+
+    /// Creates the `late_seed` objects of [`Options`] now and waits until the server has
+    /// stored them.
+    pub fn create_late_seed(&self) {
+        const CREATED: &str = "late seed objects created";
+        let before = self.log().matches(CREATED).count();
+        crate::sys::kill(self.child.0.id(), libc::SIGUSR1).expect("signal the test API server");
+        wait_until("the late seed objects", Duration::from_secs(10), || {
+            let log = self.log();
+            assert!(!log.contains("late seed objects rejected"), "{log}");
+            log.matches(CREATED).count() > before
+        });
     }
 
     /// Builds the seed object of `pod` in `namespace`, with its UID, so its tokens verify.

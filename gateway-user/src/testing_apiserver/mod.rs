@@ -73,6 +73,9 @@ pub struct Config {
     pub service_account_key: PathBuf,
     /// JSON array of objects to create at start (each with `kind` and `metadata`).
     pub seed: Option<PathBuf>,
+    /// JSON array of objects to create when the process receives SIGUSR1, like a pod that is
+    /// scheduled while a test runs.
+    pub late_seed: Option<PathBuf>,
     /// JSON array of [`Rule`]s. Without it, every service account may do everything.
     pub authorization: Option<PathBuf>,
     pub bookmark_interval: Duration,
@@ -176,23 +179,14 @@ impl ApiServer {
                 .and_then(Value::as_str)
                 .unwrap_or(if resource.namespaced { "default" } else { "" })
                 .to_string();
-            let fixed_uid = object.pointer("/metadata/uid").cloned();
-            let created = self
-                .store
-                .create(resource, &namespace, object)
-                .map_err(|error| anyhow::anyhow!("seed object rejected: {}", error.message))?;
             // A seed may fix a pod's UID so that tokens minted for it stay valid.
-            if let Some(uid) = fixed_uid {
-                let name = created["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let mut fixed = created;
-                fixed["metadata"]["uid"] = uid;
-                self.store
-                    .replace_uid(resource, &namespace, &name, fixed)
-                    .map_err(|error| anyhow::anyhow!("seed object rejected: {}", error.message))?;
-            }
+            let uid = object
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            self.store
+                .create_with_uid(resource, &namespace, object, uid)
+                .map_err(|error| anyhow::anyhow!("seed object rejected: {}", error.message))?;
         }
         Ok(())
     }
@@ -237,6 +231,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = config.late_seed.clone() {
+        let server = server.clone();
+        let mut signal =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .context("listen for SIGUSR1")?;
+        tasks.spawn(async move {
+            while signal.recv().await.is_some() {
+                match server.seed(&path) {
+                    Ok(()) => tracing::info!(path = %path.display(), "late seed objects created"),
+                    Err(error) => {
+                        tracing::error!(path = %path.display(), error = format!("{error:#}"), "late seed objects rejected");
+                    }
+                }
+            }
+        });
+    }
     for listener in listeners {
         let server = server.clone();
         let acceptor = acceptor.clone();

@@ -207,7 +207,20 @@ impl Store {
         &self,
         resource: &'static Resource,
         namespace: &str,
+        object: Value,
+    ) -> Result<Value, ApiError> {
+        self.create_with_uid(resource, namespace, object, None)
+    }
+
+    /// Stores a new object like [`create`](Self::create), with the UID `uid` when given
+    /// instead of a new one. Seed objects use it, so that a pod's tokens and cgroup name the
+    /// UID that watchers see in the ADDED event.
+    pub fn create_with_uid(
+        &self,
+        resource: &'static Resource,
+        namespace: &str,
         mut object: Value,
+        uid: Option<String>,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let name = object_name(resource, &object, inner.resource_version + 1)?;
@@ -236,7 +249,8 @@ impl Store {
         } else {
             metadata.remove("namespace");
         }
-        metadata.insert("uid".into(), json!(uuid::Uuid::now_v7().to_string()));
+        let uid = uid.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        metadata.insert("uid".into(), json!(uid));
         metadata.insert("resourceVersion".into(), json!(version.to_string()));
         metadata.insert("creationTimestamp".into(), json!(now_rfc3339()));
         apply_defaults(resource, &name, &mut object)?;
@@ -312,24 +326,6 @@ impl Store {
             &object,
         );
         Ok(object)
-    }
-
-    /// Overwrites a stored object without an event or a new version, for seed objects whose
-    /// UID is fixed by the test.
-    pub fn replace_uid(
-        &self,
-        resource: &'static Resource,
-        namespace: &str,
-        name: &str,
-        object: Value,
-    ) -> Result<(), ApiError> {
-        let mut inner = self.lock();
-        let key = (resource.name, namespace.to_string(), name.to_string());
-        let Some(slot) = inner.objects.get_mut(&key) else {
-            return Err(ApiError::not_found(resource, name));
-        };
-        *slot = object;
-        Ok(())
     }
 
     /// Removes an object and returns its last state. Deleting a namespace removes its

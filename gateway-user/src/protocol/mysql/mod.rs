@@ -10,9 +10,11 @@
 //!
 //! A denied statement never reaches the server: the client gets an ERR packet (error 1142,
 //! SQLSTATE 42000, naming the rule) in place of the server's answer, and the connection stays
-//! usable because nothing on the server leg changed.
+//! usable because nothing on the server leg changed. A statement held for review (`judge`)
+//! waits before it is sent, and is then sent or denied the same way.
 
 pub mod handshake;
+mod judge;
 pub mod packet;
 pub mod rows;
 
@@ -46,7 +48,7 @@ use self::{
 use super::tcp::{Counters, RelayResult, idle};
 use crate::{
     mask::{MaskPolicy, StreamMasker, mask_in_place},
-    policy::{Action, PolicyStore, Request},
+    policy::PolicyStore,
     record::{Outcome, SessionRecord},
     sql::{SqlDialect, StatementInfo, analyze},
 };
@@ -110,6 +112,8 @@ const COM_RESET_CONNECTION: u8 = 0x1f;
 #[derive(Clone, Debug)]
 pub struct MysqlContext {
     pub policy: Arc<PolicyStore>,
+    /// Where statements held for review wait for an approver.
+    pub approvals: Arc<crate::approval::Broker>,
     /// The caller and the target in the policy's terms.
     pub subject: crate::policy::Subject,
     pub target: crate::policy::Target,
@@ -374,6 +378,7 @@ async fn session(
         client_tls,
         upstream_tls: context.upstream_tls.is_some(),
         statements: HashMap::new(),
+        approvals: judge::SessionApprovals::default(),
     };
     // The client's sequence ids run ahead of the server's by the SSL request each leg sent.
     let seq_offset = response.first_seq.wrapping_sub(server_seq);
@@ -458,6 +463,8 @@ struct Session<'a> {
     client_tls: bool,
     upstream_tls: bool,
     statements: HashMap<u32, Prepared>,
+    /// Rules approved for the rest of the session.
+    approvals: judge::SessionApprovals,
 }
 
 impl Session<'_> {
@@ -677,39 +684,25 @@ impl Session<'_> {
         }
     }
 
-    /// Judges a statement list; returns the rule that denies it and the denied statement, if
-    /// any. One denied statement denies the whole command, so nothing of it runs.
-    fn judge(&self, infos: &[StatementInfo]) -> Option<(String, StatementInfo)> {
-        let policy = self.context.policy.current();
-        infos.iter().find_map(|info| {
-            let decision = policy.decide(
-                &self.context.subject,
-                &self.context.target,
-                Request::Sql(info),
-            );
-            match decision.enforced() {
-                Action::Allow => None,
-                Action::Deny => Some((decision.rule, info.clone())),
-                // NOTE: holding a MySQL statement for review is not built yet, so a `review`
-                // decision denies it, naming the rule, rather than letting it run unreviewed.
-                Action::Review => Some((decision.rule, info.clone())),
-            }
-        })
-    }
-
     /// Replies to a denied command with the gateway's ERR packet and records it.
     async fn deny(
         &mut self,
         payload: &Payload,
         pending: Pending,
-        rule: &str,
+        denial: &judge::Denial,
     ) -> Result<(), SessionEnd> {
-        let message =
-            format!("permission denied by the gateway: statement matches rule \"{rule}\"");
+        let mut message = format!(
+            "permission denied by the gateway: statement matches rule \"{}\"",
+            denial.rule
+        );
+        if let Some(detail) = &denial.detail {
+            message.push_str(": ");
+            message.push_str(detail);
+        }
         let error = packet::err_payload(DENIED_CODE, DENIED_SQLSTATE, &message);
         self.send_client(payload.last_seq.wrapping_add(1), &error)
             .await?;
-        self.record_statement(&pending, "denied", Some(rule));
+        self.record_statement(&pending, "denied", Some(&denial.rule));
         Ok(())
     }
 
@@ -717,10 +710,9 @@ impl Session<'_> {
         let text = &payload.data[1..];
         let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Mysql);
         let masked_text = recorded_text(text, &self.context.mask);
-        if let Some((rule, info)) = self.judge(&infos) {
-            return self
-                .deny(&payload, Pending::new(masked_text, info, Vec::new()), &rule)
-                .await;
+        if let Some(denial) = self.judge(&infos, &masked_text).await {
+            let pending = Pending::new(masked_text, denial.statement.clone(), Vec::new());
+            return self.deny(&payload, pending, &denial).await;
         }
         // `USE db` as a statement changes the database like COM_INIT_DB does.
         let used_database = match &infos[..] {
@@ -750,10 +742,9 @@ impl Session<'_> {
             .into_iter()
             .next()
             .unwrap_or_default();
-        if let Some((rule, info)) = self.judge(&infos) {
-            return self
-                .deny(&payload, Pending::new(masked_text, info, Vec::new()), &rule)
-                .await;
+        if let Some(denial) = self.judge(&infos, &masked_text).await {
+            let pending = Pending::new(masked_text, denial.statement.clone(), Vec::new());
+            return self.deny(&payload, pending, &denial).await;
         }
         self.send_server(0, &payload.data).await?;
         self.to_server.flush().await.map_err(server_error)?;
@@ -913,8 +904,8 @@ impl Session<'_> {
             has_where: None,
         };
         let pending = Pending::new(format!("USE {database}"), info.clone(), Vec::new());
-        if let Some((rule, _)) = self.judge(std::slice::from_ref(&info)) {
-            return self.deny(&payload, pending, &rule).await;
+        if let Some(denial) = self.judge(std::slice::from_ref(&info), &pending.text).await {
+            return self.deny(&payload, pending, &denial).await;
         }
         if self.forward_simple_pending(payload, Some(pending)).await? {
             self.login.database = database;
