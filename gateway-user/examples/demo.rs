@@ -124,7 +124,11 @@ fn main() -> anyhow::Result<()> {
     let gatewayctl = gatewayd.with_file_name("gatewayctl");
     let store = node.recordings();
     for args in [&["list", "--since", "10m"][..], &["verify", "--all"][..]] {
-        println!("\n$ gatewayctl sessions {}", args.join(" "));
+        println!(
+            "\n$ gatewayctl sessions --store {} {}",
+            store.display(),
+            args.join(" ")
+        );
         let output = std::process::Command::new(&gatewayctl)
             .arg("sessions")
             .arg("--store")

@@ -229,7 +229,8 @@ pub struct IdentityConfig {
     /// Watches this node's pods through the API server and names subjects after them.
     #[serde(default)]
     pub cluster: bool,
-    /// kubeconfig for the pod watch; the in-cluster configuration when unset.
+    /// kubeconfig for the pod watch and for Service targets; the in-cluster configuration
+    /// when unset.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
     /// Time a connection from a pod the watch has not delivered yet waits for it before it
@@ -375,15 +376,22 @@ impl fmt::Display for TargetClass {
     }
 }
 
-/// One statically listed target.
+/// One target: a fixed address, or a Service whose addresses are taken from the cluster.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    /// Name used in recordings; defaults to `address:port`.
+    /// Name used in recordings; defaults to `address:port` or `namespace/name:port`.
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(deserialize_with = "parse_ip")]
-    pub address: IpAddr,
+    /// The target's IP address. Exactly one of `address` and `service` is set.
+    #[serde(default, deserialize_with = "parse_optional_ip")]
+    pub address: Option<IpAddr>,
+    /// A Service, as `namespace/name`: its cluster IPs and the endpoints of its EndpointSlices
+    /// are redirected, and followed as they change.
+    #[serde(default)]
+    pub service: Option<ServiceRef>,
+    /// The port dialed: the address's port, or the Service port (its endpoints are matched
+    /// through the port's name).
     pub port: u16,
     pub class: TargetClass,
     /// Serving certificate to terminate client TLS with (`postgres` and `kube_api` targets). A
@@ -396,24 +404,78 @@ pub struct TargetConfig {
 }
 
 impl TargetConfig {
-    pub fn socket_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.address, self.port)
+    /// Returns the fixed address and port; `None` for a Service target.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.address
+            .map(|address| SocketAddr::new(address, self.port))
     }
 
     pub fn display_name(&self) -> String {
-        self.name
-            .clone()
-            .unwrap_or_else(|| self.socket_addr().to_string())
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        match (self.socket_addr(), &self.service) {
+            (Some(addr), _) => addr.to_string(),
+            (None, Some(service)) => format!("{service}:{}", self.port),
+            (None, None) => format!("port {}", self.port),
+        }
+    }
+
+    /// Returns the name the upstream certificate is checked against when `upstream_tls` names
+    /// none: the address, or the Service's DNS name `name.namespace.svc`.
+    pub fn default_server_name(&self) -> String {
+        match (&self.address, &self.service) {
+            (Some(address), _) => address.to_string(),
+            (None, Some(service)) => format!("{}.{}.svc", service.name, service.namespace),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// A Service named `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceRef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let valid = |part: &str| {
+            !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .bytes()
+                    .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        };
+        match text.split_once('/') {
+            Some((namespace, name)) if valid(namespace) && valid(name) => Ok(Self {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            }),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid Service {text:?}: expected namespace/name, such as default/kubernetes"
+            ))),
+        }
     }
 }
 
 /// Parses an IP address, naming the value and the expected form when it is not one.
-fn parse_ip<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
+fn parse_optional_ip<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<IpAddr>, D::Error> {
     let text = String::deserialize(deserializer)?;
-    text.parse().map_err(|_| {
+    text.parse().map(Some).map_err(|_| {
         serde::de::Error::custom(format!(
             "invalid IP address {text:?}: targets are IP addresses such as 10.96.0.20 or fd00::20, \
-             host names are not resolved"
+             host names are not resolved (name a Service with `service: namespace/name` instead)"
         ))
     })
 }
@@ -671,41 +733,45 @@ impl Config {
         }
 
         let mut seen = HashSet::new();
+        let mut seen_services = HashSet::new();
         for (index, target) in self.targets.iter().enumerate() {
             let field = |name: &str| format!("targets[{index}].{name}");
-            let addr = target.socket_addr();
             if target.port == 0 {
                 return Err(invalid(
                     &field("port"),
                     "must be between 1 and 65535".into(),
                 ));
             }
-            if target.address.is_unspecified() || target.address.is_multicast() {
+            let address = match (target.address, &target.service) {
+                (Some(address), None) => Some(address),
+                (None, Some(_)) => None,
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &field("service"),
+                        "set either address or service, not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        &field("address"),
+                        "missing: set address (an IP) or service (namespace/name)".into(),
+                    ));
+                }
+            };
+            if let Some(address) = address {
+                let addr = SocketAddr::new(address, target.port);
+                check_target_address(proxy, addr)
+                    .map_err(|message| invalid(&field("address"), message))?;
+                if !seen.insert(normalize(addr)) {
+                    return Err(invalid(
+                        &field("address"),
+                        format!("{addr} is listed twice"),
+                    ));
+                }
+            } else if !seen_services.insert((target.service.clone(), target.port)) {
                 return Err(invalid(
-                    &field("address"),
-                    format!("{}: a target must be a unicast address", target.address),
-                ));
-            }
-            let is_proxy = proxy.listen_v4.map(SocketAddr::V4) == Some(addr)
-                || proxy.listen_v6.map(SocketAddr::V6) == Some(addr);
-            if is_proxy {
-                return Err(invalid(
-                    &field("address"),
-                    format!("{addr} is the proxy's own redirect address"),
-                ));
-            }
-            let needs_v6 =
-                matches!(target.address, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none());
-            if needs_v6 && proxy.listen_v6.is_none() {
-                return Err(invalid(
-                    &field("address"),
-                    format!("{} is IPv6 but proxy.listen_v6 is not set", target.address),
-                ));
-            }
-            if !needs_v6 && proxy.listen_v4.is_none() {
-                return Err(invalid(
-                    &field("address"),
-                    format!("{} is IPv4 but proxy.listen_v4 is not set", target.address),
+                    &field("service"),
+                    format!("{} is listed twice", target.display_name()),
                 ));
             }
             let has_tls = target.tls.is_some()
@@ -744,15 +810,31 @@ impl Config {
                         .into(),
                 ));
             }
-            if !seen.insert(normalize(addr)) {
-                return Err(invalid(
-                    &field("address"),
-                    format!("{addr} is listed twice"),
-                ));
-            }
         }
         Ok(())
     }
+}
+
+/// Checks that `addr` can be redirected: a unicast address other than the proxy's own, of a
+/// family the proxy listens on. Returns the problem otherwise.
+pub fn check_target_address(proxy: &ProxyConfig, addr: SocketAddr) -> Result<(), String> {
+    let address = addr.ip();
+    if address.is_unspecified() || address.is_multicast() {
+        return Err(format!("{address}: a target must be a unicast address"));
+    }
+    let is_proxy = proxy.listen_v4.map(SocketAddr::V4) == Some(addr)
+        || proxy.listen_v6.map(SocketAddr::V6) == Some(addr);
+    if is_proxy {
+        return Err(format!("{addr} is the proxy's own redirect address"));
+    }
+    let needs_v6 = matches!(address, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none());
+    if needs_v6 && proxy.listen_v6.is_none() {
+        return Err(format!("{address} is IPv6 but proxy.listen_v6 is not set"));
+    }
+    if !needs_v6 && proxy.listen_v4.is_none() {
+        return Err(format!("{address} is IPv4 but proxy.listen_v4 is not set"));
+    }
+    Ok(())
 }
 
 /// Folds a mapped IPv6 address onto its IPv4 form so duplicates are found across forms.
@@ -822,21 +904,55 @@ targets:
     }
 
     #[test]
-    fn config_tls_on_database_targets_only() {
-        let with_tls = |class: &str| {
-            GOOD.replace("class: postgres", class).replace(
-                "    class: kube_api\n",
-                "    class: kube_api\n    upstream_tls: {mode: require}\n",
-            )
-        };
+    fn config_tls_on_protocol_targets_only() {
         let mysql = GOOD.replace(
             "class: postgres",
             "class: mysql\n    upstream_tls: {mode: require}",
         );
         assert!(parse(&mysql).is_ok(), "TLS on a mysql target is valid");
-        let message = error_of(&with_tls("class: postgres"));
+        let kube = GOOD.replace(
+            "    class: kube_api\n",
+            "    class: kube_api\n    upstream_tls: {mode: require}\n",
+        );
+        assert!(parse(&kube).is_ok(), "TLS on a kube_api target is valid");
+
+        let tcp = GOOD.replace(
+            "    class: kube_api\n",
+            "    class: tcp\n    upstream_tls: {mode: require}\n",
+        );
+        let message = error_of(&tcp);
         assert!(message.contains("targets[1].tls"), "{message}");
-        assert!(message.contains("postgres and mysql"), "{message}");
+        assert!(message.contains("not tcp"), "{message}");
+    }
+
+    #[test]
+    fn config_service_targets() {
+        let service = GOOD.replace(
+            "  - address: fd00::20\n",
+            "  - service: default/kubernetes\n",
+        );
+        let config = parse(&service).expect("a Service target is valid");
+        let target = &config.targets[1];
+        assert_eq!(target.address, None);
+        assert_eq!(target.display_name(), "default/kubernetes:443");
+        assert_eq!(target.default_server_name(), "kubernetes.default.svc");
+
+        let both = GOOD.replace(
+            "  - address: fd00::20\n",
+            "  - address: fd00::20\n    service: default/kubernetes\n",
+        );
+        let message = error_of(&both);
+        assert!(message.contains("targets[1].service"), "{message}");
+        assert!(message.contains("not both"), "{message}");
+
+        let neither = GOOD.replace("  - address: fd00::20\n", "  - port: 443\n");
+        let message =
+            error_of(&neither.replace("    port: 443\n    class: kube_api", "    class: kube_api"));
+        assert!(message.contains("targets[1].address"), "{message}");
+
+        let bad = GOOD.replace("  - address: fd00::20\n", "  - service: kubernetes\n");
+        let message = error_of(&bad);
+        assert!(message.contains("expected namespace/name"), "{message}");
     }
 
     #[test]

@@ -79,6 +79,12 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         info!(node = %node, "watching this node's pods for subject identities");
     }
     let identity = Arc::new(identity);
+    if config.targets.iter().any(|target| target.service.is_some()) {
+        let client =
+            crate::identity::cluster::client(config.identity.kubeconfig.as_deref()).await?;
+        let services = crate::targets::start(&config, &client, &redirect);
+        info!(services, "following Service targets in the cluster");
+    }
     let recorder = {
         let recording = config.recording.clone();
         let node = node.clone();

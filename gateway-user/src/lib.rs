@@ -8,6 +8,7 @@
 //! - `proxy`: accepting redirected connections and dispatching them to a protocol handler;
 //! - `protocol`: the handlers, one per target class;
 //! - `identity`: the subject behind a connection;
+//! - `targets`: targets named by a Service, followed in the cluster;
 //! - `mask`: finding card numbers (PANs) in bytes and masking them, whole or streamed;
 //! - `policy`: AccessPolicy objects and access decisions;
 //! - `approval`: requests held for review and the socket that answers them;
@@ -38,6 +39,7 @@ pub mod redirect;
 pub mod sql;
 #[expect(unsafe_code, reason = "the one module that wraps system calls")]
 pub mod sys;
+pub mod targets;
 #[cfg(feature = "testing")]
 pub mod testing;
 #[cfg(feature = "testing")]

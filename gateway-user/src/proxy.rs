@@ -98,8 +98,9 @@ pub fn load_target_tls(config: &Config) -> Result<Vec<TargetTls>, ProxyError> {
             }
             None => None,
         };
-        let upstream = crate::tls::client_config(&target.upstream_tls, target.address)
-            .map_err(tls_error("upstream_tls"))?;
+        let upstream =
+            crate::tls::client_config(&target.upstream_tls, target.default_server_name())
+                .map_err(tls_error("upstream_tls"))?;
         let kube_upstream = match (&upstream, target.class) {
             (Some((config, name)), crate::config::TargetClass::KubeApi) => Some(
                 protocol::kube::upstream::UpstreamTls::new(config, name.clone()),

@@ -9,6 +9,7 @@
 //! which detaches the programs and frees the maps.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
@@ -194,6 +195,39 @@ pub struct Redirect {
     base_config: RedirectConfig,
     config_map: Mutex<Array<MapData, RedirectConfig>>,
     conn_map: Mutex<BpfHashMap<MapData, ConnKey, OrigInfo>>,
+    targets: Mutex<Targets>,
+}
+
+/// `TARGETS` and what it should hold: the configured addresses, and the addresses of each
+/// Service target as last seen in the cluster.
+struct Targets {
+    map: BpfHashMap<MapData, TargetKey, TargetValue>,
+    fixed: Vec<(TargetKey, TargetValue)>,
+    from_cluster: BTreeMap<u32, Vec<(TargetKey, TargetValue)>>,
+}
+
+impl Targets {
+    /// Writes every wanted entry, then removes the others, so an entry wanted before and after
+    /// never disappears in between.
+    fn sync(&mut self) -> Result<(), RedirectError> {
+        let wanted: Vec<(TargetKey, TargetValue)> = self
+            .fixed
+            .iter()
+            .chain(self.from_cluster.values().flatten())
+            .copied()
+            .collect();
+        for (key, value) in &wanted {
+            self.map
+                .insert(key, value, 0)
+                .map_err(|source| RedirectError::MapUpdate {
+                    name: MAP_TARGETS,
+                    source,
+                })?;
+        }
+        let keys: Vec<TargetKey> = wanted.iter().map(|(key, _)| *key).collect();
+        remove_unwanted(&mut self.map, &keys);
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Redirect {
@@ -240,9 +274,12 @@ impl Redirect {
         let base_config = kernel_config(config)?;
         let mut config_map: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
         write_config(&mut config_map, &base_config, sys::monotonic_ns())?;
-        let mut targets: BpfHashMap<MapData, TargetKey, TargetValue> =
-            take_map(&mut ebpf, MAP_TARGETS)?;
-        sync_targets(&mut targets, config)?;
+        let mut targets = Targets {
+            map: take_map(&mut ebpf, MAP_TARGETS)?,
+            fixed: fixed_targets(config),
+            from_cluster: BTreeMap::new(),
+        };
+        targets.sync()?;
         let mut excluded: BpfHashMap<MapData, u64, u8> = take_map(&mut ebpf, MAP_EXCLUDED_CGROUPS)?;
         sync_excluded(&mut excluded, &mounts, config)?;
         let conn_map: BpfHashMap<MapData, ConnKey, OrigInfo> = take_map(&mut ebpf, MAP_CONN)?;
@@ -265,7 +302,25 @@ impl Redirect {
             base_config,
             config_map: Mutex::new(config_map),
             conn_map: Mutex::new(conn_map),
+            targets: Mutex::new(targets),
         })
+    }
+
+    /// Makes `addresses` the redirected addresses of the Service target `target_id` (its index
+    /// in the configuration), replacing the ones set before.
+    pub fn set_service_addresses(
+        &self,
+        target_id: u32,
+        class: crate::config::TargetClass,
+        addresses: &[SocketAddr],
+    ) -> Result<(), RedirectError> {
+        let entries = addresses
+            .iter()
+            .map(|addr| target_entry(*addr, class, target_id))
+            .collect();
+        let mut targets = self.targets.lock().expect("targets map lock poisoned");
+        targets.from_cluster.insert(target_id, entries);
+        targets.sync()
     }
 
     /// Refreshes the heartbeat in `CONFIG`.
@@ -409,39 +464,42 @@ fn write_config(
         })
 }
 
-/// Makes `TARGETS` hold exactly the configured targets: adds the new ones first, then removes
-/// the ones no longer configured, so a target listed before and after never disappears.
-fn sync_targets(
-    map: &mut BpfHashMap<MapData, TargetKey, TargetValue>,
-    config: &Config,
-) -> Result<(), RedirectError> {
-    let mut wanted = Vec::with_capacity(config.targets.len());
-    for (index, target) in config.targets.iter().enumerate() {
-        let addr = target.socket_addr();
-        let family = match addr.ip() {
-            IpAddr::V4(_) => AF_INET,
-            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => AF_INET,
-            IpAddr::V6(_) => AF_INET6,
-        };
-        let key = TargetKey {
-            addr: kernel_addr(addr.ip()),
-            port: addr.port(),
-            family,
-        };
-        let value = TargetValue {
-            class: target.class.to_kernel() as u8,
-            _pad: [0; 3],
-            target_id: index as u32,
-        };
-        map.insert(key, value, 0)
-            .map_err(|source| RedirectError::MapUpdate {
-                name: MAP_TARGETS,
-                source,
-            })?;
-        wanted.push(key);
-    }
-    remove_unwanted(map, &wanted);
-    Ok(())
+/// Returns the `TARGETS` entries of the targets configured by address; Service targets get
+/// theirs from the cluster.
+fn fixed_targets(config: &Config) -> Vec<(TargetKey, TargetValue)> {
+    config
+        .targets
+        .iter()
+        .enumerate()
+        .filter_map(|(index, target)| {
+            let addr = target.socket_addr()?;
+            Some(target_entry(addr, target.class, index as u32))
+        })
+        .collect()
+}
+
+/// Builds the `TARGETS` entry that sends connects to `addr` to the handler of `class`.
+fn target_entry(
+    addr: SocketAddr,
+    class: crate::config::TargetClass,
+    target_id: u32,
+) -> (TargetKey, TargetValue) {
+    let family = match addr.ip() {
+        IpAddr::V4(_) => AF_INET,
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => AF_INET,
+        IpAddr::V6(_) => AF_INET6,
+    };
+    let key = TargetKey {
+        addr: kernel_addr(addr.ip()),
+        port: addr.port(),
+        family,
+    };
+    let value = TargetValue {
+        class: class.to_kernel() as u8,
+        _pad: [0; 3],
+        target_id,
+    };
+    (key, value)
 }
 
 fn sync_excluded(

@@ -47,7 +47,8 @@ pub struct UpstreamTls {
     /// PEM CA certificates for `verify-full`.
     #[serde(default)]
     pub ca: Option<PathBuf>,
-    /// Name to verify the certificate against; defaults to the target's address.
+    /// Name to verify the certificate against; defaults to the target's address, or to
+    /// `name.namespace.svc` for a Service target.
     #[serde(default)]
     pub server_name: Option<String>,
 }
@@ -103,12 +104,9 @@ pub fn server_config(tls: &ServingTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfi
 /// `None` when the mode is `disable`.
 pub fn client_config(
     upstream: &UpstreamTls,
-    target_address: std::net::IpAddr,
+    default_name: String,
 ) -> Result<Option<(Arc<ClientConfig>, ServerName<'static>)>, TlsError> {
-    let name = upstream
-        .server_name
-        .clone()
-        .unwrap_or_else(|| target_address.to_string());
+    let name = upstream.server_name.clone().unwrap_or(default_name);
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| TlsError::ServerName { name })?;
     let builder =

@@ -88,7 +88,8 @@ pub enum SessionsCommand {
         format: ExportFormat,
     },
     /// Check hash chains, signed checkpoints and the journal. Exits 0 when nothing was
-    /// tampered with, 1 otherwise.
+    /// tampered with, 1 when tampering was found, 2 when the check could not run (a missing
+    /// store or key, an unknown id).
     Verify {
         /// Session id or unique prefix; checks only that session (and the journal).
         id: Option<String>,

@@ -172,29 +172,35 @@ pub struct ClusterSettings {
 
 /// Starts watching the pods of `settings.node`; the returned cache fills as events arrive.
 pub async fn start(settings: &ClusterSettings) -> Result<Arc<PodCache>, ClusterError> {
-    let config = match &settings.kubeconfig {
+    let client = client(settings.kubeconfig.as_deref()).await?;
+    let api: kube::Api<Pod> = kube::Api::all(client);
+    let selector = format!("spec.nodeName={}", settings.node);
+    let cache = Arc::new(PodCache::default());
+    tokio::spawn(run_watch(api, selector, Arc::clone(&cache)));
+    Ok(cache)
+}
+
+/// Creates a Kubernetes client from `kubeconfig`, or from the in-cluster configuration (the
+/// pod's service-account token and CA) when `None`.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClusterError> {
+    let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
                 ClusterError::Kubeconfig {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     source,
                 }
             })?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
                 .map_err(|source| ClusterError::Kubeconfig {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     source,
                 })?
         }
         None => kube::Config::incluster().map_err(ClusterError::InCluster)?,
     };
-    let client = kube::Client::try_from(config).map_err(ClusterError::Client)?;
-    let api: kube::Api<Pod> = kube::Api::all(client);
-    let selector = format!("spec.nodeName={}", settings.node);
-    let cache = Arc::new(PodCache::default());
-    tokio::spawn(run_watch(api, selector, Arc::clone(&cache)));
-    Ok(cache)
+    kube::Client::try_from(config).map_err(ClusterError::Client)
 }
 
 async fn run_watch(api: kube::Api<Pod>, selector: String, cache: Arc<PodCache>) {

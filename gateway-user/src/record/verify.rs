@@ -98,6 +98,9 @@ struct ChainEnd {
     /// Records after the last checkpoint, other than the unsigned `access` and
     /// `journal.start` records `gatewayctl` appends.
     unsigned: u64,
+    /// Whether checking stopped at a broken record, so the counts cover only the records
+    /// before it.
+    broken: bool,
 }
 
 /// Checks the chain and checkpoints of one file's bytes. `scope` is the session id, or
@@ -119,6 +122,7 @@ fn check_chain(
         last_event: String::new(),
         verified_checkpoints: 0,
         unsigned: 0,
+        broken: false,
     };
     for (index, line) in lines.iter().enumerate() {
         let number = Some(index as u64 + 1);
@@ -130,6 +134,7 @@ fn check_chain(
                     number,
                     format!("record is not valid JSON ({error}): the file was edited"),
                 );
+                end.broken = true;
                 return end;
             }
         };
@@ -152,6 +157,7 @@ fn check_chain(
                     expected.next_seq
                 ),
             );
+            end.broken = true;
             return end;
         }
         if record.prev.as_deref().and_then(super::unhex) != Some(expected.prev) {
@@ -161,6 +167,7 @@ fn check_chain(
                 "prev does not match the hash of the record before it: that record was changed, or records were swapped or removed"
                     .into(),
             );
+            end.broken = true;
             return end;
         }
         if scope != JOURNAL_SCOPE && record.session.as_deref() != Some(scope) {
@@ -168,8 +175,8 @@ fn check_chain(
                 file,
                 number,
                 format!(
-                    "record names session {:?} instead of {scope}",
-                    record.session
+                    "record names session {} instead of {scope}",
+                    record.session.as_deref().unwrap_or("none")
                 ),
             );
         }
@@ -486,6 +493,8 @@ fn check_session(
                 );
             }
         }
+        // A broken chain is already reported, and its counts stop at the break.
+        Some(_) if end.broken => {}
         Some((records, digest, torn_bytes)) => {
             if end.records < *records {
                 report.fail(

@@ -58,12 +58,17 @@ impl TestNode {
     pub fn start_mariadb_with_tls(&self, server: &Server, tls: Option<(&Path, &Path)>) -> Mariadb {
         let data = self.dir.join("mariadb-data");
         let run_dir = self.dir.join("mariadb-run");
+        // A temporary directory of its own: the bootstrap's temporary tables in the shared
+        // /tmp have been seen to vanish while other tests ran.
+        let tmp_dir = self.dir.join("mariadb-tmp");
         fs::create_dir_all(&data).expect("create data directory");
         fs::create_dir_all(&run_dir).expect("create run directory");
+        fs::create_dir_all(&tmp_dir).expect("create temporary directory");
         let status = Command::new("chown")
             .args(["-R", "mysql:mysql"])
             .arg(&data)
             .arg(&run_dir)
+            .arg(&tmp_dir)
             .status()
             .expect("run chown");
         assert!(status.success(), "chown for mysql failed");
@@ -73,6 +78,7 @@ impl TestNode {
             .arg("--user=mysql")
             .arg(format!("--datadir={}", data.display()))
             .args(["--skip-test-db", "--auth-root-authentication-method=socket"])
+            .env("TMPDIR", &tmp_dir)
             .output()
             .expect("run mariadb-install-db");
         check_output("mariadb-install-db", &output);
@@ -97,10 +103,13 @@ impl TestNode {
         }
         let socket = run_dir.join("mariadb.sock");
         let log_path = self.dir.join("mariadb.log");
+        // mariadbd itself drops to the mysql user, so the guard below stops the server and
+        // not a wrapper that would leave it running.
         let child = self
-            .in_server(server, "runuser")
-            .args(["-u", "mysql", "--", "mariadbd", "--no-defaults"])
+            .in_server(server, "mariadbd")
+            .args(["--no-defaults", "--user=mysql"])
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp_dir.display()))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!(
                 "--pid-file={}",

@@ -271,7 +271,11 @@ impl ApiServer {
         match segments.as_slice() {
             ["healthz"] | ["livez"] | ["readyz"] => return Ok(text_response(StatusCode::OK, "ok")),
             ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
-            ["api"] | ["apis"] | ["api", "v1"] => {
+            ["api"]
+            | ["apis"]
+            | ["api", "v1"]
+            | ["apis", store::DISCOVERY_GROUP]
+            | ["apis", store::DISCOVERY_GROUP, "v1"] => {
                 if matches!(subject, Subject::Anonymous) {
                     return Err(ApiError::forbidden_path(subject.username(), "get", &path));
                 }
@@ -280,8 +284,10 @@ impl ApiServer {
                 }
                 let body = match segments.as_slice() {
                     ["api"] => discovery::api_versions(),
-                    ["apis"] => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}),
-                    _ => discovery::api_resources(),
+                    ["apis"] => discovery::api_groups(),
+                    ["apis", _] => discovery::api_group(),
+                    ["apis", _, _] => discovery::api_resources(store::DISCOVERY_GROUP),
+                    _ => discovery::api_resources(""),
                 };
                 return Ok(json_response(StatusCode::OK, &body));
             }
@@ -575,7 +581,7 @@ fn encode_list(
             }
             let body = json!({
                 "kind": format!("{}List", resource.kind),
-                "apiVersion": "v1",
+                "apiVersion": resource.api_version(),
                 "metadata": metadata,
                 "items": items,
             });
@@ -654,9 +660,10 @@ fn check_type_meta(resource: &Resource, body: &Value) -> Result<(), ApiError> {
             resource.kind
         )));
     }
-    if !api_version.is_empty() && api_version != "v1" {
+    let expected = resource.api_version();
+    if !api_version.is_empty() && api_version != expected {
         return Err(ApiError::bad_request(format!(
-            "the API version in the data ({api_version}) does not match the expected API version (v1)"
+            "the API version in the data ({api_version}) does not match the expected API version ({expected})"
         )));
     }
     Ok(())
@@ -688,8 +695,9 @@ pub fn request_info(
     segments: &[&str],
     query: &Query,
 ) -> Result<RequestInfo, ApiError> {
-    let rest = match segments {
-        ["api", "v1", rest @ ..] if !rest.is_empty() => rest,
+    let (group, rest) = match segments {
+        ["api", "v1", rest @ ..] if !rest.is_empty() => ("", rest),
+        ["apis", group, "v1", rest @ ..] if !rest.is_empty() && !group.is_empty() => (*group, rest),
         _ => return Err(ApiError::path_not_found()),
     };
     // `/api/v1/namespaces/NS/RESOURCE...` names a namespaced resource; `/api/v1/namespaces`
@@ -703,7 +711,7 @@ pub fn request_info(
         other => (None, other.to_vec()),
     };
     let resource_name = rest.first().copied().unwrap_or_default();
-    let resource = store::resource(resource_name).ok_or_else(ApiError::path_not_found)?;
+    let resource = store::resource_in(group, resource_name).ok_or_else(ApiError::path_not_found)?;
     if namespace.is_some() && !resource.namespaced {
         return Err(ApiError::path_not_found());
     }

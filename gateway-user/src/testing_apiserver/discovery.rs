@@ -1,6 +1,6 @@
-//! Legacy discovery documents: `/version`, `/api`, `/api/v1` (and `/apis`, built by the
-//! caller with no groups). kubectl 1.32 first requests aggregated discovery and falls back to
-//! these when the response is plain JSON.
+//! Legacy discovery documents: `/version`, `/api`, `/api/v1`, `/apis` and the one group
+//! served besides the core group, `discovery.k8s.io`. kubectl 1.32 first requests aggregated
+//! discovery and falls back to these when the response is plain JSON.
 
 use serde_json::{Value, json};
 
@@ -31,9 +31,37 @@ pub fn api_versions() -> Value {
     })
 }
 
-pub fn api_resources() -> Value {
+/// Builds the `/apis` group list.
+pub fn api_groups() -> Value {
+    json!({
+        "kind": "APIGroupList",
+        "apiVersion": "v1",
+        "groups": [api_group()],
+    })
+}
+
+/// Builds the `/apis/discovery.k8s.io` group document.
+pub fn api_group() -> Value {
+    let version = json!({
+        "groupVersion": format!("{}/v1", store::DISCOVERY_GROUP),
+        "version": "v1",
+    });
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": store::DISCOVERY_GROUP,
+        "versions": [version.clone()],
+        "preferredVersion": version,
+    })
+}
+
+/// Builds the resource list of `group`'s `v1` (empty for the core group).
+pub fn api_resources(group: &str) -> Value {
     let mut resources = Vec::new();
-    for resource in store::RESOURCES {
+    for resource in store::RESOURCES
+        .iter()
+        .filter(|resource| resource.group == group)
+    {
         resources.push(json!({
             "name": resource.name,
             "singularName": resource.singular,
@@ -43,7 +71,12 @@ pub fn api_resources() -> Value {
             "shortNames": resource.short_names,
         }));
     }
-    for sub in ["exec", "portforward"] {
+    let subresources: &[&str] = if group.is_empty() {
+        &["exec", "portforward"]
+    } else {
+        &[]
+    };
+    for &sub in subresources {
         resources.push(json!({
             "name": format!("pods/{sub}"),
             "singularName": "",
@@ -52,9 +85,14 @@ pub fn api_resources() -> Value {
             "verbs": ["create", "get"],
         }));
     }
+    let group_version = if group.is_empty() {
+        "v1".to_string()
+    } else {
+        format!("{group}/v1")
+    };
     json!({
         "kind": "APIResourceList",
-        "groupVersion": "v1",
+        "groupVersion": group_version,
         "resources": resources,
     })
 }

@@ -22,6 +22,8 @@ const BROADCAST_CAPACITY: usize = 4096;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Resource {
     /// Plural name, as in URLs.
+    /// API group; empty for the core group (`/api/v1`).
+    pub group: &'static str,
     pub name: &'static str,
     pub singular: &'static str,
     pub kind: &'static str,
@@ -29,9 +31,10 @@ pub struct Resource {
     pub short_names: &'static [&'static str],
 }
 
-/// The resources of the `v1` group version.
+/// The resources served: core `v1`, and `discovery.k8s.io/v1` for EndpointSlices.
 pub const RESOURCES: &[Resource] = &[
     Resource {
+        group: "",
         name: "pods",
         singular: "pod",
         kind: "Pod",
@@ -39,6 +42,7 @@ pub const RESOURCES: &[Resource] = &[
         short_names: &["po"],
     },
     Resource {
+        group: "",
         name: "configmaps",
         singular: "configmap",
         kind: "ConfigMap",
@@ -46,6 +50,7 @@ pub const RESOURCES: &[Resource] = &[
         short_names: &["cm"],
     },
     Resource {
+        group: "",
         name: "secrets",
         singular: "secret",
         kind: "Secret",
@@ -53,6 +58,7 @@ pub const RESOURCES: &[Resource] = &[
         short_names: &[],
     },
     Resource {
+        group: "",
         name: "serviceaccounts",
         singular: "serviceaccount",
         kind: "ServiceAccount",
@@ -60,17 +66,55 @@ pub const RESOURCES: &[Resource] = &[
         short_names: &["sa"],
     },
     Resource {
+        group: "",
         name: "namespaces",
         singular: "namespace",
         kind: "Namespace",
         namespaced: false,
         short_names: &["ns"],
     },
+    Resource {
+        group: "",
+        name: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+    },
+    Resource {
+        group: DISCOVERY_GROUP,
+        name: "endpointslices",
+        singular: "endpointslice",
+        kind: "EndpointSlice",
+        namespaced: true,
+        short_names: &[],
+    },
 ];
+
+/// The group of EndpointSlices.
+pub const DISCOVERY_GROUP: &str = "discovery.k8s.io";
+
+impl Resource {
+    /// Returns the `apiVersion` of this resource's objects: `v1` or `GROUP/v1`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            "v1".to_string()
+        } else {
+            format!("{}/v1", self.group)
+        }
+    }
+}
 
 /// Looks up a resource by its plural name.
 pub fn resource(name: &str) -> Option<&'static Resource> {
-    RESOURCES.iter().find(|resource| resource.name == name)
+    resource_in("", name)
+}
+
+/// Finds the resource `name` of API group `group` (empty for the core group).
+pub fn resource_in(group: &str, name: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|resource| resource.group == group && resource.name == name)
 }
 
 /// Kind of a watch event.
@@ -463,7 +507,7 @@ fn metadata_mut(object: &mut Value) -> &mut serde_json::Map<String, Value> {
 fn set_type_meta(resource: &Resource, object: &mut Value) {
     if let Some(map) = object.as_object_mut() {
         map.insert("kind".into(), json!(resource.kind));
-        map.insert("apiVersion".into(), json!("v1"));
+        map.insert("apiVersion".into(), json!(resource.api_version()));
     }
 }
 

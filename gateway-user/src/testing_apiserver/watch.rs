@@ -243,7 +243,7 @@ impl WatchStream {
     fn bookmark_line(&mut self) -> Bytes {
         let object = json!({
             "kind": self.resource.kind,
-            "apiVersion": "v1",
+            "apiVersion": self.resource.api_version(),
             "metadata": {"resourceVersion": self.last_version.to_string()},
         });
         if self.format == Format::Protobuf {
