@@ -1054,9 +1054,20 @@ fn check_namespaces(manifests: &[Manifest], problems: &mut Vec<String>) {
 }
 
 /// Checks that the uninstall DaemonSet removes the pins under the configuration's
-/// `redirect.bpffs`, on every node.
+/// `redirect.bpffs`, on every node, with the gatewayd DaemonSet's image.
 fn check_uninstall(manifests: &[Manifest], config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
+    let gatewayd_image =
+        find_object::<DaemonSet>(manifests, "DaemonSet", "gatewayd", &mut problems).and_then(
+            |daemonset| {
+                pod_spec(&daemonset)?
+                    .containers
+                    .iter()
+                    .find(|container| container.name == GATEWAYD_CONTAINER)?
+                    .image
+                    .clone()
+            },
+        );
     let Some(daemonset) =
         find_object::<DaemonSet>(manifests, "DaemonSet", "gatewayd-uninstall", &mut problems)
     else {
@@ -1080,6 +1091,12 @@ fn check_uninstall(manifests: &[Manifest], config: &Config) -> Vec<String> {
         );
         return problems;
     };
+    if container.image != gatewayd_image {
+        problems.push(format!(
+            "gatewayd-uninstall: image {:?} is not the gatewayd DaemonSet's image {gatewayd_image:?}",
+            container.image
+        ));
+    }
     let args = container.args.clone().unwrap_or_default();
     let bpffs = args
         .windows(2)
@@ -1114,6 +1131,48 @@ fn check_uninstall(manifests: &[Manifest], config: &Config) -> Vec<String> {
         problems.push("gatewayd-uninstall: does not tolerate every taint".to_string());
     }
     problems
+}
+
+/// Checks that the image runs gatewayd, as the DaemonSets' arguments assume, and carries
+/// gatewayctl for `kubectl exec`.
+fn check_containerfile(text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let instructions: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#'))
+        .collect();
+    let entrypoint = instructions
+        .iter()
+        .rev()
+        .find(|line| line.starts_with("ENTRYPOINT"));
+    if !entrypoint.is_some_and(|line| line.contains("\"/usr/local/bin/gatewayd\"")) {
+        problems.push(format!(
+            "Containerfile: the last ENTRYPOINT is {entrypoint:?}, not /usr/local/bin/gatewayd, \
+             which the DaemonSets' args (run, uninstall) are written for"
+        ));
+    }
+    let final_stage = instructions
+        .iter()
+        .rposition(|line| line.starts_with("FROM "))
+        .map_or(&instructions[..], |start| &instructions[start..]);
+    for binary in ["gatewayd", "gatewayctl"] {
+        let copied = final_stage
+            .iter()
+            .any(|line| line.starts_with("COPY") && line.contains(&format!("/{binary}")));
+        if !copied {
+            problems.push(format!(
+                "Containerfile: the final stage does not copy {binary}"
+            ));
+        }
+    }
+    problems
+}
+
+fn read_containerfile() -> String {
+    let path = Path::new(MANIFEST_DIR).join("Containerfile");
+    fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("failed to read {}: {error}", path.display()))
 }
 
 // ----- helpers for the tests -----
@@ -1225,6 +1284,12 @@ fn uninstall_fits_configuration() {
     let manifests = read_manifests();
     let config = install_config(&manifests);
     let problems = check_uninstall(&manifests, &config);
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn containerfile_runs_gatewayd() {
+    let problems = check_containerfile(&read_containerfile());
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -1588,5 +1653,37 @@ fn broken_uninstall_pin_dir_reported() {
     assert_reports(
         &check_uninstall(&manifests, &config),
         "--bpffs Some(\"/sys/fs/bpf/other\") is not redirect.bpffs",
+    );
+}
+
+#[test]
+fn broken_uninstall_image_reported() {
+    let mut manifests = read_manifests();
+    let config = install_config(&manifests);
+    let image = manifest_mut(&mut manifests, "uninstall/daemonset.yaml")
+        .pointer_mut("/spec/template/spec/initContainers/0/image")
+        .expect("init container image");
+    *image = Value::from("node-gateway:0.0.1");
+    assert_reports(
+        &check_uninstall(&manifests, &config),
+        "image Some(\"node-gateway:0.0.1\") is not the gatewayd DaemonSet's image",
+    );
+}
+
+#[test]
+fn broken_containerfile_reported() {
+    let text = read_containerfile();
+    let without_ctl = text.replace(" /out/gatewayctl", "");
+    assert_reports(
+        &check_containerfile(&without_ctl),
+        "the final stage does not copy gatewayctl",
+    );
+    let other_entrypoint = text.replace(
+        "ENTRYPOINT [\"/usr/local/bin/gatewayd\"]",
+        "ENTRYPOINT [\"/usr/local/bin/gatewayctl\"]",
+    );
+    assert_reports(
+        &check_containerfile(&other_entrypoint),
+        "not /usr/local/bin/gatewayd",
     );
 }
