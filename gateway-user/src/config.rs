@@ -144,12 +144,21 @@ impl Default for ApprovalsConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// IPv4 redirect address: a node address pods can reach.
-    #[serde(default, deserialize_with = "parse_optional_addr")]
+    /// IPv4 redirect address: a node address pods can reach. Resolved from `listen_v4` as
+    /// written, after expanding environment variables.
+    #[serde(skip)]
     pub listen_v4: Option<SocketAddrV4>,
-    /// IPv6 redirect address.
-    #[serde(default, deserialize_with = "parse_optional_addr")]
+    /// IPv6 redirect address, resolved like `listen_v4`.
+    #[serde(skip)]
     pub listen_v6: Option<SocketAddrV6>,
+    /// `listen_v4` as written: `IP:PORT`, where `${NAME}` is replaced with the value of
+    /// environment variable NAME (`${HOST_IP}:15001`), because the node address differs per
+    /// node.
+    #[serde(default, rename = "listen_v4")]
+    listen_v4_text: Option<String>,
+    /// `listen_v6` as written, with the same expansion (`'[${HOST_IPV6}]:15001'`).
+    #[serde(default, rename = "listen_v6")]
+    listen_v6_text: Option<String>,
     /// Maximum number of proxied connections open at once; further ones are reset.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -480,21 +489,81 @@ fn parse_optional_ip<'de, D: serde::Deserializer<'de>>(
     })
 }
 
-/// Parses an `IP:PORT` socket address, naming the value and the expected form when it is not
-/// one.
-fn parse_optional_addr<'de, D, A>(deserializer: D) -> Result<Option<A>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    A: std::str::FromStr,
-{
-    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+impl ProxyConfig {
+    /// Resolves the listen addresses from their written text, taking `${NAME}` references from
+    /// `env`. Returns the field and the message of the first error.
+    fn resolve_listen(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), (&'static str, String)> {
+        self.listen_v4 = parse_listen_addr(self.listen_v4_text.as_deref(), env)
+            .map_err(|message| ("proxy.listen_v4", message))?;
+        self.listen_v6 = parse_listen_addr(self.listen_v6_text.as_deref(), env)
+            .map_err(|message| ("proxy.listen_v6", message))?;
+        Ok(())
+    }
+}
+
+/// Parses an `IP:PORT` socket address after expanding `${NAME}` references, naming the value
+/// and the expected form when it is not one.
+fn parse_listen_addr<A: std::str::FromStr>(
+    text: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<A>, String> {
+    let Some(text) = text else {
         return Ok(None);
     };
-    text.parse().map(Some).map_err(|_| {
-        serde::de::Error::custom(format!(
-            "invalid address {text:?}: expected IP:PORT, such as 10.0.0.5:15001 or '[fd00::5]:15001'"
-        ))
+    let expanded = expand_env(text, env)?;
+    let described = if expanded == text {
+        format!("{text:?}")
+    } else {
+        format!("{expanded:?} (expanded from {text:?})")
+    };
+    expanded.parse().map(Some).map_err(|_| {
+        format!(
+            "invalid address {described}: expected IP:PORT, such as 10.0.0.5:15001 or '[fd00::5]:15001'"
+        )
     })
+}
+
+/// Replaces each `${NAME}` in `text` with the value `env` returns for NAME. A `$` that does not
+/// start a well-formed reference, and a variable that is unset or empty, are errors, so a
+/// mistyped reference never turns into a wrong address.
+fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut expanded = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('$') {
+        expanded.push_str(&rest[..start]);
+        let reference = &rest[start..];
+        let Some(end) = reference
+            .strip_prefix("${")
+            .and_then(|inner| inner.find('}'))
+        else {
+            return Err(format!(
+                "invalid environment variable reference in {text:?}: write it as ${{NAME}}"
+            ));
+        };
+        let name = &reference[2..2 + end];
+        let valid_name = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(format!(
+                "invalid environment variable name {name:?} in {text:?}: use letters, digits \
+                 and underscores, not starting with a digit"
+            ));
+        }
+        match env(name) {
+            Some(value) if !value.is_empty() => expanded.push_str(&value),
+            _ => {
+                return Err(format!(
+                    "environment variable {name} is not set or empty (referenced in {text:?})"
+                ));
+            }
+        }
+        rest = &reference[2 + end + 1..];
+    }
+    expanded.push_str(rest);
+    Ok(expanded)
 }
 
 fn default_true() -> bool {
@@ -544,28 +613,48 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// Parses and validates configuration text; `path` only names it in errors.
+    /// Parses and validates configuration text; `path` only names it in errors. `${NAME}`
+    /// references in the listen addresses are taken from this process's environment.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with_env(path, text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates configuration text like [`Config::parse`], taking `${NAME}`
+    /// references from `env` instead of the environment.
+    pub fn parse_with_env(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let deserializer = serde_yaml::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|error| {
-            let field = error.path().to_string();
-            let message = error.into_inner().to_string();
-            // serde_yaml starts some messages with the path, or part of it, already given in
-            // `field`.
-            let message = match message.split_once(": ") {
-                Some((prefix, rest)) if field.starts_with(prefix) => rest.to_string(),
-                _ => message,
-            };
-            ConfigError::Parse {
+        let mut config: Config =
+            serde_path_to_error::deserialize(deserializer).map_err(|error| {
+                let field = error.path().to_string();
+                let message = error.into_inner().to_string();
+                // serde_yaml starts some messages with the path, or part of it, already given in
+                // `field`.
+                let message = match message.split_once(": ") {
+                    Some((prefix, rest)) if field.starts_with(prefix) => rest.to_string(),
+                    _ => message,
+                };
+                ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    field: if field == "." {
+                        "(top level)".to_string()
+                    } else {
+                        field
+                    },
+                    message,
+                }
+            })?;
+        config
+            .proxy
+            .resolve_listen(env)
+            .map_err(|(field, message)| ConfigError::Parse {
                 path: path.to_path_buf(),
-                field: if field == "." {
-                    "(top level)".to_string()
-                } else {
-                    field
-                },
+                field: field.to_string(),
                 message,
-            }
-        })?;
+            })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -850,6 +939,8 @@ fn normalize(addr: SocketAddr) -> SocketAddr {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     const GOOD: &str = "
@@ -1076,5 +1167,104 @@ targets:
         let text = "proxy: {}\n";
         let message = error_of(text);
         assert!(message.contains("field `proxy`"), "{message}");
+    }
+
+    fn parse_with(text: &str, variables: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let variables: HashMap<String, String> = variables
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        Config::parse_with_env(Path::new("test.yaml"), text, &|name| {
+            variables.get(name).cloned()
+        })
+    }
+
+    #[test]
+    fn listen_address_from_environment() {
+        let text = GOOD
+            .replace("10.0.0.1:15001", "${HOST_IP}:15001")
+            .replace("[fd00::1]:15001", "[${HOST_IPV6}]:${PORT}");
+        let config = parse_with(
+            &text,
+            &[
+                ("HOST_IP", "10.0.0.7"),
+                ("HOST_IPV6", "fd00::7"),
+                ("PORT", "15002"),
+            ],
+        )
+        .expect("valid config");
+        assert_eq!(
+            config.proxy.listen_v4,
+            Some("10.0.0.7:15001".parse().unwrap())
+        );
+        assert_eq!(
+            config.proxy.listen_v6,
+            Some("[fd00::7]:15002".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn listen_address_literal_unchanged() {
+        let config = parse_with(GOOD, &[]).expect("valid config");
+        assert_eq!(
+            config.proxy.listen_v4,
+            Some("10.0.0.1:15001".parse().unwrap())
+        );
+        assert_eq!(
+            config.proxy.listen_v6,
+            Some("[fd00::1]:15001".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn listen_address_unset_variable() {
+        let text = GOOD.replace("10.0.0.1:15001", "${HOST_IP}:15001");
+        for variables in [&[][..], &[("HOST_IP", "")][..]] {
+            let message = parse_with(&text, variables)
+                .expect_err("an unset or empty variable must be rejected")
+                .to_string();
+            assert!(message.contains("proxy.listen_v4"), "{message}");
+            assert!(message.contains("HOST_IP is not set"), "{message}");
+        }
+    }
+
+    #[test]
+    fn listen_address_malformed_reference() {
+        for written in [
+            "$HOST_IP:15001",
+            "${HOST_IP:15001",
+            "${1IP}:15001",
+            "${}:15001",
+        ] {
+            let text = GOOD.replace("10.0.0.1:15001", written);
+            let message = parse_with(&text, &[("HOST_IP", "10.0.0.7")])
+                .expect_err("a malformed reference must be rejected")
+                .to_string();
+            assert!(message.contains("proxy.listen_v4"), "{written}: {message}");
+            assert!(
+                message.contains("environment variable"),
+                "{written}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn listen_address_expanded_value_invalid() {
+        let text = GOOD.replace("10.0.0.1:15001", "${HOST_IP}:15001");
+        let message = parse_with(&text, &[("HOST_IP", "fd00::7")])
+            .expect_err("an IPv6 address in listen_v4 must be rejected")
+            .to_string();
+        assert!(message.contains("proxy.listen_v4"), "{message}");
+        assert!(message.contains("\"fd00::7:15001\""), "{message}");
+        assert!(message.contains("expanded from"), "{message}");
+    }
+
+    #[test]
+    fn listen_address_expanded_still_validated() {
+        let text = GOOD.replace("10.0.0.1:15001", "${HOST_IP}:30080");
+        let message = parse_with(&text, &[("HOST_IP", "10.0.0.7")])
+            .expect_err("a NodePort must be rejected after expansion")
+            .to_string();
+        assert!(message.contains("NodePort"), "{message}");
     }
 }
