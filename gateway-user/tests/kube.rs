@@ -1285,6 +1285,63 @@ fn kubectl_exec_through_gateway() {
     assert!(stderr_frame, "no stderr frame recorded");
 }
 
+/// An idle terminal session outlives a minute of silence and is on disk from the moment the
+/// upgrade succeeds, not only once it ends.
+#[test]
+fn kubectl_exec_idle_terminal_recorded_live() {
+    use std::io::Write as _;
+
+    let cluster = InCluster::new("kubectl_exec_idle_terminal_recorded_live", "");
+    let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+        &cluster.node,
+        &cluster.pod,
+        &cluster.service_account,
+        &cluster.home,
+        cluster.api.address,
+        cluster.api.port,
+        "script",
+    );
+    command
+        .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("start kubectl exec -it");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+
+    let recorded = || -> String {
+        cluster
+            .node
+            .session_files()
+            .iter()
+            .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+            .collect()
+    };
+    gateway_user::testing::wait_until(
+        "stream.open in the recording",
+        Duration::from_secs(30),
+        || recorded().contains("\"stream.open\""),
+    );
+    assert!(
+        child.try_wait().expect("poll kubectl").is_none(),
+        "the session ended before its recording was checked"
+    );
+
+    std::thread::sleep(Duration::from_secs(65));
+    assert!(
+        child.try_wait().expect("poll kubectl").is_none(),
+        "the idle session was closed"
+    );
+    stdin
+        .write_all(b"echo $((6*7))\nexit 5\n")
+        .expect("type into the terminal");
+    let output = child.wait_with_output().expect("wait for kubectl");
+    drop(stdin);
+    let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+    assert!(text.lines().any(|line| line.trim() == "42"), "{text}");
+    assert_eq!(output.status.code(), Some(5), "{text}");
+}
+
 #[test]
 fn kubectl_port_forward_through_gateway() {
     const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
