@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         .map(|index| Column {
             column_type: types[(usize::from(selector) + index) % types.len()],
             unsigned: selector & 0x80 != 0,
+            whole: selector & 0x40 != 0 && index == 0,
         })
         .collect();
 

@@ -452,12 +452,11 @@ impl Proxy {
                     approvals: Arc::clone(&self.access.approvals),
                     subject: policy_subject,
                     target: policy_target,
-                    // NOTE: `mask_settings.fields` (columns masked whole) is not applied to
-                    // result rows yet; only the kept digits are.
                     mask: MaskPolicy {
                         keep: mask_settings.keep.to_mask_keep(),
                         ..MaskPolicy::default()
                     },
+                    masked_columns: lowercase(&mask_settings.fields),
                     cancels: Arc::clone(&self.postgres_cancels),
                     upstream_addr: destination,
                     mark: self.config.redirect.mark,
@@ -522,12 +521,11 @@ impl Proxy {
                     approvals: Arc::clone(&self.access.approvals),
                     subject: policy_subject,
                     target: policy_target,
-                    // NOTE: `mask_settings.fields` (columns masked whole) is not applied to
-                    // result rows yet; only the kept digits are.
                     mask: MaskPolicy {
                         keep: mask_settings.keep.to_mask_keep(),
                         ..MaskPolicy::default()
                     },
+                    masked_columns: lowercase(&mask_settings.fields),
                     idle_timeout: self.config.proxy.idle_timeout,
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream_tls: tls.and_then(|tls| tls.upstream.clone()),
@@ -659,4 +657,9 @@ fn policy_subject(subject: &Subject) -> crate::policy::Subject {
         uid: Some(subject.uid),
         ..crate::policy::Subject::unknown()
     }
+}
+
+/// Returns `names` in lowercase, the form column names are compared in.
+fn lowercase(names: &[String]) -> Vec<String> {
+    names.iter().map(|name| name.to_lowercase()).collect()
 }

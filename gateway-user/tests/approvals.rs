@@ -522,3 +522,48 @@ fn held_parse_in_pipeline() {
         "{error}"
     );
 }
+
+#[test]
+fn policy_masks_named_columns_whole() {
+    let setup = setup("policy_masks_named_columns_whole");
+    // A rule placed last decides nothing the others do not, and sets the session's masking.
+    std::fs::write(
+        setup.policy_dir.join("99-masking.yaml"),
+        "\
+apiVersion: gateway.example.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: masking
+spec:
+  rules:
+    - name: hide-card-column
+      targets:
+        names: [payments-db]
+      action: allow
+      masking:
+        keep: last4
+        fields: [pan]
+",
+    )
+    .expect("write policy");
+    let mut last = String::new();
+    wait_until("the masking policy", Duration::from_secs(20), || {
+        let (ok, stdout, stderr) = finish(spawn_psql(
+            &setup,
+            &["SELECT id, pan, 'x 4111111111111111' FROM cards ORDER BY id"],
+        ));
+        assert!(ok, "{stderr}");
+        last = stdout;
+        last.contains("1|*******************|")
+    });
+    let rows: Vec<&str> = last.lines().collect();
+    assert_eq!(
+        rows,
+        [
+            "1|*******************|x ************1111",
+            "2|*******************|x ************1111",
+            "3|*|x ************1111",
+        ],
+        "{last}"
+    );
+}

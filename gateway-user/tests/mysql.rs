@@ -843,3 +843,41 @@ fn held_statements_wait_for_approval() {
         .collect();
     assert_eq!(denied, ["review-card-deletes", "quick-review"]);
 }
+
+#[test]
+fn policy_masks_named_columns_whole() {
+    const POLICY: &str = "\
+apiVersion: gateway.example.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: payments
+spec:
+  defaults:
+    mysql:
+      action: allow
+      masking:
+        keep: last4
+        fields: [note]
+";
+    let setup = start(
+        "policy_masks_named_columns_whole",
+        false,
+        false,
+        Some(POLICY),
+    );
+    card_table(&setup.mariadb);
+    let output = cli_ok(
+        &setup,
+        true,
+        "SELECT id, card_text, note FROM cards WHERE id <= 2",
+    );
+    let rows: Vec<&str> = output.lines().skip(1).collect();
+    assert_eq!(
+        rows,
+        [
+            "1\t************1111\t****",
+            "2\t**** **** **** 1111\t******"
+        ],
+        "{output}"
+    );
+}

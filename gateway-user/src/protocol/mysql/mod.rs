@@ -118,6 +118,8 @@ pub struct MysqlContext {
     pub subject: crate::policy::Subject,
     pub target: crate::policy::Target,
     pub mask: MaskPolicy,
+    /// Result columns masked whole, by lowercase name (the policy's `masking.fields`).
+    pub masked_columns: Vec<String>,
     pub idle_timeout: Duration,
     /// Serving certificate for client TLS; without one, `CLIENT_SSL` is not offered.
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
@@ -1062,7 +1064,10 @@ impl Session<'_> {
                     let mut columns = Vec::new();
                     for _ in 0..count {
                         let definition = self.read_server(CONTROL_LIMIT, &mut expected).await?;
-                        columns.push(rows::parse_column(&definition.data).map_err(server_error)?);
+                        columns.push(
+                            rows::parse_column(&definition.data, &self.context.masked_columns)
+                                .map_err(server_error)?,
+                        );
                         self.send_client(definition.first_seq, &definition.data)
                             .await?;
                     }

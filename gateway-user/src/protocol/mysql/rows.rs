@@ -40,19 +40,28 @@ pub const UNSIGNED_FLAG: u16 = 0x20;
 pub struct Column {
     pub column_type: u8,
     pub unsigned: bool,
+    /// Whether the column is masked whole, because its name is in the policy's
+    /// `masking.fields`. Text bytes become the mask character, binary bytes zero.
+    pub whole: bool,
 }
 
-/// Reads the type and flags from a column definition (protocol 4.1).
+/// Reads the type and flags from a column definition (protocol 4.1), and whether its name or
+/// original name is one of `whole_fields` (lowercase), the columns masked whole.
 ///
 /// # Format
 ///
 /// Six length-encoded strings (catalog, schema, table, original table, name, original name),
 /// the length of the fixed fields (`0x0c`), charset `u16`, display length `u32`, type `u8`,
 /// flags `u16`, decimals `u8`, 2 filler bytes.
-pub fn parse_column(payload: &[u8]) -> Result<Column, PacketError> {
+pub fn parse_column(payload: &[u8], whole_fields: &[String]) -> Result<Column, PacketError> {
     let mut reader = FieldReader::new(payload, "column definition");
-    for _ in 0..6 {
-        reader.lenenc_bytes()?;
+    let mut whole = false;
+    for index in 0..6 {
+        let text = reader.lenenc_bytes()?;
+        if index >= 4 && !whole_fields.is_empty() {
+            let name = String::from_utf8_lossy(text).to_lowercase();
+            whole |= whole_fields.contains(&name);
+        }
     }
     reader.lenenc()?;
     reader.bytes(2 + 4)?;
@@ -61,6 +70,7 @@ pub fn parse_column(payload: &[u8]) -> Result<Column, PacketError> {
     Ok(Column {
         column_type,
         unsigned: flags & UNSIGNED_FLAG != 0,
+        whole,
     })
 }
 
@@ -315,7 +325,12 @@ impl RowMasker {
                     if self.gathered.len() == need {
                         let column = self.columns[self.column];
                         let mut value = std::mem::take(&mut self.gathered);
-                        self.masked += mask_fixed(&mut value, column, &self.policy);
+                        if column.whole {
+                            value.fill(0);
+                            self.masked += usize::from(need > 0);
+                        } else {
+                            self.masked += mask_fixed(&mut value, column, &self.policy);
+                        }
                         out.extend_from_slice(&value);
                         self.gathered = value;
                         self.gathered.clear();
@@ -325,7 +340,11 @@ impl RowMasker {
                 }
                 State::Raw { left } => {
                     let take = left.min(input.len());
-                    out.extend_from_slice(&input[..take]);
+                    if self.columns[self.column].whole {
+                        out.extend(std::iter::repeat_n(0, take));
+                    } else {
+                        out.extend_from_slice(&input[..take]);
+                    }
                     input = &input[take..];
                     if take == left {
                         self.column += 1;
@@ -336,10 +355,21 @@ impl RowMasker {
                 }
                 State::Text { left } => {
                     let take = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
-                    self.masked += self.text.feed(&input[..take], out);
+                    let whole = self
+                        .columns
+                        .get(self.column)
+                        .is_some_and(|column| column.whole);
+                    if whole {
+                        out.extend(std::iter::repeat_n(self.policy.mask_char, take));
+                    } else {
+                        self.masked += self.text.feed(&input[..take], out);
+                    }
                     input = &input[take..];
                     let left = left - take as u64;
                     if left == 0 {
+                        if whole {
+                            self.masked += 1;
+                        }
                         self.masked += self.text.finish(out);
                         self.column += 1;
                         self.state = self.next_column();
@@ -410,6 +440,7 @@ pub fn execute_params(
             bound.push(Column {
                 column_type,
                 unsigned: flags & 0x80 != 0,
+                whole: false,
             });
         }
         types.0 = bound;
@@ -476,14 +507,17 @@ mod tests {
     const STRING: Column = Column {
         column_type: 253,
         unsigned: false,
+        whole: false,
     };
     const BIGINT: Column = Column {
         column_type: TYPE_LONGLONG,
         unsigned: false,
+        whole: false,
     };
     const INT: Column = Column {
         column_type: TYPE_LONG,
         unsigned: false,
+        whole: false,
     };
 
     fn text_row(values: &[Option<&[u8]>]) -> Vec<u8> {
@@ -537,6 +571,42 @@ mod tests {
     }
 
     #[test]
+    fn whole_columns_overwritten_same_width() {
+        let hidden = Column {
+            whole: true,
+            ..STRING
+        };
+        let row = text_row(&[Some(b"123"), None, Some(b"4111111111111111")]);
+        let masked = mask_all_splits(&[hidden, hidden, STRING], false, &row);
+        let expected = text_row(&[Some(b"***"), None, Some(b"411111******1111")]);
+        assert_eq!(masked, expected);
+
+        // A binary BIGINT masked whole becomes zero, whatever its value.
+        let mut binary = vec![0x00, 0x00];
+        binary.extend_from_slice(&42i64.to_le_bytes());
+        let hidden_bigint = Column {
+            whole: true,
+            ..BIGINT
+        };
+        let masked = mask_all_splits(&[hidden_bigint], true, &binary);
+        assert_eq!(&masked[2..], &[0; 8]);
+    }
+
+    #[test]
+    fn column_definition_flags_named_columns() {
+        let mut payload = BytesMut::new();
+        for text in ["def", "payments", "c", "cards", "CVV", "cvv"] {
+            super::super::packet::put_lenenc(&mut payload, text.len() as u64);
+            payload.extend_from_slice(text.as_bytes());
+        }
+        payload.extend_from_slice(&[0x0c, 33, 0, 0, 0, 0, 0, 253, 0, 0, 0, 0, 0]);
+        let column = parse_column(&payload, &["cvv".to_string()]).expect("valid definition");
+        assert!(column.whole);
+        let column = parse_column(&payload, &["pan".to_string()]).expect("valid definition");
+        assert!(!column.whole);
+    }
+
+    #[test]
     fn text_row_length_digit_not_joined_to_value() {
         // A length byte of 0x35 ('5') in front of a 15-digit value must not form a PAN with it.
         let value = vec![b'1'; 0x35];
@@ -582,6 +652,7 @@ mod tests {
         let double = Column {
             column_type: TYPE_DOUBLE,
             unsigned: false,
+            whole: false,
         };
         let masked = mask_all_splits(&[double], true, &row);
         let value = f64::from_le_bytes(masked[2..10].try_into().expect("8 bytes"));

@@ -81,6 +81,8 @@ pub struct PostgresContext {
     pub subject: PolicySubject,
     pub target: PolicyTarget,
     pub mask: MaskPolicy,
+    /// Result columns masked whole, by lowercase name (the policy's `masking.fields`).
+    pub masked_columns: Vec<String>,
     pub cancels: Arc<CancelRegistry>,
     /// Server address of this session's upstream connection, for routing cancel requests.
     pub upstream_addr: SocketAddr,
@@ -1039,6 +1041,8 @@ async fn copy_body<W: AsyncWrite + Unpin>(
 struct Backend {
     /// Format code per column of the current result (0 text, 1 binary), from RowDescription.
     column_formats: Vec<i16>,
+    /// Whether each column of the current result is masked whole, from RowDescription.
+    whole_columns: Vec<bool>,
 }
 
 async fn backend(
@@ -1105,14 +1109,15 @@ fn backend_message(
         b'D' => {
             let mut body = body.to_vec();
             let formats = bind_formats(shared).unwrap_or_else(|| state.column_formats.clone());
-            rows::mask_data_row(&mut body, &formats, &context.mask)?;
+            rows::mask_data_row_with(&mut body, &formats, &state.whole_columns, &context.mask)?;
             Ok(codec::frame(tag, &body))
         }
         b'R' if !authenticated.load(Ordering::Acquire) => {
             Ok(codec::frame(tag, &without_channel_binding(&body)))
         }
         b'T' => {
-            state.column_formats = rows::row_description_formats(&body)?;
+            (state.column_formats, state.whole_columns) =
+                rows::row_description(&body, &context.masked_columns)?;
             Ok(codec::frame(tag, &body))
         }
         b'd' => {
@@ -1289,7 +1294,8 @@ async fn stream_to_client(
     let mut out = Vec::new();
     match header.tag {
         b'D' => {
-            let mut masker = RowMasker::new(state.column_formats.clone(), mask.clone());
+            let mut masker = RowMasker::new(state.column_formats.clone(), mask.clone())
+                .with_whole_columns(state.whole_columns.clone());
             while left > 0 {
                 let piece = upstream.read_piece(left).await.map_err(server_error)?;
                 left -= piece.len();

@@ -10,6 +10,10 @@
 //!   its integer digits, in place, with the same number of groups;
 //! - anything else is scanned as text, which covers `bytea` and text-like types fetched in
 //!   binary.
+//!
+//! Columns the policy masks whole (`masking.fields`, matched by the column name in
+//! RowDescription) are overwritten whatever their content. Each byte of a text value becomes
+//! the mask character and each byte of a binary value zero, so the width stays the same.
 
 use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
 
@@ -18,24 +22,41 @@ use super::codec::{BodyReader, CodecError};
 /// Format code of binary columns in RowDescription and Bind.
 const BINARY_FORMAT: i16 = 1;
 
-/// Reads the format code of each column from a RowDescription body.
-pub fn row_description_formats(body: &[u8]) -> Result<Vec<i16>, CodecError> {
+/// Reads the format code of each column from a RowDescription body, and whether its name is
+/// one of `whole_fields` (lowercase), the columns masked whole.
+pub fn row_description(
+    body: &[u8],
+    whole_fields: &[String],
+) -> Result<(Vec<i16>, Vec<bool>), CodecError> {
     let mut reader = BodyReader::new(body, "RowDescription");
     let count = reader.i16()?.max(0) as usize;
     let mut formats = Vec::with_capacity(count);
+    let mut whole = Vec::with_capacity(count);
     for _ in 0..count {
-        reader.cstr()?;
+        let name = reader.cstr()?;
+        let name = String::from_utf8_lossy(name).to_lowercase();
+        whole.push(whole_fields.contains(&name));
         // Table OID, column number, type OID, type size, type modifier, then the format.
         reader.bytes(4 + 2 + 4 + 2 + 4)?;
         formats.push(reader.i16()?);
     }
-    Ok(formats)
+    Ok((formats, whole))
 }
 
 /// Masks every value of a DataRow body in place.
 pub fn mask_data_row(
     body: &mut [u8],
     formats: &[i16],
+    policy: &MaskPolicy,
+) -> Result<usize, CodecError> {
+    mask_data_row_with(body, formats, &[], policy)
+}
+
+/// Masks every value of a DataRow body in place, the columns flagged in `whole` entirely.
+pub fn mask_data_row_with(
+    body: &mut [u8],
+    formats: &[i16],
+    whole: &[bool],
     policy: &MaskPolicy,
 ) -> Result<usize, CodecError> {
     let short = || CodecError::Malformed {
@@ -68,10 +89,20 @@ pub fn mask_data_row(
             formats.get(column)
         };
         let binary = format.copied() == Some(BINARY_FORMAT);
-        masked += mask_value(value, binary, policy);
+        if whole.get(column).copied().unwrap_or(false) {
+            overwrite(value, binary, policy);
+            masked += usize::from(!value.is_empty());
+        } else {
+            masked += mask_value(value, binary, policy);
+        }
         offset = end;
     }
     Ok(masked)
+}
+
+/// Overwrites a value masked whole: the mask character for text, zero bytes for binary.
+fn overwrite(value: &mut [u8], binary: bool, policy: &MaskPolicy) {
+    value.fill(if binary { 0 } else { policy.mask_char });
 }
 
 fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
@@ -193,6 +224,10 @@ fn mask_int8(value: &mut [u8], policy: &MaskPolicy) -> usize {
 #[derive(Debug)]
 pub struct RowMasker {
     formats: Vec<i16>,
+    /// Columns masked whole, by position.
+    whole: Vec<bool>,
+    /// Byte written over the current value when its column is masked whole.
+    overwrite: Option<u8>,
     policy: MaskPolicy,
     /// Header bytes (column count or a length) gathered so far.
     header: Vec<u8>,
@@ -207,6 +242,8 @@ impl RowMasker {
     pub fn new(formats: Vec<i16>, policy: MaskPolicy) -> Self {
         Self {
             formats,
+            whole: Vec::new(),
+            overwrite: None,
             policy,
             header: Vec::with_capacity(4),
             columns_left: None,
@@ -216,9 +253,28 @@ impl RowMasker {
         }
     }
 
+    /// Masks the columns flagged in `whole` entirely.
+    pub fn with_whole_columns(mut self, whole: Vec<bool>) -> Self {
+        self.whole = whole;
+        self
+    }
+
     /// Appends the masked form of `input` to `out`, holding back what a split number needs.
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
         while !input.is_empty() {
+            if self.value_left > 0
+                && let Some(byte) = self.overwrite
+            {
+                let take = self.value_left.min(input.len());
+                out.extend(std::iter::repeat_n(byte, take));
+                self.value_left -= take;
+                input = &input[take..];
+                if self.value_left == 0 {
+                    self.overwrite = None;
+                    self.column += 1;
+                }
+                continue;
+            }
             if self.value_left > 0 {
                 let take = self.value_left.min(input.len());
                 let masker = self
@@ -260,6 +316,15 @@ impl RowMasker {
                     let len = i32::from_be_bytes(self.header[..4].try_into().expect("4 bytes"));
                     if len > 0 {
                         self.value_left = len as usize;
+                        if self.whole.get(self.column).copied().unwrap_or(false) {
+                            let format = if self.formats.len() == 1 {
+                                self.formats.first()
+                            } else {
+                                self.formats.get(self.column)
+                            };
+                            let binary = format.copied() == Some(BINARY_FORMAT);
+                            self.overwrite = Some(if binary { 0 } else { self.policy.mask_char });
+                        }
                         // NOTE: streamed binary int8 values cannot occur (8 bytes never stream),
                         // so every streamed value is scanned as text.
                     } else {
@@ -347,6 +412,56 @@ mod tests {
             out.extend_from_slice(&group.to_be_bytes());
         }
         out
+    }
+
+    #[test]
+    fn whole_columns_overwritten_same_width() {
+        let row = data_row(&[
+            Some(b"123"),
+            Some(b"4111 1111 1111 1111"),
+            None,
+            Some(&7i64.to_be_bytes()),
+        ]);
+        let formats = [0, 0, 0, 1];
+        let whole = [true, false, true, true];
+        let mut body = row.clone();
+        let masked = mask_data_row_with(&mut body, &formats, &whole, &MaskPolicy::default())
+            .expect("valid row");
+        assert_eq!(masked, 3, "cvv, PAN and the binary value");
+        let expected = data_row(&[
+            Some(b"***"),
+            Some(b"4111 11** **** 1111"),
+            None,
+            Some(&[0; 8]),
+        ]);
+        assert_eq!(body, expected);
+
+        // Streamed in pieces of every size, the row comes out the same.
+        for piece in 1..row.len() {
+            let mut masker = RowMasker::new(formats.to_vec(), MaskPolicy::default())
+                .with_whole_columns(whole.to_vec());
+            let mut out = Vec::new();
+            for chunk in row.chunks(piece) {
+                masker.feed(chunk, &mut out).expect("valid row");
+            }
+            masker.finish(&mut out).expect("complete row");
+            assert_eq!(out, expected, "pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn row_description_flags_named_columns() {
+        let mut body = 2i16.to_be_bytes().to_vec();
+        for (name, format) in [("id", 0i16), ("CVV", 1)] {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(&[0; 4 + 2 + 4 + 2 + 4]);
+            body.extend_from_slice(&format.to_be_bytes());
+        }
+        let (formats, whole) =
+            row_description(&body, &["cvv".to_string()]).expect("valid RowDescription");
+        assert_eq!(formats, [0, 1]);
+        assert_eq!(whole, [false, true]);
     }
 
     #[test]
