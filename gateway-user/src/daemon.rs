@@ -1,5 +1,6 @@
-//! The daemon's life cycle: start the redirect, bind the proxy, keep the heartbeat going, and
-//! stop cleanly.
+//! The daemon's life cycle: start the redirect, bind the proxy and the operations endpoint,
+//! keep the heartbeat going, attach programs again that were detached from outside, and stop
+//! cleanly.
 //!
 //! Signals: SIGTERM and SIGINT start a graceful stop. The proxy stops accepting, drains open
 //! sessions until `proxy.drain_timeout`, then closes the rest. A second signal during the drain
@@ -8,19 +9,24 @@
 //! gap. With `fail_mode: open` a graceful stop expires the heartbeat, so new connects go direct
 //! at once rather than into a closed port.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{collections::HashSet, path::PathBuf, sync::Arc};
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
     approval::Broker,
     config::{Config, FailMode},
     identity::Identity,
+    operations::{
+        OperationsState,
+        metrics::{ErrorKind, metrics},
+    },
     policy::{PolicyStore, policy_from_sql_rules},
     proxy::Proxy,
     record::Recorder,
-    redirect::Redirect,
+    redirect::{ProgramAttachment, Redirect},
 };
 
 /// Options of `gatewayd run` beyond the configuration file.
@@ -84,6 +90,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let node = node.clone();
         tokio::task::spawn_blocking(move || Recorder::open(&recording, node)).await??
     };
+    let operations_access = access.clone();
     let proxy = Proxy::new(
         Arc::clone(&config),
         Arc::clone(&redirect),
@@ -93,6 +100,28 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         access,
     );
     let listeners = proxy.bind()?;
+    let operations_stop = CancellationToken::new();
+    if let Some(addr) = config.operations.listen {
+        let listener = crate::operations::bind(addr).map_err(|error| {
+            anyhow::anyhow!(
+                "failed to listen on operations.listen {addr}: {error} (pick a free port, or \
+                 set operations.listen: null to turn the endpoint off)"
+            )
+        })?;
+        let state = Arc::new(OperationsState::new(
+            node.clone(),
+            Arc::clone(&config),
+            Arc::clone(&redirect),
+            recorder.clone(),
+            operations_access.policy,
+            operations_access.approvals,
+        ));
+        tokio::spawn(crate::operations::serve(
+            listener,
+            state,
+            operations_stop.clone(),
+        ));
+    }
 
     let heartbeat = tokio::spawn(heartbeat_loop(
         Arc::clone(&redirect),
@@ -129,6 +158,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => warn!("second signal: stopping without waiting for open sessions"),
     }
     heartbeat.abort();
+    operations_stop.cancel();
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
     for task in access_tasks {
         task.abort();
@@ -168,23 +198,84 @@ fn start_access(
     Ok((crate::proxy::Access { policy, approvals }, tasks))
 }
 
+/// Refreshes the heartbeat every `interval` and attaches programs again that were detached
+/// from outside the daemon.
 async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures: u64 = 0;
+    let mut seen_detached = HashSet::new();
     loop {
         ticker.tick().await;
         let redirect = Arc::clone(&redirect);
-        let result = tokio::task::spawn_blocking(move || redirect.heartbeat()).await;
+        let result = tokio::task::spawn_blocking(move || {
+            let heartbeat = redirect.heartbeat();
+            reattach_detached(&redirect, &mut seen_detached);
+            (heartbeat, seen_detached)
+        })
+        .await;
         match result {
-            Ok(Ok(())) => failures = 0,
-            Ok(Err(error)) => {
-                failures += 1;
-                if failures.is_power_of_two() {
-                    error!(error = %crate::error_chain(&error), consecutive_failures = failures, "heartbeat update failed");
+            Ok((heartbeat, seen)) => {
+                seen_detached = seen;
+                match heartbeat {
+                    Ok(()) => failures = 0,
+                    Err(error) => {
+                        failures += 1;
+                        metrics().error(ErrorKind::Heartbeat);
+                        if failures.is_power_of_two() {
+                            error!(error = %crate::error_chain(&error), consecutive_failures = failures, "heartbeat update failed");
+                        }
+                    }
                 }
             }
-            Err(join_error) => error!(%join_error, "heartbeat task failed"),
+            Err(join_error) => {
+                error!(%join_error, "heartbeat task failed");
+                seen_detached = HashSet::new();
+            }
+        }
+    }
+}
+
+/// Attaches again every program found detached on two checks in a row. Waiting one interval
+/// leaves room for another `gatewayd` that is replacing a pin (it removes the old pin before it
+/// pins the new link), and gives `/readyz` at least one interval in which it reports the
+/// detachment.
+fn reattach_detached(redirect: &Redirect, seen_detached: &mut HashSet<String>) {
+    let detached: Vec<ProgramAttachment> = redirect
+        .attachments()
+        .into_iter()
+        .filter(|attachment| !attachment.attached)
+        .collect();
+    seen_detached.retain(|program| {
+        detached
+            .iter()
+            .any(|attachment| &attachment.program == program)
+    });
+
+    for attachment in detached {
+        if seen_detached.insert(attachment.program.clone()) {
+            continue;
+        }
+        match redirect.reattach(&attachment.program) {
+            Ok(()) => {
+                seen_detached.remove(&attachment.program);
+                metrics().program_reattached(&attachment.program);
+                warn!(
+                    program = %attachment.program,
+                    hook = %attachment.hook,
+                    problem = attachment.problem.as_deref().unwrap_or(""),
+                    cgroup = %redirect.cgroup.display(),
+                    "eBPF program was detached from outside gatewayd; attached it again"
+                );
+            }
+            Err(error) => {
+                metrics().error(ErrorKind::Reattach);
+                error!(
+                    program = %attachment.program,
+                    error = %crate::error_chain(&error),
+                    "failed to attach a detached eBPF program again; retrying on the next heartbeat"
+                );
+            }
         }
     }
 }

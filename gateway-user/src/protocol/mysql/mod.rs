@@ -16,6 +16,7 @@ pub mod handshake;
 pub mod packet;
 pub mod rows;
 
+use crate::operations::metrics::metrics;
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, atomic::Ordering},
@@ -687,6 +688,7 @@ impl Session<'_> {
                 &self.context.target,
                 Request::Sql(info),
             );
+            metrics().request_decided(self.context.target.class, &decision);
             match decision.enforced() {
                 Action::Allow => None,
                 Action::Deny => Some((decision.rule, info.clone())),
