@@ -30,7 +30,7 @@
 
 use std::fmt;
 
-use crate::operations::metrics::{MaskScope, metrics};
+use crate::operations::metrics::metrics;
 
 /// Minimum digits in a PAN: the shortest numbers these schemes issue (older Visa cards) have 13.
 const MIN_PAN_DIGITS: usize = 13;
@@ -100,19 +100,10 @@ impl Default for MaskPolicy {
 /// The start and end of `buf` count as boundaries, so a digit run touching either end is taken
 /// as whole. Use [`StreamMasker`] for data that arrives in pieces.
 ///
-/// The count goes into `gateway_masked_values_total{scope="traffic"}`. Strings bound for a
-/// recording use [`mask_recorded_text`] instead.
+/// The count also goes into `gateway_masked_values_total`.
 pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
     let masked = scan(buf, Context::Clear, true, policy).masked;
-    metrics().values_masked(MaskScope::Traffic, masked);
-    masked
-}
-
-/// Masks every PAN in `buf` like [`mask_in_place`], for text written to a recording, and counts
-/// the masked values under `scope="recording"`.
-pub fn mask_recorded_text(buf: &mut [u8], policy: &MaskPolicy) -> usize {
-    let masked = scan(buf, Context::Clear, true, policy).masked;
-    metrics().values_masked(MaskScope::Recording, masked);
+    metrics().values_masked(masked);
     masked
 }
 
@@ -171,7 +162,7 @@ impl StreamMasker {
         out.truncate(settled_end);
         self.context = scanned.context;
         debug_assert!(self.carry.len() <= MAX_CARRY);
-        metrics().values_masked(MaskScope::Traffic, scanned.masked);
+        metrics().values_masked(scanned.masked);
         scanned.masked
     }
 }

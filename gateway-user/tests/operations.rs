@@ -15,7 +15,7 @@ use std::{
 
 use gateway_user::{
     sys,
-    testing::{ChildGuard, Pod, TestNode, wait_until},
+    testing::{ChildGuard, POSTGRES_PASSWORD, Pod, Postgres, TestNode, wait_until},
 };
 use serde_json::Value;
 
@@ -349,4 +349,94 @@ fn readyz_fails_detached_then_heals() {
     wait_ready(node);
     assert!(pin.exists(), "the daemon pins the new sock_ops link");
     run_client(&setup);
+}
+
+/// Sums every sample whose series starts with `prefix`, so a test can ignore the labels it
+/// does not fix.
+fn sum_series(samples: &HashMap<String, f64>, prefix: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| series.starts_with(prefix))
+        .map(|(_, value)| value)
+        .sum()
+}
+
+/// Runs one SQL text with psql in the pod, through the gateway.
+fn psql_in_pod(node: &TestNode, pod: &Pod, postgres: &Postgres, sql: &str) -> Output {
+    node.in_pod(pod, postgres.bin_dir.join("psql"))
+        .arg(format!(
+            "host={} port={} user=postgres dbname=postgres connect_timeout=10",
+            postgres.addr.ip(),
+            postgres.addr.port()
+        ))
+        .args(["-X", "-A", "-t", "-c", sql])
+        .env("PGPASSWORD", POSTGRES_PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql")
+}
+
+#[test]
+fn metrics_count_decisions_and_masking() {
+    let mut node = TestNode::new("metrics_count_decisions_and_masking");
+    let pod = node.add_pod("app");
+    let server = node.add_server("db", &[]);
+    let postgres = node.start_postgres(&server);
+    let targets = format!(
+        "  - name: payments-db\n    address: {}\n    port: 5432\n    class: postgres\n",
+        server.addr_v4
+    );
+    let config = node.daemon_config("gatewayd.yaml", "", &targets);
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str("sql_rules:\n  - name: no-drop\n    statement_kinds: [drop]\n");
+    std::fs::write(&config, text).expect("write config");
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+    postgres.admin_sql(
+        "CREATE TABLE cards (id int, pan text); \
+         INSERT INTO cards VALUES (1, '4111 1111 1111 1111'), (2, '5555-5555-5555-4444')",
+    );
+    let before = scrape(&node);
+
+    // Two PANs masked in the result rows, one allowed statement.
+    let select = psql_in_pod(&node, &pod, &postgres, "SELECT pan FROM cards ORDER BY id");
+    assert!(
+        select.status.success(),
+        "{}",
+        String::from_utf8_lossy(&select.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&select.stdout),
+        "4111 11** **** 1111\n5555-55**-****-4444\n"
+    );
+    // One denied statement.
+    let drop = psql_in_pod(&node, &pod, &postgres, "DROP TABLE cards");
+    assert!(!drop.status.success(), "the DROP must be denied");
+    // A PAN the client sends reaches the server, and is masked in the recording.
+    let insert = psql_in_pod(
+        &node,
+        &pod,
+        &postgres,
+        "INSERT INTO cards VALUES (3, '4012888888881881')",
+    );
+    assert!(
+        insert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&insert.stderr)
+    );
+    node.wait_for_sessions(3);
+
+    let after = scrape(&node);
+    let delta = |prefix: &str| sum_series(&after, prefix) - sum_series(&before, prefix);
+    assert_eq!(
+        delta("gateway_requests_total{class=\"postgres\",decision=\"allow\""),
+        2.0
+    );
+    assert_eq!(
+        delta("gateway_requests_total{class=\"postgres\",decision=\"deny\""),
+        1.0
+    );
+    // Two PANs in the rows and one in the recorded INSERT text.
+    assert_eq!(delta("gateway_masked_values_total"), 3.0);
+    assert_eq!(delta("gateway_connections_accepted_total"), 3.0);
+    daemon.stop();
 }

@@ -51,15 +51,6 @@ impl ErrorKind {
     }
 }
 
-/// Place a card number was masked in, the `scope` label of `gateway_masked_values_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum MaskScope {
-    /// In bytes relayed to a client (result rows, response bodies).
-    Traffic,
-    /// In a string written to a session recording or the journal.
-    Recording,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     kind: &'static str,
@@ -73,11 +64,6 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MaskLabels {
-    scope: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProgramLabels {
     program: String,
 }
@@ -88,7 +74,7 @@ pub struct Metrics {
     connections_accepted: Counter,
     connections_active: Gauge,
     requests: Family<RequestLabels, Counter>,
-    masked_values: Family<MaskLabels, Counter>,
+    masked_values: Counter,
     errors: Family<ErrorLabels, Counter>,
     reattachments: Family<ProgramLabels, Counter>,
 }
@@ -142,18 +128,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts `count` card numbers masked in `scope`.
-    pub fn values_masked(&self, scope: MaskScope, count: usize) {
-        if count == 0 {
-            return;
+    /// Counts `count` card numbers masked, in relayed bytes or in text bound for a recording.
+    pub fn values_masked(&self, count: usize) {
+        if count > 0 {
+            self.masked_values.inc_by(count as u64);
         }
-        let scope = match scope {
-            MaskScope::Traffic => "traffic",
-            MaskScope::Recording => "recording",
-        };
-        self.masked_values
-            .get_or_create(&MaskLabels { scope })
-            .inc_by(count as u64);
     }
 
     /// Counts one error of `kind`.
@@ -195,7 +174,7 @@ impl Metrics {
         );
         registry.register(
             "gateway_masked_values",
-            "Card numbers (PANs) masked, in relayed traffic or in recorded strings",
+            "Card numbers (PANs) masked, in relayed traffic and in recorded text",
             self.masked_values.clone(),
         );
         registry.register("gateway_errors", "Errors by kind", self.errors.clone());

@@ -771,7 +771,7 @@ fn mask_value(value: &mut Value, policy: &mask::MaskPolicy) {
         // A PAN has at least 13 digits; shorter strings are left alone without a scan.
         Value::String(text) if text.bytes().filter(u8::is_ascii_digit).count() >= 13 => {
             let mut bytes = std::mem::take(text).into_bytes();
-            mask::mask_recorded_text(&mut bytes, policy);
+            mask::mask_in_place(&mut bytes, policy);
             // Masking swaps ASCII digits for the ASCII mask byte, so the text stays UTF-8.
             *text = String::from_utf8(bytes).expect("masking keeps UTF-8");
         }
