@@ -101,6 +101,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     );
     let listeners = proxy.bind()?;
     let operations_stop = CancellationToken::new();
+    let mut operations_state = None;
     if let Some(addr) = config.operations.listen {
         let listener = crate::operations::bind(addr).map_err(|error| {
             anyhow::anyhow!(
@@ -118,9 +119,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         ));
         tokio::spawn(crate::operations::serve(
             listener,
-            state,
+            Arc::clone(&state),
             operations_stop.clone(),
         ));
+        operations_state = Some(state);
     }
 
     let heartbeat = tokio::spawn(heartbeat_loop(
@@ -143,6 +145,9 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     tokio::select! {
         _ = terminate.recv() => info!(signal = "SIGTERM", "stopping"),
         _ = interrupt.recv() => info!(signal = "SIGINT", "stopping"),
+    }
+    if let Some(state) = &operations_state {
+        state.set_stopping();
     }
 
     if config.redirect.fail_mode == FailMode::Open {

@@ -440,3 +440,38 @@ fn metrics_count_decisions_and_masking() {
     assert_eq!(delta("gateway_connections_accepted_total"), 3.0);
     daemon.stop();
 }
+
+#[test]
+fn readyz_names_failing_recorder() {
+    let mut node = TestNode::new("readyz_names_failing_recorder");
+    let _pod = node.add_pod("client");
+    let config = node.daemon_config("gatewayd.yaml", "", "  []\n");
+    // Free space below recording.min_free_mib makes the store count as failing. No disk has
+    // 100 TiB free, so the check trips on its first run.
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let text = text.replacen("recording:\n", "recording:\n  min_free_mib: 104857600\n", 1);
+    std::fs::write(&config, text).expect("write config");
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+
+    let mut response = request(&node, "GET", "/readyz");
+    wait_until("/readyz to fail", Duration::from_secs(10), || {
+        response = request(&node, "GET", "/readyz");
+        response.status == 503
+    });
+    assert!(response.body.contains("recorder"), "{}", response.body);
+    assert!(
+        response.body.contains("low disk space"),
+        "{}",
+        response.body
+    );
+    assert!(
+        !response.body.contains("ebpf_attached"),
+        "{}",
+        response.body
+    );
+    assert!(!response.body.contains("heartbeat"), "{}", response.body);
+
+    // Liveness is not readiness: the daemon still serves /healthz.
+    assert_eq!(request(&node, "GET", "/healthz").status, 200);
+    daemon.stop();
+}

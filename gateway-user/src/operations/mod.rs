@@ -5,7 +5,8 @@
 //! - `GET /readyz`: 200 when every readiness check passes, else 503 with one line per failing
 //!   check. The checks read the kernel's state on each request: the programs' links are
 //!   attached to the pods' cgroup, the heartbeat in `CONFIG` is younger than
-//!   `redirect.heartbeat_timeout`, and the recorder's writer runs and can write.
+//!   `redirect.heartbeat_timeout`, the recorder's writer runs and can write, and no stop signal
+//!   has arrived.
 //! - `GET /metrics`: the Prometheus text format (version 0.0.4).
 //! - `GET /status`: [`DaemonStatus`] as JSON, for `gatewayctl status`.
 //!
@@ -18,7 +19,10 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -56,6 +60,7 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CHECK_EBPF_ATTACHED: &str = "ebpf_attached";
 pub const CHECK_HEARTBEAT: &str = "heartbeat";
 pub const CHECK_RECORDER: &str = "recorder";
+pub const CHECK_RUNNING: &str = "running";
 
 /// Sources of the endpoint's responses, shared by its connections.
 #[derive(Debug)]
@@ -67,6 +72,9 @@ pub struct OperationsState {
     pub policy: Arc<PolicyStore>,
     pub approvals: Arc<Broker>,
     started: Instant,
+    /// Set once a stop signal arrived. The proxy then accepts no new connections while open
+    /// sessions drain, so readiness fails.
+    stopping: AtomicBool,
     registry: Registry,
 }
 
@@ -95,8 +103,14 @@ impl OperationsState {
             policy,
             approvals,
             started: Instant::now(),
+            stopping: AtomicBool::new(false),
             registry,
         }
+    }
+
+    /// Marks the daemon as stopping: `/readyz` fails its `running` check from now on.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Runs the readiness checks. Makes `bpf()` system calls, so async callers run it on a
@@ -149,7 +163,12 @@ impl OperationsState {
         } else {
             CheckResult::new(CHECK_RECORDER, !health.is_failing(), || health.reason())
         };
-        vec![attached, heartbeat, recorder]
+        let running = CheckResult::new(
+            CHECK_RUNNING,
+            !self.stopping.load(Ordering::Relaxed),
+            || "gatewayd is stopping and draining its sessions".to_string(),
+        );
+        vec![attached, heartbeat, recorder, running]
     }
 
     /// Collects the daemon's status. Makes `bpf()` system calls, like `readiness`.
