@@ -9,7 +9,7 @@
 //! gap. With `fail_mode: open` a graceful stop expires the heartbeat, so new connects go direct
 //! at once rather than into a closed port.
 
-use std::{collections::HashSet, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -209,19 +209,19 @@ async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) 
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures: u64 = 0;
-    let mut seen_detached = HashSet::new();
+    let mut detached_checks = HashMap::new();
     loop {
         ticker.tick().await;
         let redirect = Arc::clone(&redirect);
         let result = tokio::task::spawn_blocking(move || {
             let heartbeat = redirect.heartbeat();
-            reattach_detached(&redirect, &mut seen_detached);
-            (heartbeat, seen_detached)
+            reattach_detached(&redirect, &mut detached_checks);
+            (heartbeat, detached_checks)
         })
         .await;
         match result {
-            Ok((heartbeat, seen)) => {
-                seen_detached = seen;
+            Ok((heartbeat, checks)) => {
+                detached_checks = checks;
                 match heartbeat {
                     Ok(()) => failures = 0,
                     Err(error) => {
@@ -235,7 +235,7 @@ async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) 
             }
             Err(join_error) => {
                 error!(%join_error, "heartbeat task failed");
-                seen_detached = HashSet::new();
+                detached_checks = HashMap::new();
             }
         }
     }
@@ -245,25 +245,25 @@ async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) 
 /// leaves room for another `gatewayd` that is replacing a pin (it removes the old pin before it
 /// pins the new link), and gives `/readyz` at least one interval in which it reports the
 /// detachment.
-fn reattach_detached(redirect: &Redirect, seen_detached: &mut HashSet<String>) {
+fn reattach_detached(redirect: &Redirect, detached_checks: &mut HashMap<String, u64>) {
     let detached: Vec<ProgramAttachment> = redirect
         .attachments()
         .into_iter()
         .filter(|attachment| !attachment.attached)
         .collect();
-    seen_detached.retain(|program| {
-        detached
-            .iter()
-            .any(|attachment| &attachment.program == program)
-    });
+    let names: Vec<&str> = detached
+        .iter()
+        .map(|attachment| attachment.program.as_str())
+        .collect();
+    let due = count_detached_checks(&names, detached_checks);
 
-    for attachment in detached {
-        if seen_detached.insert(attachment.program.clone()) {
-            continue;
-        }
+    for attachment in detached
+        .iter()
+        .filter(|attachment| due.contains(&attachment.program))
+    {
         match redirect.reattach(&attachment.program) {
             Ok(()) => {
-                seen_detached.remove(&attachment.program);
+                detached_checks.remove(&attachment.program);
                 metrics().program_reattached(&attachment.program);
                 warn!(
                     program = %attachment.program,
@@ -275,18 +275,72 @@ fn reattach_detached(redirect: &Redirect, seen_detached: &mut HashSet<String>) {
             }
             Err(error) => {
                 metrics().error(ErrorKind::Reattach);
-                error!(
-                    program = %attachment.program,
-                    error = %crate::error_chain(&error),
-                    "failed to attach a detached eBPF program again; retrying on the next heartbeat"
-                );
+                // The first attempt is the second check, so this logs attempts 1, 2, 4, 8, ...
+                let attempts = detached_checks
+                    .get(&attachment.program)
+                    .map_or(1, |checks| checks.saturating_sub(1));
+                if attempts.is_power_of_two() {
+                    error!(
+                        program = %attachment.program,
+                        error = %crate::error_chain(&error),
+                        attempts,
+                        "failed to attach a detached eBPF program again; retrying on the next heartbeat"
+                    );
+                }
             }
         }
     }
+}
+
+/// Updates how many checks in a row each program was found detached (`detached` lists this
+/// check's programs) and returns the programs detached on at least two checks in a row.
+fn count_detached_checks(
+    detached: &[&str],
+    detached_checks: &mut HashMap<String, u64>,
+) -> Vec<String> {
+    detached_checks.retain(|program, _| detached.contains(&program.as_str()));
+    let mut due = Vec::new();
+    for program in detached {
+        let checks = detached_checks.entry((*program).to_string()).or_insert(0);
+        *checks += 1;
+        if *checks >= 2 {
+            due.push((*program).to_string());
+        }
+    }
+    due
 }
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reattach_waits_for_second_check() {
+        let mut checks = HashMap::new();
+        assert!(count_detached_checks(&["connect4"], &mut checks).is_empty());
+        assert_eq!(
+            count_detached_checks(&["connect4", "sock_ops"], &mut checks),
+            vec!["connect4".to_string()]
+        );
+        assert_eq!(
+            count_detached_checks(&["connect4", "sock_ops"], &mut checks),
+            vec!["connect4".to_string(), "sock_ops".to_string()]
+        );
+    }
+
+    #[test]
+    fn reattach_count_resets_when_attached() {
+        let mut checks = HashMap::new();
+        count_detached_checks(&["connect6"], &mut checks);
+        // Attached again on the next check, for example by another gatewayd replacing the pin.
+        assert!(count_detached_checks(&[], &mut checks).is_empty());
+        assert!(checks.is_empty());
+        assert!(count_detached_checks(&["connect6"], &mut checks).is_empty());
+    }
 }
