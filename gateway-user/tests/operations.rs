@@ -61,22 +61,22 @@ fn start(test_name: &str) -> Setup {
 #[derive(Debug)]
 struct HttpResponse {
     status: u16,
+    content_type: String,
     body: String,
 }
 
-/// Sends `method path` to the endpoint with curl from inside the node's namespace.
+/// Sends `method path` to the endpoint with curl from inside the node's namespace. A `HEAD`
+/// request prints the headers in place of the body.
 fn request(node: &TestNode, method: &str, path: &str) -> HttpResponse {
-    let output = node
-        .in_node(None, "curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-        ])
+    let mut command = node.in_node(None, "curl");
+    command.args(["-sS", "--max-time", "5"]);
+    if method == "HEAD" {
+        command.arg("--head");
+    } else {
+        command.args(["-X", method]);
+    }
+    let output = command
+        .args(["-w", "\n%{content_type}\n%{http_code}"])
         .arg(format!("http://{ENDPOINT}{path}"))
         .stdin(Stdio::null())
         .output()
@@ -87,11 +87,15 @@ fn request(node: &TestNode, method: &str, path: &str) -> HttpResponse {
         String::from_utf8_lossy(&output.stderr)
     );
     let text = String::from_utf8(output.stdout).expect("UTF-8 response");
-    let (body, status) = text
+    let (rest, status) = text
         .rsplit_once('\n')
         .expect("curl appends the status code");
+    let (body, content_type) = rest
+        .rsplit_once('\n')
+        .expect("curl appends the content type");
     HttpResponse {
         status: status.parse().expect("numeric status code"),
+        content_type: content_type.to_string(),
         body: body.to_string(),
     }
 }
@@ -171,6 +175,9 @@ fn endpoint_health_metrics_and_status() {
 
     let health = request(node, "GET", "/healthz");
     assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(health.body, "ok\n");
+    let head = request(node, "HEAD", "/readyz");
+    assert_eq!(head.status, 200, "{}", head.body);
     let ready = request(node, "GET", "/readyz");
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert_eq!(ready.body, "ready\n");
@@ -182,6 +189,12 @@ fn endpoint_health_metrics_and_status() {
     assert_eq!(post.status, 405, "{}", post.body);
     let delete = request(node, "DELETE", "/metrics");
     assert_eq!(delete.status, 405, "{}", delete.body);
+
+    let metrics = request(node, "GET", "/metrics");
+    assert_eq!(
+        metrics.content_type,
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
 
     let before = scrape(node);
     run_client(&setup);
@@ -269,6 +282,29 @@ fn endpoint_health_metrics_and_status() {
         .find(|map| map["name"] == "TARGETS")
         .expect("TARGETS fill");
     assert_eq!(targets_map["entries"], 1);
+
+    // The table names every check, and --config supplies the endpoint and the pin directory.
+    let table = node
+        .in_node(None, GATEWAYCTL)
+        .args(["status", "--config"])
+        .arg(&setup.daemon.config_path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gatewayctl status");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{text}");
+    for expected in [
+        "ebpf_attached",
+        "heartbeat",
+        "recorder",
+        "running",
+        "connect4",
+        "TARGETS",
+        "echo",
+        ENDPOINT,
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
 
     // With the daemon gone, status still shows the pins (the programs stay attached) and
     // exits 1 naming the endpoint.
