@@ -1042,6 +1042,9 @@ pub struct MapFill {
 
 /// Reads the fill of the maps that can run full: `CONN` (LRU, so a full map evicts the oldest
 /// entries) and `TARGETS`.
+///
+/// NOTE: counting walks the keys with one `bpf()` call per entry, so each `/metrics` scrape of
+/// a busy node makes up to `max_entries` of `CONN` (65536) system calls.
 pub fn read_map_fills(bpffs_dir: &Path) -> Vec<MapFill> {
     let pins = PinLayout::new(bpffs_dir);
     [MAP_CONN, MAP_TARGETS]
