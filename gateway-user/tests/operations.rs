@@ -1,8 +1,9 @@
-//! The operations endpoint of a real `gatewayd` on a one-machine test node: health, readiness
-//! against the kernel's attachment state, Prometheus metrics after real redirected
-//! connections, and `gatewayctl status`. The daemon listens on the default 127.0.0.1:15021
-//! inside the node's network namespace, so tests running side by side do not collide. Curl
-//! and gatewayctl run in that namespace too. Needs root, so run with `cargo xtask test`.
+//! The operations endpoint of a real `gatewayd` on a one-machine test node: health,
+//! readiness against the kernel's attachment state, the heartbeat and the recorder,
+//! Prometheus metrics after real redirected connections, and `gatewayctl status`. The daemon
+//! listens on the default 127.0.0.1:15021 inside the node's network namespace, so tests
+//! running side by side do not collide. Curl and gatewayctl run in that namespace too. Needs
+//! root, so run with `cargo xtask test`.
 
 use std::{
     collections::HashMap,
@@ -509,5 +510,54 @@ fn readyz_names_failing_recorder() {
 
     // Liveness is not readiness: the daemon still serves /healthz.
     assert_eq!(request(&node, "GET", "/healthz").status, 200);
+    daemon.stop();
+}
+
+#[test]
+fn readyz_fails_stale_heartbeat() {
+    let mut node = TestNode::new("readyz_fails_stale_heartbeat");
+    let _pod = node.add_pod("client");
+    // A long interval leaves seconds between the daemon's heartbeats for the check to see the
+    // stale one the test writes.
+    let config = node.daemon_config(
+        "gatewayd.yaml",
+        "  heartbeat_interval: 5s\n  heartbeat_timeout: 10s\n",
+        "  []\n",
+    );
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+    assert_eq!(request(&node, "GET", "/readyz").status, 200);
+
+    // Write a heartbeat 20 s old into the pinned CONFIG map, as a daemon that stopped
+    // refreshing it would leave it.
+    let pin = node.pin_dir().join("maps").join(gateway_common::MAP_CONFIG);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open the pinned CONFIG map");
+    let mut map: aya::maps::Array<aya::maps::MapData, gateway_common::RedirectConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("CONFIG is an array");
+    let mut value = map.get(&0, 0).expect("read CONFIG");
+    value.heartbeat_ns = sys::monotonic_ns().saturating_sub(20_000_000_000).max(1);
+    map.set(0, value, 0).expect("write CONFIG");
+
+    let response = request(&node, "GET", "/readyz");
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert!(
+        response.body.contains("heartbeat: heartbeat is"),
+        "{}",
+        response.body
+    );
+    assert!(
+        response
+            .body
+            .contains("redirect.heartbeat_timeout is 10000 ms"),
+        "{}",
+        response.body
+    );
+    assert!(
+        !response.body.contains("ebpf_attached"),
+        "{}",
+        response.body
+    );
+
+    // The daemon's next heartbeat makes it ready again.
+    wait_ready(&node);
     daemon.stop();
 }
