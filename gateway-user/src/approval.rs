@@ -203,6 +203,11 @@ impl Broker {
         }
     }
 
+    /// Returns how many requests are held now.
+    pub fn held_count(&self) -> usize {
+        self.held.lock().map(|held| held.len()).unwrap_or(0)
+    }
+
     /// The held requests, oldest first.
     pub fn list(&self) -> Vec<HeldInfo> {
         let held = self.held.lock().expect("approval broker lock poisoned");

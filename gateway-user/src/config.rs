@@ -96,6 +96,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    #[serde(default)]
+    pub operations: OperationsConfig,
 }
 
 /// Source of the access policies.
@@ -347,6 +349,76 @@ fn default_compress_after() -> Duration {
 }
 fn default_min_free_mib() -> u64 {
     64
+}
+
+/// Default address of the operations endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`):
+/// node-local, so only processes on the node (the kubelet's probes with `hostNetwork`, a
+/// node-local scraper, `gatewayctl`) reach it.
+pub const DEFAULT_OPERATIONS_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15021);
+
+/// The operations endpoint: health, readiness, metrics and status over HTTP/1.1.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationsConfig {
+    /// Address to listen on, or `null` to turn the endpoint off.
+    #[serde(
+        default = "default_operations_listen",
+        deserialize_with = "parse_operations_listen"
+    )]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for OperationsConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_operations_listen(),
+        }
+    }
+}
+
+impl OperationsConfig {
+    /// Checks the listen address against the proxy's redirect addresses. Returns the field and
+    /// the message of the first problem.
+    fn validate(&self, proxy: &ProxyConfig) -> Result<(), (&'static str, String)> {
+        let Some(addr) = self.listen else {
+            return Ok(());
+        };
+        if addr.port() == 0 {
+            return Err((
+                "operations.listen",
+                format!("{addr}: the port must be between 1 and 65535"),
+            ));
+        }
+        let is_redirect_addr = proxy.listen_v4.map(SocketAddr::V4) == Some(addr)
+            || proxy.listen_v6.map(SocketAddr::V6) == Some(addr);
+        if is_redirect_addr {
+            return Err((
+                "operations.listen",
+                format!("{addr} is the proxy's redirect address; pick another port"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_operations_listen() -> Option<SocketAddr> {
+    Some(DEFAULT_OPERATIONS_LISTEN)
+}
+
+/// Parses `operations.listen`: `IP:PORT`, or `null` for no endpoint.
+fn parse_operations_listen<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid address {text:?}: expected IP:PORT such as 127.0.0.1:15021, or null to \
+             turn the operations endpoint off"
+        ))
+    })
 }
 
 /// Protocol class of a target.
@@ -815,6 +887,10 @@ impl Config {
             ));
         }
 
+        if let Err((field, message)) = self.operations.validate(proxy) {
+            return Err(invalid(field, message));
+        }
+
         for (index, rule) in self.kube_rules.iter().enumerate() {
             if let Err((field, message)) = rule.validate() {
                 return Err(invalid(&format!("kube_rules[{index}].{field}"), message));
@@ -1160,6 +1236,33 @@ targets:
         );
         let message = error_of(&format!("{GOOD}approvals:\n  socket: relative.sock\n"));
         assert!(message.contains("approvals.socket"), "{message}");
+    }
+
+    #[test]
+    fn config_operations_listen() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!(config.operations.listen, Some(DEFAULT_OPERATIONS_LISTEN));
+
+        let off = parse(&format!("{GOOD}operations:\n  listen: null\n")).expect("valid config");
+        assert_eq!(off.operations.listen, None);
+
+        let moved =
+            parse(&format!("{GOOD}operations:\n  listen: '[::1]:9102'\n")).expect("valid config");
+        assert_eq!(
+            moved.operations.listen,
+            Some("[::1]:9102".parse().expect("valid address"))
+        );
+
+        let message = error_of(&format!("{GOOD}operations:\n  listen: localhost\n"));
+        assert!(message.contains("operations.listen"), "{message}");
+        assert!(message.contains("null"), "{message}");
+
+        let message = error_of(&format!("{GOOD}operations:\n  listen: 10.0.0.1:15001\n"));
+        assert!(message.contains("operations.listen"), "{message}");
+        assert!(message.contains("redirect address"), "{message}");
+
+        let message = error_of(&format!("{GOOD}operations:\n  listen: 127.0.0.1:0\n"));
+        assert!(message.contains("operations.listen"), "{message}");
     }
 
     #[test]

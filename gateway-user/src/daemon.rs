@@ -1,5 +1,6 @@
-//! The daemon's life cycle: start the redirect, bind the proxy, keep the heartbeat going, and
-//! stop cleanly.
+//! The daemon's life cycle: start the redirect, bind the proxy and the operations endpoint,
+//! keep the heartbeat going, attach programs again that were detached from outside, and stop
+//! cleanly.
 //!
 //! Signals: SIGTERM and SIGINT start a graceful stop. The proxy stops accepting, drains open
 //! sessions until `proxy.drain_timeout`, then closes the rest. A second signal during the drain
@@ -8,19 +9,24 @@
 //! gap. With `fail_mode: open` a graceful stop expires the heartbeat, so new connects go direct
 //! at once rather than into a closed port.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
     approval::Broker,
     config::{Config, FailMode},
     identity::Identity,
+    operations::{
+        OperationsState,
+        metrics::{ErrorKind, metrics},
+    },
     policy::{PolicyStore, policy_from_sql_rules},
     proxy::Proxy,
     record::Recorder,
-    redirect::Redirect,
+    redirect::{ProgramAttachment, Redirect},
 };
 
 /// Options of `gatewayd run` beyond the configuration file.
@@ -90,6 +96,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let node = node.clone();
         tokio::task::spawn_blocking(move || Recorder::open(&recording, node)).await??
     };
+    let operations_access = access.clone();
     let proxy = Proxy::new(
         Arc::clone(&config),
         Arc::clone(&redirect),
@@ -99,6 +106,30 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         access,
     );
     let listeners = proxy.bind()?;
+    let operations_stop = CancellationToken::new();
+    let mut operations_state = None;
+    if let Some(addr) = config.operations.listen {
+        let listener = crate::operations::bind(addr).map_err(|error| {
+            anyhow::anyhow!(
+                "failed to listen on operations.listen {addr}: {error} (pick a free port, or \
+                 set operations.listen: null to turn the endpoint off)"
+            )
+        })?;
+        let state = Arc::new(OperationsState::new(
+            node.clone(),
+            Arc::clone(&config),
+            Arc::clone(&redirect),
+            recorder.clone(),
+            operations_access.policy,
+            operations_access.approvals,
+        ));
+        tokio::spawn(crate::operations::serve(
+            listener,
+            Arc::clone(&state),
+            operations_stop.clone(),
+        ));
+        operations_state = Some(state);
+    }
 
     let heartbeat = tokio::spawn(heartbeat_loop(
         Arc::clone(&redirect),
@@ -121,6 +152,9 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         _ = terminate.recv() => info!(signal = "SIGTERM", "stopping"),
         _ = interrupt.recv() => info!(signal = "SIGINT", "stopping"),
     }
+    if let Some(state) = &operations_state {
+        state.set_stopping();
+    }
 
     if config.redirect.fail_mode == FailMode::Open {
         heartbeat.abort();
@@ -135,6 +169,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => warn!("second signal: stopping without waiting for open sessions"),
     }
     heartbeat.abort();
+    operations_stop.cancel();
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
     for task in access_tasks {
         task.abort();
@@ -174,29 +209,144 @@ fn start_access(
     Ok((crate::proxy::Access { policy, approvals }, tasks))
 }
 
+/// Refreshes the heartbeat every `interval` and attaches programs again that were detached
+/// from outside the daemon.
 async fn heartbeat_loop(redirect: Arc<Redirect>, interval: std::time::Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures: u64 = 0;
+    let mut detached_checks = HashMap::new();
     loop {
         ticker.tick().await;
         let redirect = Arc::clone(&redirect);
-        let result = tokio::task::spawn_blocking(move || redirect.heartbeat()).await;
+        let result = tokio::task::spawn_blocking(move || {
+            let heartbeat = redirect.heartbeat();
+            reattach_detached(&redirect, &mut detached_checks);
+            (heartbeat, detached_checks)
+        })
+        .await;
         match result {
-            Ok(Ok(())) => failures = 0,
-            Ok(Err(error)) => {
-                failures += 1;
-                if failures.is_power_of_two() {
-                    error!(error = %crate::error_chain(&error), consecutive_failures = failures, "heartbeat update failed");
+            Ok((heartbeat, checks)) => {
+                detached_checks = checks;
+                match heartbeat {
+                    Ok(()) => failures = 0,
+                    Err(error) => {
+                        failures += 1;
+                        metrics().error(ErrorKind::Heartbeat);
+                        if failures.is_power_of_two() {
+                            error!(error = %crate::error_chain(&error), consecutive_failures = failures, "heartbeat update failed");
+                        }
+                    }
                 }
             }
-            Err(join_error) => error!(%join_error, "heartbeat task failed"),
+            Err(join_error) => {
+                error!(%join_error, "heartbeat task failed");
+                detached_checks = HashMap::new();
+            }
         }
     }
+}
+
+/// Attaches again every program found detached on two checks in a row. Waiting one interval
+/// leaves room for another `gatewayd` that is replacing a pin (it removes the old pin before it
+/// pins the new link), and gives `/readyz` at least one interval in which it reports the
+/// detachment.
+fn reattach_detached(redirect: &Redirect, detached_checks: &mut HashMap<String, u64>) {
+    let detached: Vec<ProgramAttachment> = redirect
+        .attachments()
+        .into_iter()
+        .filter(|attachment| !attachment.attached)
+        .collect();
+    let names: Vec<&str> = detached
+        .iter()
+        .map(|attachment| attachment.program.as_str())
+        .collect();
+    let due = count_detached_checks(&names, detached_checks);
+
+    for attachment in detached
+        .iter()
+        .filter(|attachment| due.contains(&attachment.program))
+    {
+        match redirect.reattach(&attachment.program) {
+            Ok(()) => {
+                detached_checks.remove(&attachment.program);
+                metrics().program_reattached(&attachment.program);
+                warn!(
+                    program = %attachment.program,
+                    hook = %attachment.hook,
+                    problem = attachment.problem.as_deref().unwrap_or(""),
+                    cgroup = %redirect.cgroup.display(),
+                    "eBPF program was detached from outside gatewayd; attached it again"
+                );
+            }
+            Err(error) => {
+                metrics().error(ErrorKind::Reattach);
+                // The first attempt is the second check, so this logs attempts 1, 2, 4, 8, ...
+                let attempts = detached_checks
+                    .get(&attachment.program)
+                    .map_or(1, |checks| checks.saturating_sub(1));
+                if attempts.is_power_of_two() {
+                    error!(
+                        program = %attachment.program,
+                        error = %crate::error_chain(&error),
+                        attempts,
+                        "failed to attach a detached eBPF program again; retrying on the next heartbeat"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Updates how many checks in a row each program was found detached (`detached` lists this
+/// check's programs) and returns the programs detached on at least two checks in a row.
+fn count_detached_checks(
+    detached: &[&str],
+    detached_checks: &mut HashMap<String, u64>,
+) -> Vec<String> {
+    detached_checks.retain(|program, _| detached.contains(&program.as_str()));
+    let mut due = Vec::new();
+    for program in detached {
+        let checks = detached_checks.entry((*program).to_string()).or_insert(0);
+        *checks += 1;
+        if *checks >= 2 {
+            due.push((*program).to_string());
+        }
+    }
+    due
 }
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reattach_waits_for_second_check() {
+        let mut checks = HashMap::new();
+        assert!(count_detached_checks(&["connect4"], &mut checks).is_empty());
+        assert_eq!(
+            count_detached_checks(&["connect4", "sock_ops"], &mut checks),
+            vec!["connect4".to_string()]
+        );
+        assert_eq!(
+            count_detached_checks(&["connect4", "sock_ops"], &mut checks),
+            vec!["connect4".to_string(), "sock_ops".to_string()]
+        );
+    }
+
+    #[test]
+    fn reattach_count_resets_when_attached() {
+        let mut checks = HashMap::new();
+        count_detached_checks(&["connect6"], &mut checks);
+        // Attached again on the next check, for example by another gatewayd replacing the pin.
+        assert!(count_detached_checks(&[], &mut checks).is_empty());
+        assert!(checks.is_empty());
+        assert!(count_detached_checks(&["connect6"], &mut checks).is_empty());
+    }
 }

@@ -15,7 +15,9 @@
 //! - `record`: the tamper-evident recording store: sessions, journal, signing, verification;
 //! - `sql`: statement analysis for the database handlers;
 //! - `cli`: the larger `gatewayctl` commands (`sessions`);
-//! - `daemon`: the daemon's run loop (signals, heartbeat, drain);
+//! - `daemon`: the daemon's run loop (signals, heartbeat, re-attaching, drain);
+//! - `operations`: the node-local HTTP endpoint (health, readiness, metrics, status) and the
+//!   metrics the data path updates;
 //! - `tls`: TLS settings of targets, both legs;
 //! - `cert`: issuing serving certificates for `kube_api` targets from a cluster CA;
 //! - `sys`: the only module with unsafe code, wrapping system calls;
@@ -31,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod mask;
+pub mod operations;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;

@@ -30,6 +30,8 @@
 
 use std::fmt;
 
+use crate::operations::metrics::metrics;
+
 /// Minimum digits in a PAN: the shortest numbers these schemes issue (older Visa cards) have 13.
 const MIN_PAN_DIGITS: usize = 13;
 
@@ -97,8 +99,12 @@ impl Default for MaskPolicy {
 ///
 /// The start and end of `buf` count as boundaries, so a digit run touching either end is taken
 /// as whole. Use [`StreamMasker`] for data that arrives in pieces.
+///
+/// The count also goes into `gateway_masked_values_total`.
 pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
-    scan(buf, Context::Clear, true, policy).masked
+    let masked = scan(buf, Context::Clear, true, policy).masked;
+    metrics().values_masked(masked);
+    masked
 }
 
 /// Masks PANs in data that arrives in pieces: TCP reads, HTTP chunks, result rows.
@@ -156,6 +162,7 @@ impl StreamMasker {
         out.truncate(settled_end);
         self.context = scanned.context;
         debug_assert!(self.carry.len() <= MAX_CARRY);
+        metrics().values_masked(scanned.masked);
         scanned.masked
     }
 }

@@ -30,6 +30,7 @@ use crate::{
     config::{Config, FailMode, TargetConfig},
     identity::{Identity, Subject},
     mask::MaskPolicy,
+    operations::metrics::{ErrorKind, metrics},
     protocol,
     protocol::{
         mysql::MysqlContext,
@@ -212,6 +213,7 @@ impl Proxy {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // EMFILE and the like: back off briefly instead of spinning.
+                    metrics().error(ErrorKind::Accept);
                     warn!(%error, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
@@ -226,6 +228,7 @@ impl Proxy {
             };
             let peer = unmap(peer);
             let local = unmap(local);
+            metrics().connection_accepted();
 
             let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
                 self.reject_over_limit(client, peer, local);
@@ -248,6 +251,7 @@ impl Proxy {
         let _ = self.redirect.take_original(peer, local);
         // Linger 0 turns the close into a reset, which the client sees at once.
         let _ = client.set_zero_linger();
+        metrics().error(ErrorKind::ConnectionLimit);
         let count = self.rejected_limit.fetch_add(1, Ordering::Relaxed) + 1;
         if count.is_power_of_two() {
             warn!(
@@ -284,6 +288,7 @@ impl Proxy {
         let started = Instant::now();
         let Some(orig) = self.redirect.take_original(peer, local) else {
             // Someone dialed the proxy port directly, or the entry was evicted.
+            metrics().error(ErrorKind::NoOriginalDestination);
             let count = self.rejected_unknown.fetch_add(1, Ordering::Relaxed) + 1;
             if count.is_power_of_two() {
                 warn!(%peer, %local, rejected_total = count, "no original destination for connection; closing it");
@@ -291,6 +296,7 @@ impl Proxy {
             let _ = client.set_zero_linger();
             return;
         };
+        let _active = metrics().connection_opened();
         let destination = socket_addr_of(orig.orig_addr, orig.orig_port);
         let target = self.target_info(orig.target_id, orig.class, destination);
 
@@ -311,6 +317,7 @@ impl Proxy {
             Ok(Err(error)) => {
                 // No session runs unrecorded: a store that fails with `fail_mode: closed`
                 // refuses it, and so does a recorder that stopped.
+                metrics().error(ErrorKind::RecordingStart);
                 error!(error = %crate::error_chain(&error), %peer, %destination, "cannot record session, refusing it");
                 self.refuse(client, orig.class, &error.to_string()).await;
                 return;
@@ -358,6 +365,7 @@ impl Proxy {
                 }
             }
             Err(error) => {
+                metrics().error(ErrorKind::UpstreamConnect);
                 let _ = client.set_zero_linger();
                 SessionEnd {
                     outcome: Outcome::UpstreamFailed,

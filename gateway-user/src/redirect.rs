@@ -196,6 +196,8 @@ pub struct Redirect {
     config_map: Mutex<Array<MapData, RedirectConfig>>,
     conn_map: Mutex<BpfHashMap<MapData, ConnKey, OrigInfo>>,
     targets: Mutex<Targets>,
+    /// The loaded programs, kept so that a link detached from outside can be made again.
+    ebpf: Mutex<Ebpf>,
 }
 
 /// `TARGETS` and what it should hold: the configured addresses, and the addresses of each
@@ -292,8 +294,6 @@ impl Redirect {
             "redirect programs attached"
         );
 
-        // The links now hold the programs; the loader object and its program fds can go.
-        drop(ebpf);
         Ok(Self {
             mounts,
             cgroup,
@@ -303,6 +303,7 @@ impl Redirect {
             config_map: Mutex::new(config_map),
             conn_map: Mutex::new(conn_map),
             targets: Mutex::new(targets),
+            ebpf: Mutex::new(ebpf),
         })
     }
 
@@ -321,6 +322,102 @@ impl Redirect {
         let mut targets = self.targets.lock().expect("targets map lock poisoned");
         targets.from_cluster.insert(target_id, entries);
         targets.sync()
+    }
+
+    /// Returns the addresses in `TARGETS` for target `target_id`, sorted.
+    pub fn target_addresses(&self, target_id: u32) -> Vec<SocketAddr> {
+        let targets = self.targets.lock().expect("targets map lock poisoned");
+        let mut addresses: Vec<SocketAddr> = targets
+            .fixed
+            .iter()
+            .chain(targets.from_cluster.values().flatten())
+            .filter(|(_, value)| value.target_id == target_id)
+            .map(|(key, _)| socket_addr_of(key.addr, key.port))
+            .collect();
+        addresses.sort();
+        addresses
+    }
+
+    /// Checks every program's pinned link against the kernel's view of the attach cgroup.
+    pub fn attachments(&self) -> Vec<ProgramAttachment> {
+        check_attachments(&self.pins, Some(&self.cgroup))
+    }
+
+    /// Attaches `program` to the cgroup with a new link and pins it in place of the old pin.
+    /// For a program whose link was detached or unpinned from outside the daemon.
+    pub fn reattach(&self, program: &str) -> Result<(), RedirectError> {
+        let Some(&(name, hook)) = PROGRAMS.iter().find(|(name, _)| *name == program) else {
+            return Err(RedirectError::Map {
+                name: "programs",
+                message: format!("{program} is not one of the gateway's programs"),
+            });
+        };
+        let cgroup_dir = fs::File::open(&self.cgroup).map_err(|source| CgroupError::NotFound {
+            path: self.cgroup.clone(),
+            source,
+        })?;
+        let mut ebpf = self.ebpf.lock().expect("eBPF object lock poisoned");
+        let loaded = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
+            name,
+            message: "program not found in the eBPF object".into(),
+        })?;
+        let link_path = self.pins.link(name);
+        let attach_error = |source| RedirectError::Attach {
+            program: name,
+            cgroup: self.cgroup.clone(),
+            source,
+        };
+        let link_error = |error: aya::programs::links::LinkError| RedirectError::Pin {
+            action: "take the link of",
+            path: link_path.clone(),
+            source: io::Error::other(error.to_string()),
+        };
+        let new_link = if hook == AttachType::SockOps {
+            let loaded: &mut SockOps = loaded.try_into().map_err(attach_error)?;
+            let id = loaded
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            FdLink::try_from(loaded.take_link(id).map_err(attach_error)?).map_err(link_error)?
+        } else {
+            let loaded: &mut CgroupSockAddr = loaded.try_into().map_err(attach_error)?;
+            let id = loaded
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            FdLink::try_from(loaded.take_link(id).map_err(attach_error)?).map_err(link_error)?
+        };
+
+        // The old pin, if any, refers to a link that no longer redirects anything.
+        fs::create_dir_all(self.pins.links()).map_err(|source| RedirectError::Pin {
+            action: "create directory",
+            path: self.pins.links(),
+            source,
+        })?;
+        if link_path.exists() {
+            remove_pin(&link_path)?;
+        }
+        new_link
+            .pin(&link_path)
+            .map_err(|error| RedirectError::Pin {
+                action: "pin link at",
+                path: link_path.clone(),
+                source: io::Error::other(error.to_string()),
+            })?;
+        Ok(())
+    }
+
+    /// Returns the age of the heartbeat in `CONFIG`, as the connect hook computes it, or `None`
+    /// when the heartbeat was expired on purpose (a graceful stop in the open fail mode).
+    pub fn heartbeat_age(&self) -> Result<Option<std::time::Duration>, RedirectError> {
+        let map = self.config_map.lock().expect("config map lock poisoned");
+        let value = map.get(&0, 0).map_err(|source| RedirectError::MapUpdate {
+            name: MAP_CONFIG,
+            source,
+        })?;
+        if value.heartbeat_ns == 0 {
+            return Ok(None);
+        }
+        let age_ns = sys::monotonic_ns().saturating_sub(value.heartbeat_ns);
+        Ok(Some(std::time::Duration::from_nanos(age_ns)))
     }
 
     /// Refreshes the heartbeat in `CONFIG`.
@@ -905,6 +1002,169 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Uninstalled, RedirectError> {
         })?;
     }
     Ok(removed)
+}
+
+/// Attachment of one program, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProgramAttachment {
+    pub program: String,
+    /// Hook name as bpftool prints it (`connect4`, `sock_ops`, ...).
+    pub hook: String,
+    pub attached: bool,
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+    /// Id of the cgroup the link is attached to, 0 once the link is detached.
+    pub cgroup_id: Option<u64>,
+    /// Reason the program does not count as attached.
+    pub problem: Option<String>,
+}
+
+/// Checks each program's pinned link in the kernel. A program counts as attached when its link
+/// pin opens, the link is still attached to a cgroup, and, when `cgroup` is given, that cgroup
+/// is `cgroup` and lists the link's program for the hook. A link detached with
+/// `BPF_LINK_DETACH` (`bpftool link detach`) reports cgroup id 0, and an unpinned link is gone.
+pub fn check_attachments(pins: &PinLayout, cgroup: Option<&Path>) -> Vec<ProgramAttachment> {
+    PROGRAMS
+        .iter()
+        .map(|&(name, hook)| check_attachment(pins, cgroup, name, hook))
+        .collect()
+}
+
+fn check_attachment(
+    pins: &PinLayout,
+    cgroup: Option<&Path>,
+    name: &str,
+    hook: AttachType,
+) -> ProgramAttachment {
+    let mut attachment = ProgramAttachment {
+        program: name.to_string(),
+        hook: hook.as_str().to_string(),
+        attached: false,
+        link_id: None,
+        program_id: None,
+        cgroup_id: None,
+        problem: None,
+    };
+    let path = pins.link(name);
+    let link = match sys::bpf_obj_get(&path) {
+        Ok(link) => link,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            attachment.problem = Some(format!("link pin {} is missing", path.display()));
+            return attachment;
+        }
+        Err(error) => {
+            attachment.problem = Some(format!("failed to open {}: {error}", path.display()));
+            return attachment;
+        }
+    };
+    let info = match sys::bpf_cgroup_link_info(link.as_fd()) {
+        Ok(info) => info,
+        Err(error) => {
+            attachment.problem = Some(format!("failed to read link {}: {error}", path.display()));
+            return attachment;
+        }
+    };
+    attachment.link_id = Some(info.link_id);
+    attachment.program_id = Some(info.program_id);
+    attachment.cgroup_id = Some(info.cgroup_id);
+    if info.cgroup_id == 0 {
+        attachment.problem = Some(format!("link {} is detached", info.link_id));
+        return attachment;
+    }
+
+    if let Some(cgroup) = cgroup {
+        let listed =
+            fs::File::open(cgroup).and_then(|dir| sys::bpf_prog_query_ids(dir.as_fd(), hook));
+        match listed {
+            Ok(ids) if ids.contains(&info.program_id) => {}
+            Ok(_) => {
+                attachment.problem = Some(format!(
+                    "program {} is not among the {} programs of {}",
+                    info.program_id,
+                    hook.as_str(),
+                    cgroup.display()
+                ));
+                return attachment;
+            }
+            Err(error) => {
+                attachment.problem = Some(format!(
+                    "failed to query the {} programs of {}: {error}",
+                    hook.as_str(),
+                    cgroup.display()
+                ));
+                return attachment;
+            }
+        }
+    }
+    attachment.attached = true;
+    attachment
+}
+
+/// Entries and capacity of a pinned map.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapFill {
+    pub name: String,
+    pub pin: PathBuf,
+    pub entries: Option<u64>,
+    /// `max_entries` of the map.
+    pub capacity: Option<u32>,
+    /// Reason the map could not be read.
+    pub error: Option<String>,
+}
+
+/// Reads the fill of the maps that can run full: `CONN` (LRU, so a full map evicts the oldest
+/// entries) and `TARGETS`.
+///
+/// NOTE: counting walks the keys with one `bpf()` call per entry, so each `/metrics` scrape of
+/// a busy node makes up to `max_entries` of `CONN` (65536) system calls.
+pub fn read_map_fills(bpffs_dir: &Path) -> Vec<MapFill> {
+    let pins = PinLayout::new(bpffs_dir);
+    [MAP_CONN, MAP_TARGETS]
+        .into_iter()
+        .map(|name| {
+            let pin = pins.map(name);
+            let mut fill = MapFill {
+                name: name.to_string(),
+                pin: pin.clone(),
+                entries: None,
+                capacity: None,
+                error: None,
+            };
+            match count_map_entries(&pin, name) {
+                Ok((entries, capacity)) => {
+                    fill.entries = Some(entries);
+                    fill.capacity = Some(capacity);
+                }
+                Err(error) => fill.error = Some(error),
+            }
+            fill
+        })
+        .collect()
+}
+
+/// Returns (entries, capacity) of the pinned hash map `name`.
+fn count_map_entries(pin: &Path, name: &str) -> Result<(u64, u32), String> {
+    let data = MapData::from_pin(pin)
+        .map_err(|error| format!("failed to open {}: {error}", pin.display()))?;
+    let capacity = data
+        .info()
+        .map_err(|error| format!("failed to read the map info of {}: {error}", pin.display()))?
+        .max_entries();
+    // A key removed while the keys are walked makes the kernel start over, so the walk is
+    // bounded by the capacity.
+    let limit = capacity as usize;
+    let entries = if name == MAP_CONN {
+        let map: BpfHashMap<MapData, ConnKey, OrigInfo> =
+            BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .map_err(|error| error.to_string())?;
+        map.keys().take(limit).filter(Result::is_ok).count()
+    } else {
+        let map: BpfHashMap<MapData, TargetKey, TargetValue> =
+            BpfHashMap::try_from(aya::maps::Map::HashMap(data))
+                .map_err(|error| error.to_string())?;
+        map.keys().take(limit).filter(Result::is_ok).count()
+    };
+    Ok((entries as u64, capacity))
 }
 
 /// Connect-hook verdict counters, summed over CPUs.

@@ -33,6 +33,19 @@ pub enum AttachType {
     Inet6Getpeername = 30,
 }
 
+impl AttachType {
+    /// Returns the hook's name as bpftool prints it (`cgroup_inet4_connect` is `connect4`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SockOps => "sock_ops",
+            Self::Inet4Connect => "connect4",
+            Self::Inet6Connect => "connect6",
+            Self::Inet4Getpeername => "getpeername4",
+            Self::Inet6Getpeername => "getpeername6",
+        }
+    }
+}
+
 /// `BPF_F_ALLOW_OVERRIDE` and `BPF_F_ALLOW_MULTI`: a cgroup attachment with neither is
 /// exclusive and keeps descendants from attaching programs of the same type.
 pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
@@ -179,6 +192,24 @@ pub fn bpf_prog_query(
         attach_flags: attr.get_u32(12),
         program_count: attr.get_u32(24),
     })
+}
+
+/// Maximum number of program ids `bpf_prog_query_ids` reads for one hook. The kernel allows
+/// 64 programs per hook and cgroup (`BPF_CGROUP_MAX_PROGS`).
+const MAX_QUERIED_PROGRAMS: usize = 64;
+
+/// Lists the ids of the programs attached directly to `cgroup` for `attach_type`, links
+/// included.
+pub fn bpf_prog_query_ids(cgroup: BorrowedFd<'_>, attach_type: AttachType) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; MAX_QUERIED_PROGRAMS];
+    let mut attr = Attr::new();
+    attr.put_u32(0, cgroup.as_raw_fd() as u32);
+    attr.put_u32(4, attach_type as u32);
+    attr.put_u64(16, ids.as_mut_ptr() as u64);
+    attr.put_u32(24, MAX_QUERIED_PROGRAMS as u32);
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = (attr.get_u32(24) as usize).min(MAX_QUERIED_PROGRAMS);
+    Ok(ids[..count].to_vec())
 }
 
 /// Attaches a program to a cgroup with the legacy `BPF_PROG_ATTACH` and the given flags

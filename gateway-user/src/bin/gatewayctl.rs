@@ -1,6 +1,7 @@
 //! `gatewayctl`: the operator's view of a node.
 //!
 //! - `gatewayctl stats` prints the connect hook's verdict counters from the pinned maps.
+//! - `gatewayctl status` prints the attached programs, the maps' fill and the daemon's state.
 //! - `gatewayctl sessions list | show | replay | export | verify` reads and verifies the
 //!   recordings.
 //! - `gatewayctl policy check PATH` validates AccessPolicy files; `gatewayctl policy test`
@@ -12,6 +13,8 @@
 
 #[path = "gatewayctl/policy_cmd.rs"]
 mod policy_cmd;
+#[path = "gatewayctl/status_cmd.rs"]
+mod status_cmd;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -41,6 +44,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the attached programs, pinned maps, heartbeat, fail modes, policy and recorder.
+    /// Exits 1 when the daemon's operations endpoint cannot be reached.
+    Status(status_cmd::StatusArgs),
     /// List, show, replay, export and verify session recordings.
     Sessions(SessionsArgs),
     /// Validate AccessPolicy files or decide a described request.
@@ -115,10 +121,12 @@ fn main() -> ExitCode {
 }
 
 /// Runs a command; returns false when it ran but its check failed (`sessions verify`,
-/// `policy check`). Exit status: 0 success, 1 check failed, 2 error.
+/// `policy check`, `status` with the daemon unreachable). Exit status: 0 success, 1 check
+/// failed, 2 error.
 fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Sessions(args) => gateway_user::cli::sessions::run(args),
+        Command::Status(args) => status_cmd::run(args),
         Command::Stats { bpffs, json } => {
             let stats = redirect::read_stats(&bpffs)?;
             if json {

@@ -103,6 +103,9 @@ pub struct Health {
     reason: Mutex<String>,
     /// Records queued and not yet written.
     queued: AtomicU64,
+    /// Microseconds the oldest record of the writer's latest batch waited in the queue, or 0
+    /// when the latest wake-up found nothing to write.
+    lag_us: AtomicU64,
     changed: tokio::sync::Notify,
 }
 
@@ -118,6 +121,13 @@ impl Health {
     /// Records queued for the writer and not written yet.
     pub fn queued(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Time the oldest record of the writer's latest batch waited between being queued and
+    /// being written. It shows how far the writer is behind, but only once it writes again: a
+    /// writer stuck in a system call is seen in [`queued`](Self::queued) instead.
+    pub fn lag(&self) -> Duration {
+        Duration::from_micros(self.lag_us.load(Ordering::Relaxed))
     }
 
     /// Waits until the store starts failing.
@@ -256,6 +266,15 @@ impl Recorder {
 
     pub fn fail_mode(&self) -> FailMode {
         self.inner.fail_mode
+    }
+
+    /// Returns whether the writer thread is still running.
+    pub fn writer_running(&self) -> bool {
+        self.inner
+            .thread
+            .lock()
+            .ok()
+            .is_some_and(|thread| thread.as_ref().is_some_and(|thread| !thread.is_finished()))
     }
 
     /// Opens a new session recording and queues its `session.start` record. With

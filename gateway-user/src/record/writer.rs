@@ -35,7 +35,7 @@ use super::{
     retention,
     signing::SigningKey,
 };
-use crate::{config::RecordingConfig, mask};
+use crate::{config::RecordingConfig, mask, operations::metrics::ErrorKind};
 
 /// Commands queued before senders block. At a few hundred bytes each this bounds the queue's
 /// memory to some tens of MiB; a full queue slows sessions down rather than dropping records.
@@ -60,6 +60,8 @@ pub(super) struct Entry {
     event: String,
     time: SystemTime,
     fields: Map<String, Value>,
+    /// When the entry was queued, for the writer's lag.
+    queued: Instant,
 }
 
 impl Entry {
@@ -68,6 +70,7 @@ impl Entry {
             event: event.to_string(),
             time,
             fields,
+            queued: Instant::now(),
         }
     }
 }
@@ -154,6 +157,8 @@ struct Writer {
     write_error: Option<String>,
     low_disk: Option<String>,
     stats: WriterStats,
+    /// Queue time of the oldest entry taken since the last batch was written.
+    oldest_taken: Option<Instant>,
 }
 
 /// Starts the writer thread after recovering sessions an earlier run left open.
@@ -200,6 +205,7 @@ pub(super) fn spawn(
         write_error: None,
         low_disk: None,
         stats: WriterStats::default(),
+        oldest_taken: None,
     };
     let thread = std::thread::Builder::new()
         .name("recorder".into())
@@ -253,6 +259,13 @@ impl Writer {
             {
                 self.sync();
             }
+            let lag = self
+                .oldest_taken
+                .take()
+                .map_or(Duration::ZERO, |queued| queued.elapsed());
+            self.health
+                .lag_us
+                .store(lag.as_micros() as u64, Ordering::Relaxed);
             self.run_retention();
             self.stats.open_sessions = self.sessions.len();
             for done in flushes {
@@ -309,6 +322,19 @@ impl Writer {
             Command::Flush { .. } | Command::Retention { .. } | Command::Shutdown
         ) {
             self.health.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        let queued = match &command {
+            Command::Open { entry, .. }
+            | Command::Event { entry, .. }
+            | Command::Close { entry, .. }
+            | Command::Journal { entry } => Some(entry.queued),
+            _ => None,
+        };
+        if let Some(queued) = queued {
+            self.oldest_taken = Some(
+                self.oldest_taken
+                    .map_or(queued, |oldest| oldest.min(queued)),
+            );
         }
         match command {
             Command::Open {
@@ -607,6 +633,7 @@ impl Writer {
     }
 
     fn write_failed(&mut self, message: &str) {
+        crate::operations::metrics::metrics().error(ErrorKind::RecordingWrite);
         let first = self.write_error.is_none();
         self.write_error = Some(message.to_string());
         if first {

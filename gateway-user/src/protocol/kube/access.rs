@@ -6,6 +6,7 @@
 //! deadline denies it, and the `Forbidden` Status carries who denied it and why. Audit-mode
 //! decisions that would have blocked or held are recorded as `policy.audit` events.
 
+use crate::operations::metrics::metrics;
 use serde_json::json;
 
 use super::{KubeAccess, Recording, attribution::RequestInfo, record_event};
@@ -41,6 +42,7 @@ pub(super) async fn decide(
             .policy
             .current()
             .decide(&subject, &access.target, Request::Kube(&request));
+    metrics().request_decided(access.target.class, &decision);
     let summary = summary(info);
     if decision.audit_only() {
         record_event(

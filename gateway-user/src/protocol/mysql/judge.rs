@@ -16,6 +16,7 @@ use serde_json::json;
 use super::{Session, record_event};
 use crate::{
     approval::{HoldRequest, Verdict},
+    operations::metrics::metrics,
     policy::{Action, PolicyDecision, Request, ReviewScope},
     sql::StatementInfo,
 };
@@ -52,6 +53,7 @@ impl Session<'_> {
         let mut reviews: Vec<(PolicyDecision, &StatementInfo)> = Vec::new();
         for info in infos {
             let decision = policy.decide(&context.subject, &context.target, Request::Sql(info));
+            metrics().request_decided(context.target.class, &decision);
             if decision.audit_only() {
                 record_event(
                     self.record,

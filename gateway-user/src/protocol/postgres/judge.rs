@@ -8,6 +8,7 @@
 //! Audit-mode decisions that would have blocked or held are recorded as `policy.audit` events
 //! and let through.
 
+use crate::operations::metrics::metrics;
 use std::{collections::HashSet, time::Duration};
 
 use serde_json::json;
@@ -52,6 +53,7 @@ pub(super) async fn judge(
     let mut reviews: Vec<PolicyDecision> = Vec::new();
     for info in infos {
         let decision = policy.decide(&context.subject, &context.target, Request::Sql(info));
+        metrics().request_decided(context.target.class, &decision);
         if decision.audit_only() {
             record_event(
                 pump.record,
