@@ -32,6 +32,7 @@ use std::{
 
 use crate::{cgroup, sys};
 
+pub mod demo;
 mod mariadb;
 pub use mariadb::{MARIADB_PASSWORD, MARIADB_PORT, Mariadb};
 

@@ -58,13 +58,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("libzstd-dev", "linking bpf-linker"),
     ("iproute2", "`ip` builds the test node's namespaces"),
     ("util-linux", "`unshare` and `mount` in the tests"),
-    ("curl", "the demo's unmodified client"),
+    (
+        "curl",
+        "HTTP client in the Kubernetes, operations and benchmark runs",
+    ),
     (
         "openssl",
         "raw TLS clients and certificate checks in the Kubernetes handler tests",
     ),
     ("socat", "raw TCP client in the Kubernetes handler tests"),
-    ("python3", "the demo's HTTP server"),
     ("postgresql", "PostgreSQL server for the database tests"),
     ("postgresql-client", "psql and pgbench"),
     ("mariadb-server", "MariaDB server for the database tests"),

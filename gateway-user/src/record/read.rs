@@ -137,18 +137,8 @@ pub struct Summary {
     pub outcome: String,
 }
 
-/// Events that are bookkeeping, not requests of the client.
-const NOT_REQUESTS: &[&str] = &[
-    "session.start",
-    "session.end",
-    "checkpoint",
-    "records.lost",
-    "stream.open",
-    "stream.frame",
-    "stream.resize",
-    "stream.close",
-    "token_pod_mismatch",
-];
+/// Events that stand for one request of the client: a statement or an API request.
+const REQUESTS: &[&str] = &["sql.statement", "kube.request"];
 
 /// Summarizes a session's records.
 pub fn summarize(id: &str, records: &[Value]) -> Summary {
@@ -178,13 +168,13 @@ pub fn summarize(id: &str, records: &[Value]) -> Summary {
                 summary.outcome = record["outcome"].as_str().unwrap_or("unknown").to_string();
                 summary.duration_ms = record["duration_ms"].as_u64();
             }
-            _ if NOT_REQUESTS.contains(&event) => {}
-            _ => {
+            _ if REQUESTS.contains(&event) => {
                 summary.requests += 1;
-                if record["decision"] == "deny" {
+                if record["decision"] == "deny" || record["outcome"] == "denied" {
                     summary.denied += 1;
                 }
             }
+            _ => {}
         }
     }
     summary
