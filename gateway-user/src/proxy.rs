@@ -482,18 +482,29 @@ impl Proxy {
                 .await
             }
             Ok(gateway_common::TargetClass::KubeApi) => {
+                let policy_subject = policy_subject(subject);
+                let policy_target = crate::policy::Target {
+                    class: crate::config::TargetClass::KubeApi,
+                    name: target.name.clone(),
+                };
+                let mask_settings = self
+                    .access
+                    .policy
+                    .current()
+                    .session_mask(&policy_subject, &policy_target);
                 let context = protocol::kube::KubeContext {
                     rules: Arc::clone(&self.kube_rules),
                     access: Some(protocol::kube::KubeAccess {
                         policy: Arc::clone(&self.access.policy),
                         approvals: Arc::clone(&self.access.approvals),
-                        subject: policy_subject(subject),
-                        target: crate::policy::Target {
-                            class: crate::config::TargetClass::KubeApi,
-                            name: target.name.clone(),
-                        },
+                        subject: policy_subject,
+                        target: policy_target,
                     }),
-                    mask: MaskPolicy::default(),
+                    mask: MaskPolicy {
+                        keep: mask_settings.keep.to_mask_keep(),
+                        ..MaskPolicy::default()
+                    },
+                    masked_fields: lowercase(&mask_settings.fields),
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream: protocol::kube::upstream::UpstreamSettings {
                         addr: destination,

@@ -1652,3 +1652,48 @@ fn kubectl_writes_held_for_approval() {
     assert_eq!(outcomes[1].1, "denied", "{outcomes:?}");
     assert_eq!(outcomes[2].1, "denied", "{outcomes:?}");
 }
+
+#[test]
+fn kubectl_sees_named_fields_masked() {
+    const POLICY: &str = "\
+apiVersion: gateway.example.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: cluster
+spec:
+  defaults:
+    kube_api:
+      action: allow
+      masking:
+        fields: [password]
+";
+    let cluster = InCluster::with_policy("kubectl_sees_named_fields_masked", "", Some(POLICY));
+    let created = cluster
+        .kubectl(&[
+            "create",
+            "configmap",
+            "db",
+            "--from-literal=password=hunter22",
+            "--from-literal=user=ada",
+        ])
+        .output()
+        .expect("run kubectl");
+    assert!(created.status.success(), "{}", stderr_of(&created));
+
+    let shown = cluster
+        .kubectl(&["get", "configmap", "db", "-o", "json"])
+        .output()
+        .expect("run kubectl");
+    assert!(shown.status.success(), "{}", stderr_of(&shown));
+    let object: Value = serde_json::from_slice(&shown.stdout).expect("configmap JSON");
+    assert_eq!(object["data"]["password"], "********");
+    assert_eq!(object["data"]["user"], "ada");
+    // Masking applies to what flows back: the write itself reached the API server.
+    let log = cluster.api.log();
+    assert_eq!(
+        log.matches("method=POST path=/api/v1/namespaces/default/configmaps status=201")
+            .count(),
+        1,
+        "{log}"
+    );
+}

@@ -107,6 +107,8 @@ impl Drop for RequestLog {
 pub struct MaskedBody {
     inner: Incoming,
     masker: StreamMasker,
+    /// Masks named JSON fields whole before card numbers are looked for.
+    fields: Option<super::fields::FieldMasker>,
     /// Trailers that arrived while the masker still held bytes; sent after them.
     pending_trailers: Option<http::HeaderMap>,
     done: bool,
@@ -120,11 +122,18 @@ impl MaskedBody {
         Self {
             inner,
             masker: StreamMasker::new(policy),
+            fields: None,
             pending_trailers: None,
             done: false,
             polled: false,
             log,
         }
+    }
+
+    /// Masks the values of named JSON fields too.
+    pub fn with_fields(mut self, fields: Option<super::fields::FieldMasker>) -> Self {
+        self.fields = fields;
+        self
     }
 
     fn settle(&mut self, output: Vec<u8>) -> Option<Frame<Bytes>> {
@@ -155,6 +164,16 @@ impl Body for MaskedBody {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let mut output = Vec::with_capacity(data.len() + 32);
+                        let data = match &mut this.fields {
+                            Some(fields) => {
+                                let mut copy = data.to_vec();
+                                let before = fields.masked;
+                                fields.apply(&mut copy);
+                                this.log.masked += fields.masked - before;
+                                Bytes::from(copy)
+                            }
+                            None => data,
+                        };
                         this.log.masked += this.masker.feed(&data, &mut output);
                         if let Some(frame) = this.settle(output) {
                             return Poll::Ready(Some(Ok(frame)));

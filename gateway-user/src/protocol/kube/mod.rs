@@ -21,6 +21,7 @@
 mod access;
 pub mod attribution;
 pub mod body;
+pub mod fields;
 pub mod sni;
 pub mod status;
 pub mod token;
@@ -93,6 +94,8 @@ pub struct KubeContext {
     /// The AccessPolicy and approvals broker, with the subject and target in policy terms.
     pub access: Option<KubeAccess>,
     pub mask: MaskPolicy,
+    /// JSON fields masked whole in responses, lowercase (the policy's `masking.fields`).
+    pub masked_fields: Vec<String>,
     /// Serving configuration with ALPN `h2` and `http/1.1`; `None` relays the target as TCP.
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     pub upstream: UpstreamSettings,
@@ -561,7 +564,20 @@ fn client_response(
     }
 
     strip_hop_by_hop(&mut parts.headers);
-    let body = MaskedBody::new(body, session.context.mask.clone(), log);
+    // NOTE: named fields are masked in JSON bodies only; protobuf responses keep them, with
+    // card numbers masked as everywhere.
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.to_ascii_lowercase().contains("json"));
+    let fields = (json && !session.context.masked_fields.is_empty()).then(|| {
+        fields::FieldMasker::new(
+            &session.context.masked_fields,
+            session.context.mask.mask_char,
+        )
+    });
+    let body = MaskedBody::new(body, session.context.mask.clone(), log).with_fields(fields);
     Response::from_parts(parts, body.boxed_unsync())
 }
 
