@@ -119,6 +119,45 @@ pub struct Answer {
     pub answered_at: String,
 }
 
+impl Answer {
+    /// Builds the fields of the `approval.answered` event for the request held by `rule`.
+    pub fn event_fields(&self, rule: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "rule": rule,
+            "verdict": self.verdict,
+            "approver_uid": self.approver.as_ref().map(|approver| approver.uid),
+            "approver_name": self.approver.as_ref().and_then(|approver| approver.name.clone()),
+            "reason": self.reason,
+            "answered_at": self.answered_at,
+        })
+    }
+
+    /// Describes why the held request is refused, for the client's error: who denied it and
+    /// why, or that no verdict came within `deadline`. `None` when it was approved.
+    pub fn refusal(&self, deadline: std::time::Duration) -> Option<String> {
+        match self.verdict {
+            Verdict::Approved => None,
+            Verdict::Denied => {
+                let approver = match &self.approver {
+                    Some(Approver {
+                        name: Some(name),
+                        uid,
+                    }) => format!("{name} (uid {uid})"),
+                    Some(Approver { name: None, uid }) => format!("uid {uid}"),
+                    None => "an approver".to_string(),
+                };
+                let reason = self.reason.clone().unwrap_or_default();
+                Some(format!("denied by {approver}: {reason}"))
+            }
+            Verdict::TimedOut => Some(format!(
+                "no approval within {}",
+                humantime::format_duration(deadline)
+            )),
+        }
+    }
+}
+
 struct Entry {
     info: HeldInfo,
     subject_uid: Option<u32>,

@@ -13,10 +13,7 @@ use std::{
 
 use gateway_user::{
     testing::{CgroupLayout, ChildGuard, Daemon, Pod, TestNode, wait_until},
-    testing_apiserver::{
-        fixture::{Options, TestApiServer},
-        token::BoundToken,
-    },
+    testing_apiserver::fixture::{Options, TestApiServer},
 };
 use serde_json::{Value, json};
 
@@ -87,25 +84,7 @@ fn start_cluster(mut node: TestNode, mut options: Options, wait: &str) -> Cluste
     let api = TestApiServer::start(&node, &api_server, Path::new(APISERVER), options);
 
     // gatewayd reads the cluster with a service-account token of its own.
-    let token = api.issuer.mint(&BoundToken {
-        namespace: "gateway-system".to_string(),
-        service_account: "gatewayd".to_string(),
-        service_account_uid: "0b9e3c1a-7d2f-4f61-9a53-6c1d2e8f4a70".to_string(),
-        pod: None,
-        node: None,
-        lifetime: Duration::from_secs(3600),
-    });
-    let kubeconfig = node.dir.join("kubeconfig.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://{}:{}\n    certificate-authority: {}\nusers:\n- name: gatewayd\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: gatewayd\ncurrent-context: test\n",
-            api.address,
-            api.port,
-            api.ca_cert.display()
-        ),
-    )
-    .expect("write kubeconfig");
+    let kubeconfig = api.kubeconfig("gateway-system", "gatewayd");
     let targets = format!(
         "  - name: echo\n    address: '{}'\n    port: {ECHO_PORT}\n    class: tcp\n",
         target.ip()

@@ -11,10 +11,7 @@ use std::{
 
 use gateway_user::{
     testing::{ChildGuard, Pod, TestNode, wait_until},
-    testing_apiserver::{
-        fixture::{Options, TestApiServer},
-        token::BoundToken,
-    },
+    testing_apiserver::fixture::{Options, TestApiServer},
 };
 use serde_json::{Value, json};
 
@@ -113,25 +110,7 @@ fn service_target_follows_endpoints() {
         },
     );
 
-    let token = api.issuer.mint(&BoundToken {
-        namespace: "gateway-system".to_string(),
-        service_account: "gatewayd".to_string(),
-        service_account_uid: "5d0c2b9e-3f47-4a8e-9b1d-2c6e7f8a9b01".to_string(),
-        pod: None,
-        node: None,
-        lifetime: Duration::from_secs(3600),
-    });
-    let kubeconfig = node.dir.join("kubeconfig.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://{}:{}\n    certificate-authority: {}\nusers:\n- name: gatewayd\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: gatewayd\ncurrent-context: test\n",
-            api.address,
-            api.port,
-            api.ca_cert.display()
-        ),
-    )
-    .expect("write kubeconfig");
+    let kubeconfig = api.kubeconfig("gateway-system", "gatewayd");
     let targets = format!(
         "  - service: default/echo\n    port: {SERVICE_PORT}\n    class: tcp\nidentity:\n  kubeconfig: {}\n",
         kubeconfig.display()

@@ -135,24 +135,7 @@ pub fn run(paths: &DemoPaths, out: &mut dyn Write) -> anyhow::Result<()> {
     let policy_dir = node.dir.join("policies");
     std::fs::create_dir_all(&policy_dir)?;
     std::fs::write(policy_dir.join("10-payments.yaml"), POLICY)?;
-    let watch_token = api
-        .issuer
-        .mint(&crate::testing_apiserver::token::BoundToken {
-            namespace: "gateway-system".to_string(),
-            service_account: "gatewayd".to_string(),
-            service_account_uid: "3f1c5e2a-8d4b-4c6f-9e7a-1b2c3d4e5f60".to_string(),
-            pod: None,
-            node: None,
-            lifetime: Duration::from_secs(3600),
-        });
-    let kubeconfig = node.dir.join("gatewayd-kubeconfig.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: demo\n  cluster:\n    server: https://{API_SERVICE_IP}:443\n    certificate-authority: {}\nusers:\n- name: gatewayd\n  user:\n    token: {watch_token}\ncontexts:\n- name: demo\n  context:\n    cluster: demo\n    user: gatewayd\ncurrent-context: demo\n",
-            api.ca.cert_path.display()
-        ),
-    )?;
+    let kubeconfig = api.kubeconfig("gateway-system", "gatewayd");
     let targets = format!(
         "  - name: payments-db\n    address: {db}\n    port: 5432\n    class: postgres\n\
          \x20 - name: kubernetes\n    address: {API_SERVICE_IP}\n    port: 443\n    class: kube_api\n\

@@ -193,6 +193,32 @@ impl TestApiServer {
         });
     }
 
+    /// Writes a kubeconfig for a client outside the pods (such as gatewayd's own watches) that
+    /// authenticates with a token of service account `namespace/service_account`, and returns
+    /// its path.
+    pub fn kubeconfig(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let token = self.issuer.mint(&BoundToken {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            service_account_uid: uuid::Uuid::now_v7().to_string(),
+            pod: None,
+            node: None,
+            lifetime: Duration::from_secs(3600),
+        });
+        let path = self.dir.join(format!("kubeconfig-{service_account}.yaml"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: test\n  cluster:\n    server: https://{}\n    certificate-authority: {}\n\
+             users:\n- name: {service_account}\n  user:\n    token: {token}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: {service_account}\n\
+             current-context: test\n",
+            crate::testing::sockaddr(self.address, self.port),
+            self.ca_cert.display()
+        );
+        fs::write(&path, text).expect("write the kubeconfig");
+        path
+    }
+
     /// Builds the seed object of `pod` in `namespace`, with its UID, so its tokens verify.
     pub fn seed_pod(namespace: &str, service_account: &str, pod: &Pod) -> Value {
         super::seed_pod(namespace, &pod.name, &pod.uid, service_account)

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{KubeAccess, Recording, attribution::RequestInfo, record_event};
 use crate::{
-    approval::{HoldRequest, Verdict},
+    approval::HoldRequest,
     policy::{Action, ExecAttributes, KubeRequest, Request},
 };
 
@@ -94,45 +94,15 @@ pub(super) async fn decide(
             );
             // NOTE: a review with scope `session` is asked again for each request, because an
             // HTTP client's requests do not share a session the way a database connection's do.
-            let id = pending.id.clone();
             let answer = pending.wait().await;
-            let approver_uid = answer.approver.as_ref().map(|approver| approver.uid);
-            let approver_name = answer
-                .approver
-                .as_ref()
-                .and_then(|approver| approver.name.clone());
             record_event(
                 record,
                 "approval.answered",
-                json!({
-                    "id": id,
-                    "rule": decision.rule,
-                    "verdict": answer.verdict,
-                    "approver_uid": approver_uid,
-                    "approver_name": approver_name,
-                    "reason": answer.reason,
-                    "answered_at": answer.answered_at,
-                }),
+                answer.event_fields(&decision.rule),
             );
-            match answer.verdict {
-                Verdict::Approved => None,
-                Verdict::Denied => {
-                    let who = match (&approver_name, approver_uid) {
-                        (Some(name), Some(uid)) => format!("{name} (uid {uid})"),
-                        (None, Some(uid)) => format!("uid {uid}"),
-                        _ => "an approver".to_string(),
-                    };
-                    let reason = answer.reason.unwrap_or_default();
-                    Some((decision.rule, Some(format!("denied by {who}: {reason}"))))
-                }
-                Verdict::TimedOut => Some((
-                    decision.rule,
-                    Some(format!(
-                        "no approval within {}",
-                        humantime::format_duration(review.deadline)
-                    )),
-                )),
-            }
+            answer
+                .refusal(review.deadline)
+                .map(|detail| (decision.rule, Some(detail)))
         }
     }
 }

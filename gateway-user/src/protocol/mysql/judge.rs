@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::{Session, record_event};
 use crate::{
-    approval::{HoldRequest, Verdict},
+    approval::HoldRequest,
     operations::metrics::metrics,
     policy::{Action, PolicyDecision, Request, ReviewScope},
     sql::StatementInfo,
@@ -149,7 +149,6 @@ impl Session<'_> {
         // NOTE: the client is not read while its command is held, so a client that
         // disconnects or is killed with KILL QUERY from another connection keeps the request
         // listed until it is answered or its deadline passes.
-        let id = pending.id.clone();
         let wait = pending.wait();
         tokio::pin!(wait);
         let mut keepalive = tokio::time::interval(HELD_KEEPALIVE);
@@ -161,48 +160,19 @@ impl Session<'_> {
         };
         self.counters.touch();
 
-        let approver_uid = answer.approver.as_ref().map(|approver| approver.uid);
-        let approver_name = answer
-            .approver
-            .as_ref()
-            .and_then(|approver| approver.name.clone());
         record_event(
             self.record,
             "approval.answered",
-            json!({
-                "id": id,
-                "rule": decision.rule,
-                "verdict": answer.verdict,
-                "approver_uid": approver_uid,
-                "approver_name": approver_name,
-                "reason": answer.reason,
-                "answered_at": answer.answered_at,
-            }),
+            answer.event_fields(&decision.rule),
         );
-
-        match answer.verdict {
-            Verdict::Approved => {
+        match answer.refusal(review.deadline) {
+            None => {
                 if review.scope == ReviewScope::Session {
                     self.approvals.rules.insert(decision.rule);
                 }
                 None
             }
-            Verdict::Denied => {
-                let approver = match (&approver_name, approver_uid) {
-                    (Some(name), Some(uid)) => format!("{name} (uid {uid})"),
-                    (None, Some(uid)) => format!("uid {uid}"),
-                    _ => "an approver".to_string(),
-                };
-                let reason = answer.reason.unwrap_or_default();
-                Some((decision.rule, format!("denied by {approver}: {reason}")))
-            }
-            Verdict::TimedOut => Some((
-                decision.rule,
-                format!(
-                    "no approval within {}",
-                    humantime::format_duration(review.deadline)
-                ),
-            )),
+            Some(detail) => Some((decision.rule, detail)),
         }
     }
 }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncWriteExt as _, BufWriter};
 
 use super::{PumpContext, SessionEnd, WriteHalf, record_event, server_error};
 use crate::{
-    approval::{HoldRequest, Verdict},
+    approval::HoldRequest,
     policy::{Action, PolicyDecision, Request, ReviewScope},
     sql::StatementInfo,
 };
@@ -147,7 +147,6 @@ async fn hold(
     // NOTE: the client is not read while its statement is held, so a client that disconnects
     // or sends a CancelRequest (which reaches an idle server) keeps the request listed until
     // it is answered or its deadline passes.
-    let id = pending.id.clone();
     let wait = pending.wait();
     tokio::pin!(wait);
     let mut keepalive = tokio::time::interval(HELD_KEEPALIVE);
@@ -159,50 +158,21 @@ async fn hold(
     };
     pump.counters.touch();
 
-    let approver_uid = answer.approver.as_ref().map(|approver| approver.uid);
-    let approver_name = answer
-        .approver
-        .as_ref()
-        .and_then(|approver| approver.name.clone());
     record_event(
         pump.record,
         "approval.answered",
-        json!({
-            "id": id,
-            "rule": decision.rule,
-            "verdict": answer.verdict,
-            "approver_uid": approver_uid,
-            "approver_name": approver_name,
-            "reason": answer.reason,
-            "answered_at": answer.answered_at,
-        }),
+        answer.event_fields(&decision.rule),
     );
-
-    match answer.verdict {
-        Verdict::Approved => {
+    Ok(match answer.refusal(review.deadline) {
+        None => {
             if review.scope == ReviewScope::Session {
                 approvals.rules.insert(decision.rule);
             }
-            Ok(None)
+            None
         }
-        Verdict::Denied => {
-            let who = match (&approver_name, approver_uid) {
-                (Some(name), Some(uid)) => format!("{name} (uid {uid})"),
-                (None, Some(uid)) => format!("uid {uid}"),
-                _ => "an approver".to_string(),
-            };
-            let reason = answer.reason.unwrap_or_default();
-            Ok(Some(Denial {
-                rule: decision.rule,
-                detail: Some(format!("denied by {who}: {reason}")),
-            }))
-        }
-        Verdict::TimedOut => Ok(Some(Denial {
+        Some(detail) => Some(Denial {
             rule: decision.rule,
-            detail: Some(format!(
-                "no approval within {}",
-                humantime::format_duration(review.deadline)
-            )),
-        })),
-    }
+            detail: Some(detail),
+        }),
+    })
 }
