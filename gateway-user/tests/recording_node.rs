@@ -137,8 +137,10 @@ fn crash_mid_traffic_keeps_store_verifiable() {
             )
         })
         .collect();
-    wait_until("sessions to be recorded", Duration::from_secs(20), || {
-        node.session_files().len() >= 200
+    // A count, not a rate: on a loaded machine the loops are slow, and any crash mid-traffic
+    // will do.
+    wait_until("sessions to be recorded", Duration::from_secs(90), || {
+        node.session_files().len() >= 50
     });
     daemon.kill();
     drop(loops);
@@ -173,7 +175,7 @@ fn crash_mid_traffic_keeps_store_verifiable() {
         opened, ended,
         "every session the crash cut off is accounted for"
     );
-    assert!(opened >= 201, "{opened} sessions");
+    assert!(opened >= 51, "{opened} sessions");
 }
 
 /// A test node with PostgreSQL as a target and the store on a small tmpfs.
