@@ -111,7 +111,7 @@ impl Drop for Daemon {
     }
 }
 
-/// How the kubelet names pod cgroups, after its `cgroupDriver` setting.
+/// Naming scheme of the kubelet's pod cgroups, after its `cgroupDriver` setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CgroupLayout {
     /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<UID>.slice/...`

@@ -1488,7 +1488,7 @@ fn websocket_upgrade_refusal_passes_through() {
 }
 
 /// Writes to secrets and config maps are held for review: the Kubernetes requests wait in
-/// `gatewayctl approvals` until an approver answers or the deadline passes.
+/// `gatewayctl approvals` until an approver decides or the deadline passes.
 const REVIEW_POLICY: &str = "\
 apiVersion: gateway.example.dev/v1alpha1
 kind: AccessPolicy
@@ -1604,7 +1604,7 @@ fn kubectl_writes_held_for_approval() {
     assert!(stderr.contains("review-secret-writes"), "{stderr}");
     assert!(stderr.contains("not during the freeze"), "{stderr}");
 
-    // Nobody answers: the deadline denies.
+    // No verdict: the deadline denies the write.
     let late = cluster
         .kubectl(&["create", "configmap", "late", "--from-literal=k=v"])
         .output()
@@ -1628,7 +1628,7 @@ fn kubectl_writes_held_for_approval() {
         .expect("run kubectl");
     assert!(!String::from_utf8_lossy(&configmaps.stdout).contains("configmap/late"));
 
-    // Every hold and every answer is recorded.
+    // Every hold and every verdict is recorded.
     let events = cluster.events();
     let of = |kind: &str| -> Vec<&Value> {
         events
