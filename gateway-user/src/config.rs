@@ -125,8 +125,9 @@ impl Default for PolicyConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalsConfig {
-    /// Unix socket path; created by the daemon, owned by root.
-    #[serde(default = "default_approval_socket")]
+    /// Unix socket path; created by the daemon, owned by root. Defaults to `approvals.sock`
+    /// in `recording.dir`, the daemon's state directory.
+    #[serde(default)]
     pub socket: PathBuf,
     /// Group allowed to answer (socket mode 0660); without it only root can (mode 0600).
     #[serde(default)]
@@ -136,7 +137,7 @@ pub struct ApprovalsConfig {
 impl Default for ApprovalsConfig {
     fn default() -> Self {
         Self {
-            socket: default_approval_socket(),
+            socket: PathBuf::new(),
             group: None,
         }
     }
@@ -647,9 +648,6 @@ fn default_bpffs() -> PathBuf {
 fn default_recording_dir() -> PathBuf {
     PathBuf::from(DEFAULT_RECORDING_DIR)
 }
-fn default_approval_socket() -> PathBuf {
-    PathBuf::from(DEFAULT_APPROVAL_SOCKET)
-}
 fn default_policy_reload_interval() -> Duration {
     DEFAULT_POLICY_RELOAD_INTERVAL
 }
@@ -727,6 +725,9 @@ impl Config {
                 field: field.to_string(),
                 message,
             })?;
+        if config.approvals.socket.as_os_str().is_empty() {
+            config.approvals.socket = config.recording.dir.join("approvals.sock");
+        }
         config.validate(path)?;
         Ok(config)
     }
@@ -899,8 +900,19 @@ impl Config {
 
         let mut seen = HashSet::new();
         let mut seen_services = HashSet::new();
+        let mut names = HashSet::new();
         for (index, target) in self.targets.iter().enumerate() {
             let field = |name: &str| format!("targets[{index}].{name}");
+            // Policies and recordings tell targets apart by name.
+            if !names.insert(target.display_name()) {
+                return Err(invalid(
+                    &field("name"),
+                    format!(
+                        "{:?} names another target too: policies and recordings tell targets apart by name",
+                        target.display_name()
+                    ),
+                ));
+            }
             if target.port == 0 {
                 return Err(invalid(
                     &field("port"),
@@ -1093,6 +1105,21 @@ targets:
     }
 
     #[test]
+    fn config_duplicate_target_name() {
+        let text = GOOD.replace(
+            "  - address: fd00::20\n",
+            "  - name: payments-db\n    address: fd00::20\n",
+        );
+        let text = text.replace(
+            "  - address: 10.96.0.20\n",
+            "  - name: payments-db\n    address: 10.96.0.20\n",
+        );
+        let message = error_of(&text);
+        assert!(message.contains("targets[1].name"), "{message}");
+        assert!(message.contains("names another target"), "{message}");
+    }
+
+    #[test]
     fn config_service_targets() {
         let service = GOOD.replace(
             "  - address: fd00::20\n",
@@ -1236,6 +1263,13 @@ targets:
         );
         let message = error_of(&format!("{GOOD}approvals:\n  socket: relative.sock\n"));
         assert!(message.contains("approvals.socket"), "{message}");
+        // The socket follows the state directory unless it is set.
+        let moved =
+            parse(&format!("{GOOD}recording:\n  dir: /srv/gateway\n")).expect("valid config");
+        assert_eq!(
+            moved.approvals.socket,
+            PathBuf::from("/srv/gateway/approvals.sock")
+        );
     }
 
     #[test]

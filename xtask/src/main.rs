@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask setup | test | demo | bench | ci`.
+//! Developer and CI tasks: `cargo xtask setup | test | demo | bench | fuzz | ci`.
 //!
 //! `setup` installs, only where missing, what building and testing need on a Debian machine:
 //! Debian packages (LLVM 22 for bpf-linker, iproute2, the database servers and clients the
@@ -37,7 +37,7 @@ enum Task {
     Demo,
     /// Set up, then measure the connect hook's cost, relay throughput and proxy memory.
     Bench,
-    /// Run the CI checks: format check, clippy with warnings denied, `test`, a short fuzz run.
+    /// Run the CI checks: format check, clippy with warnings denied, a short fuzz run, `test`.
     Ci,
     /// Run each fuzz target for a bounded time (installs cargo-fuzz if missing).
     Fuzz {

@@ -79,6 +79,10 @@ pub fn session_files(
 
 /// Finds a session by its id or a unique prefix of it.
 pub fn find_session(store: &Path, id: &str) -> Result<SessionFile, ReadError> {
+    // An empty prefix would pick any lone session; a user who typed nothing meant none.
+    if id.trim().is_empty() {
+        return Err(ReadError::NotFound(id.to_string()));
+    }
     let matches: Vec<SessionFile> = session_files(store, None, None)?
         .into_iter()
         .filter(|file| file.id.starts_with(id))

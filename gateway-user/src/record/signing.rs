@@ -38,7 +38,7 @@ pub enum KeyError {
         source: std::io::Error,
     },
     #[error(
-        "invalid key file {path}: {reason} (expected an ed25519 key in PEM, as `openssl genpkey -algorithm ed25519` writes)"
+        "invalid key file {path}: {reason} (expected an ed25519 key in PEM: `openssl genpkey -algorithm ed25519` writes a private key, `openssl pkey -pubout` its public key)"
     )]
     Invalid { path: PathBuf, reason: String },
 }
