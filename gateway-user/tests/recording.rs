@@ -296,6 +296,10 @@ fn unknown_session_is_a_clear_error() {
     // An empty id names no session, even where it would be a prefix of every one.
     let empty = gatewayctl(dir.path(), &["show", ""]);
     assert_eq!(empty.status.code(), Some(2), "{empty:?}");
+    assert!(
+        String::from_utf8_lossy(&empty.stderr).contains("no session matches \"\""),
+        "{empty:?}"
+    );
 
     let missing = gatewayctl(Path::new("/nonexistent/store"), &["list"]);
     assert_eq!(missing.status.code(), Some(2));
