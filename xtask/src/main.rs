@@ -134,17 +134,21 @@ fn setup() -> anyhow::Result<()> {
     install_rust_src()?;
     install_bpf_linker()?;
     check_kubectl()?;
-    eprintln!("xtask: setup complete (Debian packages, nightly rust-src, bpf-linker, kubectl)");
+    eprintln!(
+        "xtask: setup complete (Debian packages, nightly rust-src, bpf-linker installed; kubectl checked)"
+    );
     Ok(())
 }
 
 /// Oldest kubectl minor version the Kubernetes tests are written against.
 const KUBECTL_MIN_MINOR: u32 = 32;
+/// The kubectl the Kubernetes tests and the demo run.
+const KUBECTL: &str = "/usr/bin/kubectl";
 
 /// Checks that kubectl 1.32 or newer is installed. Debian's archive only has kubectl 1.20, so
 /// setup cannot install it; the tests drive the real client and need this one.
 fn check_kubectl() -> anyhow::Result<()> {
-    let output = Command::new("kubectl")
+    let output = Command::new(KUBECTL)
         .args(["version", "--client", "-o", "json"])
         .output();
     let minor = output.ok().and_then(|output| {
@@ -158,11 +162,11 @@ fn check_kubectl() -> anyhow::Result<()> {
     match minor {
         Some(minor) if minor >= KUBECTL_MIN_MINOR => Ok(()),
         Some(minor) => bail!(
-            "kubectl 1.{minor} is installed; the Kubernetes tests need 1.{KUBECTL_MIN_MINOR} or \
+            "{KUBECTL} is kubectl 1.{minor}; the Kubernetes tests need 1.{KUBECTL_MIN_MINOR} or \
              newer (from the Kubernetes package repository, pkgs.k8s.io)"
         ),
         None => bail!(
-            "kubectl is missing; the Kubernetes tests need kubectl 1.{KUBECTL_MIN_MINOR} or newer, \
+            "{KUBECTL} is missing; the Kubernetes tests need kubectl 1.{KUBECTL_MIN_MINOR} or newer, \
              which Debian's archive does not carry: install it from the Kubernetes package \
              repository (pkgs.k8s.io)"
         ),
