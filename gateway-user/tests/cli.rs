@@ -198,3 +198,31 @@ fn cert_issue_rejects_pkcs1_ca_key() {
     assert!(stderr.contains("invalid CA key"), "{stderr}");
     assert!(stderr.contains("openssl pkcs8 -topk8"), "{stderr}");
 }
+
+#[test]
+fn check_warns_service_target_without_cluster() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("gatewayd.yaml");
+    std::fs::write(
+        &path,
+        "proxy:\n  listen_v4: 10.0.0.1:15001\nredirect:\n  cgroup: /\ntargets:\n  \
+         - service: default/kubernetes\n    port: 443\n    class: tcp\n",
+    )
+    .expect("write config");
+    let output = Command::new(GATEWAYD)
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("run gatewayd check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout.contains("configuration valid: 1 target(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("warning: service targets read their addresses from the API server"),
+        "{stdout}"
+    );
+}

@@ -114,6 +114,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             println!("attach cgroup: {}", cgroup.display());
             println!("kernel: all needed eBPF program types, maps and helpers are available");
+            let follows_services = config.targets.iter().any(|target| target.service.is_some());
+            let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+            if follows_services && config.identity.kubeconfig.is_none() && !in_pod {
+                println!(
+                    "warning: service targets read their addresses from the API server, but \
+                     identity.kubeconfig is not set and this is not a pod (KUBERNETES_SERVICE_HOST \
+                     is unset): `run` will fail to start"
+                );
+            }
             Ok(())
         }
         Command::Uninstall { config, bpffs } => {
