@@ -148,7 +148,7 @@ impl Session<'_> {
 
         // NOTE: the client is not read while its command is held, so a client that
         // disconnects or is killed with KILL QUERY from another connection keeps the request
-        // listed until it is answered or its deadline passes.
+        // listed until an approver decides or its deadline passes.
         let wait = pending.wait();
         tokio::pin!(wait);
         let mut keepalive = tokio::time::interval(HELD_KEEPALIVE);
