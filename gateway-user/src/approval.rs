@@ -133,9 +133,9 @@ impl Answer {
         })
     }
 
-    /// Describes why the held request is refused, for the client's error: who denied it and
-    /// why, or that no verdict came within `deadline`. `None` when it was approved.
-    pub fn refusal(&self, deadline: std::time::Duration) -> Option<String> {
+    /// Returns why the held request is denied, for the client's error: who denied it and why,
+    /// or that no verdict came within `deadline`. `None` when it was approved.
+    pub fn denial_reason(&self, deadline: std::time::Duration) -> Option<String> {
         match self.verdict {
             Verdict::Approved => None,
             Verdict::Denied => {
@@ -294,7 +294,27 @@ impl Broker {
     }
 }
 
+/// Interval at which a held session is marked active while it waits, so that its idle timeout
+/// does not close it while a person decides.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Pending {
+    /// Waits for the verdict like [`wait`](Self::wait), calling `keepalive` every second
+    /// meanwhile and once at the end.
+    pub async fn wait_keeping_alive(self, keepalive: impl Fn()) -> Answer {
+        let wait = self.wait();
+        tokio::pin!(wait);
+        let mut ticks = tokio::time::interval(KEEPALIVE_INTERVAL);
+        let answer = loop {
+            tokio::select! {
+                answer = &mut wait => break answer,
+                _ = ticks.tick() => keepalive(),
+            }
+        };
+        keepalive();
+        answer
+    }
+
     /// Waits for the answer; no answer within the deadline is [`Verdict::TimedOut`].
     pub async fn wait(mut self) -> Answer {
         let receiver = self.reply.take().expect("wait is called once");

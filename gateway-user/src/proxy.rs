@@ -445,26 +445,23 @@ impl Proxy {
         let tls = self.target_tls.get(target_id as usize);
         match gateway_common::TargetClass::try_from(class) {
             Ok(gateway_common::TargetClass::Postgres) => {
-                let policy_subject = policy_subject(subject);
-                let policy_target = crate::policy::Target {
-                    class: crate::config::TargetClass::Postgres,
-                    name: target.name.clone(),
-                };
-                let mask_settings = self
-                    .access
-                    .policy
-                    .current()
-                    .session_mask(&policy_subject, &policy_target);
+                let SessionAccess {
+                    subject: policy_subject,
+                    target: policy_target,
+                    mask,
+                    masked_names,
+                } = self.session_access(
+                    subject,
+                    crate::config::TargetClass::Postgres,
+                    &target.name,
+                );
                 let context = PostgresContext {
                     policy: Arc::clone(&self.access.policy),
                     approvals: Arc::clone(&self.access.approvals),
                     subject: policy_subject,
                     target: policy_target,
-                    mask: MaskPolicy {
-                        keep: mask_settings.keep.to_mask_keep(),
-                        ..MaskPolicy::default()
-                    },
-                    masked_columns: lowercase(&mask_settings.fields),
+                    mask,
+                    masked_columns: masked_names,
                     cancels: Arc::clone(&self.postgres_cancels),
                     upstream_addr: destination,
                     mark: self.config.redirect.mark,
@@ -482,16 +479,12 @@ impl Proxy {
                 .await
             }
             Ok(gateway_common::TargetClass::KubeApi) => {
-                let policy_subject = policy_subject(subject);
-                let policy_target = crate::policy::Target {
-                    class: crate::config::TargetClass::KubeApi,
-                    name: target.name.clone(),
-                };
-                let mask_settings = self
-                    .access
-                    .policy
-                    .current()
-                    .session_mask(&policy_subject, &policy_target);
+                let SessionAccess {
+                    subject: policy_subject,
+                    target: policy_target,
+                    mask,
+                    masked_names,
+                } = self.session_access(subject, crate::config::TargetClass::KubeApi, &target.name);
                 let context = protocol::kube::KubeContext {
                     rules: Arc::clone(&self.kube_rules),
                     access: Some(protocol::kube::KubeAccess {
@@ -500,11 +493,8 @@ impl Proxy {
                         subject: policy_subject,
                         target: policy_target,
                     }),
-                    mask: MaskPolicy {
-                        keep: mask_settings.keep.to_mask_keep(),
-                        ..MaskPolicy::default()
-                    },
-                    masked_fields: lowercase(&mask_settings.fields),
+                    mask,
+                    masked_fields: masked_names,
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream: protocol::kube::upstream::UpstreamSettings {
                         addr: destination,
@@ -525,26 +515,19 @@ impl Proxy {
                 .await
             }
             Ok(gateway_common::TargetClass::Mysql) => {
-                let policy_subject = policy_subject(subject);
-                let policy_target = crate::policy::Target {
-                    class: crate::config::TargetClass::Mysql,
-                    name: target.name.clone(),
-                };
-                let mask_settings = self
-                    .access
-                    .policy
-                    .current()
-                    .session_mask(&policy_subject, &policy_target);
+                let SessionAccess {
+                    subject: policy_subject,
+                    target: policy_target,
+                    mask,
+                    masked_names,
+                } = self.session_access(subject, crate::config::TargetClass::Mysql, &target.name);
                 let context = MysqlContext {
                     policy: Arc::clone(&self.access.policy),
                     approvals: Arc::clone(&self.access.approvals),
                     subject: policy_subject,
                     target: policy_target,
-                    mask: MaskPolicy {
-                        keep: mask_settings.keep.to_mask_keep(),
-                        ..MaskPolicy::default()
-                    },
-                    masked_columns: lowercase(&mask_settings.fields),
+                    mask,
+                    masked_columns: masked_names,
                     idle_timeout: self.config.proxy.idle_timeout,
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream_tls: tls.and_then(|tls| tls.upstream.clone()),
@@ -583,6 +566,35 @@ impl Proxy {
         });
         if let Err(error) = record.event("policy.alert", fields) {
             warn!(error = %crate::error_chain(&error), session = %record.id, "failed to write a session event");
+        }
+    }
+
+    /// Resolves `subject` and the target `name` of `class` in policy terms, with the masking
+    /// the current policy sets for their sessions.
+    fn session_access(
+        &self,
+        subject: &Subject,
+        class: crate::config::TargetClass,
+        name: &str,
+    ) -> SessionAccess {
+        let subject = policy_subject(subject);
+        let target = crate::policy::Target {
+            class,
+            name: name.to_string(),
+        };
+        let settings = self.access.policy.current().session_mask(&subject, &target);
+        SessionAccess {
+            mask: MaskPolicy {
+                keep: settings.keep.to_mask_keep(),
+                ..MaskPolicy::default()
+            },
+            masked_names: settings
+                .fields
+                .iter()
+                .map(|name| name.to_lowercase())
+                .collect(),
+            subject,
+            target,
         }
     }
 
@@ -678,7 +690,11 @@ fn policy_subject(subject: &Subject) -> crate::policy::Subject {
     }
 }
 
-/// Returns `names` in lowercase, the form column names are compared in.
-fn lowercase(names: &[String]) -> Vec<String> {
-    names.iter().map(|name| name.to_lowercase()).collect()
+/// A session's subject and target in the AccessPolicy's terms, and the masking it gets.
+struct SessionAccess {
+    subject: crate::policy::Subject,
+    target: crate::policy::Target,
+    mask: MaskPolicy,
+    /// Columns or JSON fields masked whole, lowercase (the policy's `masking.fields`).
+    masked_names: Vec<String>,
 }

@@ -227,7 +227,7 @@ pub fn run(paths: &DemoPaths, out: &mut dyn Write) -> anyhow::Result<()> {
         "\n== kubectl in {}: create secret generic db-password (held for review)",
         payments.name
     )?;
-    let held = kubectl(
+    let pending_create = kubectl(
         &payments,
         &payments_account,
         &[
@@ -277,7 +277,7 @@ pub fn run(paths: &DemoPaths, out: &mut dyn Write) -> anyhow::Result<()> {
     let approved = approvals(&["approve", &id, "--reason", "change 4711"])?;
     ensure_success("gatewayctl approvals approve", &approved)?;
     write_indented(out, &approved.stdout)?;
-    let created = held.wait_with_output()?;
+    let created = pending_create.wait_with_output()?;
     ensure_success("kubectl create secret", &created)?;
     writeln!(out, "kubectl printed:")?;
     write_indented(out, &created.stdout)?;
@@ -363,10 +363,10 @@ pub fn run(paths: &DemoPaths, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_success(what: &str, output: &Output) -> anyhow::Result<()> {
+fn ensure_success(command: &str, output: &Output) -> anyhow::Result<()> {
     ensure!(
         output.status.success(),
-        "{what} failed with {}: {}",
+        "{command} failed with {}: {}",
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     );

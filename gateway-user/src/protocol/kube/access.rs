@@ -101,7 +101,7 @@ pub(super) async fn decide(
                 answer.event_fields(&decision.rule),
             );
             answer
-                .refusal(review.deadline)
+                .denial_reason(review.deadline)
                 .map(|detail| (decision.rule, Some(detail)))
         }
     }

@@ -9,7 +9,7 @@
 //! Audit-mode decisions that would have blocked or held are recorded as `policy.audit` events
 //! and let through.
 
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
 use serde_json::json;
 
@@ -20,10 +20,6 @@ use crate::{
     policy::{Action, PolicyDecision, Request, ReviewScope},
     sql::StatementInfo,
 };
-
-/// How often a held session marks itself active, so the idle timeout does not close it while
-/// it waits for a person.
-const HELD_KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// The rule that denies a command, the statement it matched, and the reason.
 #[derive(Clone, Debug)]
@@ -149,23 +145,15 @@ impl Session<'_> {
         // NOTE: the client is not read while its command is held, so a client that
         // disconnects or is killed with KILL QUERY from another connection keeps the request
         // listed until an approver decides or its deadline passes.
-        let wait = pending.wait();
-        tokio::pin!(wait);
-        let mut keepalive = tokio::time::interval(HELD_KEEPALIVE);
-        let answer = loop {
-            tokio::select! {
-                answer = &mut wait => break answer,
-                _ = keepalive.tick() => self.counters.touch(),
-            }
-        };
-        self.counters.touch();
+        let counters = self.counters;
+        let answer = pending.wait_keeping_alive(|| counters.touch()).await;
 
         record_event(
             self.record,
             "approval.answered",
             answer.event_fields(&decision.rule),
         );
-        match answer.refusal(review.deadline) {
+        match answer.denial_reason(review.deadline) {
             None => {
                 if review.scope == ReviewScope::Session {
                     self.approvals.rules.insert(decision.rule);

@@ -112,7 +112,7 @@ const COM_RESET_CONNECTION: u8 = 0x1f;
 #[derive(Clone, Debug)]
 pub struct MysqlContext {
     pub policy: Arc<PolicyStore>,
-    /// Where statements held for review wait for an approver.
+    /// Broker on which statements held for review wait for an approver.
     pub approvals: Arc<crate::approval::Broker>,
     /// The caller and the target in the policy's terms.
     pub subject: crate::policy::Subject,

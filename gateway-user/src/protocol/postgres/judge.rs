@@ -9,7 +9,7 @@
 //! and let through.
 
 use crate::operations::metrics::metrics;
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
 use serde_json::json;
 use tokio::io::{AsyncWriteExt as _, BufWriter};
@@ -21,15 +21,11 @@ use crate::{
     sql::StatementInfo,
 };
 
-/// How often a held session marks itself active, so the idle timeout does not close it while
-/// it waits for a person.
-const HELD_KEEPALIVE: Duration = Duration::from_secs(1);
-
 /// The rule that denies a message, and the reason.
 #[derive(Clone, Debug)]
 pub(super) struct Denial {
     pub rule: String,
-    /// For held statements: who denied it and why, or that no answer came in time.
+    /// For held statements: who denied it and why, or that the review deadline passed.
     pub detail: Option<String>,
 }
 
@@ -95,7 +91,7 @@ pub(super) async fn judge(
     Ok(None)
 }
 
-/// Puts one statement up for review and waits for the answer.
+/// Puts one statement up for review and waits for the verdict.
 async fn hold(
     approvals: &mut SessionApprovals,
     decision: PolicyDecision,
@@ -147,23 +143,15 @@ async fn hold(
     // NOTE: the client is not read while its statement is held, so a client that disconnects
     // or sends a CancelRequest (which reaches an idle server) keeps the request listed until
     // it is answered or its deadline passes.
-    let wait = pending.wait();
-    tokio::pin!(wait);
-    let mut keepalive = tokio::time::interval(HELD_KEEPALIVE);
-    let answer = loop {
-        tokio::select! {
-            answer = &mut wait => break answer,
-            _ = keepalive.tick() => pump.counters.touch(),
-        }
-    };
-    pump.counters.touch();
+    let counters = pump.counters;
+    let answer = pending.wait_keeping_alive(|| counters.touch()).await;
 
     record_event(
         pump.record,
         "approval.answered",
         answer.event_fields(&decision.rule),
     );
-    Ok(match answer.refusal(review.deadline) {
+    Ok(match answer.denial_reason(review.deadline) {
         None => {
             if review.scope == ReviewScope::Session {
                 approvals.rules.insert(decision.rule);
