@@ -8,8 +8,18 @@
 //! keyword and every word in it counts as a possible table name, so a rule naming a kind or a
 //! table still matches it. Text that cannot even be tokenized is one statement of kind
 //! `unparsed`.
+//!
+//! Analyses are cached by statement shape: the text with its numbers and quoted strings
+//! blanked out, so `... WHERE id = 1` and `... WHERE id = 2` are parsed once. The kind, the
+//! tables and the WHERE test never depend on a literal's value. Text the shape scanner is not
+//! sure about (backslashes, dollar quotes, prefixed strings, `#` and `/*!` comments) is parsed
+//! every time.
 
-use std::ops::ControlFlow;
+use std::{
+    collections::HashMap,
+    ops::ControlFlow,
+    sync::{LazyLock, Mutex, PoisonError},
+};
 
 use serde::Serialize;
 use sqlparser::{
@@ -20,7 +30,7 @@ use sqlparser::{
 };
 
 /// Database dialect to parse with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SqlDialect {
     Postgres,
     Mysql,
@@ -39,8 +49,152 @@ pub struct StatementInfo {
     pub has_where: Option<bool>,
 }
 
+/// Statement texts longer than this are not cached: they are rare, and parsing dominates
+/// their handling less.
+const SHAPE_TEXT_LIMIT: usize = 8 * 1024;
+/// Shapes kept at most; the cache starts over when it is full.
+const SHAPE_CACHE_ENTRIES: usize = 4096;
+
+type ShapeCache = HashMap<(SqlDialect, String), Vec<StatementInfo>>;
+
+static SHAPES: LazyLock<Mutex<ShapeCache>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
 /// Analyses every statement in `text`.
 pub fn analyze(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
+    let Some(key) = shape(text, dialect) else {
+        return analyze_uncached(text, dialect);
+    };
+    let key = (dialect, key);
+    let cached = SHAPES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&key)
+        .cloned();
+    if let Some(infos) = cached {
+        return infos;
+    }
+    let infos = analyze_uncached(text, dialect);
+    let mut shapes = SHAPES.lock().unwrap_or_else(PoisonError::into_inner);
+    if shapes.len() >= SHAPE_CACHE_ENTRIES {
+        shapes.clear();
+    }
+    shapes.insert(key, infos.clone());
+    infos
+}
+
+/// The statement's shape: the text with every number outside a word replaced by `0`, every
+/// single-quoted string by `''` and every comment by a space. `None` when the text holds
+/// something whose extent this scanner would have to guess.
+fn shape(text: &str, dialect: SqlDialect) -> Option<String> {
+    let bytes = text.as_bytes();
+    if bytes.len() > SHAPE_TEXT_LIMIT || bytes.contains(&b'\\') {
+        return None;
+    }
+    let word_byte = |byte: u8| byte.is_ascii_alphanumeric() || byte == b'_' || byte >= 0x80;
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        match byte {
+            b'\'' => {
+                // A prefix such as E, B, X, N or _utf8 changes how the string is read.
+                if at > 0 && word_byte(bytes[at - 1]) {
+                    return None;
+                }
+                // Two quotes in a row inside a string stand for one quote.
+                let mut end = at + 1;
+                loop {
+                    let close = end + bytes[end..].iter().position(|&b| b == b'\'')?;
+                    if bytes.get(close + 1) == Some(&b'\'') {
+                        end = close + 2;
+                    } else {
+                        end = close + 1;
+                        break;
+                    }
+                }
+                out.extend_from_slice(b"''");
+                at = end;
+            }
+            b'"' | b'`' => {
+                // Quoted names are kept as written.
+                let close = at + 1 + bytes[at + 1..].iter().position(|&b| b == byte)?;
+                out.extend_from_slice(&bytes[at..=close]);
+                at = close + 1;
+            }
+            b'-' if bytes.get(at + 1) == Some(&b'-') => {
+                // MySQL reads `1--1` as one minus minus one: only `--` and a space is a
+                // comment in both dialects.
+                if !bytes.get(at + 2).is_some_and(u8::is_ascii_whitespace) {
+                    return None;
+                }
+                let end = bytes[at..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |offset| at + offset);
+                out.push(b' ');
+                at = end;
+            }
+            b'/' if bytes.get(at + 1) == Some(&b'*') => {
+                // PostgreSQL nests block comments and MySQL runs `/*!` ones: leave both to
+                // the parser.
+                let body = &bytes[at + 2..];
+                if body.first() == Some(&b'!') || body.first() == Some(&b'+') {
+                    return None;
+                }
+                let close = body.windows(2).position(|pair| pair == b"*/")?;
+                if body[..close].windows(2).any(|pair| pair == b"/*") {
+                    return None;
+                }
+                out.push(b' ');
+                at += 2 + close + 2;
+            }
+            b'#' if dialect == SqlDialect::Mysql => return None,
+            b'$' => {
+                // `$1` is a parameter; any other `$` may open a dollar-quoted string.
+                let digits = bytes[at + 1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+                if digits == 0 {
+                    return None;
+                }
+                out.extend_from_slice(&bytes[at..=at + digits]);
+                at += 1 + digits;
+            }
+            b'0'..=b'9' => {
+                let digits = bytes[at..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+                // MySQL names may start with digits (`1table`), and `1e5` or `0x1F` are
+                // numbers of other forms: keep them all out of the cache.
+                if bytes
+                    .get(at + digits)
+                    .is_some_and(|&b| word_byte(b) || b == b'$')
+                {
+                    return None;
+                }
+                out.push(b'0');
+                at += digits;
+            }
+            _ if word_byte(byte) => {
+                let length = bytes[at..]
+                    .iter()
+                    .take_while(|&&b| word_byte(b) || b == b'$')
+                    .count();
+                out.extend_from_slice(&bytes[at..at + length]);
+                at += length;
+            }
+            _ => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn analyze_uncached(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
     let dialect: &dyn Dialect = match dialect {
         SqlDialect::Postgres => &PostgreSqlDialect {},
         SqlDialect::Mysql => &MySqlDialect {},
@@ -211,5 +365,77 @@ mod tests {
             infos[0].tables.contains(&"secrets".to_string()),
             "{infos:?}"
         );
+    }
+
+    #[test]
+    fn shape_blanks_literals_only() {
+        let shape_pg = |text| shape(text, SqlDialect::Postgres);
+        assert_eq!(
+            shape_pg("SELECT abalance FROM pgbench_accounts WHERE aid = 91234;").as_deref(),
+            Some("SELECT abalance FROM pgbench_accounts WHERE aid = 0;")
+        );
+        assert_eq!(
+            shape_pg("UPDATE t2 SET note = 'it''s 4111 1111' WHERE id = $1 -- why\n").as_deref(),
+            Some("UPDATE t2 SET note = '' WHERE id = $1  \n")
+        );
+        assert_eq!(
+            shape_pg("SELECT \"col 7\" /* 12 */ FROM \"t'x\" WHERE v = 1.5").as_deref(),
+            Some("SELECT \"col 7\"   FROM \"t'x\" WHERE v = 0.0")
+        );
+        // Names that differ only in their digits keep their own shapes.
+        assert_ne!(shape_pg("DROP TABLE t1"), shape_pg("DROP TABLE t2"));
+    }
+
+    #[test]
+    fn shape_declines_what_it_cannot_bound() {
+        for text in [
+            r"SELECT E'a\'b'",
+            "SELECT $$ DROP TABLE x $$",
+            "SELECT $tag$ x $tag$",
+            "SELECT 'unterminated",
+            "SELECT 1--1 FROM secrets",
+            "SELECT /* /* nested */ */ 1",
+            "SELECT /*+ hint */ 1",
+            "SELECT X'0F'",
+            "SELECT 1.5e3",
+        ] {
+            assert_eq!(shape(text, SqlDialect::Postgres), None, "{text}");
+        }
+        for text in [
+            "SELECT * FROM 1secrets",
+            "SELECT 0x1F",
+            "SELECT 1 # comment",
+            "SELECT /*!50000 1 */",
+            r"SELECT 'a\'b'",
+        ] {
+            assert_eq!(shape(text, SqlDialect::Mysql), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn cached_analysis_matches_a_fresh_parse() {
+        let texts = [
+            ("SELECT * FROM cards WHERE id = 1", SqlDialect::Postgres),
+            ("SELECT * FROM cards WHERE id = 2", SqlDialect::Postgres),
+            ("DELETE FROM cards WHERE pan = '4111'", SqlDialect::Postgres),
+            ("DELETE FROM cards", SqlDialect::Postgres),
+            ("DROP TABLE audit_2024; SELECT 5", SqlDialect::Postgres),
+            ("DROP TABLE audit_2025; SELECT 6", SqlDialect::Postgres),
+            ("SELECT 'x' FROM t; CHECKPOINT", SqlDialect::Postgres),
+            ("UPDATE `kv` SET v = 'a' WHERE k = 7", SqlDialect::Mysql),
+            ("UPDATE `kv` SET v = 'b'", SqlDialect::Mysql),
+            ("SELECT * FROM 1secrets", SqlDialect::Mysql),
+            ("SELECT * FROM 2secrets", SqlDialect::Mysql),
+        ];
+        // Twice over, so the second round is served from the cache.
+        for _ in 0..2 {
+            for (text, dialect) in texts {
+                assert_eq!(
+                    analyze(text, dialect),
+                    analyze_uncached(text, dialect),
+                    "{text}"
+                );
+            }
+        }
     }
 }

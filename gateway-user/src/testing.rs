@@ -140,6 +140,8 @@ pub struct TestNode {
     pub bpffs: PathBuf,
     /// Recording directory of the daemon; inside `dir` unless set with `set_recordings`.
     recordings: Option<PathBuf>,
+    /// `GATEWAY_LOG` of the daemons this node starts.
+    daemon_log: String,
     pods: Vec<Pod>,
     servers: Vec<Server>,
 }
@@ -172,6 +174,7 @@ impl TestNode {
             cgroup_root,
             dir,
             recordings: None,
+            daemon_log: "info,gateway_user=debug".to_string(),
             pods: Vec::new(),
             servers: Vec::new(),
         };
@@ -506,6 +509,12 @@ impl TestNode {
         self.recordings = Some(dir);
     }
 
+    /// Sets the log filter (`GATEWAY_LOG`) of the daemons started from now on. Tests log the
+    /// gateway's own debug lines; benchmarks use the daemon's default, `info`.
+    pub fn set_daemon_log(&mut self, filter: &str) {
+        self.daemon_log = filter.to_string();
+    }
+
     /// Starts `gatewayd run` in the node namespace, inside `cgroup` when given, and waits until
     /// it reports ready.
     pub fn start_daemon(&self, gatewayd: &Path, config: &Path, cgroup: Option<&Path>) -> Daemon {
@@ -524,7 +533,7 @@ impl TestNode {
             .arg(config)
             .arg("--ready-file")
             .arg(&ready)
-            .env("GATEWAY_LOG", "info,gateway_user=debug")
+            .env("GATEWAY_LOG", &self.daemon_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -35,8 +35,13 @@ enum Task {
     Test,
     /// Set up, then redirect an unmodified client on a test node and show its recording.
     Demo,
-    /// Set up, then measure the connect hook's cost, relay throughput and proxy memory.
-    Bench,
+    /// Set up, then run the benchmarks: connect hook, relay, memory, PostgreSQL, MySQL and
+    /// the Kubernetes API.
+    Bench {
+        /// Run only these sections (connect, throughput, memory, pgbench, mysql, kube); the
+        /// criterion benchmarks run only when no section is named.
+        sections: Vec<String>,
+    },
     /// Run the CI checks: format check, clippy with warnings denied, a short fuzz run, `test`.
     Ci,
     /// Run each fuzz target for a bounded time (installs cargo-fuzz if missing).
@@ -83,7 +88,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test => setup().and_then(|()| test()),
         Task::Demo => setup().and_then(|()| demo()),
-        Task::Bench => setup().and_then(|()| bench()),
+        Task::Bench { sections } => setup().and_then(|()| bench(&sections)),
         Task::Ci => setup().and_then(|()| ci()),
         Task::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
     };
@@ -343,12 +348,15 @@ fn fuzz(seconds: u64) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     require_root("demo")?;
-    run_example("demo", false)
+    run_example("demo", false, &[])
 }
 
-fn bench() -> anyhow::Result<()> {
+fn bench(sections: &[String]) -> anyhow::Result<()> {
     require_root("bench")?;
-    run_example("bench", true)?;
+    run_example("bench", true, sections)?;
+    if !sections.is_empty() {
+        return Ok(());
+    }
     run(cargo().args([
         "bench",
         "--quiet",
@@ -360,7 +368,7 @@ fn bench() -> anyhow::Result<()> {
 }
 
 /// Builds the binaries an example drives, then runs the example with the same profile.
-fn run_example(name: &str, release: bool) -> anyhow::Result<()> {
+fn run_example(name: &str, release: bool, args: &[String]) -> anyhow::Result<()> {
     let profile: &[&str] = if release { &["--release"] } else { &[] };
     run(cargo()
         .args([
@@ -374,5 +382,7 @@ fn run_example(name: &str, release: bool) -> anyhow::Result<()> {
     run(cargo()
         .args(["run", "--quiet", "--features", "gateway-user/testing"])
         .args(["--package", "gateway-user", "--example", name])
-        .args(profile))
+        .args(profile)
+        .arg("--")
+        .args(args))
 }

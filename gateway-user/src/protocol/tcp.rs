@@ -1,13 +1,15 @@
 //! Byte-for-byte relay between the client and the upstream connection, used for targets of
 //! class `tcp` (and, for now, every other class).
 //!
-//! Bytes move with `splice(2)` through a pipe per direction, so they never pass through user
-//! space. Each direction creates its pipe when data arrives and closes it as soon as the socket
-//! has nothing more to read, so an idle connection keeps no pipe and no buffer. A direction
-//! empties its pipe into the destination before it reads again, which is the backpressure: at
-//! most one pipe's worth is in flight per direction. End of stream in one direction is passed
-//! on as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps flowing until it
-//! ends too.
+//! Each direction first reads into a buffer on the stack and writes it straight on, which is
+//! the cheapest way for the small request-and-reply messages most protocols exchange. When a
+//! read fills that buffer, more is likely waiting, and the direction switches to `splice(2)`
+//! through a pipe, so bulk data never passes through user space. The pipe is created then and
+//! closed as soon as the socket has nothing more to read, so an idle connection keeps no pipe
+//! and no buffer. A direction writes out what it read before it reads again, which is the
+//! backpressure: at most one pipe's worth is in flight per direction. End of stream in one
+//! direction is passed on as a half-close (`shutdown(SHUT_WR)`), and the other direction keeps
+//! flowing until it ends too.
 
 use std::{
     io,
@@ -131,38 +133,119 @@ async fn pump(
     loop {
         source.readable().await.map_err(read_error)?;
 
-        // Only now take a pipe, and keep it while the socket has data.
-        let pipe = Pipe::new(PIPE_CAPACITY).map_err(read_error)?;
-        loop {
-            let filled = source.try_io(Interest::READABLE, || {
-                sys::splice(source.as_fd(), pipe.write.as_fd(), PIPE_CAPACITY)
-            });
-            let mut in_pipe = match filled {
-                Ok(0) => {
-                    SockRef::from(destination)
-                        .shutdown(Shutdown::Write)
-                        .map_err(write_error)?;
-                    return Ok(());
-                }
-                Ok(moved) => moved,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) => return Err(read_error(error)),
-            };
+        let copied = copy_once(source, destination);
+        let (read, mut unwritten) = match copied {
+            Ok(Copied::End) => {
+                SockRef::from(destination)
+                    .shutdown(Shutdown::Write)
+                    .map_err(write_error)?;
+                return Ok(());
+            }
+            Ok(Copied::Bytes { read, unwritten }) => (read, unwritten),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(read_error(error)),
+        };
+        // What the destination did not take at once waits here, off the stack.
+        let mut sent = 0;
+        while sent < unwritten.len() {
+            destination.writable().await.map_err(write_error)?;
+            match destination.try_write(&unwritten[sent..]) {
+                Ok(moved) => sent += moved,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(write_error(error)),
+            }
+        }
+        unwritten.clear();
+        counter.fetch_add(read as u64, Ordering::Relaxed);
+        counters.touch();
 
-            while in_pipe > 0 {
-                destination.writable().await.map_err(write_error)?;
-                let drained = destination.try_io(Interest::WRITABLE, || {
-                    sys::splice(pipe.read.as_fd(), destination.as_fd(), in_pipe)
-                });
-                match drained {
-                    Ok(moved) => {
-                        in_pipe -= moved;
-                        counter.fetch_add(moved as u64, Ordering::Relaxed);
-                        counters.touch();
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(write_error(error)),
+        if read == COPY_BUFFER {
+            splice_while_readable(source, destination, counter, counters)
+                .await
+                .map_err(|(failed, error)| match failed {
+                    Failed::Read => read_error(error),
+                    Failed::Write => write_error(error),
+                })?;
+        }
+    }
+}
+
+/// Bytes read per copy through user space; a read that fills it switches to splicing.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// What one copy through user space did.
+enum Copied {
+    /// The source reached end of stream.
+    End,
+    /// `read` bytes were read; the destination took all but `unwritten`.
+    Bytes { read: usize, unwritten: Vec<u8> },
+}
+
+/// Reads once from `source` into a stack buffer and writes as much as the destination takes
+/// without waiting. Synchronous, so the buffer never becomes part of the session's state.
+fn copy_once(source: &TcpStream, destination: &TcpStream) -> io::Result<Copied> {
+    let mut buffer = [0u8; COPY_BUFFER];
+    let read = source.try_read(&mut buffer)?;
+    if read == 0 {
+        return Ok(Copied::End);
+    }
+    let mut written = 0;
+    while written < read {
+        match destination.try_write(&buffer[written..read]) {
+            Ok(moved) => written += moved,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            // Reported by the wait for writability that follows.
+            Err(_) => break,
+        }
+    }
+    Ok(Copied::Bytes {
+        read,
+        unwritten: buffer[written..read].to_vec(),
+    })
+}
+
+/// Which end of a splice failed.
+enum Failed {
+    Read,
+    Write,
+}
+
+/// Moves data with splice until the source has nothing more to read right now. End of stream
+/// is left for the next read through user space to see.
+async fn splice_while_readable(
+    source: &TcpStream,
+    destination: &TcpStream,
+    counter: &AtomicU64,
+    counters: &Counters,
+) -> Result<(), (Failed, io::Error)> {
+    let pipe = Pipe::new(PIPE_CAPACITY).map_err(|error| (Failed::Read, error))?;
+    loop {
+        let filled = source.try_io(Interest::READABLE, || {
+            sys::splice(source.as_fd(), pipe.write.as_fd(), PIPE_CAPACITY)
+        });
+        let mut in_pipe = match filled {
+            // End of stream: the caller's next read sees it too.
+            Ok(0) => return Ok(()),
+            Ok(moved) => moved,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(error) => return Err((Failed::Read, error)),
+        };
+        while in_pipe > 0 {
+            destination
+                .writable()
+                .await
+                .map_err(|error| (Failed::Write, error))?;
+            let drained = destination.try_io(Interest::WRITABLE, || {
+                sys::splice(pipe.read.as_fd(), destination.as_fd(), in_pipe)
+            });
+            match drained {
+                Ok(moved) => {
+                    in_pipe -= moved;
+                    counter.fetch_add(moved as u64, Ordering::Relaxed);
+                    counters.touch();
                 }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err((Failed::Write, error)),
             }
         }
     }
@@ -251,6 +334,53 @@ mod tests {
         .await;
         assert_eq!(result.outcome, Outcome::IdleTimeout);
         assert_eq!(result.bytes_from_client, 0);
+    }
+
+    #[tokio::test]
+    async fn relay_small_and_bulk_writes() {
+        let (mut client, proxy_client, upstream, mut server) = socket_pairs().await;
+        let relay = tokio::spawn(relay(
+            proxy_client,
+            upstream,
+            Duration::from_secs(30),
+            CancellationToken::new(),
+        ));
+
+        // A short message goes through the stack buffer, 4 MiB through the pipe.
+        let bulk: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let sent = bulk.clone();
+        let writer = tokio::spawn(async move {
+            client
+                .write_all(b"hello")
+                .await
+                .expect("client small write");
+            client.write_all(&sent).await.expect("client bulk write");
+            client.shutdown().await.expect("client half-close");
+            client
+        });
+        let mut received = Vec::new();
+        server
+            .read_to_end(&mut received)
+            .await
+            .expect("server reads to EOF");
+        assert_eq!(received.len(), 5 + bulk.len());
+        assert_eq!(&received[..5], b"hello");
+        assert!(received[5..] == bulk[..], "bulk bytes changed on the way");
+
+        let mut client = writer.await.expect("writer task");
+        server.write_all(b"bye").await.expect("server write");
+        server.shutdown().await.expect("server close");
+        let mut reply = Vec::new();
+        client
+            .read_to_end(&mut reply)
+            .await
+            .expect("client reads reply");
+        assert_eq!(reply, b"bye");
+
+        let result = relay.await.expect("relay task");
+        assert_eq!(result.outcome, Outcome::Closed);
+        assert_eq!(result.bytes_from_client, 5 + bulk.len() as u64);
+        assert_eq!(result.bytes_from_upstream, 3);
     }
 
     #[tokio::test]
