@@ -6,7 +6,9 @@
 //! 3. proxy memory per idle connection: the daemon's resident set before and after holding
 //!    many idle proxied connections;
 //! 4. PostgreSQL through the handler (masking on) and directly: `pgbench -S` and the TPC-B-like
-//!    default, with 1 and 8 clients, as TPS ratios, and the latency one simple query gains;
+//!    default, with 1 and 8 clients, as TPS ratios, the latency one simple query gains, and the
+//!    gateway's CPU time per transaction, which other load on the machine moves less than it
+//!    moves the ratios;
 //! 5. the Kubernetes API handler (TLS both legs, masking on): GETs of a 50 KiB ConfigMap list
 //!    from the test API server on one kept-alive connection, through the gateway and directly,
 //!    as the p50 and p99 latency the gateway adds.
@@ -150,7 +152,7 @@ fn main() -> anyhow::Result<()> {
         idle_memory(&node, &testpeer, &pod, &daemon, target)?;
     }
     if wants("pgbench") {
-        pgbench_comparison(&node, &pod, &postgres, database.addr_v6.into())?;
+        pgbench_comparison(&node, &pod, &postgres, database.addr_v6.into(), daemon.pid())?;
     }
     if wants("mysql") {
         mysql_point_selects(&node, &testpeer, &pod, &mariadb)?;
@@ -436,6 +438,13 @@ fn kube_comparison(node: &mut TestNode, binaries: &Path, pod: &Pod) -> anyhow::R
     };
     let (mut direct, size) = timings(false)?;
     let (mut proxied, _) = timings(true)?;
+    let slow: Vec<String> = proxied
+        .iter()
+        .enumerate()
+        .filter(|(_, ms)| **ms > 2.0)
+        .map(|(index, ms)| format!("#{index} {ms:.1}"))
+        .collect();
+    eprintln!("gateway requests over 2 ms: {}", slow.join(", "));
     let (direct_p50, direct_p99) = (percentile(&mut direct, 0.5), percentile(&mut direct, 0.99));
     let (proxied_p50, proxied_p99) = (
         percentile(&mut proxied, 0.5),
@@ -486,14 +495,17 @@ fn pgbench_comparison(
     pod: &Pod,
     postgres: &testing::Postgres,
     relay_addr: std::net::IpAddr,
+    gatewayd: u32,
 ) -> anyhow::Result<()> {
     let program = postgres.bin_dir.join("pgbench");
-    let run = |path: PgbenchPath, args: &[&str]| -> anyhow::Result<(f64, f64)> {
+    // Returns TPS, average latency in ms, and the gateway's CPU time per transaction in us.
+    let run = |path: PgbenchPath, args: &[&str]| -> anyhow::Result<(f64, f64, f64)> {
         let (mut command, host) = match path {
             PgbenchPath::Direct => (node.in_node(None, &program), postgres.addr.ip()),
             PgbenchPath::Handler => (node.in_pod(pod, &program), postgres.addr.ip()),
             PgbenchPath::Relay => (node.in_pod(pod, &program), relay_addr),
         };
+        let cpu_before = cpu_ns(gatewayd)?;
         let output = command
             .args(["-h", &host.to_string(), "-U", "postgres"])
             .args(args)
@@ -506,6 +518,7 @@ fn pgbench_comparison(
             "pgbench failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        let cpu = cpu_ns(gatewayd)? - cpu_before;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         let number_after = |prefix: &str| -> f64 {
             text.lines()
@@ -514,7 +527,12 @@ fn pgbench_comparison(
                 .and_then(|value| value.parse().ok())
                 .unwrap_or(0.0)
         };
-        Ok((number_after("tps = "), number_after("latency average = ")))
+        let transactions = number_after("number of transactions actually processed: ");
+        Ok((
+            number_after("tps = "),
+            number_after("latency average = "),
+            cpu as f64 / 1000.0 / transactions.max(1.0),
+        ))
     };
 
     run(PgbenchPath::Direct, &["-i", "-s", "4", "-q"])?;
@@ -524,11 +542,11 @@ fn pgbench_comparison(
         for clients in ["1", "8"] {
             let mut args = vec!["-c", clients, "-j", clients, "-T", seconds.as_str()];
             args.extend(mode);
-            let (direct_tps, direct_latency) = run(PgbenchPath::Direct, &args)?;
-            let (proxied_tps, proxied_latency) = run(PgbenchPath::Handler, &args)?;
-            let (relay_tps, relay_latency) = run(PgbenchPath::Relay, &args)?;
+            let (direct_tps, direct_latency, _) = run(PgbenchPath::Direct, &args)?;
+            let (proxied_tps, proxied_latency, proxied_cpu) = run(PgbenchPath::Handler, &args)?;
+            let (relay_tps, relay_latency, relay_cpu) = run(PgbenchPath::Relay, &args)?;
             println!(
-                "  {name:<17} {clients} client(s): direct {direct_tps:.0} tps, handler {proxied_tps:.0} tps (ratio {:.3}, +{:.0} us), relay {relay_tps:.0} tps (ratio {:.3}, +{:.0} us)",
+                "  {name:<17} {clients} client(s): direct {direct_tps:.0} tps, handler {proxied_tps:.0} tps (ratio {:.3}, +{:.0} us, {proxied_cpu:.1} us CPU), relay {relay_tps:.0} tps (ratio {:.3}, +{:.0} us, {relay_cpu:.1} us CPU)",
                 proxied_tps / direct_tps,
                 (proxied_latency - direct_latency) * 1000.0,
                 relay_tps / direct_tps,
@@ -672,6 +690,21 @@ fn sysctl_in(netns: &str, setting: &str) -> anyhow::Result<()> {
         .status()?;
     anyhow::ensure!(status.success(), "sysctl {setting} in {netns} failed");
     Ok(())
+}
+
+/// CPU time all threads of `pid` have used, in nanoseconds, from the scheduler's statistics.
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let schedstat = std::fs::read_to_string(task?.path().join("schedstat"))?;
+        let on_cpu: u64 = schedstat
+            .split_whitespace()
+            .next()
+            .unwrap_or("0")
+            .parse()?;
+        total += on_cpu;
+    }
+    Ok(total)
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {

