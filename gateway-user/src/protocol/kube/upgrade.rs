@@ -1,6 +1,7 @@
 //! Upgraded streams (exec, attach, port-forward) after the API server's `101 Switching
-//! Protocols`: frames are relayed both ways as they arrive, data from the server is masked
-//! frame by frame, and exec and attach frames are recorded as they pass.
+//! Protocols`: frames are relayed both ways as they arrive, data from the server is masked,
+//! and exec and attach frames are recorded as they pass. Exec and attach output is masked per
+//! stream across frame boundaries (see [`exec_output`]), port-forward data frame by frame.
 //!
 //! Two framings are read. WebSocket (RFC 6455) with the Kubernetes channel subprotocols
 //! (`v4.channel.k8s.io`, `v5.channel.k8s.io`, `portforward.k8s.io`), where the first payload
@@ -8,12 +9,15 @@
 //! close. And SPDY/3.1, where data frames carry a stream id whose meaning (stdin, stdout, ...)
 //! sits in the zlib-compressed headers of the stream's SYN_STREAM.
 
+mod exec_output;
+
 use std::time::Instant;
 
 use bytes::BytesMut;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use self::exec_output::{MaskedOutput, OutputMasker};
 use super::Recording;
 use crate::mask::{MaskPolicy, mask_in_place};
 
@@ -49,9 +53,11 @@ pub struct StreamContext {
     pub framing: Framing,
     pub mask: MaskPolicy,
     pub record: Recording,
-    /// Whether frames are written to the recording (exec and attach); port-forward data is
-    /// only counted.
+    /// Whether frames are written to the recording and output is masked across frames (exec
+    /// and attach). Port-forward data is only counted.
     pub record_frames: bool,
+    /// Maximum time exec and attach output that may start a PAN is held back.
+    pub exec_output_hold: std::time::Duration,
     pub opened: Instant,
 }
 
@@ -85,34 +91,111 @@ where
 {
     let mut totals = DirectionTotals::default();
     let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let mut output = (direction == Direction::ToClient && context.record_frames).then(|| {
+        OutputMasker::new(
+            context.framing,
+            context.mask.clone(),
+            context.exec_output_hold,
+        )
+    });
     loop {
-        let read = from.read_buf(&mut buffer).await?;
+        let deadline = output.as_ref().and_then(OutputMasker::next_deadline);
+        let read = tokio::select! {
+            read = from.read_buf(&mut buffer) => read?,
+            () = sleep_until_some(deadline) => {
+                if let Some(output) = output.as_mut() {
+                    let mut masked = MaskedOutput::default();
+                    output.flush_expired(Instant::now(), &mut masked);
+                    send_output(&mut to, masked, context, &mut totals).await?;
+                }
+                continue;
+            }
+        };
         if read == 0 {
             // Bytes of an unfinished frame at the end are passed on as they are; the peer
             // sees the same truncated frame it would have seen without the gateway.
             if !buffer.is_empty() && direction == Direction::ToServer {
                 to.write_all(&buffer).await?;
             }
+            if let Some(output) = output.as_mut() {
+                let mut masked = MaskedOutput::default();
+                output.flush_all(&mut masked);
+                send_output(&mut to, masked, context, &mut totals).await?;
+            }
             let _ = to.shutdown().await;
             return Ok(totals);
         }
 
         let mut wrote = false;
+        let mut masked = MaskedOutput::default();
         while let Some(header) = parse_header(context.framing, &buffer)? {
             let mut frame = buffer.split_to(header.header_len + header.payload_len);
+            if let Some(output) = output.as_mut() {
+                output.push_frame(&frame, &header, Instant::now(), &mut masked);
+                continue;
+            }
             process_frame(&mut frame, &header, direction, context, &mut totals);
             to.write_all(&frame).await?;
             totals.bytes += frame.len() as u64;
             totals.frames += 1;
             wrote = true;
         }
-        if wrote {
+        if !masked.is_empty() {
+            send_output(&mut to, masked, context, &mut totals).await?;
+        } else if wrote {
             to.flush().await?;
         }
         if buffer.capacity() - buffer.len() < 4096 {
             buffer.reserve(64 * 1024);
         }
     }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes frames from the [`OutputMasker`] to the client, records their stream data and adds
+/// them to the totals.
+async fn send_output<W>(
+    to: &mut W,
+    output: MaskedOutput,
+    context: &StreamContext,
+    totals: &mut DirectionTotals,
+) -> Result<(), StreamError>
+where
+    W: AsyncWrite + Unpin,
+{
+    if output.is_empty() {
+        return Ok(());
+    }
+    to.write_all(&output.bytes).await?;
+    to.flush().await?;
+    totals.bytes += output.bytes.len() as u64;
+    totals.frames += output.frames;
+    totals.pans_masked += output.pans_masked;
+    for (stream, range) in &output.data {
+        let data = &output.bytes[range.clone()];
+        if data.is_empty() {
+            continue;
+        }
+        match stream {
+            exec_output::StreamKey::Channel(_) => {
+                record_frame(context, stream.recorded_name(), data);
+            }
+            exec_output::StreamKey::Spdy(stream_id) => {
+                record_spdy_frame(context, stream.recorded_name(), *stream_id, data);
+            }
+            // Messages of a WebSocket protocol without channels name no stream, so they are
+            // not recorded.
+            exec_output::StreamKey::Messages => {}
+        }
+    }
+    Ok(())
 }
 
 /// The parsed header of one frame.
@@ -227,9 +310,11 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
     }))
 }
 
-/// Masks a server frame's payload in place and records exec and attach data.
-// NOTE: each frame is masked on its own, so a PAN split across two frames of the same stream
-// passes unmasked. Holding the tail of a frame back would delay interactive output.
+/// Masks a port-forward frame from the server in place, or records a stdin frame from the
+/// client. Exec and attach output goes through [`OutputMasker`] instead.
+// NOTE: port-forward data and recorded stdin are masked frame by frame, so a PAN split across
+// two frames passes there. Port-forward carries arbitrary protocols, where holding bytes back
+// and re-framing could break the first message's port prefix.
 fn process_frame(
     frame: &mut [u8],
     header: &FrameHeader,
@@ -251,9 +336,6 @@ fn process_frame(
                         &mut payload[..]
                     };
                     totals.pans_masked += mask_in_place(data, &context.mask);
-                    if context.record_frames && channels && !payload.is_empty() {
-                        record_frame(context, stream_name(payload[0]), &payload[1..]);
-                    }
                 }
                 Direction::ToServer => {
                     if context.record_frames && channels {
@@ -275,11 +357,6 @@ fn process_frame(
         FrameKind::SpdyData { stream_id } => match direction {
             Direction::ToClient => {
                 totals.pans_masked += mask_in_place(payload, &context.mask);
-                if context.record_frames && !payload.is_empty() {
-                    // NOTE: SPDY stream types sit in zlib-compressed SYN_STREAM headers, which
-                    // are not decoded, so every server data frame is recorded as stdout.
-                    record_spdy_frame(context, "stdout", stream_id, payload);
-                }
             }
             Direction::ToServer => {
                 if context.record_frames && !payload.is_empty() {
@@ -405,11 +482,13 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn server_frames_masked_and_recorded() {
-        let dir = tempfile::tempdir().expect("temporary directory");
+    /// Opens a recorder in `dir` and starts a session of an exec stream in it.
+    fn exec_context(
+        dir: &std::path::Path,
+        framing: Framing,
+    ) -> (crate::record::Recorder, StreamContext, std::path::PathBuf) {
         let settings = crate::config::RecordingConfig {
-            dir: dir.path().to_path_buf(),
+            dir: dir.to_path_buf(),
             min_free_mib: 0,
             ..crate::config::RecordingConfig::default()
         };
@@ -428,12 +507,92 @@ mod tests {
             .expect("start recording");
         let path = record.path().to_path_buf();
         let context = StreamContext {
-            framing: Framing::WebSocket { channels: true },
+            framing,
             mask: MaskPolicy::default(),
             record: std::sync::Arc::new(std::sync::Mutex::new(record)),
             record_frames: true,
+            exec_output_hold: crate::config::DEFAULT_EXEC_OUTPUT_HOLD,
             opened: Instant::now(),
         };
+        (recorder, context, path)
+    }
+
+    /// Output held back at the end of a frame reaches the client once the hold deadline
+    /// passes, while the server stays silent, and a PAN split across frames is masked.
+    #[tokio::test]
+    async fn held_output_flushed_while_server_silent() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, context, path) =
+            exec_context(dir.path(), Framing::WebSocket { channels: true });
+        let (mut source, source_end) = tokio::io::duplex(1024);
+        let (sink_end, mut sink) = tokio::io::duplex(1 << 20);
+        let relay = async {
+            pump(source_end, sink_end, Direction::ToClient, &context)
+                .await
+                .expect("relay")
+        };
+        let client = async {
+            source
+                .write_all(&websocket_frame(b"\x01pan 4111 1111 1111 1111", None))
+                .await
+                .expect("write the first frame");
+            // Nothing else is written until the held PAN arrives, so only the deadline can
+            // send it.
+            let mut first = vec![0u8; 2 + 1 + 4];
+            sink.read_exact(&mut first)
+                .await
+                .expect("read the text before the PAN");
+            assert_eq!(&first, b"\x82\x05\x01pan ");
+            let mut held = vec![0u8; 2 + 1 + 19];
+            sink.read_exact(&mut held).await.expect("read the held PAN");
+            assert_eq!(&held[..3], &[0x82, 20, 1]);
+            assert_eq!(&held[3..], b"4111 11** **** 1111");
+
+            // Two stderr frames in one write arrive in one read, before any deadline.
+            let mut split = websocket_frame(b"\x024111 1111 ", None);
+            split.extend(websocket_frame(b"\x021111 1111", None));
+            source.write_all(&split).await.expect("write the split PAN");
+            source.shutdown().await.expect("close input");
+            let mut rest = Vec::new();
+            sink.read_to_end(&mut rest).await.expect("read the rest");
+            rest
+        };
+        let (totals, rest) = tokio::join!(relay, client);
+
+        let stderr = sent_channel_data(&rest, 2);
+        assert_eq!(String::from_utf8_lossy(&stderr), "4111 11** **** 1111");
+        assert_eq!(totals.pans_masked, 2);
+        drop(context);
+        recorder.flush().expect("flush the recorder");
+        let text = std::fs::read_to_string(path).expect("read recording");
+        assert!(text.contains("4111 11** **** 1111"));
+        assert!(!text.contains("4111 1111 1111 1111"));
+        assert!(!text.contains("1111 1111 1111"));
+    }
+
+    /// Joins the data of the WebSocket messages on `channel` in `bytes`.
+    fn sent_channel_data(bytes: &[u8], channel: u8) -> Vec<u8> {
+        let mut data = Vec::new();
+        let mut rest = bytes;
+        while let Some(header) =
+            parse_header(Framing::WebSocket { channels: true }, rest).expect("valid output frame")
+        {
+            let (frame, after) = rest.split_at(header.header_len + header.payload_len);
+            let payload = &frame[header.header_len..];
+            if header.kind != FrameKind::WebSocketControl && payload.first() == Some(&channel) {
+                data.extend_from_slice(&payload[1..]);
+            }
+            rest = after;
+        }
+        assert!(rest.is_empty(), "output ends inside a frame");
+        data
+    }
+
+    #[tokio::test]
+    async fn server_frames_masked_and_recorded() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, context, path) =
+            exec_context(dir.path(), Framing::WebSocket { channels: true });
 
         let mut input = websocket_frame(b"\x01card 4111-1111-1111-1111\n", None);
         input.extend(websocket_frame(&vec![b'a'; 70_000], None));
