@@ -1433,6 +1433,62 @@ fn kubectl_exec_spdy_stderr_stream() {
     assert_ne!(stdout_stream, stderr_stream);
 }
 
+/// An API server that compresses a response although the gateway removed `Accept-Encoding`.
+/// The gateway cannot scan the body for PANs, so kubectl gets a 502 `Status` in its place,
+/// and the request is recorded as failed upstream.
+#[test]
+fn compressed_response_withheld() {
+    let cards = serde_json::json!({
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {"name": "cards", "namespace": "default"},
+        "data": {"card": PAN},
+    });
+    let mut cluster =
+        InCluster::with_settings("compressed_response_withheld", "", None, "", |options| {
+            options.gzip_responses = true;
+            options.seed.push(cards);
+        });
+
+    let output = cluster
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps/cards",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl get --raw");
+    let stderr = stderr_of(&output);
+    assert!(
+        !output.status.success(),
+        "the compressed body reached kubectl"
+    );
+    assert!(stderr.contains("compressed response"), "{stderr}");
+    assert!(stderr.contains("withheld"), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    let text = session_text(&cluster.node);
+    let events = cluster.events();
+    assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    let request = events
+        .iter()
+        .find(|event| event["event"] == "kube.request" && event["request"]["name"] == "cards")
+        .expect("request recorded");
+    assert_eq!(request["status"], 502, "{request:#}");
+    assert_eq!(request["outcome"], "upstream_failed");
+    assert!(
+        request["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("compressed")),
+        "{request:#}"
+    );
+}
+
 /// An idle terminal session outlives a minute of silence and is on disk from the moment the
 /// upgrade succeeds, not only once it ends.
 #[test]
