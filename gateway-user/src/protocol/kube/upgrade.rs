@@ -1,7 +1,8 @@
 //! Upgraded streams (exec, attach, port-forward) after the API server's `101 Switching
 //! Protocols`: frames are relayed both ways as they arrive, data from the server is masked,
 //! and exec and attach frames are recorded as they pass. Exec and attach output is masked per
-//! stream across frame boundaries (see [`exec_output`]), port-forward data frame by frame.
+//! stream across frame boundaries (see [`exec_output`]), port-forward data frame by frame. In
+//! the recording, trailing digits that may start a PAN move to the stream's next frame.
 //!
 //! Two framings are read. WebSocket (RFC 6455) with the Kubernetes channel subprotocols
 //! (`v4.channel.k8s.io`, `v5.channel.k8s.io`, `portforward.k8s.io`), where the first payload
@@ -17,9 +18,9 @@ use bytes::BytesMut;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use self::exec_output::{MaskedOutput, OutputMasker};
+use self::exec_output::{MaskedOutput, OutputMasker, StreamKey};
 use super::Recording;
-use crate::mask::{MaskPolicy, mask_in_place};
+use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
 
 /// Largest frame relayed. Kubernetes clients and the API server write frames of at most
 /// 32 KiB of stream data; a peer declaring more than this is not one of them.
@@ -80,10 +81,30 @@ pub enum StreamError {
 
 /// Relays one direction until its source ends, then half-closes the destination.
 pub async fn pump<R, W>(
+    from: R,
+    to: W,
+    direction: Direction,
+    context: &StreamContext,
+) -> Result<DirectionTotals, StreamError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut recording = RecordingMasker::new(context.mask.clone());
+    let result = relay_frames(from, to, direction, context, &mut recording).await;
+    // Bytes held back from the recording are written even when the relay failed.
+    if context.record_frames {
+        recording.finish(context);
+    }
+    result
+}
+
+async fn relay_frames<R, W>(
     mut from: R,
     mut to: W,
     direction: Direction,
     context: &StreamContext,
+    recording: &mut RecordingMasker,
 ) -> Result<DirectionTotals, StreamError>
 where
     R: AsyncRead + Unpin,
@@ -106,7 +127,7 @@ where
                 if let Some(output) = output.as_mut() {
                     let mut masked = MaskedOutput::default();
                     output.flush_expired(Instant::now(), &mut masked);
-                    send_output(&mut to, masked, context, &mut totals).await?;
+                    send_output(&mut to, masked, context, recording, &mut totals).await?;
                 }
                 continue;
             }
@@ -120,7 +141,7 @@ where
             if let Some(output) = output.as_mut() {
                 let mut masked = MaskedOutput::default();
                 output.flush_all(&mut masked);
-                send_output(&mut to, masked, context, &mut totals).await?;
+                send_output(&mut to, masked, context, recording, &mut totals).await?;
             }
             let _ = to.shutdown().await;
             return Ok(totals);
@@ -134,14 +155,21 @@ where
                 output.push_frame(&frame, &header, Instant::now(), &mut masked);
                 continue;
             }
-            process_frame(&mut frame, &header, direction, context, &mut totals);
+            process_frame(
+                &mut frame,
+                &header,
+                direction,
+                context,
+                recording,
+                &mut totals,
+            );
             to.write_all(&frame).await?;
             totals.bytes += frame.len() as u64;
             totals.frames += 1;
             wrote = true;
         }
         if !masked.is_empty() {
-            send_output(&mut to, masked, context, &mut totals).await?;
+            send_output(&mut to, masked, context, recording, &mut totals).await?;
         } else if wrote {
             to.flush().await?;
         }
@@ -165,6 +193,7 @@ async fn send_output<W>(
     to: &mut W,
     output: MaskedOutput,
     context: &StreamContext,
+    recording: &mut RecordingMasker,
     totals: &mut DirectionTotals,
 ) -> Result<(), StreamError>
 where
@@ -179,21 +208,12 @@ where
     totals.frames += output.frames;
     totals.pans_masked += output.pans_masked;
     for (stream, range) in &output.data {
-        let data = &output.bytes[range.clone()];
-        if data.is_empty() {
-            continue;
-        }
-        match stream {
-            exec_output::StreamKey::Channel(_) => {
-                record_frame(context, stream.recorded_name(), data);
-            }
-            exec_output::StreamKey::Spdy(stream_id) => {
-                record_spdy_frame(context, stream.recorded_name(), *stream_id, data);
-            }
-            // Messages of a WebSocket protocol without channels name no stream, so they are
-            // not recorded.
-            exec_output::StreamKey::Messages => {}
-        }
+        recording.record(
+            context,
+            *stream,
+            stream.recorded_name(),
+            &output.bytes[range.clone()],
+        );
     }
     Ok(())
 }
@@ -312,14 +332,15 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
 
 /// Masks a port-forward frame from the server in place, or records a stdin frame from the
 /// client. Exec and attach output goes through [`OutputMasker`] instead.
-// NOTE: port-forward data and recorded stdin are masked frame by frame, so a PAN split across
-// two frames passes there. Port-forward carries arbitrary protocols, where holding bytes back
-// and re-framing could break the first message's port prefix.
+// NOTE: port-forward data is masked frame by frame, so a PAN split across two frames passes
+// there. Port-forward carries arbitrary protocols, where holding bytes back and re-framing
+// could break the first message's port prefix.
 fn process_frame(
     frame: &mut [u8],
     header: &FrameHeader,
     direction: Direction,
     context: &StreamContext,
+    recording: &mut RecordingMasker,
     totals: &mut DirectionTotals,
 ) {
     let payload = &mut frame[header.header_len..];
@@ -347,8 +368,7 @@ fn process_frame(
                             }
                         }
                         if data.first() == Some(&0) {
-                            mask_in_place(&mut data[1..], &context.mask);
-                            record_frame(context, "stdin", &data[1..]);
+                            recording.record(context, StreamKey::Channel(0), "stdin", &data[1..]);
                         }
                     }
                 }
@@ -359,10 +379,8 @@ fn process_frame(
                 totals.pans_masked += mask_in_place(payload, &context.mask);
             }
             Direction::ToServer => {
-                if context.record_frames && !payload.is_empty() {
-                    let mut data = payload.to_vec();
-                    mask_in_place(&mut data, &context.mask);
-                    record_spdy_frame(context, "stdin", stream_id, &data);
+                if context.record_frames {
+                    recording.record(context, StreamKey::Spdy(stream_id), "stdin", payload);
                 }
             }
         },
@@ -409,6 +427,68 @@ fn record_spdy_frame(context: &StreamContext, stream: &str, stream_id: u32, data
             "bytes": data.len(),
         }),
     );
+}
+
+/// Masks recorded stream data across frames, so that a PAN that crosses the wire in pieces
+/// (typed into stdin key by key, or output sent after the hold time) is masked in the
+/// recording. The recording is not interactive, so held bytes wait for more data on their
+/// stream or the end of the connection, with no hold time.
+struct RecordingMasker {
+    policy: MaskPolicy,
+    streams: Vec<(StreamKey, &'static str, StreamMasker)>,
+}
+
+impl RecordingMasker {
+    fn new(policy: MaskPolicy) -> Self {
+        Self {
+            policy,
+            streams: Vec::new(),
+        }
+    }
+
+    /// Records the settled part of `data`, sent on stream `key` named `name`, and holds back
+    /// a trailing run that may still become a PAN.
+    fn record(&mut self, context: &StreamContext, key: StreamKey, name: &'static str, data: &[u8]) {
+        if key == StreamKey::Messages {
+            // Messages of a WebSocket protocol without channels name no stream, so they are
+            // not recorded.
+            return;
+        }
+        let index = match self
+            .streams
+            .iter()
+            .position(|(stream, _, _)| *stream == key)
+        {
+            Some(index) => index,
+            None => {
+                let masker = StreamMasker::new(self.policy.clone());
+                self.streams.push((key, name, masker));
+                self.streams.len() - 1
+            }
+        };
+        let mut settled = Vec::with_capacity(data.len() + crate::mask::MAX_CARRY);
+        self.streams[index].2.feed(data, &mut settled);
+        write_recorded_frame(context, key, name, &settled);
+    }
+
+    /// Records what every stream still holds back, masked as at the end of a stream.
+    fn finish(&mut self, context: &StreamContext) {
+        for (key, name, masker) in &mut self.streams {
+            let mut held = Vec::new();
+            masker.finish(&mut held);
+            write_recorded_frame(context, *key, name, &held);
+        }
+    }
+}
+
+fn write_recorded_frame(context: &StreamContext, key: StreamKey, name: &str, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    match key {
+        StreamKey::Spdy(stream_id) => record_spdy_frame(context, name, stream_id, data),
+        StreamKey::Channel(_) | StreamKey::Messages => record_frame(context, name, data),
+    }
 }
 
 /// Text of an already masked frame for the recording, cut at `MAX_RECORDED_FRAME`.
@@ -565,9 +645,80 @@ mod tests {
         drop(context);
         recorder.flush().expect("flush the recorder");
         let text = std::fs::read_to_string(path).expect("read recording");
-        assert!(text.contains("4111 11** **** 1111"));
-        assert!(!text.contains("4111 1111 1111 1111"));
-        assert!(!text.contains("1111 1111 1111"));
+        assert_eq!(recorded_stream(&text, "stdout"), "pan 4111 11** **** 1111");
+        assert_eq!(recorded_stream(&text, "stderr"), "4111 11** **** 1111");
+        assert!(!text.contains("1111 1111"), "{text}");
+    }
+
+    /// With no hold time, output is sent as it arrives, so a PAN written in two parts reaches
+    /// the client in clear. The recording still masks it, and stdin typed one key per frame.
+    #[tokio::test]
+    async fn recording_masks_pan_sent_in_pieces() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, mut context, path) =
+            exec_context(dir.path(), Framing::WebSocket { channels: true });
+        context.exec_output_hold = std::time::Duration::ZERO;
+
+        let (mut server, server_end) = tokio::io::duplex(1024);
+        let (client_end, mut client) = tokio::io::duplex(1 << 20);
+        let output = async {
+            pump(server_end, client_end, Direction::ToClient, &context)
+                .await
+                .expect("relay output")
+        };
+        let server_writes = async {
+            server
+                .write_all(&websocket_frame(b"\x014111 1111 ", None))
+                .await
+                .expect("write the first part");
+            // The first part reaches the client before the second is written.
+            let mut first = vec![0u8; 2 + 1 + 10];
+            client
+                .read_exact(&mut first)
+                .await
+                .expect("read the first part");
+            assert_eq!(&first[3..], b"4111 1111 ");
+            server
+                .write_all(&websocket_frame(b"\x011111 1111\n", None))
+                .await
+                .expect("write the second part");
+            server.shutdown().await.expect("close output");
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.expect("read the rest");
+        };
+        tokio::join!(output, server_writes);
+
+        let mut stdin = Vec::new();
+        for key in b"5555 5555 5555 4444\r" {
+            stdin.extend(websocket_frame(&[0, *key], Some([9, 8, 7, 6])));
+        }
+        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
+        let totals = pump(&stdin[..], upstream_end, Direction::ToServer, &context)
+            .await
+            .expect("relay stdin");
+        let mut forwarded = Vec::new();
+        upstream
+            .read_to_end(&mut forwarded)
+            .await
+            .expect("read forwarded stdin");
+        assert_eq!(forwarded, stdin, "stdin is forwarded unchanged");
+        assert_eq!(totals.frames, 20);
+
+        drop(context);
+        recorder.flush().expect("flush the recorder");
+        let text = std::fs::read_to_string(path).expect("read recording");
+        assert_eq!(recorded_stream(&text, "stdout"), "4111 11** **** 1111\n");
+        assert_eq!(recorded_stream(&text, "stdin"), "5555 55** **** 4444\r");
+        assert!(!text.contains("1111 1111"), "{text}");
+    }
+
+    /// Joins the data of the recorded frames of `stream` in the recording `text`.
+    fn recorded_stream(text: &str, stream: &str) -> String {
+        text.lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON record"))
+            .filter(|record| record["event"] == "stream.frame" && record["stream"] == stream)
+            .map(|record| record["data"].as_str().expect("frame data").to_string())
+            .collect()
     }
 
     /// Joins the data of the WebSocket messages on `channel` in `bytes`.
