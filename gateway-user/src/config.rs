@@ -33,6 +33,12 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time open connections get to finish after SIGTERM before they are closed.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time exec and attach output that may start a card number is held back. A terminal
+/// user does not notice 30 ms, and a process that writes a number in several quick writes
+/// usually completes it sooner.
+pub const DEFAULT_EXEC_OUTPUT_HOLD: Duration = Duration::from_millis(30);
+/// Maximum `proxy.exec_output_hold`, so a typo cannot freeze interactive sessions.
+pub const MAX_EXEC_OUTPUT_HOLD: Duration = Duration::from_secs(10);
 /// Default interval between heartbeats written to the `CONFIG` map.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Default heartbeat age after which the fail mode applies.
@@ -174,6 +180,11 @@ pub struct ProxyConfig {
     /// Time open connections get to finish after SIGTERM.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Maximum time that `kubectl exec` and `attach` output ending in what may be the start
+    /// of a card number waits for the rest of it. The bytes are then sent (masked if they
+    /// form a PAN), so a number whose parts are written further apart than this is not masked.
+    #[serde(default = "default_exec_output_hold", with = "humantime_serde")]
+    pub exec_output_hold: Duration,
 }
 
 /// Behaviour of the connect hook once the daemon stops refreshing its heartbeat.
@@ -666,6 +677,9 @@ fn default_connect_timeout() -> Duration {
 fn default_drain_timeout() -> Duration {
     DEFAULT_DRAIN_TIMEOUT
 }
+fn default_exec_output_hold() -> Duration {
+    DEFAULT_EXEC_OUTPUT_HOLD
+}
 fn default_heartbeat_interval() -> Duration {
     DEFAULT_HEARTBEAT_INTERVAL
 }
@@ -784,6 +798,16 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(field, "must be longer than zero".into()));
             }
+        }
+        if proxy.exec_output_hold > MAX_EXEC_OUTPUT_HOLD {
+            return Err(invalid(
+                "proxy.exec_output_hold",
+                format!(
+                    "{} is too long: interactive output would stall; use at most {}",
+                    humantime::format_duration(proxy.exec_output_hold),
+                    humantime::format_duration(MAX_EXEC_OUTPUT_HOLD)
+                ),
+            ));
         }
 
         let redirect = &self.redirect;
@@ -1072,6 +1096,27 @@ targets:
         assert_eq!(config.targets[1].display_name(), "[fd00::20]:443");
         assert_eq!(config.proxy.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(config.recording.dir, PathBuf::from(DEFAULT_RECORDING_DIR));
+    }
+
+    #[test]
+    fn config_exec_output_hold_limits() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!(config.proxy.exec_output_hold, DEFAULT_EXEC_OUTPUT_HOLD);
+
+        let set = |value: &str| {
+            GOOD.replace(
+                "  listen_v4: 10.0.0.1:15001\n",
+                &format!("  listen_v4: 10.0.0.1:15001\n  exec_output_hold: {value}\n"),
+            )
+        };
+        let config = parse(&set("0s")).expect("no hold is valid");
+        assert_eq!(config.proxy.exec_output_hold, Duration::ZERO);
+        let config = parse(&set("250ms")).expect("a quarter second is valid");
+        assert_eq!(config.proxy.exec_output_hold, Duration::from_millis(250));
+
+        let message = error_of(&set("1m"));
+        assert!(message.contains("proxy.exec_output_hold"), "{message}");
+        assert!(message.contains("at most 10s"), "{message}");
     }
 
     #[test]

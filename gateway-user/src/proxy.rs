@@ -504,6 +504,7 @@ impl Proxy {
                     },
                     subject: subject.clone(),
                     idle_timeout: self.config.proxy.idle_timeout,
+                    exec_output_hold: self.config.proxy.exec_output_hold,
                 };
                 protocol::kube::run(
                     client,

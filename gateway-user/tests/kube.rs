@@ -1071,20 +1071,35 @@ impl InCluster {
 
     /// Starts the node like `new`, with the AccessPolicy `policy` (YAML) when given.
     fn with_policy(test_name: &str, rules: &str, policy: Option<&str>) -> Self {
+        Self::with_settings(test_name, rules, policy, "", |_| {})
+    }
+
+    /// Starts the node like `with_policy`, with `proxy_settings` (indented YAML lines) added
+    /// to the daemon config's `proxy` section and the API server's options changed by
+    /// `configure_api`.
+    fn with_settings(
+        test_name: &str,
+        rules: &str,
+        policy: Option<&str>,
+        proxy_settings: &str,
+        configure_api: impl FnOnce(&mut gateway_user::testing_apiserver::fixture::Options),
+    ) -> Self {
         use gateway_user::testing_apiserver::fixture::{Options, TestApiServer};
 
         let mut node = TestNode::new(test_name);
         let pod = node.add_pod("client");
         let server = node.add_server("api", &[SERVICE_IP]);
-        let options = Options {
+        let mut options = Options {
             address: Some(SERVICE_IP),
             seed: vec![TestApiServer::seed_pod("default", "default", &pod)],
             ..Options::default()
         };
+        configure_api(&mut options);
         let api = TestApiServer::start(&node, &server, APISERVER.as_ref(), options);
         let targets = kube_target_with_issued_cert(&node, &api.ca);
         let config = node.daemon_config("gatewayd.yaml", "", &targets);
         let mut text = std::fs::read_to_string(&config).expect("read config");
+        text = text.replacen("proxy:\n", &format!("proxy:\n{proxy_settings}"), 1);
         text.push_str(rules);
         if let Some(policy) = policy {
             let policy_dir = node.dir.join("policies");
@@ -1283,6 +1298,195 @@ fn kubectl_exec_through_gateway() {
         event["event"] == "stream.frame" && event["stream"] == "stderr" && event["data"] == "err\n"
     });
     assert!(stderr_frame, "no stderr frame recorded");
+}
+
+/// Reads every session file of the node as one text.
+fn session_text(node: &TestNode) -> String {
+    node.session_files()
+        .iter()
+        .map(|path| std::fs::read_to_string(path).expect("read recording"))
+        .collect()
+}
+
+/// Returns whether some recorded `stream.frame` of `stream` contains `text`.
+fn frame_recorded(events: &[Value], stream: &str, text: &str) -> bool {
+    events.iter().any(|event| {
+        event["event"] == "stream.frame"
+            && event["stream"] == stream
+            && event["data"]
+                .as_str()
+                .is_some_and(|data| data.contains(text))
+    })
+}
+
+/// A process that prints a PAN in two writes with a pause between them: the API server sends
+/// the parts in two frames, and kubectl still gets the PAN masked, on stdout and stderr, over
+/// both exec transports. The recording contains only the masked PAN.
+#[test]
+fn kubectl_exec_split_pan_masked() {
+    // The pause must stay under the hold time, which is raised so that a loaded machine
+    // cannot stretch it past.
+    let mut cluster = InCluster::with_settings(
+        "kubectl_exec_split_pan_masked",
+        "",
+        None,
+        "  exec_output_hold: 5s\n",
+        |_| {},
+    );
+    let script = "printf 'out 4111 1111 '; printf 'err 5555 5555 ' >&2; sleep 0.3; \
+                  printf '1111 1111\\n'; printf '5555 4444\\n' >&2";
+    for websockets in TRANSPORTS {
+        let output = cluster
+            .kubectl(&["exec", "client", "--", "sh", "-c", script])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl exec");
+        assert!(
+            output.status.success(),
+            "websockets={websockets}: {}",
+            stderr_of(&output)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "out 4111 11** **** 1111\n",
+            "websockets={websockets}"
+        );
+        assert_eq!(
+            stderr_of(&output),
+            "err 5555 55** **** 4444\n",
+            "websockets={websockets}"
+        );
+    }
+
+    let text = session_text(&cluster.node);
+    let events = cluster.events();
+    assert!(
+        !text.contains("4111 1111 1111 1111"),
+        "a recording holds the unmasked stdout PAN"
+    );
+    assert!(
+        !text.contains("5555 5555 5555 4444"),
+        "a recording holds the unmasked stderr PAN"
+    );
+    let transports: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "stream.open")
+        .map(|event| &event["transport"])
+        .collect();
+    assert_eq!(transports, ["websocket", "spdy"]);
+    assert!(frame_recorded(&events, "stdout", "4111 11** **** 1111"));
+    // SPDY streams are all recorded as stdout, so only the WebSocket stderr is named.
+    assert!(frame_recorded(&events, "stderr", "5555 55** **** 4444"));
+}
+
+/// Over SPDY, stdout and stderr are separate streams of one connection. Each reaches
+/// kubectl's matching output through the gateway, with PANs masked on both.
+#[test]
+fn kubectl_exec_spdy_stderr_stream() {
+    let mut cluster = InCluster::new("kubectl_exec_spdy_stderr_stream", "");
+    let script = "echo 'out 4111-1111-1111-1111'; echo 'err 5555-5555-5555-4444' >&2; \
+                  echo out-end; echo err-end >&2";
+    let output = cluster
+        .kubectl(&["exec", "client", "--", "sh", "-c", script])
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl exec");
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "out 4111-11**-****-1111\nout-end\n"
+    );
+    assert_eq!(stderr_of(&output), "err 5555-55**-****-4444\nerr-end\n");
+
+    let text = session_text(&cluster.node);
+    let events = cluster.events();
+    assert!(
+        !text.contains(PAN),
+        "a recording holds the unmasked stdout PAN"
+    );
+    assert!(
+        !text.contains("5555-5555-5555-4444"),
+        "a recording holds the unmasked stderr PAN"
+    );
+    let open = events
+        .iter()
+        .find(|event| event["event"] == "stream.open")
+        .expect("stream opening recorded");
+    assert_eq!(open["transport"], "spdy");
+    // Each stream's frames are recorded under their own SPDY stream id.
+    let stream_of = |text: &str| {
+        events
+            .iter()
+            .find(|event| {
+                event["event"] == "stream.frame"
+                    && event["data"]
+                        .as_str()
+                        .is_some_and(|data| data.contains(text))
+            })
+            .map(|event| event["spdy_stream"].clone())
+    };
+    let stdout_stream = stream_of(MASKED_PAN).expect("stdout PAN frame recorded");
+    let stderr_stream = stream_of("5555-55**-****-4444").expect("stderr PAN frame recorded");
+    assert!(stdout_stream.is_u64());
+    assert_ne!(stdout_stream, stderr_stream);
+}
+
+/// An API server that compresses a response although the gateway removed `Accept-Encoding`.
+/// The gateway cannot scan the body for PANs, so kubectl gets a 502 `Status` in its place,
+/// and the request is recorded as failed upstream.
+#[test]
+fn compressed_response_withheld() {
+    let cards = serde_json::json!({
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {"name": "cards", "namespace": "default"},
+        "data": {"card": PAN},
+    });
+    let mut cluster =
+        InCluster::with_settings("compressed_response_withheld", "", None, "", |options| {
+            options.gzip_responses = true;
+            options.seed.push(cards);
+        });
+
+    let output = cluster
+        .kubectl(&[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps/cards",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl get --raw");
+    let stderr = stderr_of(&output);
+    assert!(
+        !output.status.success(),
+        "the compressed body reached kubectl"
+    );
+    assert!(stderr.contains("compressed response"), "{stderr}");
+    assert!(stderr.contains("withheld"), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    let text = session_text(&cluster.node);
+    let events = cluster.events();
+    assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    let request = events
+        .iter()
+        .find(|event| event["event"] == "kube.request" && event["request"]["name"] == "cards")
+        .expect("request recorded");
+    assert_eq!(request["status"], 502, "{request:#}");
+    assert_eq!(request["outcome"], "upstream_failed");
+    assert!(
+        request["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("compressed")),
+        "{request:#}"
+    );
 }
 
 /// An idle terminal session outlives a minute of silence and is on disk from the moment the

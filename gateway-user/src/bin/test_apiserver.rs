@@ -42,6 +42,10 @@ struct Cli {
     /// Send each watch event that contains TEXT as two chunks, split right after TEXT.
     #[arg(long, value_name = "TEXT")]
     split_watch_events_after: Option<String>,
+    /// Compress every response body of known length with gzip, even when the request's
+    /// Accept-Encoding does not allow it.
+    #[arg(long)]
+    gzip_responses: bool,
 }
 
 #[tokio::main]
@@ -66,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         bookmark_interval: cli.bookmark_interval,
         check_bound_pods: !cli.skip_bound_pod_check,
         split_watch_after: cli.split_watch_events_after,
+        gzip_responses: cli.gzip_responses,
     })
     .await
 }

@@ -206,6 +206,11 @@ impl ApiServer {
             Ok(response) => response,
             Err(error) => error_response(&error),
         };
+        let response = if self.gzip_responses {
+            gzip_complete_body(response).await
+        } else {
+            response
+        };
         tracing::info!(
             method = %method,
             path = %path,
@@ -756,6 +761,33 @@ pub fn request_info(
         namespace,
         name,
     })
+}
+
+/// Compresses a response body of known length with gzip and labels it `Content-Encoding:
+/// gzip`, whatever the request's `Accept-Encoding`. Streamed bodies (watch), empty bodies
+/// and upgrades are returned as they are.
+async fn gzip_complete_body(response: Response<Body>) -> Response<Body> {
+    use std::io::Write as _;
+
+    let known_length = hyper::body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or(0);
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS || known_length == 0 {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(collected) = body.collect().await;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder
+        .write_all(&collected.to_bytes())
+        .expect("gzip into memory cannot fail");
+    let compressed = encoder.finish().expect("gzip into memory cannot fail");
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_ENCODING,
+        http::HeaderValue::from_static("gzip"),
+    );
+    Response::from_parts(parts, Full::new(Bytes::from(compressed)).boxed())
 }
 
 #[cfg(test)]

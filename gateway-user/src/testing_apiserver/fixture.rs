@@ -41,6 +41,8 @@ pub struct Options {
     pub split_watch_after: Option<String>,
     /// Accept bound tokens whose pod is not in the store.
     pub skip_bound_pod_check: bool,
+    /// Compress every complete response body with gzip, whatever the request accepts.
+    pub gzip_responses: bool,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             bookmark_interval: super::DEFAULT_BOOKMARK_INTERVAL,
             split_watch_after: None,
             skip_bound_pod_check: false,
+            gzip_responses: false,
         }
     }
 }
@@ -135,6 +138,9 @@ impl TestApiServer {
         }
         if options.skip_bound_pod_check {
             command.arg("--skip-bound-pod-check");
+        }
+        if options.gzip_responses {
+            command.arg("--gzip-responses");
         }
         if let Some(rules) = &options.rules {
             let path = dir.join("rules.json");

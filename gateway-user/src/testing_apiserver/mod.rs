@@ -18,6 +18,8 @@
 //! - Watch: one event per chunk (a JSON line or a protobuf frame), flushed at once, BOOKMARK
 //!   events on request, ending only at `timeoutSeconds` or when the client leaves. A test
 //!   knob splits events that contain a given text into two chunks.
+//! - A test knob that gzip-compresses every complete response body, even for a client that
+//!   did not accept gzip.
 //! - `pods/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and SPDY/3.1, and
 //!   `pods/portforward`, running real commands (on a pseudo-terminal with resize for
 //!   `tty=true`) and connecting to real loopback ports in the server's own namespace: the
@@ -85,6 +87,11 @@ pub struct Config {
     /// after it, to exercise readers of chunk boundaries. A real server splits only at
     /// its own buffer sizes.
     pub split_watch_after: Option<String>,
+    /// Test knob: every response body of known length is sent gzip-compressed, whatever the
+    /// request's `Accept-Encoding`. HTTP allows only the encodings that header accepts
+    /// (RFC 9110 section 12.5.3), so this stands for a server, or a proxy in front of it,
+    /// that ignores the header.
+    pub gzip_responses: bool,
 }
 
 /// An allow rule: `users` may use `verbs` on `resources` (`pods`, `pods/exec`) in
@@ -129,6 +136,7 @@ pub struct ApiServer {
     bookmark_interval: Duration,
     check_bound_pods: bool,
     split_watch_after: Option<String>,
+    gzip_responses: bool,
 }
 
 impl ApiServer {
@@ -153,6 +161,7 @@ impl ApiServer {
             bookmark_interval: config.bookmark_interval,
             check_bound_pods: config.check_bound_pods,
             split_watch_after: config.split_watch_after.clone(),
+            gzip_responses: config.gzip_responses,
         };
         if let Some(path) = &config.seed {
             server.seed(path)?;

@@ -103,6 +103,9 @@ pub struct KubeContext {
     pub subject: Subject,
     /// Idle timeout of the TCP relay used without a serving certificate.
     pub idle_timeout: Duration,
+    /// Maximum time exec and attach output that may start a PAN is held back
+    /// (`proxy.exec_output_hold`).
+    pub exec_output_hold: Duration,
 }
 
 /// What the handler needs to ask the AccessPolicy and hold requests for review.
@@ -699,6 +702,7 @@ async fn upgrade(
         mask: session.context.mask.clone(),
         record: Arc::clone(&session.record),
         record_frames,
+        exec_output_hold: session.context.exec_output_hold,
         opened: Instant::now(),
     };
     let force_close = session.force_close.clone();

@@ -1,6 +1,8 @@
 //! Upgraded streams (exec, attach, port-forward) after the API server's `101 Switching
-//! Protocols`: frames are relayed both ways as they arrive, data from the server is masked
-//! frame by frame, and exec and attach frames are recorded as they pass.
+//! Protocols`: frames are relayed both ways as they arrive, data from the server is masked,
+//! and exec and attach frames are recorded as they pass. Exec and attach output is masked per
+//! stream across frame boundaries (see [`exec_output`]), port-forward data frame by frame. In
+//! the recording, trailing digits that may start a PAN move to the stream's next frame.
 //!
 //! Two framings are read. WebSocket (RFC 6455) with the Kubernetes channel subprotocols
 //! (`v4.channel.k8s.io`, `v5.channel.k8s.io`, `portforward.k8s.io`), where the first payload
@@ -8,14 +10,17 @@
 //! close. And SPDY/3.1, where data frames carry a stream id whose meaning (stdin, stdout, ...)
 //! sits in the zlib-compressed headers of the stream's SYN_STREAM.
 
+mod exec_output;
+
 use std::time::Instant;
 
 use bytes::BytesMut;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use self::exec_output::{MaskedOutput, OutputMasker, StreamKey};
 use super::Recording;
-use crate::mask::{MaskPolicy, mask_in_place};
+use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
 
 /// Largest frame relayed. Kubernetes clients and the API server write frames of at most
 /// 32 KiB of stream data; a peer declaring more than this is not one of them.
@@ -49,9 +54,11 @@ pub struct StreamContext {
     pub framing: Framing,
     pub mask: MaskPolicy,
     pub record: Recording,
-    /// Whether frames are written to the recording (exec and attach); port-forward data is
-    /// only counted.
+    /// Whether frames are written to the recording and output is masked across frames (exec
+    /// and attach). Port-forward data is only counted.
     pub record_frames: bool,
+    /// Maximum time exec and attach output that may start a PAN is held back.
+    pub exec_output_hold: std::time::Duration,
     pub opened: Instant,
 }
 
@@ -74,8 +81,8 @@ pub enum StreamError {
 
 /// Relays one direction until its source ends, then half-closes the destination.
 pub async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
+    from: R,
+    to: W,
     direction: Direction,
     context: &StreamContext,
 ) -> Result<DirectionTotals, StreamError>
@@ -83,36 +90,132 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut recording = RecordingMasker::new(context.mask.clone());
+    let result = relay_frames(from, to, direction, context, &mut recording).await;
+    // Bytes held back from the recording are written even when the relay failed.
+    if context.record_frames {
+        recording.finish(context);
+    }
+    result
+}
+
+async fn relay_frames<R, W>(
+    mut from: R,
+    mut to: W,
+    direction: Direction,
+    context: &StreamContext,
+    recording: &mut RecordingMasker,
+) -> Result<DirectionTotals, StreamError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut totals = DirectionTotals::default();
     let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let mut output = (direction == Direction::ToClient && context.record_frames).then(|| {
+        OutputMasker::new(
+            context.framing,
+            context.mask.clone(),
+            context.exec_output_hold,
+        )
+    });
     loop {
-        let read = from.read_buf(&mut buffer).await?;
+        let deadline = output.as_ref().and_then(OutputMasker::next_deadline);
+        let read = tokio::select! {
+            read = from.read_buf(&mut buffer) => read?,
+            () = sleep_until_some(deadline) => {
+                if let Some(output) = output.as_mut() {
+                    let mut masked = MaskedOutput::default();
+                    output.flush_expired(Instant::now(), &mut masked);
+                    send_output(&mut to, masked, context, recording, &mut totals).await?;
+                }
+                continue;
+            }
+        };
         if read == 0 {
             // Bytes of an unfinished frame at the end are passed on as they are; the peer
             // sees the same truncated frame it would have seen without the gateway.
             if !buffer.is_empty() && direction == Direction::ToServer {
                 to.write_all(&buffer).await?;
             }
+            if let Some(output) = output.as_mut() {
+                let mut masked = MaskedOutput::default();
+                output.flush_all(&mut masked);
+                send_output(&mut to, masked, context, recording, &mut totals).await?;
+            }
             let _ = to.shutdown().await;
             return Ok(totals);
         }
 
         let mut wrote = false;
+        let mut masked = MaskedOutput::default();
         while let Some(header) = parse_header(context.framing, &buffer)? {
             let mut frame = buffer.split_to(header.header_len + header.payload_len);
-            process_frame(&mut frame, &header, direction, context, &mut totals);
+            if let Some(output) = output.as_mut() {
+                output.push_frame(&frame, &header, Instant::now(), &mut masked);
+                continue;
+            }
+            process_frame(
+                &mut frame,
+                &header,
+                direction,
+                context,
+                recording,
+                &mut totals,
+            );
             to.write_all(&frame).await?;
             totals.bytes += frame.len() as u64;
             totals.frames += 1;
             wrote = true;
         }
-        if wrote {
+        if !masked.is_empty() {
+            send_output(&mut to, masked, context, recording, &mut totals).await?;
+        } else if wrote {
             to.flush().await?;
         }
         if buffer.capacity() - buffer.len() < 4096 {
             buffer.reserve(64 * 1024);
         }
     }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes frames from the [`OutputMasker`] to the client, records their stream data and adds
+/// them to the totals.
+async fn send_output<W>(
+    to: &mut W,
+    output: MaskedOutput,
+    context: &StreamContext,
+    recording: &mut RecordingMasker,
+    totals: &mut DirectionTotals,
+) -> Result<(), StreamError>
+where
+    W: AsyncWrite + Unpin,
+{
+    if output.is_empty() {
+        return Ok(());
+    }
+    to.write_all(&output.bytes).await?;
+    to.flush().await?;
+    totals.bytes += output.bytes.len() as u64;
+    totals.frames += output.frames;
+    totals.pans_masked += output.pans_masked;
+    for (stream, range) in &output.data {
+        recording.record(
+            context,
+            *stream,
+            stream.recorded_name(),
+            &output.bytes[range.clone()],
+        );
+    }
+    Ok(())
 }
 
 /// The parsed header of one frame.
@@ -227,14 +330,17 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
     }))
 }
 
-/// Masks a server frame's payload in place and records exec and attach data.
-// NOTE: each frame is masked on its own, so a PAN split across two frames of the same stream
-// passes unmasked. Holding the tail of a frame back would delay interactive output.
+/// Masks a port-forward frame from the server in place, or records a stdin frame from the
+/// client. Exec and attach output goes through [`OutputMasker`] instead.
+// NOTE: port-forward data is masked frame by frame, so a PAN split across two frames passes
+// there. Port-forward carries arbitrary protocols, where holding bytes back and re-framing
+// could break the first message's port prefix.
 fn process_frame(
     frame: &mut [u8],
     header: &FrameHeader,
     direction: Direction,
     context: &StreamContext,
+    recording: &mut RecordingMasker,
     totals: &mut DirectionTotals,
 ) {
     let payload = &mut frame[header.header_len..];
@@ -251,9 +357,6 @@ fn process_frame(
                         &mut payload[..]
                     };
                     totals.pans_masked += mask_in_place(data, &context.mask);
-                    if context.record_frames && channels && !payload.is_empty() {
-                        record_frame(context, stream_name(payload[0]), &payload[1..]);
-                    }
                 }
                 Direction::ToServer => {
                     if context.record_frames && channels {
@@ -265,8 +368,7 @@ fn process_frame(
                             }
                         }
                         if data.first() == Some(&0) {
-                            mask_in_place(&mut data[1..], &context.mask);
-                            record_frame(context, "stdin", &data[1..]);
+                            recording.record(context, StreamKey::Channel(0), "stdin", &data[1..]);
                         }
                     }
                 }
@@ -275,17 +377,10 @@ fn process_frame(
         FrameKind::SpdyData { stream_id } => match direction {
             Direction::ToClient => {
                 totals.pans_masked += mask_in_place(payload, &context.mask);
-                if context.record_frames && !payload.is_empty() {
-                    // NOTE: SPDY stream types sit in zlib-compressed SYN_STREAM headers, which
-                    // are not decoded, so every server data frame is recorded as stdout.
-                    record_spdy_frame(context, "stdout", stream_id, payload);
-                }
             }
             Direction::ToServer => {
-                if context.record_frames && !payload.is_empty() {
-                    let mut data = payload.to_vec();
-                    mask_in_place(&mut data, &context.mask);
-                    record_spdy_frame(context, "stdin", stream_id, &data);
+                if context.record_frames {
+                    recording.record(context, StreamKey::Spdy(stream_id), "stdin", payload);
                 }
             }
         },
@@ -332,6 +427,68 @@ fn record_spdy_frame(context: &StreamContext, stream: &str, stream_id: u32, data
             "bytes": data.len(),
         }),
     );
+}
+
+/// Masks recorded stream data across frames, so that a PAN that crosses the wire in pieces
+/// (typed into stdin key by key, or output sent after the hold time) is masked in the
+/// recording. The recording is not interactive, so held bytes wait for more data on their
+/// stream or the end of the connection, with no hold time.
+struct RecordingMasker {
+    policy: MaskPolicy,
+    streams: Vec<(StreamKey, &'static str, StreamMasker)>,
+}
+
+impl RecordingMasker {
+    fn new(policy: MaskPolicy) -> Self {
+        Self {
+            policy,
+            streams: Vec::new(),
+        }
+    }
+
+    /// Records the settled part of `data`, sent on stream `key` named `name`, and holds back
+    /// a trailing run that may still become a PAN.
+    fn record(&mut self, context: &StreamContext, key: StreamKey, name: &'static str, data: &[u8]) {
+        if key == StreamKey::Messages {
+            // Messages of a WebSocket protocol without channels name no stream, so they are
+            // not recorded.
+            return;
+        }
+        let index = match self
+            .streams
+            .iter()
+            .position(|(stream, _, _)| *stream == key)
+        {
+            Some(index) => index,
+            None => {
+                let masker = StreamMasker::new(self.policy.clone());
+                self.streams.push((key, name, masker));
+                self.streams.len() - 1
+            }
+        };
+        let mut settled = Vec::with_capacity(data.len() + crate::mask::MAX_CARRY);
+        self.streams[index].2.feed(data, &mut settled);
+        write_recorded_frame(context, key, name, &settled);
+    }
+
+    /// Records what every stream still holds back, masked as at the end of a stream.
+    fn finish(&mut self, context: &StreamContext) {
+        for (key, name, masker) in &mut self.streams {
+            let mut held = Vec::new();
+            masker.finish(&mut held);
+            write_recorded_frame(context, *key, name, &held);
+        }
+    }
+}
+
+fn write_recorded_frame(context: &StreamContext, key: StreamKey, name: &str, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    match key {
+        StreamKey::Spdy(stream_id) => record_spdy_frame(context, name, stream_id, data),
+        StreamKey::Channel(_) | StreamKey::Messages => record_frame(context, name, data),
+    }
 }
 
 /// Text of an already masked frame for the recording, cut at `MAX_RECORDED_FRAME`.
@@ -405,11 +562,13 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn server_frames_masked_and_recorded() {
-        let dir = tempfile::tempdir().expect("temporary directory");
+    /// Opens a recorder in `dir` and starts a session of an exec stream in it.
+    fn exec_context(
+        dir: &std::path::Path,
+        framing: Framing,
+    ) -> (crate::record::Recorder, StreamContext, std::path::PathBuf) {
         let settings = crate::config::RecordingConfig {
-            dir: dir.path().to_path_buf(),
+            dir: dir.to_path_buf(),
             min_free_mib: 0,
             ..crate::config::RecordingConfig::default()
         };
@@ -428,12 +587,163 @@ mod tests {
             .expect("start recording");
         let path = record.path().to_path_buf();
         let context = StreamContext {
-            framing: Framing::WebSocket { channels: true },
+            framing,
             mask: MaskPolicy::default(),
             record: std::sync::Arc::new(std::sync::Mutex::new(record)),
             record_frames: true,
+            exec_output_hold: crate::config::DEFAULT_EXEC_OUTPUT_HOLD,
             opened: Instant::now(),
         };
+        (recorder, context, path)
+    }
+
+    /// Output held back at the end of a frame reaches the client once the hold deadline
+    /// passes, while the server stays silent, and a PAN split across frames is masked.
+    #[tokio::test]
+    async fn held_output_flushed_while_server_silent() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, context, path) =
+            exec_context(dir.path(), Framing::WebSocket { channels: true });
+        let (mut source, source_end) = tokio::io::duplex(1024);
+        let (sink_end, mut sink) = tokio::io::duplex(1 << 20);
+        let relay = async {
+            pump(source_end, sink_end, Direction::ToClient, &context)
+                .await
+                .expect("relay")
+        };
+        let client = async {
+            source
+                .write_all(&websocket_frame(b"\x01pan 4111 1111 1111 1111", None))
+                .await
+                .expect("write the first frame");
+            // Nothing else is written until the held PAN arrives, so only the deadline can
+            // send it.
+            let mut first = vec![0u8; 2 + 1 + 4];
+            sink.read_exact(&mut first)
+                .await
+                .expect("read the text before the PAN");
+            assert_eq!(&first, b"\x82\x05\x01pan ");
+            let mut held = vec![0u8; 2 + 1 + 19];
+            sink.read_exact(&mut held).await.expect("read the held PAN");
+            assert_eq!(&held[..3], &[0x82, 20, 1]);
+            assert_eq!(&held[3..], b"4111 11** **** 1111");
+
+            // Two stderr frames in one write arrive in one read, before any deadline.
+            let mut split = websocket_frame(b"\x024111 1111 ", None);
+            split.extend(websocket_frame(b"\x021111 1111", None));
+            source.write_all(&split).await.expect("write the split PAN");
+            source.shutdown().await.expect("close input");
+            let mut rest = Vec::new();
+            sink.read_to_end(&mut rest).await.expect("read the rest");
+            rest
+        };
+        let (totals, rest) = tokio::join!(relay, client);
+
+        let stderr = sent_channel_data(&rest, 2);
+        assert_eq!(String::from_utf8_lossy(&stderr), "4111 11** **** 1111");
+        assert_eq!(totals.pans_masked, 2);
+        drop(context);
+        recorder.flush().expect("flush the recorder");
+        let text = std::fs::read_to_string(path).expect("read recording");
+        assert_eq!(recorded_stream(&text, "stdout"), "pan 4111 11** **** 1111");
+        assert_eq!(recorded_stream(&text, "stderr"), "4111 11** **** 1111");
+        assert!(!text.contains("1111 1111"), "{text}");
+    }
+
+    /// With no hold time, output is sent as it arrives, so a PAN written in two parts reaches
+    /// the client in clear. The recording still masks it, and stdin typed one key per frame.
+    #[tokio::test]
+    async fn recording_masks_pan_sent_in_pieces() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, mut context, path) =
+            exec_context(dir.path(), Framing::WebSocket { channels: true });
+        context.exec_output_hold = std::time::Duration::ZERO;
+
+        let (mut server, server_end) = tokio::io::duplex(1024);
+        let (client_end, mut client) = tokio::io::duplex(1 << 20);
+        let output = async {
+            pump(server_end, client_end, Direction::ToClient, &context)
+                .await
+                .expect("relay output")
+        };
+        let server_writes = async {
+            server
+                .write_all(&websocket_frame(b"\x014111 1111 ", None))
+                .await
+                .expect("write the first part");
+            // The first part reaches the client before the second is written.
+            let mut first = vec![0u8; 2 + 1 + 10];
+            client
+                .read_exact(&mut first)
+                .await
+                .expect("read the first part");
+            assert_eq!(&first[3..], b"4111 1111 ");
+            server
+                .write_all(&websocket_frame(b"\x011111 1111\n", None))
+                .await
+                .expect("write the second part");
+            server.shutdown().await.expect("close output");
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.expect("read the rest");
+        };
+        tokio::join!(output, server_writes);
+
+        let mut stdin = Vec::new();
+        for key in b"5555 5555 5555 4444\r" {
+            stdin.extend(websocket_frame(&[0, *key], Some([9, 8, 7, 6])));
+        }
+        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
+        let totals = pump(&stdin[..], upstream_end, Direction::ToServer, &context)
+            .await
+            .expect("relay stdin");
+        let mut forwarded = Vec::new();
+        upstream
+            .read_to_end(&mut forwarded)
+            .await
+            .expect("read forwarded stdin");
+        assert_eq!(forwarded, stdin, "stdin is forwarded unchanged");
+        assert_eq!(totals.frames, 20);
+
+        drop(context);
+        recorder.flush().expect("flush the recorder");
+        let text = std::fs::read_to_string(path).expect("read recording");
+        assert_eq!(recorded_stream(&text, "stdout"), "4111 11** **** 1111\n");
+        assert_eq!(recorded_stream(&text, "stdin"), "5555 55** **** 4444\r");
+        assert!(!text.contains("1111 1111"), "{text}");
+    }
+
+    /// Joins the data of the recorded frames of `stream` in the recording `text`.
+    fn recorded_stream(text: &str, stream: &str) -> String {
+        text.lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON record"))
+            .filter(|record| record["event"] == "stream.frame" && record["stream"] == stream)
+            .map(|record| record["data"].as_str().expect("frame data").to_string())
+            .collect()
+    }
+
+    /// Joins the data of the WebSocket messages on `channel` in `bytes`.
+    fn sent_channel_data(bytes: &[u8], channel: u8) -> Vec<u8> {
+        let mut data = Vec::new();
+        let mut rest = bytes;
+        while let Some(header) =
+            parse_header(Framing::WebSocket { channels: true }, rest).expect("valid output frame")
+        {
+            let (frame, after) = rest.split_at(header.header_len + header.payload_len);
+            let payload = &frame[header.header_len..];
+            if header.kind != FrameKind::WebSocketControl && payload.first() == Some(&channel) {
+                data.extend_from_slice(&payload[1..]);
+            }
+            rest = after;
+        }
+        assert!(rest.is_empty(), "output ends inside a frame");
+        data
+    }
+
+    #[tokio::test]
+    async fn server_frames_masked_and_recorded() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, context, path) =
+            exec_context(dir.path(), Framing::WebSocket { channels: true });
 
         let mut input = websocket_frame(b"\x01card 4111-1111-1111-1111\n", None);
         input.extend(websocket_frame(&vec![b'a'; 70_000], None));
