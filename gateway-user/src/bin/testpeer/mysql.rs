@@ -795,6 +795,64 @@ pub mod driver {
 
     const BIG: usize = 20 * 1024 * 1024;
 
+    /// Logs in, runs `query` in text mode and prints `{"rows": [...]}`. A server error prints
+    /// `{"error": {"code", "state", "message"}}`, and any other failure `{"failure": "..."}`.
+    pub fn login(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        query: &str,
+        tls_ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut opts = OptsBuilder::default()
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
+            .user(Some(user))
+            .pass(Some(password))
+            .prefer_socket(false);
+        if let Some(ca) = tls_ca {
+            let ssl = mysql_async::SslOpts::default()
+                .with_root_certs(vec![ca.to_path_buf().into()])
+                .with_disable_built_in_roots(true);
+            opts = opts.ssl_opts(ssl);
+        }
+        let result = runtime.block_on(async {
+            let mut conn = Conn::new(opts).await?;
+            let rows: Vec<Row> = conn.query(query).await?;
+            conn.disconnect().await?;
+            Ok::<_, mysql_async::Error>(rows)
+        });
+        let output = match result {
+            Ok(rows) => {
+                let rows: Vec<Vec<Option<String>>> = rows
+                    .into_iter()
+                    .map(|row| {
+                        row.unwrap()
+                            .into_iter()
+                            .map(|value| match value {
+                                mysql_async::Value::NULL => None,
+                                mysql_async::Value::Bytes(bytes) => {
+                                    Some(String::from_utf8_lossy(&bytes).into_owned())
+                                }
+                                other => Some(other.as_sql(true)),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                json!({ "rows": rows })
+            }
+            Err(mysql_async::Error::Server(error)) => json!({
+                "error": { "code": error.code, "state": error.state, "message": error.message }
+            }),
+            Err(other) => json!({ "failure": other.to_string() }),
+        };
+        println!("{output}");
+        Ok(())
+    }
+
     pub fn run(addr: SocketAddr, user: &str, password: &str) -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
