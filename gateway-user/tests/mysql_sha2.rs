@@ -25,7 +25,9 @@ const PASSWORD: &str = "sha2-test-secret";
 const WRONG_PASSWORD: &str = "not-the-secret";
 const PORT: u16 = 3306;
 /// Accounts of the test server, one per scenario, so each starts with an empty cache entry.
-const ACCOUNTS: [&str; 6] = ["app", "cli", "direct", "wrong", "plain", "warm"];
+const ACCOUNTS: [&str; 8] = [
+    "app", "cli", "direct", "wrong", "plain", "warm", "changed", "switch",
+];
 
 struct Sha2Setup {
     node: TestNode,
@@ -166,6 +168,26 @@ impl Sha2Setup {
         query: &str,
         tls_ca: Option<&Path>,
     ) -> Value {
+        self.run_login(through_gateway, user, password_file, query, tls_ca, &[])
+    }
+
+    /// Logs in from the pod as `user`, runs `SELECT 1`, changes to `new_user` with
+    /// COM_CHANGE_USER and runs it again (see `mysql-login --change-user`).
+    fn change_user(&self, user: &str, new_user: &str, tls_ca: Option<&Path>) -> Value {
+        let password = self.password_file.clone();
+        let extra = ["--change-user", new_user];
+        self.run_login(true, user, &password, "SELECT 1", tls_ca, &extra)
+    }
+
+    fn run_login(
+        &self,
+        through_gateway: bool,
+        user: &str,
+        password_file: &Path,
+        query: &str,
+        tls_ca: Option<&Path>,
+        extra: &[&str],
+    ) -> Value {
         let mut command = if through_gateway {
             self.node.in_pod(&self.pod, TESTPEER)
         } else {
@@ -175,7 +197,8 @@ impl Sha2Setup {
             .args(["mysql-login", "--connect", &self.addr, "--user", user])
             .arg("--password-file")
             .arg(password_file)
-            .args(["--query", query]);
+            .args(["--query", query])
+            .args(extra);
         if let Some(ca) = tls_ca {
             command.arg("--tls-ca").arg(ca);
         }
@@ -313,8 +336,22 @@ fn sha2_rsa_exchange_then_fast_path() {
     assert_eq!(rejected[0]["method"], "full-rsa");
     assert_eq!(rejected[0]["accepted"], false);
 
-    // Five sessions went through the gateway: app and cli twice each, wrong once.
-    let sessions = setup.node.wait_for_sessions(5);
+    // COM_CHANGE_USER to an account not in the cache runs the RSA exchange again.
+    let changed = setup.change_user("app", "changed", None);
+    assert_eq!(rows(&changed), &json!([["1"]]));
+    assert_eq!(rows(&changed["change_user"]), &json!([["1"]]), "{changed}");
+    setup.wait_logins(8);
+    assert_eq!(setup.logins_of("app")[2]["method"], "fast");
+    let changed_logins = setup.logins_of("changed");
+    assert_eq!(
+        changed_logins[0]["method"], "full-rsa",
+        "{changed_logins:?}"
+    );
+    assert_eq!(changed_logins[0]["accepted"], true);
+
+    // Six sessions went through the gateway: app three times (once changing to `changed`),
+    // cli twice and wrong once.
+    let sessions = setup.node.wait_for_sessions(6);
     let wrong_session = sessions
         .iter()
         .find(|lines| {
@@ -340,7 +377,14 @@ fn sha2_rsa_exchange_then_fast_path() {
         .flatten()
         .filter(|line| line["event"] == "sql.startup" && line["authenticated"] == true)
         .count();
-    assert_eq!(authenticated, 4);
+    assert_eq!(authenticated, 5);
+    let change = sessions
+        .iter()
+        .flatten()
+        .find(|line| line["event"] == "sql.change_user")
+        .expect("change of user recorded");
+    assert_eq!(change["database_user"], "changed");
+    assert_eq!(change["outcome"], "ok");
     setup.assert_no_password_recorded();
 }
 
@@ -457,7 +501,16 @@ fn sha2_full_auth_needs_tls_on_both_legs() {
     let fast = setup.login(true, "warm", &password, "SELECT 1", Some(&ca));
     assert_eq!(rows(&fast), &json!([["1"]]));
 
-    setup.wait_logins(3);
+    // The same rejection in COM_CHANGE_USER ends the session, since the server still waits for
+    // the password and would read the next command in its place.
+    let switched = setup.change_user("warm", "switch", Some(&ca));
+    assert_eq!(rows(&switched), &json!([["1"]]));
+    let change = &switched["change_user"];
+    assert_eq!(change["error"]["code"], 1043, "{switched}");
+    assert!(change["then"]["failure"].is_string(), "{switched}");
+
+    setup.wait_logins(4);
+    assert_eq!(setup.logins_of("switch"), Vec::<Value>::new());
     let plain_logins = setup.logins_of("plain");
     assert_eq!(plain_logins.len(), 1, "{plain_logins:?}");
     assert_eq!(plain_logins[0]["method"], "full-rsa");
@@ -466,9 +519,9 @@ fn sha2_full_auth_needs_tls_on_both_legs() {
         .iter()
         .map(|line| line["method"].clone())
         .collect();
-    assert_eq!(warm, ["full-rsa", "fast"]);
+    assert_eq!(warm, ["full-rsa", "fast", "fast"]);
 
-    let sessions = setup.node.wait_for_sessions(3);
+    let sessions = setup.node.wait_for_sessions(4);
     let ends = session_ends(&sessions);
     let refusals: Vec<&Value> = ends
         .iter()
@@ -478,7 +531,7 @@ fn sha2_full_auth_needs_tls_on_both_legs() {
                 .is_some_and(|reason| reason.contains("needs TLS on both legs"))
         })
         .collect();
-    assert_eq!(refusals.len(), 1, "{ends:#?}");
+    assert_eq!(refusals.len(), 2, "{ends:#?}");
     let refused_session = sessions
         .iter()
         .find(|lines| lines.iter().any(|line| line == refusals[0]))
@@ -490,5 +543,16 @@ fn sha2_full_auth_needs_tls_on_both_legs() {
     assert_eq!(startup["authenticated"], false);
     assert_eq!(startup["client_tls"], true);
     assert_eq!(startup["upstream_tls"], false);
+
+    let switch_session = sessions
+        .iter()
+        .find(|lines| lines.iter().any(|line| line == refusals[1]))
+        .expect("session of the rejected change of user");
+    let change = switch_session
+        .iter()
+        .find(|line| line["event"] == "sql.change_user")
+        .expect("change of user recorded");
+    assert_eq!(change["database_user"], "switch");
+    assert_eq!(change["outcome"], "error");
     setup.assert_no_password_recorded();
 }

@@ -173,6 +173,9 @@ enum Command {
         /// Require TLS, trusting this CA certificate (PEM).
         #[arg(long)]
         tls_ca: Option<std::path::PathBuf>,
+        /// After the query, change to this account with COM_CHANGE_USER and run it again.
+        #[arg(long)]
+        change_user: Option<String>,
     },
 }
 
@@ -234,12 +237,14 @@ fn main() -> anyhow::Result<()> {
             password_file,
             query,
             tls_ca,
+            change_user,
         } => mysql::driver::login(
             connect,
             &user,
             &read_password(&password_file)?,
             &query,
             tls_ca.as_deref(),
+            change_user.as_deref(),
         ),
     }
 }

@@ -17,6 +17,7 @@
 //!   `RSA_PKCS1_OAEP_PADDING`). A correct password fills the cache;
 //! - a failure is ERR 1045, SQLSTATE 28000.
 //!
+//! `COM_CHANGE_USER` runs the same exchange, its scramble made with the greeting's nonce.
 //! After the login it answers `COM_QUERY` for `SELECT 1`, `SELECT @@name, ...` (the settings
 //! drivers read at connect), `SELECT CURRENT_USER()` and `SELECT card` (one row holding the test
 //! card number 4111 1111 1111 1111), plus `COM_PING` and `COM_QUIT`.
@@ -91,6 +92,7 @@ const TEST_PAN: &str = "4111111111111111";
 const COM_QUIT: u8 = 0x01;
 const COM_QUERY: u8 = 0x03;
 const COM_PING: u8 = 0x0e;
+const COM_CHANGE_USER: u8 = 0x11;
 
 /// State shared by all connections.
 struct Server {
@@ -152,6 +154,30 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
+/// Facts of one connection that authentication needs.
+struct Session {
+    peer: String,
+    nonce: [u8; NONCE_LEN],
+    tls: bool,
+    /// Capabilities the client chose in its handshake response.
+    capabilities: u32,
+}
+
+/// Prints a login attempt as one JSON line.
+fn report(login: &Login, tls: bool) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        json!({
+            "user": login.user,
+            "method": login.method,
+            "tls": tls,
+            "accepted": login.accepted,
+        })
+    );
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
 /// Result of the authentication exchange.
 struct Login {
     user: String,
@@ -191,38 +217,38 @@ impl Server {
             tls = true;
             response = io.read()?;
         }
-        let login = self.authenticate(&mut io, &response, &peer, &nonce, tls)?;
-        println!(
-            "{}",
-            json!({
-                "user": login.user,
-                "method": login.method,
-                "tls": tls,
-                "accepted": login.accepted,
-            })
-        );
-        std::io::stdout().flush()?;
+        let parsed = parse_response(&response)?;
+        let session = Session {
+            peer,
+            nonce,
+            tls,
+            capabilities: parsed.capabilities,
+        };
+        let login = self.authenticate(&mut io, parsed, &session)?;
+        report(&login, tls)?;
         if !login.accepted {
             return Ok(());
         }
-        self.commands(&mut io, &login, &peer)
+        self.commands(&mut io, login, &session)
     }
 
     /// Runs the connection phase after the handshake response, up to and including the OK or ERR.
+    /// The same exchange follows COM_CHANGE_USER, whose scramble is made with the nonce of the
+    /// greeting.
     fn authenticate(
         &self,
         io: &mut Packets,
-        response: &[u8],
-        peer: &str,
-        nonce: &[u8; NONCE_LEN],
-        tls: bool,
+        parsed: Response,
+        session: &Session,
     ) -> anyhow::Result<Login> {
-        let parsed = parse_response(response)?;
+        let peer = session.peer.as_str();
+        let nonce = &session.nonce;
+        let tls = session.tls;
         let mut login = Login {
             user: parsed.user.clone(),
             method: "none",
             accepted: false,
-            deprecate_eof: parsed.capabilities & CLIENT_DEPRECATE_EOF != 0,
+            deprecate_eof: session.capabilities & CLIENT_DEPRECATE_EOF != 0,
         };
         let mut scramble = parsed.auth_response;
         if parsed.capabilities & CLIENT_PLUGIN_AUTH != 0 && parsed.plugin != PLUGIN {
@@ -305,7 +331,13 @@ impl Server {
         Ok(login)
     }
 
-    fn commands(&self, io: &mut Packets, login: &Login, peer: &str) -> anyhow::Result<()> {
+    fn commands(
+        &self,
+        io: &mut Packets,
+        mut login: Login,
+        session: &Session,
+    ) -> anyhow::Result<()> {
+        let peer = &session.peer;
         loop {
             io.seq = 0;
             let command = match io.read() {
@@ -316,6 +348,15 @@ impl Server {
             match command.first() {
                 Some(&COM_QUIT) | None => return Ok(()),
                 Some(&COM_PING) => io.write(&ok_packet())?,
+                Some(&COM_CHANGE_USER) => {
+                    let parsed = parse_change_user(&command[1..], session.capabilities)?;
+                    login = self.authenticate(io, parsed, session)?;
+                    report(&login, session.tls)?;
+                    // A failed change of user leaves no account to run commands as.
+                    if !login.accepted {
+                        return Ok(());
+                    }
+                }
                 Some(&COM_QUERY) => {
                     let sql = String::from_utf8_lossy(&command[1..]).trim().to_string();
                     let user = format!("{}@{peer}", login.user);
@@ -581,6 +622,44 @@ fn parse_response(data: &[u8]) -> anyhow::Result<Response> {
     let mut plugin = String::new();
     if capabilities & CLIENT_PLUGIN_AUTH != 0 && at < data.len() {
         plugin = cstr(data, &mut at)?;
+    }
+    Ok(Response {
+        capabilities,
+        user,
+        auth_response,
+        plugin,
+    })
+}
+
+/// Parses the body of COM_CHANGE_USER (after the command byte) into the fields a handshake
+/// response has: user, auth response, database, character set, plugin name.
+fn parse_change_user(data: &[u8], capabilities: u32) -> anyhow::Result<Response> {
+    let mut at = 0;
+    let user = cstr(data, &mut at)?;
+    let auth_len = if capabilities & CLIENT_SECURE_CONNECTION != 0 {
+        let len = *data
+            .get(at)
+            .ok_or_else(|| anyhow::anyhow!("COM_CHANGE_USER without auth length"))?;
+        at += 1;
+        usize::from(len)
+    } else {
+        data[at..].iter().position(|&b| b == 0).unwrap_or(0)
+    };
+    let auth_response = data
+        .get(at..at + auth_len)
+        .ok_or_else(|| anyhow::anyhow!("COM_CHANGE_USER auth response cut short"))?
+        .to_vec();
+    at += auth_len;
+    if capabilities & CLIENT_SECURE_CONNECTION == 0 {
+        at += 1;
+    }
+    cstr(data, &mut at)?;
+    let mut plugin = String::new();
+    if at + 2 <= data.len() {
+        at += 2;
+        if capabilities & CLIENT_PLUGIN_AUTH != 0 && at < data.len() {
+            plugin = cstr(data, &mut at)?;
+        }
     }
     Ok(Response {
         capabilities,
