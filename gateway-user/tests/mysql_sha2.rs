@@ -25,8 +25,8 @@ const PASSWORD: &str = "sha2-test-secret";
 const WRONG_PASSWORD: &str = "not-the-secret";
 const PORT: u16 = 3306;
 /// Accounts of the test server, one per scenario, so each starts with an empty cache entry.
-const ACCOUNTS: [&str; 8] = [
-    "app", "cli", "direct", "wrong", "plain", "warm", "changed", "switch",
+const ACCOUNTS: [&str; 10] = [
+    "app", "cli", "direct", "wrong", "plain", "warm", "changed", "switch", "native", "leaky",
 ];
 
 struct Sha2Setup {
@@ -326,12 +326,50 @@ fn sha2_rsa_exchange_then_fast_path() {
         .map(|line| line["method"].clone())
         .collect();
     assert_eq!(methods, ["full-rsa", "fast"]);
+    assert!(
+        setup
+            .logins_of("cli")
+            .iter()
+            .all(|line| line["switched"] == false),
+        "the CLI starts with the plugin the greeting names"
+    );
+
+    // A CLI starting with mysql_native_password is switched to caching_sha2_password, and
+    // the gateway relays the switch before the RSA exchange.
+    let output = setup.cli(
+        "native",
+        &[
+            "--skip-ssl",
+            "--default-auth=mysql_native_password",
+            "-e",
+            "SELECT 1",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "mariadb: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    setup.wait_logins(6);
+    let native = setup.logins_of("native");
+    assert_eq!(native[0]["switched"], true, "{native:?}");
+    assert_eq!(native[0]["method"], "full-rsa", "{native:?}");
+    assert_eq!(native[0]["accepted"], true);
+
+    // With its default --ssl and no TLS offered, the mariadb 10.11 CLI sends the password in
+    // clear text after the server requests full authentication. The gateway keeps it off the
+    // server leg and ends the login.
+    let output = setup.cli("leaky", &["-e", "SELECT 1"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ERROR 1043"), "{stderr}");
+    assert!(stderr.contains("in clear text"), "{stderr}");
 
     // A wrong password: the client gets the server's error, and the session records it.
     let wrong = setup.login(true, "wrong", &setup.wrong_password_file, "SELECT 1", None);
     assert_eq!(wrong["error"]["code"], 1045, "{wrong}");
     assert_eq!(wrong["error"]["state"], "28000", "{wrong}");
-    setup.wait_logins(6);
+    setup.wait_logins(7);
     let rejected = setup.logins_of("wrong");
     assert_eq!(rejected[0]["method"], "full-rsa");
     assert_eq!(rejected[0]["accepted"], false);
@@ -340,7 +378,7 @@ fn sha2_rsa_exchange_then_fast_path() {
     let changed = setup.change_user("app", "changed", None);
     assert_eq!(rows(&changed), &json!([["1"]]));
     assert_eq!(rows(&changed["change_user"]), &json!([["1"]]), "{changed}");
-    setup.wait_logins(8);
+    setup.wait_logins(9);
     assert_eq!(setup.logins_of("app")[2]["method"], "fast");
     let changed_logins = setup.logins_of("changed");
     assert_eq!(
@@ -349,9 +387,14 @@ fn sha2_rsa_exchange_then_fast_path() {
     );
     assert_eq!(changed_logins[0]["accepted"], true);
 
-    // Six sessions went through the gateway: app three times (once changing to `changed`),
-    // cli twice and wrong once.
-    let sessions = setup.node.wait_for_sessions(6);
+    // The server never received the leaked password, so it logged no login for that account.
+    assert_eq!(setup.logins_of("leaky"), Vec::<Value>::new());
+    let server_log = std::fs::read_to_string(&setup.server_log).expect("read server log");
+    assert!(!server_log.contains("leaky"), "{server_log}");
+
+    // Eight sessions went through the gateway: app three times (once changing to `changed`),
+    // cli twice, native, leaky and wrong once each.
+    let sessions = setup.node.wait_for_sessions(8);
     let wrong_session = sessions
         .iter()
         .find(|lines| {
@@ -377,7 +420,16 @@ fn sha2_rsa_exchange_then_fast_path() {
         .flatten()
         .filter(|line| line["event"] == "sql.startup" && line["authenticated"] == true)
         .count();
-    assert_eq!(authenticated, 5);
+    assert_eq!(authenticated, 6);
+    let leaked = session_ends(&sessions)
+        .into_iter()
+        .filter(|end| {
+            end["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("in clear text"))
+        })
+        .count();
+    assert_eq!(leaked, 1);
     let change = sessions
         .iter()
         .flatten()

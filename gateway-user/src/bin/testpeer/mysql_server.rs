@@ -23,8 +23,8 @@
 //! card number 4111 1111 1111 1111), plus `COM_PING` and `COM_QUIT`.
 //!
 //! Each login attempt prints one JSON line on standard output: the account, how it
-//! authenticated (`fast`, `full-tls` or `full-rsa`), whether the connection was TLS, and the
-//! result. Passwords are never printed.
+//! authenticated (`fast`, `full-tls` or `full-rsa`), whether it was switched from another
+//! plugin, whether the connection was TLS, and the result. Passwords are never printed.
 
 use std::{
     collections::HashMap,
@@ -170,6 +170,7 @@ fn report(login: &Login, tls: bool) -> anyhow::Result<()> {
         json!({
             "user": login.user,
             "method": login.method,
+            "switched": login.switched,
             "tls": tls,
             "accepted": login.accepted,
         })
@@ -182,6 +183,8 @@ fn report(login: &Login, tls: bool) -> anyhow::Result<()> {
 struct Login {
     user: String,
     method: &'static str,
+    /// The client named another plugin and was switched to this one.
+    switched: bool,
     accepted: bool,
     deprecate_eof: bool,
 }
@@ -247,6 +250,7 @@ impl Server {
         let mut login = Login {
             user: parsed.user.clone(),
             method: "none",
+            switched: false,
             accepted: false,
             deprecate_eof: session.capabilities & CLIENT_DEPRECATE_EOF != 0,
         };
@@ -259,6 +263,7 @@ impl Server {
             switch.push(0);
             io.write(&switch)?;
             scramble = io.read()?;
+            login.switched = true;
         }
         let known = self.accounts.contains(&parsed.user);
         let denied = |io: &mut Packets, login: Login, used_password: bool| {
@@ -309,6 +314,12 @@ impl Server {
             }
             // The cipher text is as long as the key's modulus, or the login fails.
             if answer.len() != 256 {
+                eprintln!(
+                    "mysql-sha2-server: {}: full authentication answer of {} bytes is no \
+                     RSA cipher text of 256 bytes",
+                    login.user,
+                    answer.len()
+                );
                 return denied(io, login, true);
             }
             let Ok(mut plain) = self.private_key.decrypt(Oaep::new::<sha1::Sha1>(), &answer) else {
