@@ -12,15 +12,20 @@
 //!   matches it, the server sends fast-auth success (`0x01 0x03`) and OK;
 //! - otherwise it requests full authentication (`0x01 0x04`). Over TLS the client then sends the
 //!   password in clear text, NUL-terminated. Without TLS it may first request the RSA public
-//!   key (`0x02`, answered with `0x01` and the PEM), then sends the password, NUL-terminated,
+//!   key (`0x02`, to which the server sends `0x01` and the PEM), then sends the password, NUL-terminated,
 //!   XOR-ed with the nonce and encrypted with RSA-OAEP (SHA-1, as OpenSSL's
 //!   `RSA_PKCS1_OAEP_PADDING`). A correct password fills the cache;
 //! - a failure is ERR 1045, SQLSTATE 28000.
 //!
 //! `COM_CHANGE_USER` runs the same exchange, its scramble made with the greeting's nonce.
-//! After the login it answers `COM_QUERY` for `SELECT 1`, `SELECT @@name, ...` (the settings
-//! drivers read at connect), `SELECT CURRENT_USER()` and `SELECT card` (one row holding the test
-//! card number 4111 1111 1111 1111), plus `COM_PING` and `COM_QUIT`.
+//! After the login it replies to `COM_QUERY` for `SELECT 1`, `SELECT @@name, ...` (the settings
+//! drivers read at connect), `SELECT CURRENT_USER()` and `SELECT card` (one row containing the
+//! test card number 4111 1111 1111 1111), plus `COM_PING` and `COM_QUIT`.
+//!
+//! Where it differs from MySQL 8: full authentication compares `SHA256(SHA256(password))`
+//! instead of the salted multi-round hash in `mysql.user`, every account has the one password,
+//! an unknown account is rejected without going through the exchange, and a failed
+//! `COM_CHANGE_USER` closes the connection.
 //!
 //! Each login attempt prints one JSON line on standard output: the account, how it
 //! authenticated (`fast`, `full-tls` or `full-rsa`), whether it was switched from another
@@ -360,6 +365,9 @@ impl Server {
                 Some(&COM_QUIT) | None => return Ok(()),
                 Some(&COM_PING) => io.write(&ok_packet())?,
                 Some(&COM_CHANGE_USER) => {
+                    // NOTE: whether MySQL 8 responds to COM_CHANGE_USER with an auth switch carrying
+                    // a fresh nonce, instead of checking a scramble made with the greeting's
+                    // nonce, is unverified. mysql_async handles either answer.
                     let parsed = parse_change_user(&command[1..], session.capabilities)?;
                     login = self.authenticate(io, parsed, session)?;
                     report(&login, session.tls)?;
@@ -611,6 +619,7 @@ fn parse_response(data: &[u8]) -> anyhow::Result<Response> {
         capabilities & CLIENT_PROTOCOL_41 != 0,
         "pre-4.1 handshake response"
     );
+
     let mut at = SSL_REQUEST_LEN;
     let user = cstr(data, &mut at)?;
     let auth_len = if capabilities & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
@@ -627,6 +636,7 @@ fn parse_response(data: &[u8]) -> anyhow::Result<Response> {
         .ok_or_else(|| anyhow::anyhow!("auth response cut short"))?
         .to_vec();
     at += auth_len;
+
     if capabilities & CLIENT_CONNECT_WITH_DB != 0 && at < data.len() {
         cstr(data, &mut at)?;
     }
