@@ -18,9 +18,14 @@
 //!   point-select benchmark (see `mysql`).
 //! - `mysql-driver --connect ADDR ...`: a mysql_async scenario (text and binary rows, cached
 //!   prepared statements, 20 MiB values, a procedure's result sets, a denied statement).
+//! - `mysql-sha2-server --listen ADDR --account NAME... --password-file FILE`: a MySQL 8
+//!   stand-in that authenticates with `caching_sha2_password` (see `mysql_server`).
+//! - `mysql-login --connect ADDR ...`: one mysql_async login and query, printed as JSON.
 
 #[path = "testpeer/mysql.rs"]
 mod mysql;
+#[path = "testpeer/mysql_server.rs"]
+mod mysql_server;
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
@@ -136,6 +141,42 @@ enum Command {
         #[arg(long)]
         password: String,
     },
+    /// Serve MySQL logins with caching_sha2_password until killed, printing one JSON line per
+    /// login attempt.
+    MysqlSha2Server {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Account names, which all share one password.
+        #[arg(long, required = true)]
+        account: Vec<String>,
+        /// File whose first line is the accounts' password.
+        #[arg(long)]
+        password_file: std::path::PathBuf,
+        /// PEM certificate chain. With `--tls-key`, the server offers TLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+    },
+    /// Log in with mysql_async, run `--query`, and print one JSON object: the rows, or the
+    /// server's error.
+    MysqlLogin {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        user: String,
+        /// File whose first line is the password.
+        #[arg(long)]
+        password_file: std::path::PathBuf,
+        #[arg(long, default_value = "SELECT 1")]
+        query: String,
+        /// Require TLS, trusting this CA certificate (PEM).
+        #[arg(long)]
+        tls_ca: Option<std::path::PathBuf>,
+        /// After the query, change to this account with COM_CHANGE_USER and run it again.
+        #[arg(long)]
+        change_user: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -178,7 +219,41 @@ fn main() -> anyhow::Result<()> {
             user,
             password,
         } => mysql::driver::run(connect, &user, &password),
+        Command::MysqlSha2Server {
+            listen,
+            account,
+            password_file,
+            tls_cert,
+            tls_key,
+        } => mysql_server::run(
+            listen,
+            account,
+            &read_password(&password_file)?,
+            tls_cert.as_deref().zip(tls_key.as_deref()),
+        ),
+        Command::MysqlLogin {
+            connect,
+            user,
+            password_file,
+            query,
+            tls_ca,
+            change_user,
+        } => mysql::driver::login(
+            connect,
+            &user,
+            &read_password(&password_file)?,
+            &query,
+            tls_ca.as_deref(),
+            change_user.as_deref(),
+        ),
     }
+}
+
+/// Reads a password from the first line of `path`, so it stays off command lines.
+fn read_password(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| anyhow::anyhow!("failed to read {}: {error}", path.display()))?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
 fn serve(addrs: &[SocketAddr], greet: bool, discard: bool, sink: bool) -> anyhow::Result<()> {

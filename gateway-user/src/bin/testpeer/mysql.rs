@@ -795,6 +795,99 @@ pub mod driver {
 
     const BIG: usize = 20 * 1024 * 1024;
 
+    /// Logs in, runs `query` in text mode and prints `{"rows": [...]}`. A server error prints
+    /// `{"error": {"code", "state", "message"}}`, and any other failure `{"failure": "..."}`.
+    /// With `change_user`, the connection then changes to that account (same password) and
+    /// runs `query` again, and the outcome goes under `"change_user"`. After a failed change,
+    /// `"then"` contains the outcome of one more `SELECT 1`.
+    pub fn login(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        query: &str,
+        tls_ca: Option<&std::path::Path>,
+        change_user: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut opts = OptsBuilder::default()
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
+            .user(Some(user))
+            .pass(Some(password))
+            .prefer_socket(false);
+        if let Some(ca) = tls_ca {
+            let ssl = mysql_async::SslOpts::default()
+                .with_root_certs(vec![ca.to_path_buf().into()])
+                .with_disable_built_in_roots(true);
+            opts = opts.ssl_opts(ssl);
+        }
+        let output = runtime.block_on(async {
+            let mut conn = match Conn::new(opts).await {
+                Ok(conn) => conn,
+                Err(error) => return error_json(error),
+            };
+            let mut output = match conn.query::<Row, _>(query).await {
+                Ok(rows) => rows_json(rows),
+                Err(error) => return error_json(error),
+            };
+            if let Some(user) = change_user {
+                let change = mysql_async::ChangeUserOpts::default()
+                    .with_user(Some(user.to_string()))
+                    .with_pass(Some(password.to_string()));
+                let after = match conn.change_user(change).await {
+                    Ok(()) => match conn.query::<Row, _>(query).await {
+                        Ok(rows) => rows_json(rows),
+                        Err(error) => error_json(error),
+                    },
+                    Err(error) => {
+                        // Shows whether the connection still runs commands after the failure.
+                        let mut failed = error_json(error);
+                        failed["then"] = match conn.query::<Row, _>("SELECT 1").await {
+                            Ok(rows) => rows_json(rows),
+                            Err(error) => error_json(error),
+                        };
+                        failed
+                    }
+                };
+                output["change_user"] = after;
+            }
+            let _ = conn.disconnect().await;
+            output
+        });
+        println!("{output}");
+        Ok(())
+    }
+
+    fn rows_json(rows: Vec<Row>) -> Value {
+        let rows: Vec<Vec<Option<String>>> = rows
+            .into_iter()
+            .map(|row| {
+                row.unwrap()
+                    .into_iter()
+                    .map(|value| match value {
+                        mysql_async::Value::NULL => None,
+                        mysql_async::Value::Bytes(bytes) => {
+                            Some(String::from_utf8_lossy(&bytes).into_owned())
+                        }
+                        other => Some(other.as_sql(true)),
+                    })
+                    .collect()
+            })
+            .collect();
+        json!({ "rows": rows })
+    }
+
+    fn error_json(error: mysql_async::Error) -> Value {
+        match error {
+            mysql_async::Error::Server(error) => json!({
+                "error": { "code": error.code, "state": error.state, "message": error.message }
+            }),
+            other => json!({ "failure": other.to_string() }),
+        }
+    }
+
     pub fn run(addr: SocketAddr, user: &str, password: &str) -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
