@@ -152,7 +152,13 @@ fn main() -> anyhow::Result<()> {
         idle_memory(&node, &testpeer, &pod, &daemon, target)?;
     }
     if wants("pgbench") {
-        pgbench_comparison(&node, &pod, &postgres, database.addr_v6.into(), daemon.pid())?;
+        pgbench_comparison(
+            &node,
+            &pod,
+            &postgres,
+            database.addr_v6.into(),
+            daemon.pid(),
+        )?;
     }
     if wants("mysql") {
         mysql_point_selects(&node, &testpeer, &pod, &mariadb)?;
@@ -697,11 +703,7 @@ fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
     let mut total = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let schedstat = std::fs::read_to_string(task?.path().join("schedstat"))?;
-        let on_cpu: u64 = schedstat
-            .split_whitespace()
-            .next()
-            .unwrap_or("0")
-            .parse()?;
+        let on_cpu: u64 = schedstat.split_whitespace().next().unwrap_or("0").parse()?;
         total += on_cpu;
     }
     Ok(total)
