@@ -83,7 +83,7 @@ pub fn analyze(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
 }
 
 /// The statement's shape: the text with every number outside a word replaced by `0`, every
-/// single-quoted string by `''` and every comment by a space. `None` when the text holds
+/// single-quoted string by `''` and every comment by a space. `None` when the text contains
 /// something whose extent this scanner would have to guess.
 fn shape(text: &str, dialect: SqlDialect) -> Option<String> {
     let bytes = text.as_bytes();

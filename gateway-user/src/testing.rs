@@ -1021,6 +1021,34 @@ pub fn postgres_bin_dir() -> PathBuf {
         .expect("a PostgreSQL server under /usr/lib/postgresql")
 }
 
+/// Returns the config lines that give a target TLS: a serving certificate the gateway issues
+/// from `gateway_ca` for `server_ip` when `client_tls` is set, and verified upstream TLS
+/// trusting `database_ca` when `upstream_tls` is set.
+pub fn target_tls_lines(
+    gateway_ca: &TestCa,
+    database_ca: &TestCa,
+    server_ip: &str,
+    client_tls: bool,
+    upstream_tls: bool,
+) -> String {
+    let mut lines = String::new();
+    if client_tls {
+        let (cert, key) = gateway_ca.issue("gateway-serving", &[server_ip.to_string()]);
+        lines.push_str(&format!(
+            "    tls:\n      cert: {}\n      key: {}\n",
+            cert.display(),
+            key.display()
+        ));
+    }
+    if upstream_tls {
+        lines.push_str(&format!(
+            "    upstream_tls:\n      mode: verify-full\n      ca: {}\n",
+            database_ca.cert_path.display()
+        ));
+    }
+    lines
+}
+
 /// A certificate authority for tests: issues server certificates for the names and addresses
 /// a test needs, written as PEM files.
 #[derive(Debug)]

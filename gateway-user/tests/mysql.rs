@@ -62,20 +62,13 @@ fn start(test_name: &str, client_tls: bool, upstream_tls: bool, policy: Option<&
     let mut targets = format!(
         "  - name: payments-mysql\n    address: {server_ip}\n    port: 3306\n    class: mysql\n"
     );
-    if client_tls {
-        let (cert, key) = gateway_ca.issue("gateway-serving", std::slice::from_ref(&server_ip));
-        targets.push_str(&format!(
-            "    tls:\n      cert: {}\n      key: {}\n",
-            cert.display(),
-            key.display()
-        ));
-    }
-    if upstream_tls {
-        targets.push_str(&format!(
-            "    upstream_tls:\n      mode: verify-full\n      ca: {}\n",
-            database_ca.cert_path.display()
-        ));
-    }
+    targets.push_str(&gateway_user::testing::target_tls_lines(
+        &gateway_ca,
+        &database_ca,
+        &server_ip,
+        client_tls,
+        upstream_tls,
+    ));
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
     if let Some(policy) = policy {

@@ -108,20 +108,13 @@ fn start(test_name: &str, server_tls: bool, client_tls: bool, upstream_tls: bool
     let mut targets = format!(
         "  - name: sha2-mysql\n    address: {server_ip}\n    port: {PORT}\n    class: mysql\n"
     );
-    if client_tls {
-        let (cert, key) = gateway_ca.issue("gateway-serving", std::slice::from_ref(&server_ip));
-        targets.push_str(&format!(
-            "    tls:\n      cert: {}\n      key: {}\n",
-            cert.display(),
-            key.display()
-        ));
-    }
-    if upstream_tls {
-        targets.push_str(&format!(
-            "    upstream_tls:\n      mode: verify-full\n      ca: {}\n",
-            database_ca.cert_path.display()
-        ));
-    }
+    targets.push_str(&gateway_user::testing::target_tls_lines(
+        &gateway_ca,
+        &database_ca,
+        &server_ip,
+        client_tls,
+        upstream_tls,
+    ));
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
     Sha2Setup {

@@ -56,20 +56,13 @@ fn pg_setup_tls(test_name: &str, client_tls: bool, upstream_tls: bool) -> (PgSet
     let mut targets = format!(
         "  - name: payments-db\n    address: {server_ip}\n    port: 5432\n    class: postgres\n"
     );
-    if client_tls {
-        let (cert, key) = gateway_ca.issue("gateway-serving", std::slice::from_ref(&server_ip));
-        targets.push_str(&format!(
-            "    tls:\n      cert: {}\n      key: {}\n",
-            cert.display(),
-            key.display()
-        ));
-    }
-    if upstream_tls {
-        targets.push_str(&format!(
-            "    upstream_tls:\n      mode: verify-full\n      ca: {}\n",
-            database_ca.cert_path.display()
-        ));
-    }
+    targets.push_str(&gateway_user::testing::target_tls_lines(
+        &gateway_ca,
+        &database_ca,
+        &server_ip,
+        client_tls,
+        upstream_tls,
+    ));
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
     text.push_str(SQL_RULES);

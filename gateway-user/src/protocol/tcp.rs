@@ -173,7 +173,7 @@ async fn pump(
 /// Bytes read per copy through user space; a read that fills it switches to splicing.
 const COPY_BUFFER: usize = 16 * 1024;
 
-/// What one copy through user space did.
+/// Result of one copy through user space.
 enum Copied {
     /// The source reached end of stream.
     End,
@@ -204,7 +204,7 @@ fn copy_once(source: &TcpStream, destination: &TcpStream) -> io::Result<Copied> 
     })
 }
 
-/// Which end of a splice failed.
+/// Failed end of a splice.
 enum Failed {
     Read,
     Write,
@@ -224,7 +224,7 @@ async fn splice_while_readable(
             sys::splice(source.as_fd(), pipe.write.as_fd(), PIPE_CAPACITY)
         });
         let mut in_pipe = match filled {
-            // End of stream: the caller's next read sees it too.
+            // End of stream: the caller's next read returns it too.
             Ok(0) => return Ok(()),
             Ok(moved) => moved,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
