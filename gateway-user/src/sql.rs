@@ -49,8 +49,8 @@ pub struct StatementInfo {
     pub has_where: Option<bool>,
 }
 
-/// Statement texts longer than this are not cached: they are rare, and parsing dominates
-/// their handling less.
+/// Longest statement text the cache keeps. Longer texts are parsed every time, so a few huge
+/// statements cannot fill the cache's memory.
 const SHAPE_TEXT_LIMIT: usize = 8 * 1024;
 /// Shapes kept at most; the cache starts over when it is full.
 const SHAPE_CACHE_ENTRIES: usize = 4096;
