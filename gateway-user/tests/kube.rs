@@ -46,6 +46,7 @@ struct SeenRequest {
     version: http::Version,
     authorization: Option<String>,
     accept_encoding: Option<String>,
+    websocket_extensions: Option<String>,
 }
 
 /// The upstream API server: a thread inside the server namespace running a hyper server with
@@ -122,6 +123,7 @@ async fn serve_request(
         version: request.version(),
         authorization: header(http::header::AUTHORIZATION),
         accept_encoding: header(http::header::ACCEPT_ENCODING),
+        websocket_extensions: header(http::header::SEC_WEBSOCKET_EXTENSIONS),
     });
     let accept = header(http::header::ACCEPT).unwrap_or_default();
 
@@ -157,6 +159,15 @@ async fn serve_request(
                 .header("content-type", "application/json")
                 .body(ChannelBody(receiver).boxed_unsync())
         }
+        // A server that breaks RFC 6455: it accepts the WebSocket upgrade with
+        // permessage-deflate whether or not the client offered it.
+        ("/api/v1/namespaces/default/pods/app/exec", _) => Response::builder()
+            .status(101)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-protocol", "v5.channel.k8s.io")
+            .header("sec-websocket-extensions", "permessage-deflate")
+            .body(full(Bytes::new())),
         ("/version", _) => Response::builder()
             .header("content-type", "application/json")
             .body(full(r#"{"major":"1","minor":"32","gitVersion":"v1.32.0"}"#)),
@@ -1689,6 +1700,68 @@ fn websocket_upgrade_refusal_passes_through() {
     assert_eq!(code, "400", "{text}");
     let status: Value = serde_json::from_str(body).expect("a Status body");
     assert_eq!(status["reason"], "BadRequest");
+}
+
+/// A WebSocket extension would compress exec output past the masking, so the client's offer
+/// never reaches the API server, and a server that answers with an extension all the same is
+/// refused with a 502 rather than relayed.
+#[test]
+fn websocket_extension_not_negotiated() {
+    let mut setup = kube_setup("websocket_extension_not_negotiated", "");
+    let token = bound_token(&setup.pod);
+    let output = setup.curl(
+        &setup.pod,
+        &[
+            "--http1.1",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "-H",
+            "Sec-WebSocket-Protocol: v5.channel.k8s.io",
+            "-H",
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+            "-w",
+            "\n%{http_code}",
+            &setup.url("/api/v1/namespaces/default/pods/app/exec?command=date&stdout=true"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("body and status code");
+    assert_eq!(code, "502", "{text}");
+    let status: Value = serde_json::from_str(body).expect("a Status body");
+    assert_eq!(status["kind"], "Status");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("permessage-deflate")),
+        "{status}"
+    );
+
+    let exec: Vec<SeenRequest> = setup
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.path.contains("/exec"))
+        .collect();
+    assert_eq!(exec.len(), 1, "{exec:?}");
+    assert_eq!(exec[0].websocket_extensions, None, "{exec:?}");
+
+    let events = setup.stop_and_read_events();
+    let request = events
+        .iter()
+        .find(|event| event["event"] == "kube.request" && event["request"]["subresource"] == "exec")
+        .expect("the exec request is recorded");
+    assert_eq!(request["outcome"], "upstream_failed", "{request}");
+    assert!(
+        !events.iter().any(|event| event["event"] == "stream.open"),
+        "no stream was opened"
+    );
 }
 
 /// Writes to secrets and config maps are held for review: the Kubernetes requests wait in

@@ -648,7 +648,13 @@ async fn upgrade(
         };
         return status_response(&status, &request.headers, log);
     };
-    let upstream_request = upstream_request(&request, body.boxed_unsync(), false, true, &session);
+    // A WebSocket extension such as permessage-deflate would compress the frames, which
+    // could then not be scanned, so none is offered upstream.
+    let mut upstream_request =
+        upstream_request(&request, body.boxed_unsync(), false, true, &session);
+    upstream_request
+        .headers_mut()
+        .remove(header::SEC_WEBSOCKET_EXTENSIONS);
     let mut response = match session.upstream.send_upgrade(upstream_request).await {
         Ok(response) => response,
         Err(error) => {
@@ -667,6 +673,26 @@ async fn upgrade(
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return client_response(response, &session, &request.headers, log);
+    }
+    if let Some(extensions) = response.headers().get(header::SEC_WEBSOCKET_EXTENSIONS) {
+        // RFC 6455 forbids an extension the client did not offer; the frames it shapes
+        // could not be scanned, so the stream is refused rather than relayed.
+        let extensions = String::from_utf8_lossy(extensions.as_bytes()).into_owned();
+        log.outcome = "upstream_failed";
+        log.error = Some(format!(
+            "the server accepted the upgrade with WebSocket extension {extensions:?}, which was not offered"
+        ));
+        let status = Status {
+            code: StatusCode::BAD_GATEWAY,
+            reason: "BadGateway",
+            message: format!(
+                "gateway: the API server answered with WebSocket extension {extensions:?}, whose frames cannot be scanned"
+            ),
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+        };
+        return status_response(&status, &request.headers, log);
     }
 
     let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -753,16 +779,32 @@ where
     let (server_read, server_write) = tokio::io::split(server);
     let to_server = upgrade::pump(client_read, server_write, Direction::ToServer, context);
     let to_client = upgrade::pump(server_read, client_write, Direction::ToClient, context);
-    let (to_server, to_client) = tokio::join!(to_server, to_client);
+    tokio::pin!(to_server, to_client);
+    // A direction that ends cleanly half-closes its destination and the other goes on. One
+    // that fails (a malformed frame) ends the whole stream: both connections are dropped, so
+    // neither peer waits on a stream that can no longer be relayed.
+    let (to_server, to_client) = tokio::select! {
+        result = &mut to_server => {
+            let other = if result.is_ok() { Some(to_client.await) } else { None };
+            (Some(result), other)
+        }
+        result = &mut to_client => {
+            let other = if result.is_ok() { Some(to_server.await) } else { None };
+            (other, Some(result))
+        }
+    };
 
     let error = [&to_server, &to_client]
         .iter()
-        .find_map(|result| result.as_ref().err().map(|error| crate::error_chain(error)));
-    let totals = |result: &Result<upgrade::DirectionTotals, _>| match result {
-        Ok(totals) => {
+        .find_map(|result| match result {
+            Some(Err(error)) => Some(crate::error_chain(error)),
+            _ => None,
+        });
+    let totals = |result: &Option<Result<upgrade::DirectionTotals, _>>| match result {
+        Some(Ok(totals)) => {
             json!({ "bytes": totals.bytes, "frames": totals.frames, "pans_masked": totals.pans_masked })
         }
-        Err(_) => Value::Null,
+        _ => Value::Null,
     };
     record_event(
         &context.record,

@@ -77,6 +77,9 @@ pub enum StreamError {
     Io(#[from] std::io::Error),
     #[error("frame of {declared} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
     FrameTooLarge { declared: u64 },
+    /// RSV1-3 are set only by a negotiated extension, and the gateway negotiates none.
+    #[error("WebSocket frame with reserved bits {bits:#05b} set, but no extension was negotiated")]
+    ReservedBits { bits: u8 },
 }
 
 /// Relays one direction until its source ends, then half-closes the destination.
@@ -263,6 +266,10 @@ fn check_len(declared: u64) -> Result<usize, StreamError> {
 fn parse_websocket_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> {
     if buffer.len() < 2 {
         return Ok(None);
+    }
+    let reserved = (buffer[0] >> 4) & 0x07;
+    if reserved != 0 {
+        return Err(StreamError::ReservedBits { bits: reserved });
     }
     let opcode = buffer[0] & 0x0f;
     let masked = buffer[1] & 0x80 != 0;
@@ -543,6 +550,24 @@ mod tests {
             .expect("complete frame");
         assert_eq!(header.header_len, 8);
         assert_eq!(header.payload_len, 300);
+    }
+
+    #[test]
+    fn frames_of_an_extension_are_rejected() {
+        // permessage-deflate marks a compressed message with RSV1; the gateway negotiates no
+        // extension, so such a frame ends the stream instead of passing unscanned.
+        for first in [0xc2, 0xa2, 0x92] {
+            let frame = [first, 3, 1, b'4', b'1'];
+            assert!(matches!(
+                parse_header(Framing::WebSocket { channels: true }, &frame),
+                Err(StreamError::ReservedBits { .. })
+            ));
+        }
+        assert!(
+            parse_header(Framing::WebSocket { channels: true }, &[0x82, 1, 1])
+                .expect("valid frame")
+                .is_some()
+        );
     }
 
     #[test]

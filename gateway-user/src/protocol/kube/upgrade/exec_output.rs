@@ -27,8 +27,6 @@ const OPCODE_CONTINUATION: u8 = 0x0;
 const OPCODE_CLOSE: u8 = 0x8;
 /// WebSocket FIN bit: the frame ends its message.
 const WEBSOCKET_FIN: u8 = 0x80;
-/// WebSocket RSV1 bit, set by permessage-deflate on a compressed message (RFC 7692).
-const WEBSOCKET_RSV1: u8 = 0x40;
 /// Channel of the Kubernetes channel protocols that carries the exit `Status`.
 const CHANNEL_ERROR: u8 = 3;
 /// Channel of `v5.channel.k8s.io` whose messages close the channel named in their second byte.
@@ -263,13 +261,6 @@ impl OutputMasker {
         let payload = &frame[header.header_len..];
         let channels = matches!(self.framing, Framing::WebSocket { channels: true });
 
-        if first_byte & WEBSOCKET_RSV1 != 0 {
-            // NOTE: a frame compressed by a WebSocket extension (permessage-deflate sets RSV1)
-            // cannot be scanned, and moving its bytes would break its decompression, so it is
-            // passed on whole and unscanned. The handler does not remove the extension offer.
-            push_unchanged(frame, out);
-            return;
-        }
         let (key, channel_byte, data) = if opcode == OPCODE_CONTINUATION {
             let Some(key) = self.open_message else {
                 // A continuation without a message to continue violates RFC 6455. It is
@@ -809,18 +800,6 @@ mod tests {
         assert_eq!(frames[0].stream, StreamKey::Channel(1));
         assert_eq!(frames[0].data, b"a ");
         assert_eq!(frames[1].data, b"4111 11** **** 1111 b");
-    }
-
-    #[test]
-    fn compressed_frame_passed_whole() {
-        let mut masker = OutputMasker::new(WEBSOCKET, MaskPolicy::default(), HOLD);
-        let mut payload = vec![1];
-        payload.extend_from_slice(b"deflated 4111");
-        let frame = websocket_message(WEBSOCKET_FIN | WEBSOCKET_RSV1 | 0x2, &payload);
-        let mut out = MaskedOutput::default();
-        push_all(&mut masker, &frame, Instant::now(), &mut out);
-        assert_eq!(out.bytes, frame);
-        assert_eq!(masker.next_deadline(), None);
     }
 
     #[test]
