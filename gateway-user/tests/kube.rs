@@ -1142,6 +1142,24 @@ impl InCluster {
         command
     }
 
+    /// curl in the pod, trusting the cluster CA from its service-account volume; `args`
+    /// follow curl's own options.
+    fn curl(&self, args: &[&str]) -> std::process::Command {
+        let script =
+            "exec curl -sS --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \"$@\"";
+        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &self.node,
+            &self.pod,
+            &self.service_account,
+            &self.home,
+            self.api.address,
+            self.api.port,
+            "sh",
+        );
+        command.args(["-c", script, "curl"]).args(args);
+        command
+    }
+
     fn events(&mut self) -> Vec<Value> {
         if let Some(daemon) = self.daemon.take() {
             daemon.stop();
@@ -1660,19 +1678,8 @@ fn kubectl_watch_through_gateway_after_quiet_minute() {
 fn websocket_upgrade_refusal_passes_through() {
     let cluster = InCluster::new("websocket_upgrade_refusal_passes_through", "");
     let token = std::fs::read_to_string(cluster.service_account.join("token")).expect("read token");
-    let script =
-        "exec curl -sS --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \"$@\"";
-    let output = gateway_user::testing_apiserver::fixture::in_cluster_command(
-        &cluster.node,
-        &cluster.pod,
-        &cluster.service_account,
-        &cluster.home,
-        cluster.api.address,
-        cluster.api.port,
-        "sh",
-    )
-    .args(["-c", script, "curl"])
-    .args([
+    let output = cluster
+        .curl(&[
         "--http1.1",
         "-H",
         &format!("Authorization: Bearer {token}"),
@@ -1965,6 +1972,39 @@ spec:
     let object: Value = serde_json::from_slice(&shown.stdout).expect("configmap JSON");
     assert_eq!(object["data"]["password"], "********");
     assert_eq!(object["data"]["user"], "ada");
+
+    // A client that prefers protobuf, as client-go can be set to, gets the JSON answer with
+    // the field masked; one that accepts protobuf only is refused.
+    let token = std::fs::read_to_string(cluster.service_account.join("token")).expect("read token");
+    let bearer = format!("Authorization: Bearer {token}");
+    let url = format!("https://{SERVICE_IP}:{API_PORT}/api/v1/namespaces/default/configmaps/db");
+    let get = |accept: &str| {
+        let output = cluster
+            .curl(&[
+                "-H",
+                &bearer,
+                "-H",
+                &format!("Accept: {accept}"),
+                "-w",
+                "\n%{http_code} %{content_type}",
+                &url,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').expect("body and status line");
+        (body.to_string(), status.to_string())
+    };
+    let (body, status) = get("application/vnd.kubernetes.protobuf, application/json");
+    assert_eq!(status, "200 application/json", "{body}");
+    let object: Value = serde_json::from_str(&body).expect("configmap JSON");
+    assert_eq!(object["data"]["password"], "********");
+    assert_eq!(object["data"]["user"], "ada");
+
+    let (body, status) = get("application/vnd.kubernetes.protobuf");
+    assert!(status.starts_with("406 "), "{status}: {body}");
+    assert!(!body.contains("hunter22"), "{body}");
     // Masking applies to what flows back: the write itself reached the API server.
     let log = cluster.api.log();
     assert_eq!(

@@ -196,6 +196,61 @@ impl FieldMasker {
     }
 }
 
+/// Tells whether a media range names a format whose structure the masker cannot follow:
+/// protobuf, YAML or CBOR.
+fn unreadable_media(media_range: &str) -> bool {
+    let media_type = media_range
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    ["protobuf", "yaml", "cbor"]
+        .iter()
+        .any(|format| media_type.contains(format))
+}
+
+/// The handling of a request's `Accept` header when named fields are masked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AcceptChoice {
+    /// The header names no format the masker cannot read; it goes upstream unchanged.
+    Unchanged,
+    /// The header without its protobuf, YAML and CBOR entries: the API server then responds
+    /// in JSON, as it does for a client that prefers JSON.
+    Rewritten(String),
+    /// Every entry names a format the masker cannot read.
+    Unacceptable,
+}
+
+/// Named fields are found in JSON only, so a client that would take a protobuf, YAML or CBOR
+/// response gets the JSON one instead, when its `Accept` allows one (client-go sends
+/// `application/vnd.kubernetes.protobuf,application/json`). A missing header means JSON.
+pub fn json_accept(accept: &[&str]) -> AcceptChoice {
+    let ranges: Vec<&str> = accept
+        .iter()
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|range| !range.is_empty())
+        .collect();
+    if !ranges.iter().any(|range| unreadable_media(range)) {
+        return AcceptChoice::Unchanged;
+    }
+    let json_ranges: Vec<&str> = ranges
+        .into_iter()
+        .filter(|range| !unreadable_media(range))
+        .collect();
+    if json_ranges.is_empty() {
+        AcceptChoice::Unacceptable
+    } else {
+        AcceptChoice::Rewritten(json_ranges.join(", "))
+    }
+}
+
+/// Tells whether a response of `content_type` is in a format the masker cannot read.
+pub fn unreadable_response(content_type: &str) -> bool {
+    unreadable_media(content_type)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +335,48 @@ mod tests {
         assert_eq!(masked, 0);
         let (output, _) = mask(&["cvv"], "not json: \"cvv\": 123");
         assert_eq!(output, "not json: \"cvv\": 123");
+    }
+
+    #[test]
+    fn accept_keeps_json_entries_only() {
+        assert_eq!(
+            json_accept(&["application/vnd.kubernetes.protobuf,application/json"]),
+            AcceptChoice::Rewritten("application/json".into())
+        );
+        assert_eq!(
+            json_accept(&[
+                "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io",
+                "application/json;as=Table;v=v1;g=meta.k8s.io, application/yaml, */*"
+            ]),
+            AcceptChoice::Rewritten("application/json;as=Table;v=v1;g=meta.k8s.io, */*".into())
+        );
+        assert_eq!(
+            json_accept(&["application/vnd.kubernetes.protobuf;stream=watch, application/json"]),
+            AcceptChoice::Rewritten("application/json".into())
+        );
+    }
+
+    #[test]
+    fn accept_without_json_is_refused() {
+        assert_eq!(
+            json_accept(&["application/vnd.kubernetes.protobuf"]),
+            AcceptChoice::Unacceptable
+        );
+        assert_eq!(
+            json_accept(&["application/cbor", "Application/YAML"]),
+            AcceptChoice::Unacceptable
+        );
+    }
+
+    #[test]
+    fn accept_of_json_unchanged() {
+        assert_eq!(json_accept(&[]), AcceptChoice::Unchanged);
+        assert_eq!(
+            json_accept(&["application/json, */*"]),
+            AcceptChoice::Unchanged
+        );
+        assert!(unreadable_response("application/vnd.kubernetes.protobuf"));
+        assert!(!unreadable_response("application/json; charset=utf-8"));
+        assert!(!unreadable_response("text/plain"));
     }
 }

@@ -374,7 +374,41 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
     *log.fields_mut() = fields;
 
     let h2 = session.upstream.uses_h2().await;
-    let upstream_request = upstream_request(&parts, upstream_body, h2, false, &session);
+    let mut upstream_request = upstream_request(&parts, upstream_body, h2, false, &session);
+    if !session.context.masked_fields.is_empty() {
+        let accept: Vec<&str> = parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        match fields::json_accept(&accept) {
+            fields::AcceptChoice::Unchanged => {}
+            fields::AcceptChoice::Rewritten(json) => {
+                let headers = upstream_request.headers_mut();
+                headers.remove(header::ACCEPT);
+                if let Ok(json) = HeaderValue::from_str(&json) {
+                    headers.insert(header::ACCEPT, json);
+                }
+            }
+            fields::AcceptChoice::Unacceptable => {
+                log.outcome = "rejected";
+                log.error = Some("the client accepts no JSON response".into());
+                let status = Status {
+                    code: StatusCode::NOT_ACCEPTABLE,
+                    reason: "NotAcceptable",
+                    message: format!(
+                        "gateway: the policy masks named fields, which it finds in JSON only, and the request accepts none of {}; add application/json to Accept",
+                        accept.join(", ")
+                    ),
+                    name: info.name.clone(),
+                    group: info.group.clone(),
+                    kind: info.resource.clone(),
+                };
+                return status_response(&status, &parts.headers, log);
+            }
+        }
+    }
     match session.upstream.send(upstream_request).await {
         Ok(response) => client_response(response, &session, &parts.headers, log),
         Err(error) => {
@@ -567,13 +601,33 @@ fn client_response(
     }
 
     strip_hop_by_hop(&mut parts.headers);
-    // NOTE: named fields are masked in JSON bodies only; protobuf responses keep them, with
-    // card numbers masked as everywhere.
-    let json = parts
+    // Named fields are masked in JSON bodies. The request asked for JSON (see
+    // `fields::json_accept`), so a protobuf, YAML or CBOR body comes from a server that
+    // ignored `Accept`, and is withheld like a compressed one.
+    let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.to_ascii_lowercase().contains("json"));
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !session.context.masked_fields.is_empty() && fields::unreadable_response(&content_type) {
+        log.outcome = "upstream_failed";
+        log.error = Some(format!(
+            "the API server answered in {content_type}, where named fields cannot be masked"
+        ));
+        let status = Status {
+            code: StatusCode::BAD_GATEWAY,
+            reason: "InternalError",
+            message: format!(
+                "gateway: the API server answered in {content_type} although JSON was requested; it was withheld because the policy's named fields could not be masked in it"
+            ),
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+        };
+        return status_response(&status, request, log);
+    }
+    let json = content_type.contains("json");
     let fields = (json && !session.context.masked_fields.is_empty()).then(|| {
         fields::FieldMasker::new(
             &session.context.masked_fields,
