@@ -504,14 +504,15 @@ fn pgbench_comparison(
     gatewayd: u32,
 ) -> anyhow::Result<()> {
     let program = postgres.bin_dir.join("pgbench");
-    // Returns TPS, average latency in ms, and the gateway's CPU time per transaction in us.
-    let run = |path: PgbenchPath, args: &[&str]| -> anyhow::Result<(f64, f64, f64)> {
+    // Returns TPS, average latency in ms, and the gateway's CPU time in us and thread runs,
+    // per transaction.
+    let run = |path: PgbenchPath, args: &[&str]| -> anyhow::Result<(f64, f64, f64, f64)> {
         let (mut command, host) = match path {
             PgbenchPath::Direct => (node.in_node(None, &program), postgres.addr.ip()),
             PgbenchPath::Handler => (node.in_pod(pod, &program), postgres.addr.ip()),
             PgbenchPath::Relay => (node.in_pod(pod, &program), relay_addr),
         };
-        let cpu_before = cpu_ns(gatewayd)?;
+        let before = sched_stats(gatewayd)?;
         let output = command
             .args(["-h", &host.to_string(), "-U", "postgres"])
             .args(args)
@@ -524,7 +525,7 @@ fn pgbench_comparison(
             "pgbench failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let cpu = cpu_ns(gatewayd)? - cpu_before;
+        let used = sched_stats(gatewayd)? - before;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         let number_after = |prefix: &str| -> f64 {
             text.lines()
@@ -533,11 +534,12 @@ fn pgbench_comparison(
                 .and_then(|value| value.parse().ok())
                 .unwrap_or(0.0)
         };
-        let transactions = number_after("number of transactions actually processed: ");
+        let transactions = number_after("number of transactions actually processed: ").max(1.0);
         Ok((
             number_after("tps = "),
             number_after("latency average = "),
-            cpu as f64 / 1000.0 / transactions.max(1.0),
+            used.cpu_ns as f64 / 1000.0 / transactions,
+            used.runs as f64 / transactions,
         ))
     };
 
@@ -548,11 +550,13 @@ fn pgbench_comparison(
         for clients in ["1", "8"] {
             let mut args = vec!["-c", clients, "-j", clients, "-T", seconds.as_str()];
             args.extend(mode);
-            let (direct_tps, direct_latency, _) = run(PgbenchPath::Direct, &args)?;
-            let (proxied_tps, proxied_latency, proxied_cpu) = run(PgbenchPath::Handler, &args)?;
-            let (relay_tps, relay_latency, relay_cpu) = run(PgbenchPath::Relay, &args)?;
+            let (direct_tps, direct_latency, _, _) = run(PgbenchPath::Direct, &args)?;
+            let (proxied_tps, proxied_latency, proxied_cpu, proxied_runs) =
+                run(PgbenchPath::Handler, &args)?;
+            let (relay_tps, relay_latency, relay_cpu, relay_runs) =
+                run(PgbenchPath::Relay, &args)?;
             println!(
-                "  {name:<17} {clients} client(s): direct {direct_tps:.0} tps, handler {proxied_tps:.0} tps (ratio {:.3}, +{:.0} us, {proxied_cpu:.1} us CPU), relay {relay_tps:.0} tps (ratio {:.3}, +{:.0} us, {relay_cpu:.1} us CPU)",
+                "  {name:<17} {clients} client(s): direct {direct_tps:.0} tps, handler {proxied_tps:.0} tps (ratio {:.3}, +{:.0} us, {proxied_cpu:.1} us CPU, {proxied_runs:.2} runs), relay {relay_tps:.0} tps (ratio {:.3}, +{:.0} us, {relay_cpu:.1} us CPU, {relay_runs:.2} runs)",
                 proxied_tps / direct_tps,
                 (proxied_latency - direct_latency) * 1000.0,
                 relay_tps / direct_tps,
@@ -698,13 +702,37 @@ fn sysctl_in(netns: &str, setting: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU time all threads of `pid` have used, in nanoseconds, from the scheduler's statistics.
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// CPU use of all threads of a process, from the scheduler's statistics.
+#[derive(Clone, Copy, Default)]
+struct SchedStats {
+    /// Time on a CPU, in nanoseconds.
+    cpu_ns: u64,
+    /// Times a thread was put on a CPU: wake-ups and preemptions.
+    runs: u64,
+}
+
+impl std::ops::Sub for SchedStats {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            cpu_ns: self.cpu_ns - earlier.cpu_ns,
+            runs: self.runs - earlier.runs,
+        }
+    }
+}
+
+/// Reads `/proc/PID/task/*/schedstat`: time on CPU, time waiting, and runs, per thread.
+fn sched_stats(pid: u32) -> anyhow::Result<SchedStats> {
+    let mut total = SchedStats::default();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let schedstat = std::fs::read_to_string(task?.path().join("schedstat"))?;
-        let on_cpu: u64 = schedstat.split_whitespace().next().unwrap_or("0").parse()?;
-        total += on_cpu;
+        let fields: Vec<u64> = schedstat
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        total.cpu_ns += fields.first().copied().unwrap_or(0);
+        total.runs += fields.get(2).copied().unwrap_or(0);
     }
     Ok(total)
 }

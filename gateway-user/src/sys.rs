@@ -281,6 +281,18 @@ pub fn monotonic_ns() -> u64 {
     (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
 }
 
+/// Moves the calling thread to `SCHED_BATCH`: the same CPU share as before, but its wake-ups
+/// no longer preempt threads already running (sched(7)). Needs no privilege.
+pub fn batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread, and `param` is a live sched_param.
+    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `statfs(2)` magic number of bpffs.
 pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `statfs(2)` magic number of cgroup2.

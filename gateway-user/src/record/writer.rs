@@ -209,7 +209,14 @@ pub(super) fn spawn(
     };
     let thread = std::thread::Builder::new()
         .name("recorder".into())
-        .spawn(move || writer.run(&receiver))?;
+        .spawn(move || {
+            // The writer's batches are not urgent: they must not preempt the proxy's workers
+            // in the middle of a request.
+            if let Err(error) = crate::sys::batch_scheduling() {
+                warn!(%error, "the recorder thread keeps the default scheduling policy");
+            }
+            writer.run(&receiver)
+        })?;
     Ok((sender, thread))
 }
 
@@ -223,25 +230,19 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stopping = true,
             }
-            // Gather more for up to COALESCE_WINDOW, so that a busy node pays one `write` per
-            // session per batch instead of one per record.
-            let gathering = Instant::now();
+            // Gather more for COALESCE_WINDOW, so that a busy node pays one `write` per session
+            // per batch instead of one per record. The writer sleeps through the window rather
+            // than waiting on the queue: a sender then only queues its record, where a waiting
+            // receiver would cost it a wake-up call and the node a thread switch per record.
+            if !stopping && flushes.is_empty() && !self.sessions.is_empty() {
+                std::thread::sleep(COALESCE_WINDOW);
+            }
             for _ in 0..BATCH_LIMIT {
-                if stopping || !flushes.is_empty() {
+                if stopping {
                     break;
                 }
-                let command = match receiver.try_recv() {
-                    Ok(command) => command,
-                    Err(_) => {
-                        let left = COALESCE_WINDOW.saturating_sub(gathering.elapsed());
-                        if left.is_zero() || self.sessions.is_empty() {
-                            break;
-                        }
-                        match receiver.recv_timeout(left) {
-                            Ok(command) => command,
-                            Err(_) => break,
-                        }
-                    }
+                let Ok(command) = receiver.try_recv() else {
+                    break;
                 };
                 stopping |= self.take(command, &mut flushes);
             }
