@@ -553,8 +553,7 @@ fn pgbench_comparison(
             let (direct_tps, direct_latency, _, _) = run(PgbenchPath::Direct, &args)?;
             let (proxied_tps, proxied_latency, proxied_cpu, proxied_runs) =
                 run(PgbenchPath::Handler, &args)?;
-            let (relay_tps, relay_latency, relay_cpu, relay_runs) =
-                run(PgbenchPath::Relay, &args)?;
+            let (relay_tps, relay_latency, relay_cpu, relay_runs) = run(PgbenchPath::Relay, &args)?;
             println!(
                 "  {name:<17} {clients} client(s): direct {direct_tps:.0} tps, handler {proxied_tps:.0} tps (ratio {:.3}, +{:.0} us, {proxied_cpu:.1} us CPU, {proxied_runs:.2} runs), relay {relay_tps:.0} tps (ratio {:.3}, +{:.0} us, {relay_cpu:.1} us CPU, {relay_runs:.2} runs)",
                 proxied_tps / direct_tps,
