@@ -1337,11 +1337,13 @@ fn session_text(node: &TestNode) -> String {
         .collect()
 }
 
-/// Returns whether some recorded `stream.frame` of `stream` contains `text`.
-fn frame_recorded(events: &[Value], stream: &str, text: &str) -> bool {
+/// Returns whether some recorded `stream.frame` of `stream` contains `text`, among the SPDY
+/// frames (those with a `spdy_stream` id) when `spdy` is true, else among the WebSocket ones.
+fn frame_recorded(events: &[Value], spdy: bool, stream: &str, text: &str) -> bool {
     events.iter().any(|event| {
         event["event"] == "stream.frame"
             && event["stream"] == stream
+            && event["spdy_stream"].is_u64() == spdy
             && event["data"]
                 .as_str()
                 .is_some_and(|data| data.contains(text))
@@ -1404,9 +1406,18 @@ fn kubectl_exec_split_pan_masked() {
         .map(|event| &event["transport"])
         .collect();
     assert_eq!(transports, ["websocket", "spdy"]);
-    assert!(frame_recorded(&events, "stdout", "4111 11** **** 1111"));
-    // SPDY streams are all recorded as stdout, so only the WebSocket stderr is named.
-    assert!(frame_recorded(&events, "stderr", "5555 55** **** 4444"));
+    // Each transport records stdout and stderr under their names, SPDY with its stream ids.
+    for spdy in [false, true] {
+        for (stream, masked) in [
+            ("stdout", "4111 11** **** 1111"),
+            ("stderr", "5555 55** **** 4444"),
+        ] {
+            assert!(
+                frame_recorded(&events, spdy, stream, masked),
+                "spdy={spdy}: no {stream} frame with {masked}"
+            );
+        }
+    }
 }
 
 /// Over SPDY, stdout and stderr are separate streams of one connection. Each reaches
@@ -1444,8 +1455,9 @@ fn kubectl_exec_spdy_stderr_stream() {
         .find(|event| event["event"] == "stream.open")
         .expect("stream opening recorded");
     assert_eq!(open["transport"], "spdy");
-    // Each stream's frames are recorded under their own SPDY stream id.
-    let stream_of = |text: &str| {
+    // Each stream's frames are recorded under the stream type kubectl gave it in SYN_STREAM,
+    // with their own SPDY stream id.
+    let frame_with = |text: &str| {
         events
             .iter()
             .find(|event| {
@@ -1454,12 +1466,29 @@ fn kubectl_exec_spdy_stderr_stream() {
                         .as_str()
                         .is_some_and(|data| data.contains(text))
             })
-            .map(|event| event["spdy_stream"].clone())
+            .cloned()
     };
-    let stdout_stream = stream_of(MASKED_PAN).expect("stdout PAN frame recorded");
-    let stderr_stream = stream_of("5555-55**-****-4444").expect("stderr PAN frame recorded");
-    assert!(stdout_stream.is_u64());
-    assert_ne!(stdout_stream, stderr_stream);
+    let stdout_frame = frame_with(MASKED_PAN).expect("stdout PAN frame recorded");
+    let stderr_frame = frame_with("5555-55**-****-4444").expect("stderr PAN frame recorded");
+    assert_eq!(stdout_frame["stream"], "stdout", "{stdout_frame}");
+    assert_eq!(stderr_frame["stream"], "stderr", "{stderr_frame}");
+    assert!(stdout_frame["spdy_stream"].is_u64(), "{stdout_frame}");
+    assert!(stderr_frame["spdy_stream"].is_u64(), "{stderr_frame}");
+    assert_ne!(stdout_frame["spdy_stream"], stderr_frame["spdy_stream"]);
+    for event in events
+        .iter()
+        .filter(|event| event["event"] == "stream.frame")
+    {
+        assert_ne!(event["stream"], "unknown", "{event}");
+    }
+    // kubectl may reset the connection at the end, which `stream.close` records as an error,
+    // but reading kubectl's header blocks must not have ended the stream.
+    let close = events
+        .iter()
+        .find(|event| event["event"] == "stream.close")
+        .expect("stream closing recorded");
+    let error = close["error"].as_str().unwrap_or_default();
+    assert!(!error.contains("SPDY"), "{close}");
 }
 
 /// An API server that compresses a response although the gateway removed `Accept-Encoding`.

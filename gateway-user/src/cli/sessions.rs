@@ -448,7 +448,7 @@ fn replay(session: &SessionFile, speed: f64, idle_limit: Duration) -> anyhow::Re
         let wait = Duration::from_millis(offset.saturating_sub(last_offset)).min(idle_limit);
         std::thread::sleep(wait.div_f64(speed));
         last_offset = offset;
-        if frame["stream"] == "stdin" {
+        if cast_event_type(frame) != Some("o") {
             continue;
         }
         out.write_all(frame["data"].as_str().unwrap_or_default().as_bytes())?;
@@ -521,7 +521,8 @@ fn export(session: &SessionFile, format: ExportFormat) -> anyhow::Result<()> {
 }
 
 /// Converts an exec or attach session into asciicast v2 lines: a header, then `[seconds,
-/// "o" | "i", data]` events with times relative to the stream's start.
+/// "o" | "i", data]` events with times relative to the stream's start. WebSocket and SPDY
+/// recordings name their streams alike, so both export the same way (see [`cast_event_type`]).
 pub fn asciicast(records: &[Value]) -> anyhow::Result<Vec<String>> {
     let open = records.iter().find(|r| r["event"] == "stream.open");
     let frames: Vec<&Value> = records
@@ -560,10 +561,24 @@ pub fn asciicast(records: &[Value]) -> anyhow::Result<Vec<String>> {
             .unwrap_or(base)
             .saturating_sub(base) as f64
             / 1000.0;
-        let kind = if frame["stream"] == "stdin" { "i" } else { "o" };
+        let Some(kind) = cast_event_type(frame) else {
+            continue;
+        };
         lines.push(json!([seconds, kind, frame["data"].as_str().unwrap_or_default()]).to_string());
     }
     Ok(lines)
+}
+
+/// Returns the asciicast event type of a recorded frame: `o` (output) for stdout and stderr,
+/// `i` (input) for stdin. Other streams return `None`, because a terminal does not show them:
+/// `error` carries the exit status, `resize` the terminal size, `unknown` a stream of no known
+/// type.
+fn cast_event_type(frame: &Value) -> Option<&'static str> {
+    match frame["stream"].as_str()? {
+        "stdout" | "stderr" => Some("o"),
+        "stdin" => Some("i"),
+        _ => None,
+    }
 }
 
 fn print_report(report: &verify::Report, key_path: &Path, json: bool) {
@@ -623,5 +638,68 @@ fn progress_printer(label: &'static str) -> impl FnMut(u64, u64) {
             last = std::time::Instant::now();
             eprint!("\r{label}: {done}/{total}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records of an exec session with one frame per stream, each with `extra` fields.
+    fn exec_records(extra: &dyn Fn(u64) -> Value) -> Vec<Value> {
+        let mut records = vec![json!({
+            "event": "stream.open",
+            "time": "2026-01-02T03:04:05Z",
+            "offset_ms": 1000,
+            "command": ["sh"],
+        })];
+        let frames = [
+            ("stdin", "ls\r"),
+            ("resize", r#"{"Width":100,"Height":30}"#),
+            ("stdout", "file\r\n"),
+            ("stderr", "warning\r\n"),
+            ("error", r#"{"status":"Success"}"#),
+            ("unknown", "other"),
+        ];
+        for (index, (stream, data)) in (1..).zip(frames) {
+            let mut frame = json!({
+                "event": "stream.frame",
+                "stream": stream,
+                "offset_ms": 1000 + 500 * index,
+                "data": data,
+            });
+            if let (Value::Object(fields), Value::Object(more)) = (&mut frame, extra(index)) {
+                fields.extend(more);
+            }
+            records.push(frame);
+        }
+        records
+    }
+
+    /// SPDY frames carry their stream id besides the name. Both transports export the same
+    /// events, and only for the streams a terminal shows.
+    #[test]
+    fn asciicast_same_for_both_transports() {
+        let websocket = asciicast(&exec_records(&|_| json!({}))).expect("export WebSocket");
+        let spdy = asciicast(&exec_records(
+            &|index| json!({ "spdy_stream": 2 * index + 1 }),
+        ))
+        .expect("export SPDY");
+        assert_eq!(websocket, spdy);
+
+        let events: Vec<Value> = spdy[1..]
+            .iter()
+            .map(|line| serde_json::from_str(line).expect("asciicast event"))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                json!([0.5, "i", "ls\r"]),
+                json!([1.5, "o", "file\r\n"]),
+                json!([2.0, "o", "warning\r\n"]),
+            ]
+        );
+        let header: Value = serde_json::from_str(&spdy[0]).expect("asciicast header");
+        assert_eq!(header["command"], "sh");
     }
 }

@@ -13,11 +13,11 @@
 //! NOTE: flow control (WINDOW_UPDATE) is read and ignored, and never sent: spdystream does
 //! not enforce windows either.
 
-use std::sync::OnceLock;
-
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::protocol::kube::upgrade::spdy::header_dictionary;
 
 const VERSION: u16 = 3;
 pub const TYPE_SYN_STREAM: u16 = 1;
@@ -32,98 +32,6 @@ pub const FLAG_FIN: u8 = 0x01;
 const MAX_FRAME: usize = 1024 * 1024;
 /// Largest decompressed header block accepted.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
-
-/// Returns the zlib dictionary of SPDY/3 header blocks: the length-prefixed words below,
-/// then the literal tail, as given in the SPDY protocol draft 3, section 2.6.10.1.
-fn dictionary() -> &'static [u8] {
-    static DICTIONARY: OnceLock<Vec<u8>> = OnceLock::new();
-    DICTIONARY.get_or_init(|| {
-        const WORDS: &[&str] = &[
-            "options",
-            "head",
-            "post",
-            "put",
-            "delete",
-            "trace",
-            "accept",
-            "accept-charset",
-            "accept-encoding",
-            "accept-language",
-            "accept-ranges",
-            "age",
-            "allow",
-            "authorization",
-            "cache-control",
-            "connection",
-            "content-base",
-            "content-encoding",
-            "content-language",
-            "content-length",
-            "content-location",
-            "content-md5",
-            "content-range",
-            "content-type",
-            "date",
-            "etag",
-            "expect",
-            "expires",
-            "from",
-            "host",
-            "if-match",
-            "if-modified-since",
-            "if-none-match",
-            "if-range",
-            "if-unmodified-since",
-            "last-modified",
-            "location",
-            "max-forwards",
-            "pragma",
-            "proxy-authenticate",
-            "proxy-authorization",
-            "range",
-            "referer",
-            "retry-after",
-            "server",
-            "te",
-            "trailer",
-            "transfer-encoding",
-            "upgrade",
-            "user-agent",
-            "vary",
-            "via",
-            "warning",
-            "www-authenticate",
-            "method",
-            "get",
-            "status",
-            "200 OK",
-            "version",
-            "HTTP/1.1",
-            "url",
-            "public",
-            "set-cookie",
-            "keep-alive",
-            "origin",
-        ];
-        const TAIL: &str = concat!(
-            "100101201202205206300302303304305306307402405406407408409410411412413414415416",
-            "417502504505203 Non-Authoritative Information204 No Content301 Moved Permanently",
-            "400 Bad Request401 Unauthorized403 Forbidden404 Not Found500 Internal Server ",
-            "Error501 Not Implemented503 Service UnavailableJan Feb Mar Apr May Jun Jul Aug ",
-            "Sept Oct Nov Dec 00:00:00 Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMTchunked,",
-            "text/html,image/png,image/jpg,image/gif,application/xml,application/xhtml+xml,",
-            "text/plain,text/javascript,publicprivatemax-age=gzip,deflate,sdchcharset=utf-8",
-            "charset=iso-8859-1,utf-,*,enq=0.",
-        );
-        let mut bytes = Vec::new();
-        for word in WORDS {
-            bytes.extend_from_slice(&(word.len() as u32).to_be_bytes());
-            bytes.extend_from_slice(word.as_bytes());
-        }
-        bytes.extend_from_slice(TAIL.as_bytes());
-        bytes
-    })
-}
 
 /// One received frame.
 #[derive(Debug)]
@@ -255,7 +163,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Ok(_) => {}
                 Err(error) if error.needs_dictionary().is_some() => {
                     self.inflater
-                        .set_dictionary(dictionary())
+                        .set_dictionary(header_dictionary())
                         .map_err(|_| invalid("SPDY header dictionary does not match"))?;
                     continue;
                 }
@@ -323,7 +231,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(io: W) -> Self {
         let mut deflater = Compress::new(Compression::default(), true);
         deflater
-            .set_dictionary(dictionary())
+            .set_dictionary(header_dictionary())
             .expect("a fresh deflater accepts a dictionary");
         Self { io, deflater }
     }
@@ -413,17 +321,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dictionary_has_draft_3_checksum() {
-        // Adler-32 of the SPDY/3 dictionary, the DICTID that clients write into the zlib
-        // header of every header stream.
-        let mut deflater = Compress::new(Compression::default(), true);
-        let id = deflater
-            .set_dictionary(dictionary())
-            .expect("set dictionary");
-        assert_eq!(id, 0xe3c6a7c2, "dictionary checksum {id:#x}");
-    }
 
     #[tokio::test]
     async fn header_block_round_trips() {

@@ -784,6 +784,7 @@ async fn upgrade(
         record_frames,
         exec_output_hold: session.context.exec_output_hold,
         opened: Instant::now(),
+        spdy_streams: upgrade::spdy::StreamNames::default(),
     };
     let force_close = session.force_close.clone();
     session.tasks.spawn(async move {

@@ -8,9 +8,12 @@
 //! (`v4.channel.k8s.io`, `v5.channel.k8s.io`, `portforward.k8s.io`), where the first payload
 //! byte of each message names the stream: 0 stdin, 1 stdout, 2 stderr, 3 error, 4 resize, 255
 //! close. And SPDY/3.1, where data frames carry a stream id whose meaning (stdin, stdout, ...)
-//! sits in the zlib-compressed headers of the stream's SYN_STREAM.
+//! sits in the zlib-compressed headers of the stream's SYN_STREAM. For exec and attach the
+//! client's header blocks are decoded ([`spdy`]), so each SPDY stream is recorded under its
+//! stream type, with its id in `spdy_stream`.
 
 mod exec_output;
+pub(crate) mod spdy;
 
 use std::time::Instant;
 
@@ -18,7 +21,10 @@ use bytes::BytesMut;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use self::exec_output::{MaskedOutput, OutputMasker, StreamKey};
+use self::{
+    exec_output::{MaskedOutput, OutputMasker, StreamKey},
+    spdy::{HeaderDecoder, StreamNames},
+};
 use super::Recording;
 use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
 
@@ -42,7 +48,7 @@ pub enum Framing {
 /// What a relay direction does with its frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
-    /// Client to server: forwarded unchanged, stdin recorded.
+    /// Client to server: forwarded unchanged, stdin (and over SPDY resize) recorded.
     ToServer,
     /// Server to client: payloads masked, stdout and stderr recorded.
     ToClient,
@@ -60,6 +66,20 @@ pub struct StreamContext {
     /// Maximum time exec and attach output that may start a PAN is held back.
     pub exec_output_hold: std::time::Duration,
     pub opened: Instant,
+    /// Names of the SPDY streams, stored by the client-to-server relay from each SYN_STREAM
+    /// and read by both directions. Empty for WebSocket framing and for port-forward.
+    pub spdy_streams: StreamNames,
+}
+
+impl StreamContext {
+    /// Returns the name under which the data of stream `key` is recorded.
+    fn recorded_name(&self, key: StreamKey) -> &'static str {
+        match key {
+            StreamKey::Channel(channel) => stream_name(channel),
+            StreamKey::Messages => "stdout",
+            StreamKey::Spdy(stream_id) => self.spdy_streams.get(stream_id),
+        }
+    }
 }
 
 /// Totals of one direction.
@@ -80,6 +100,13 @@ pub enum StreamError {
     /// RSV1-3 are set only by a negotiated extension, and the gateway negotiates none.
     #[error("WebSocket frame with reserved bits {bits:#05b} set, but no extension was negotiated")]
     ReservedBits { bits: u8 },
+    #[error("failed to read a SPDY header block from the client")]
+    SpdyHeaders(#[from] spdy::HeaderError),
+    #[error(
+        "the client opened more than {} SPDY streams on one connection",
+        spdy::MAX_STREAMS
+    )]
+    TooManySpdyStreams,
 }
 
 /// Relays one direction until its source ends, then half-closes the destination.
@@ -122,6 +149,11 @@ where
             context.exec_output_hold,
         )
     });
+    // Only the client opens streams in exec and attach, so only its header blocks are read.
+    let mut header_decoder = (direction == Direction::ToServer
+        && context.framing == Framing::Spdy
+        && context.record_frames)
+        .then(HeaderDecoder::new);
     loop {
         let deadline = output.as_ref().and_then(OutputMasker::next_deadline);
         let read = tokio::select! {
@@ -158,6 +190,12 @@ where
                 output.push_frame(&frame, &header, Instant::now(), &mut masked);
                 continue;
             }
+            if let (FrameKind::SpdyControl, Some(decoder)) = (&header.kind, header_decoder.as_mut())
+            {
+                // The name is stored before the frame goes on, so before the server can use
+                // the stream. A frame that cannot be read is not passed on.
+                name_spdy_stream(decoder, &frame, context)?;
+            }
             process_frame(
                 &mut frame,
                 &header,
@@ -180,6 +218,21 @@ where
             buffer.reserve(64 * 1024);
         }
     }
+}
+
+/// Inflates the header block of a SPDY control frame from the client and stores the name of
+/// the stream a SYN_STREAM opens.
+fn name_spdy_stream(
+    decoder: &mut HeaderDecoder,
+    frame: &[u8],
+    context: &StreamContext,
+) -> Result<(), StreamError> {
+    if let Some(opened) = decoder.read_control_frame(frame)?
+        && !context.spdy_streams.insert(&opened)
+    {
+        return Err(StreamError::TooManySpdyStreams);
+    }
+    Ok(())
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -214,7 +267,7 @@ where
         recording.record(
             context,
             *stream,
-            stream.recorded_name(),
+            context.recorded_name(*stream),
             &output.bytes[range.clone()],
         );
     }
@@ -337,8 +390,8 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
     }))
 }
 
-/// Masks a port-forward frame from the server in place, or records a stdin frame from the
-/// client. Exec and attach output goes through [`OutputMasker`] instead.
+/// Masks a port-forward frame from the server in place, or records a frame from the client
+/// (stdin, and over SPDY resize). Exec and attach output goes through [`OutputMasker`] instead.
 // NOTE: port-forward data is masked frame by frame, so a PAN split across two frames passes
 // there. Port-forward carries arbitrary protocols, where holding bytes back and re-framing
 // could break the first message's port prefix.
@@ -387,7 +440,8 @@ fn process_frame(
             }
             Direction::ToServer => {
                 if context.record_frames {
-                    recording.record(context, StreamKey::Spdy(stream_id), "stdin", payload);
+                    let key = StreamKey::Spdy(stream_id);
+                    recording.record(context, key, context.recorded_name(key), payload);
                 }
             }
         },
@@ -618,6 +672,7 @@ mod tests {
             record_frames: true,
             exec_output_hold: crate::config::DEFAULT_EXEC_OUTPUT_HOLD,
             opened: Instant::now(),
+            spdy_streams: StreamNames::default(),
         };
         (recorder, context, path)
     }
@@ -796,5 +851,265 @@ mod tests {
         assert!(text.contains(r#""stream":"stdout""#));
         assert!(text.contains("4111-11**-****-1111"));
         assert!(!text.contains("4111-1111-1111-1111"));
+    }
+
+    /// Builds a SPDY data frame.
+    fn spdy_data_frame(stream_id: u32, flags: u8, data: &[u8]) -> Vec<u8> {
+        let mut frame = stream_id.to_be_bytes().to_vec();
+        frame.push(flags);
+        frame.extend_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        frame.extend_from_slice(data);
+        frame
+    }
+
+    /// Returns the distinct `spdy_stream` ids of the recorded frames of `stream` in the
+    /// recording `text`, in ascending order.
+    fn recorded_spdy_ids(text: &str, stream: &str) -> Vec<u64> {
+        let mut ids: Vec<u64> = text
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON record"))
+            .filter(|record| record["event"] == "stream.frame" && record["stream"] == stream)
+            .map(|record| record["spdy_stream"].as_u64().expect("SPDY stream id"))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// The client's SYN_STREAMs name the streams, and both directions record their data under
+    /// those names: stdin and resize from the client, stdout, stderr and error from the server.
+    #[tokio::test]
+    async fn spdy_streams_recorded_by_type() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, context, path) = exec_context(dir.path(), Framing::Spdy);
+
+        let mut encoder = spdy::HeaderEncoder::new();
+        let mut from_client = Vec::new();
+        for (stream_id, stream_type) in [
+            (1, "error"),
+            (3, "stdin"),
+            (5, "stdout"),
+            (7, "stderr"),
+            (9, "resize"),
+        ] {
+            from_client.extend(encoder.syn_stream(stream_id, &[("streamtype", stream_type)]));
+        }
+        from_client.extend(spdy_data_frame(9, 0, br#"{"Width":100,"Height":30}"#));
+        from_client.extend(spdy_data_frame(3, 0, b"in 4111 1111 "));
+        from_client.extend(spdy_data_frame(3, 1, b"1111 1111\n"));
+        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
+        let totals = pump(
+            &from_client[..],
+            upstream_end,
+            Direction::ToServer,
+            &context,
+        )
+        .await
+        .expect("relay the client's frames");
+        let mut forwarded = Vec::new();
+        upstream
+            .read_to_end(&mut forwarded)
+            .await
+            .expect("read the forwarded frames");
+        assert_eq!(
+            forwarded, from_client,
+            "client frames are forwarded unchanged"
+        );
+        assert_eq!(totals.frames, 8);
+
+        let mut from_server = spdy_data_frame(5, 0, b"out 5555 5555 5555 4444\n");
+        from_server.extend(spdy_data_frame(7, 0, b"err 4111 1111 1111 1111\n"));
+        from_server.extend(spdy_data_frame(1, 1, b"{}"));
+        let (client_end, mut client) = tokio::io::duplex(1 << 20);
+        pump(&from_server[..], client_end, Direction::ToClient, &context)
+            .await
+            .expect("relay the server's frames");
+        let mut sent = Vec::new();
+        client
+            .read_to_end(&mut sent)
+            .await
+            .expect("read the frames sent to the client");
+
+        drop(context);
+        recorder.flush().expect("flush the recorder");
+        let text = std::fs::read_to_string(path).expect("read recording");
+        assert_eq!(recorded_stream(&text, "stdin"), "in 4111 11** **** 1111\n");
+        assert_eq!(
+            recorded_stream(&text, "resize"),
+            r#"{"Width":100,"Height":30}"#
+        );
+        assert_eq!(
+            recorded_stream(&text, "stdout"),
+            "out 5555 55** **** 4444\n"
+        );
+        assert_eq!(
+            recorded_stream(&text, "stderr"),
+            "err 4111 11** **** 1111\n"
+        );
+        assert_eq!(recorded_stream(&text, "error"), "{}");
+        assert_eq!(recorded_stream(&text, spdy::UNKNOWN_STREAM), "");
+        assert_eq!(recorded_spdy_ids(&text, "stdin"), [3]);
+        assert_eq!(recorded_spdy_ids(&text, "resize"), [9]);
+        assert_eq!(recorded_spdy_ids(&text, "stdout"), [5]);
+        assert_eq!(recorded_spdy_ids(&text, "stderr"), [7]);
+        assert_eq!(recorded_spdy_ids(&text, "error"), [1]);
+    }
+
+    /// Data on a stream whose SYN_STREAM was never seen is recorded as `unknown`.
+    #[tokio::test]
+    async fn spdy_stream_without_syn_stream_unknown() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, context, path) = exec_context(dir.path(), Framing::Spdy);
+        let from_server = spdy_data_frame(11, 0, b"late\n");
+        pump(
+            &from_server[..],
+            tokio::io::sink(),
+            Direction::ToClient,
+            &context,
+        )
+        .await
+        .expect("relay the server's frames");
+        drop(context);
+        recorder.flush().expect("flush the recorder");
+        let text = std::fs::read_to_string(path).expect("read recording");
+        assert_eq!(recorded_stream(&text, spdy::UNKNOWN_STREAM), "late\n");
+        assert_eq!(recorded_stream(&text, "stdout"), "");
+    }
+
+    /// A header block over the limit ends the upgraded stream: the frames before it are
+    /// relayed, it is not, both connections close and `stream.close` records why.
+    #[tokio::test]
+    async fn oversized_header_block_ends_stream() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (recorder, context, path) = exec_context(dir.path(), Framing::Spdy);
+        let mut encoder = spdy::HeaderEncoder::new();
+        let mut from_client = encoder.syn_stream(1, &[("streamtype", "stdout")]);
+        let first_len = from_client.len();
+        let value = "a".repeat(spdy::MAX_HEADER_BLOCK);
+        from_client.extend(encoder.syn_stream(3, &[("streamtype", "stderr"), ("x", &value)]));
+        from_client.extend(spdy_data_frame(3, 0, b"after"));
+
+        let (mut client, client_end) = tokio::io::duplex(1 << 20);
+        let (server_end, mut server) = tokio::io::duplex(1 << 20);
+        client
+            .write_all(&from_client)
+            .await
+            .expect("write the client's frames");
+        // The client's side stays open: the relay ends because of the header block alone.
+        super::super::relay_upgraded(client_end, server_end, &context).await;
+
+        let mut forwarded = Vec::new();
+        server
+            .read_to_end(&mut forwarded)
+            .await
+            .expect("read the forwarded frames");
+        assert_eq!(forwarded, &from_client[..first_len]);
+        let mut sent = Vec::new();
+        client
+            .read_to_end(&mut sent)
+            .await
+            .expect("read what the client got");
+        assert!(sent.is_empty(), "{sent:?}");
+
+        drop(context);
+        recorder.flush().expect("flush the recorder");
+        let text = std::fs::read_to_string(path).expect("read recording");
+        let close: serde_json::Value = text
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON record"))
+            .find(|record| record["event"] == "stream.close")
+            .expect("stream.close recorded");
+        let error = close["error"].as_str().expect("close error");
+        assert!(error.contains("SPDY header block"), "{error}");
+        assert!(error.contains("exceeds the 65536-byte limit"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn corrupt_header_block_ends_stream() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (_recorder, context, _path) = exec_context(dir.path(), Framing::Spdy);
+        let mut encoder = spdy::HeaderEncoder::new();
+        let mut from_client = encoder.syn_stream(1, &[("streamtype", "stdin")]);
+        let mut corrupt = 3u32.to_be_bytes().to_vec();
+        corrupt.extend_from_slice(&[0; 6]);
+        corrupt.extend_from_slice(&[0xff; 32]);
+        from_client.extend(spdy::control_frame(1, &corrupt));
+        let result = pump(
+            &from_client[..],
+            tokio::io::sink(),
+            Direction::ToServer,
+            &context,
+        )
+        .await;
+        assert!(
+            matches!(
+                result,
+                Err(StreamError::SpdyHeaders(spdy::HeaderError::Inflate(_)))
+            ),
+            "{result:?}"
+        );
+        assert_eq!(context.spdy_streams.get(1), "stdin");
+        assert_eq!(context.spdy_streams.get(3), spdy::UNKNOWN_STREAM);
+    }
+
+    #[tokio::test]
+    async fn too_many_spdy_streams_end_stream() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (_recorder, context, _path) = exec_context(dir.path(), Framing::Spdy);
+        let mut encoder = spdy::HeaderEncoder::new();
+        let mut from_client = Vec::new();
+        for stream_id in (1..).step_by(2).take(spdy::MAX_STREAMS) {
+            from_client.extend(encoder.syn_stream(stream_id, &[("streamtype", "stdout")]));
+        }
+        let allowed_len = from_client.len();
+        from_client.extend(encoder.syn_stream(1001, &[("streamtype", "stdout")]));
+
+        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
+        let result = pump(
+            &from_client[..],
+            upstream_end,
+            Direction::ToServer,
+            &context,
+        )
+        .await;
+        assert!(
+            matches!(result, Err(StreamError::TooManySpdyStreams)),
+            "{result:?}"
+        );
+        let mut forwarded = Vec::new();
+        upstream
+            .read_to_end(&mut forwarded)
+            .await
+            .expect("read the forwarded frames");
+        assert_eq!(forwarded, &from_client[..allowed_len]);
+        assert_eq!(context.spdy_streams.get(1001), spdy::UNKNOWN_STREAM);
+    }
+
+    /// Port-forward data is not recorded, so its header blocks are not read: a block the
+    /// gateway could not decode does not end the stream.
+    #[tokio::test]
+    async fn port_forward_header_blocks_not_read() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (_recorder, mut context, _path) = exec_context(dir.path(), Framing::Spdy);
+        context.record_frames = false;
+        let mut corrupt = 1u32.to_be_bytes().to_vec();
+        corrupt.extend_from_slice(&[0; 6]);
+        corrupt.extend_from_slice(&[0xff; 32]);
+        let from_client = spdy::control_frame(1, &corrupt);
+        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
+        pump(
+            &from_client[..],
+            upstream_end,
+            Direction::ToServer,
+            &context,
+        )
+        .await
+        .expect("relay the client's frames");
+        let mut forwarded = Vec::new();
+        upstream
+            .read_to_end(&mut forwarded)
+            .await
+            .expect("read the forwarded frames");
+        assert_eq!(forwarded, from_client);
     }
 }

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{FrameHeader, FrameKind, Framing, stream_name};
+use super::{FrameHeader, FrameKind, Framing};
 use crate::mask::{MaskPolicy, StreamMasker};
 
 /// WebSocket opcode of a continuation frame.
@@ -46,17 +46,6 @@ pub enum StreamKey {
     Messages,
     /// A SPDY stream id.
     Spdy(u32),
-}
-
-impl StreamKey {
-    /// Name of the stream in the recording. SPDY stream types sit in zlib-compressed
-    /// SYN_STREAM headers, which are not decoded, so every SPDY stream is recorded as stdout.
-    pub fn recorded_name(self) -> &'static str {
-        match self {
-            Self::Channel(channel) => stream_name(channel),
-            Self::Messages | Self::Spdy(_) => "stdout",
-        }
-    }
 }
 
 /// Frames for the client, produced by one call of [`OutputMasker`].
