@@ -1,11 +1,13 @@
 //! `caching_sha2_password` through the MySQL handler: full authentication over TLS and with
 //! the RSA public-key exchange, the fast path on later logins, a wrong password, and the
-//! handler's rejection of full authentication when only one leg has TLS. No MySQL server can be
-//! installed on the test machines, so the server is `gateway-testpeer mysql-sha2-server`, which
-//! implements the plugin's server side. The clients are real: mysql_async (`gateway-testpeer
-//! mysql-login`) and the `mariadb` CLI, whose client library has a caching_sha2_password
-//! plugin. Every pod connection goes through the eBPF redirect. Needs root; run with
-//! `cargo xtask test`.
+//! handler's rejection of full authentication when only one leg has TLS. Then the plugins
+//! that send the password in clear text: `mysql_clear_password`, which the handler passes only
+//! onto a server leg with TLS, and `sha256_password`, which needs the legs to agree on TLS.
+//! No MySQL server can be installed on the test machines, so the server is `gateway-testpeer
+//! mysql-sha2-server`, which implements the plugins' server side and prints what it received.
+//! The clients are real: mysql_async (`gateway-testpeer mysql-login`) and the `mariadb` CLI,
+//! whose client library has all three plugins. Every pod connection goes through the eBPF
+//! redirect. Needs root; run with `cargo xtask test`.
 
 use std::{
     io::BufRead as _,
@@ -28,6 +30,19 @@ const PORT: u16 = 3306;
 const ACCOUNTS: [&str; 10] = [
     "app", "cli", "direct", "wrong", "plain", "warm", "changed", "switch", "native", "leaky",
 ];
+/// Accounts that authenticate with mysql_clear_password.
+const CLEAR_PASSWORD_ACCOUNTS: [&str; 6] = [
+    "clear",
+    "clearcli",
+    "clearfirst",
+    "clearplain",
+    "clearchange",
+    "clearnext",
+];
+/// Accounts that authenticate with sha256_password.
+const SHA256_ACCOUNTS: [&str; 2] = ["sha256", "sha256plain"];
+/// Flag of `mysql-login` that lets mysql_async use mysql_clear_password.
+const CLEARTEXT: &str = "--enable-cleartext-plugin";
 
 struct Sha2Setup {
     node: TestNode,
@@ -72,6 +87,12 @@ fn start(test_name: &str, server_tls: bool, client_tls: bool, upstream_tls: bool
         .arg(&password_file);
     for account in ACCOUNTS {
         command.args(["--account", account]);
+    }
+    for account in CLEAR_PASSWORD_ACCOUNTS {
+        command.args(["--clear-password-account", account]);
+    }
+    for account in SHA256_ACCOUNTS {
+        command.args(["--sha256-account", account]);
     }
     if server_tls {
         let (cert, key) = database_ca.issue("sha2-server", std::slice::from_ref(&server_ip));
@@ -234,6 +255,16 @@ impl Sha2Setup {
         self.logins.lock().expect("lines lock").clone()
     }
 
+    /// Waits until the server has printed `count` login lines for `user` and returns them.
+    fn wait_logins_of(&self, user: &str, count: usize) -> Vec<Value> {
+        wait_until(
+            "the test server's login lines for one account",
+            Duration::from_secs(20),
+            || self.logins_of(user).len() >= count,
+        );
+        self.logins_of(user)
+    }
+
     /// Returns the server's login lines for `user`.
     fn logins_of(&self, user: &str) -> Vec<Value> {
         self.logins
@@ -362,7 +393,7 @@ fn sha2_rsa_exchange_then_fast_path() {
     let wrong = setup.login(true, "wrong", &setup.wrong_password_file, "SELECT 1", None);
     assert_eq!(wrong["error"]["code"], 1045, "{wrong}");
     assert_eq!(wrong["error"]["state"], "28000", "{wrong}");
-    setup.wait_logins(7);
+    setup.wait_logins(8);
     let rejected = setup.logins_of("wrong");
     assert_eq!(rejected[0]["method"], "full-rsa");
     assert_eq!(rejected[0]["accepted"], false);
@@ -371,7 +402,7 @@ fn sha2_rsa_exchange_then_fast_path() {
     let changed = setup.change_user("app", "changed", None);
     assert_eq!(rows(&changed), &json!([["1"]]));
     assert_eq!(rows(&changed["change_user"]), &json!([["1"]]), "{changed}");
-    setup.wait_logins(9);
+    setup.wait_logins(10);
     assert_eq!(setup.logins_of("app")[2]["method"], "fast");
     let changed_logins = setup.logins_of("changed");
     assert_eq!(
@@ -380,10 +411,13 @@ fn sha2_rsa_exchange_then_fast_path() {
     );
     assert_eq!(changed_logins[0]["accepted"], true);
 
-    // The server never received the leaked password, so it logged no login for that account.
-    assert_eq!(setup.logins_of("leaky"), Vec::<Value>::new());
-    let server_log = std::fs::read_to_string(&setup.server_log).expect("read server log");
-    assert!(!server_log.contains("leaky"), "{server_log}");
+    // The server received only the scramble before the gateway closed the connection, never
+    // the leaked password.
+    let leaky = setup.wait_logins_of("leaky", 1);
+    assert_eq!(leaky.len(), 1, "{leaky:?}");
+    assert_eq!(leaky[0]["received"], json!(["scramble"]), "{leaky:?}");
+    assert_eq!(leaky[0]["accepted"], false);
+    assert!(leaky[0]["error"].is_string(), "{leaky:?}");
 
     // Eight sessions went through the gateway: app three times (once changing to `changed`),
     // cli twice, native, leaky and wrong once each.
@@ -554,11 +588,31 @@ fn sha2_full_auth_needs_tls_on_both_legs() {
     assert_eq!(change["error"]["code"], 1043, "{switched}");
     assert!(change["then"]["failure"].is_string(), "{switched}");
 
-    setup.wait_logins(4);
-    assert_eq!(setup.logins_of("switch"), Vec::<Value>::new());
+    // The server received only the scramble in the rejected exchanges, which the gateway broke
+    // off by closing the server leg.
+    setup.wait_logins(6);
+    let switch = setup.logins_of("switch");
+    assert_eq!(switch.len(), 1, "{switch:?}");
+    assert_eq!(switch[0]["received"], json!(["scramble"]), "{switch:?}");
+    assert!(switch[0]["error"].is_string(), "{switch:?}");
     let plain_logins = setup.logins_of("plain");
-    assert_eq!(plain_logins.len(), 1, "{plain_logins:?}");
-    assert_eq!(plain_logins[0]["method"], "full-rsa");
+    assert_eq!(plain_logins.len(), 2, "{plain_logins:?}");
+    let broken: Vec<&Value> = plain_logins
+        .iter()
+        .filter(|line| line["error"].is_string())
+        .collect();
+    assert_eq!(broken.len(), 1, "{plain_logins:?}");
+    assert_eq!(
+        broken[0]["received"],
+        json!(["scramble"]),
+        "{plain_logins:?}"
+    );
+    let accepted: Vec<&Value> = plain_logins
+        .iter()
+        .filter(|line| line["accepted"] == true)
+        .collect();
+    assert_eq!(accepted.len(), 1, "{plain_logins:?}");
+    assert_eq!(accepted[0]["method"], "full-rsa");
     let warm: Vec<Value> = setup
         .logins_of("warm")
         .iter()
@@ -599,5 +653,278 @@ fn sha2_full_auth_needs_tls_on_both_legs() {
         .expect("change of user recorded");
     assert_eq!(change["database_user"], "switch");
     assert_eq!(change["outcome"], "error");
+    setup.assert_no_password_recorded();
+}
+
+/// Asserts that the mariadb CLI failed with the gateway's ERR 1043 and a message containing
+/// `expected`.
+fn assert_cli_rejected(output: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "mariadb succeeded: {stderr}");
+    assert!(stderr.contains("ERROR 1043"), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+}
+
+/// Asserts that the mariadb CLI succeeded and printed `1` for `SELECT 1`.
+fn assert_cli_selected_one(output: &Output) {
+    assert!(
+        output.status.success(),
+        "mariadb: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "1\n");
+}
+
+/// Returns the recordings' `session.end` lines whose reason contains `text`.
+fn ends_with_reason(sessions: &[Vec<Value>], text: &str) -> Vec<Value> {
+    session_ends(sessions)
+        .into_iter()
+        .filter(|end| {
+            end["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains(text))
+        })
+        .collect()
+}
+
+/// Returns the first line of `event` in the recording whose lines include `member`.
+fn event_in_session_of<'a>(sessions: &'a [Vec<Value>], member: &Value, event: &str) -> &'a Value {
+    sessions
+        .iter()
+        .find(|lines| lines.iter().any(|line| line == member))
+        .expect("session of the line")
+        .iter()
+        .find(|line| line["event"] == event)
+        .unwrap_or_else(|| panic!("no {event} in the session of {member}"))
+}
+
+#[test]
+fn clear_password_needs_upstream_tls() {
+    // The client leg may have TLS, but the server leg has none.
+    let setup = start("clear_password_needs_upstream_tls", false, true, false);
+    let password = setup.password_file.clone();
+    let ca = setup.gateway_ca.clone();
+    let ca_arg = format!("--ssl-ca={}", ca.display());
+    let tls_args = ["--ssl", ca_arg.as_str(), "--ssl-verify-server-cert"];
+    const UPSTREAM: &str = "set upstream_tls on the target";
+
+    // mysql_async over TLS, switched to mysql_clear_password by the server: the gateway keeps
+    // the password the client then sends off the plain server leg.
+    let rejected_login = setup.run_login(
+        true,
+        "clear",
+        &password,
+        "SELECT 1",
+        Some(&ca),
+        &[CLEARTEXT],
+    );
+    assert_eq!(rejected_login["error"]["code"], 1043, "{rejected_login}");
+    assert_eq!(
+        rejected_login["error"]["state"], "08S01",
+        "{rejected_login}"
+    );
+    let message = rejected_login["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains(UPSTREAM), "{rejected_login}");
+
+    // The mariadb CLI over TLS, switched the same way.
+    let switched = [&tls_args[..], &["-e", "SELECT 1"]].concat();
+    assert_cli_rejected(&setup.cli("clearcli", &switched), UPSTREAM);
+
+    // Starting with mysql_clear_password, the CLI puts the password in its handshake
+    // response, which the gateway does not forward at all.
+    let first = [
+        &tls_args[..],
+        &["--default-auth=mysql_clear_password", "-e", "SELECT 1"],
+    ]
+    .concat();
+    assert_cli_rejected(&setup.cli("clearfirst", &first), UPSTREAM);
+
+    // Without TLS on either leg, the password would cross the network in clear text too.
+    assert_cli_rejected(
+        &setup.cli("clearplain", &["--skip-ssl", "-e", "SELECT 1"]),
+        UPSTREAM,
+    );
+
+    // sha256_password over TLS sends the password in clear text, which the server leg
+    // without TLS must not carry and the server would not take.
+    assert_cli_rejected(
+        &setup.cli("sha256", &switched),
+        "sha256_password authentication needs TLS on both legs",
+    );
+
+    // With TLS on neither leg, sha256_password runs its RSA key exchange end to end.
+    assert_cli_selected_one(&setup.cli("sha256plain", &["--skip-ssl", "-e", "SELECT 1"]));
+
+    // COM_CHANGE_USER to a mysql_clear_password account, after a fast login that an account
+    // cached by a direct login allows with TLS on one leg.
+    let warmed = setup.login(false, "warm", &password, "SELECT 1", None);
+    assert_eq!(rows(&warmed), &json!([["1"]]));
+    let extra = ["--change-user", "clearchange", CLEARTEXT];
+    let changed = setup.run_login(true, "warm", &password, "SELECT 1", Some(&ca), &extra);
+    assert_eq!(rows(&changed), &json!([["1"]]));
+    let change = &changed["change_user"];
+    assert_eq!(change["error"]["code"], 1043, "{changed}");
+    let message = change["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(UPSTREAM), "{changed}");
+    assert!(change["then"]["failure"].is_string(), "{changed}");
+
+    // What the server received: a scramble and no password from each rejected login, and
+    // nothing at all from the CLI that started with mysql_clear_password.
+    setup.wait_logins(8);
+    for user in ["clear", "clearcli", "clearplain", "sha256", "clearchange"] {
+        let lines = setup.logins_of(user);
+        assert_eq!(lines.len(), 1, "{user}: {lines:?}");
+        assert_eq!(
+            lines[0]["received"],
+            json!(["scramble"]),
+            "{user}: {lines:?}"
+        );
+        assert_eq!(lines[0]["switched"], true, "{user}: {lines:?}");
+        assert_eq!(lines[0]["accepted"], false, "{user}: {lines:?}");
+        assert!(lines[0]["error"].is_string(), "{user}: {lines:?}");
+    }
+    assert_eq!(
+        setup.logins_of("clear")[0]["plugin"],
+        "mysql_clear_password"
+    );
+    assert_eq!(setup.logins_of("sha256")[0]["plugin"], "sha256_password");
+    assert_eq!(setup.logins_of("clearfirst"), Vec::<Value>::new());
+    let sha256_plain = setup.logins_of("sha256plain");
+    assert_eq!(sha256_plain.len(), 1, "{sha256_plain:?}");
+    assert_eq!(sha256_plain[0]["method"], "sha256-rsa", "{sha256_plain:?}");
+    assert_eq!(
+        sha256_plain[0]["received"],
+        json!(["scramble", "key-request", "rsa"]),
+        "{sha256_plain:?}"
+    );
+    assert_eq!(sha256_plain[0]["accepted"], true);
+
+    // Seven sessions went through the gateway, and each rejection is the reason one ended.
+    let sessions = setup.node.wait_for_sessions(7);
+    let clear_text = ends_with_reason(&sessions, UPSTREAM);
+    assert_eq!(clear_text.len(), 5, "{:#?}", session_ends(&sessions));
+    let sha256 = ends_with_reason(&sessions, "sha256_password authentication needs TLS");
+    assert_eq!(sha256.len(), 1, "{:#?}", session_ends(&sessions));
+    let rejected_startups: Vec<&Value> = clear_text
+        .iter()
+        .map(|end| event_in_session_of(&sessions, end, "sql.startup"))
+        .collect();
+    let first_startup = rejected_startups
+        .iter()
+        .find(|startup| startup["database_user"] == "clearfirst")
+        .expect("startup of the CLI that started with mysql_clear_password");
+    assert_eq!(first_startup["auth_plugin"], "mysql_clear_password");
+    assert_eq!(first_startup["authenticated"], false);
+    assert_eq!(first_startup["client_tls"], true);
+    assert_eq!(first_startup["upstream_tls"], false);
+    let change = sessions
+        .iter()
+        .flatten()
+        .find(|line| line["event"] == "sql.change_user")
+        .expect("change of user recorded");
+    assert_eq!(change["database_user"], "clearchange");
+    assert_eq!(change["outcome"], "error");
+    setup.assert_no_password_recorded();
+}
+
+#[test]
+fn clear_password_over_tls_both_legs() {
+    let setup = start("clear_password_over_tls_both_legs", true, true, true);
+    let password = setup.password_file.clone();
+    let ca = setup.gateway_ca.clone();
+    let ca_arg = format!("--ssl-ca={}", ca.display());
+    let tls_args = ["--ssl", ca_arg.as_str(), "--ssl-verify-server-cert"];
+
+    // mysql_async over TLS, switched to mysql_clear_password. Its COM_CHANGE_USER then names
+    // mysql_clear_password and carries the password itself.
+    let extra = [CLEARTEXT, "--change-user", "clearnext"];
+    let result = setup.run_login(true, "clear", &password, "SELECT card", Some(&ca), &extra);
+    assert_eq!(rows(&result), &json!([["411111******1111"]]), "{result}");
+    assert_eq!(
+        rows(&result["change_user"]),
+        &json!([["411111******1111"]]),
+        "{result}"
+    );
+
+    // A client without TLS has sent the password in clear text on its own leg already, and
+    // the server leg with TLS exposes it no further.
+    let plain = setup.run_login(
+        true,
+        "clearplain",
+        &password,
+        "SELECT 1",
+        None,
+        &[CLEARTEXT],
+    );
+    assert_eq!(rows(&plain), &json!([["1"]]), "{plain}");
+
+    // The mariadb CLI, switched by the server and starting with the plugin itself.
+    let switched = [&tls_args[..], &["-e", "SELECT 1"]].concat();
+    assert_cli_selected_one(&setup.cli("clearcli", &switched));
+    let first = [
+        &tls_args[..],
+        &["--default-auth=mysql_clear_password", "-e", "SELECT 1"],
+    ]
+    .concat();
+    assert_cli_selected_one(&setup.cli("clearfirst", &first));
+
+    // sha256_password over TLS on both legs, and rejected when only the server leg has TLS.
+    assert_cli_selected_one(&setup.cli("sha256", &switched));
+    assert_cli_rejected(
+        &setup.cli("sha256plain", &["--skip-ssl", "-e", "SELECT 1"]),
+        "sha256_password authentication needs TLS on both legs",
+    );
+
+    setup.wait_logins(7);
+    let expected = [
+        ("clear", "clear", true, json!(["scramble", "clear-text"])),
+        ("clearnext", "clear", false, json!(["clear-text"])),
+        (
+            "clearplain",
+            "clear",
+            true,
+            json!(["scramble", "clear-text"]),
+        ),
+        ("clearcli", "clear", true, json!(["scramble", "clear-text"])),
+        ("clearfirst", "clear", false, json!(["clear-text"])),
+        (
+            "sha256",
+            "sha256-tls",
+            true,
+            json!(["scramble", "clear-text"]),
+        ),
+    ];
+    for (user, method, switched, received) in expected {
+        let lines = setup.logins_of(user);
+        assert_eq!(lines.len(), 1, "{user}: {lines:?}");
+        assert_eq!(lines[0]["method"], method, "{user}: {lines:?}");
+        assert_eq!(lines[0]["switched"], switched, "{user}: {lines:?}");
+        assert_eq!(lines[0]["received"], received, "{user}: {lines:?}");
+        assert_eq!(lines[0]["tls"], true, "{user}: {lines:?}");
+        assert_eq!(lines[0]["accepted"], true, "{user}: {lines:?}");
+    }
+    let sha256_plain = setup.logins_of("sha256plain");
+    assert_eq!(sha256_plain.len(), 1, "{sha256_plain:?}");
+    assert_eq!(sha256_plain[0]["received"], json!(["scramble"]));
+    assert_eq!(sha256_plain[0]["accepted"], false);
+
+    let sessions = setup.node.wait_for_sessions(6);
+    let authenticated = sessions
+        .iter()
+        .flatten()
+        .filter(|line| line["event"] == "sql.startup" && line["authenticated"] == true)
+        .count();
+    assert_eq!(authenticated, 5);
+    let change = sessions
+        .iter()
+        .flatten()
+        .find(|line| line["event"] == "sql.change_user")
+        .expect("change of user recorded");
+    assert_eq!(change["database_user"], "clearnext");
+    assert_eq!(change["outcome"], "ok");
+    let rejected = ends_with_reason(&sessions, "sha256_password authentication needs TLS");
+    assert_eq!(rejected.len(), 1, "{:#?}", session_ends(&sessions));
     setup.assert_no_password_recorded();
 }

@@ -19,7 +19,8 @@
 //! - `mysql-driver --connect ADDR ...`: a mysql_async scenario (text and binary rows, cached
 //!   prepared statements, 20 MiB values, a procedure's result sets, a denied statement).
 //! - `mysql-sha2-server --listen ADDR --account NAME... --password-file FILE`: a MySQL 8
-//!   stand-in that authenticates with `caching_sha2_password` (see `mysql_server`).
+//!   stand-in that authenticates with `caching_sha2_password`, or with `mysql_clear_password`
+//!   or `sha256_password` for the accounts named so (see `mysql_server`).
 //! - `mysql-login --connect ADDR ...`: one mysql_async login and query, printed as JSON.
 
 #[path = "testpeer/mysql.rs"]
@@ -149,6 +150,12 @@ enum Command {
         /// Account names, which all share one password.
         #[arg(long, required = true)]
         account: Vec<String>,
+        /// Account that authenticates with mysql_clear_password instead, with the same password.
+        #[arg(long)]
+        clear_password_account: Vec<String>,
+        /// Account that authenticates with sha256_password instead, with the same password.
+        #[arg(long)]
+        sha256_account: Vec<String>,
         /// File whose first line is the accounts' password.
         #[arg(long)]
         password_file: std::path::PathBuf,
@@ -176,6 +183,10 @@ enum Command {
         /// After the query, change to this account with COM_CHANGE_USER and run it again.
         #[arg(long)]
         change_user: Option<String>,
+        /// Let the server switch the client to mysql_clear_password, which sends the password
+        /// in clear text (mysql_async's `enable_cleartext_plugin`).
+        #[arg(long)]
+        enable_cleartext_plugin: bool,
     },
 }
 
@@ -222,12 +233,18 @@ fn main() -> anyhow::Result<()> {
         Command::MysqlSha2Server {
             listen,
             account,
+            clear_password_account,
+            sha256_account,
             password_file,
             tls_cert,
             tls_key,
         } => mysql_server::run(
             listen,
-            account,
+            mysql_server::Accounts {
+                caching_sha2: account,
+                clear_password: clear_password_account,
+                sha256: sha256_account,
+            },
             &read_password(&password_file)?,
             tls_cert.as_deref().zip(tls_key.as_deref()),
         ),
@@ -238,13 +255,17 @@ fn main() -> anyhow::Result<()> {
             query,
             tls_ca,
             change_user,
+            enable_cleartext_plugin,
         } => mysql::driver::login(
             connect,
             &user,
             &read_password(&password_file)?,
             &query,
-            tls_ca.as_deref(),
-            change_user.as_deref(),
+            mysql::driver::LoginOptions {
+                tls_ca: tls_ca.as_deref(),
+                change_user: change_user.as_deref(),
+                enable_cleartext_plugin,
+            },
         ),
     }
 }

@@ -795,6 +795,16 @@ pub mod driver {
 
     const BIG: usize = 20 * 1024 * 1024;
 
+    /// Options of `login` beyond the account and the query.
+    pub struct LoginOptions<'a> {
+        /// Require TLS, trusting this CA certificate.
+        pub tls_ca: Option<&'a std::path::Path>,
+        /// Account to change to with COM_CHANGE_USER after the query.
+        pub change_user: Option<&'a str>,
+        /// Let the server switch the client to mysql_clear_password.
+        pub enable_cleartext_plugin: bool,
+    }
+
     /// Logs in, runs `query` in text mode and prints `{"rows": [...]}`. A server error prints
     /// `{"error": {"code", "state", "message"}}`, and any other failure `{"failure": "..."}`.
     /// With `change_user`, the connection then changes to that account (same password) and
@@ -805,9 +815,13 @@ pub mod driver {
         user: &str,
         password: &str,
         query: &str,
-        tls_ca: Option<&std::path::Path>,
-        change_user: Option<&str>,
+        options: LoginOptions<'_>,
     ) -> anyhow::Result<()> {
+        let LoginOptions {
+            tls_ca,
+            change_user,
+            enable_cleartext_plugin,
+        } = options;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -816,7 +830,8 @@ pub mod driver {
             .tcp_port(addr.port())
             .user(Some(user))
             .pass(Some(password))
-            .prefer_socket(false);
+            .prefer_socket(false)
+            .enable_cleartext_plugin(enable_cleartext_plugin);
         if let Some(ca) = tls_ca {
             let ssl = mysql_async::SslOpts::default()
                 .with_root_certs(vec![ca.to_path_buf().into()])

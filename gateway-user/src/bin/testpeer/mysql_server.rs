@@ -1,6 +1,8 @@
 //! `mysql-sha2-server`: a MySQL 8 stand-in that authenticates with `caching_sha2_password`,
 //! because no MySQL server can be installed on the test machines and MariaDB has no such
-//! plugin. It follows the server side of the plugin as MySQL 8.0 documents it
+//! plugin. Accounts named with `--clear-password-account` use `mysql_clear_password` and
+//! accounts named with `--sha256-account` use `sha256_password` instead (see below). It
+//! follows the server side of caching_sha2_password as MySQL 8.0 documents it
 //! ("Caching_sha2_password information" in the MySQL source documentation):
 //!
 //! - the greeting is a protocol 10 handshake naming `caching_sha2_password`, with a fresh
@@ -17,6 +19,16 @@
 //!   `RSA_PKCS1_OAEP_PADDING`). A correct password fills the cache;
 //! - a failure is ERR 1045, SQLSTATE 28000.
 //!
+//! The other two plugins, as MySQL documents them ("Authentication Methods"):
+//!
+//! - a client naming another plugin gets an auth switch request with the same nonce, which
+//!   `mysql_clear_password` ignores;
+//! - `mysql_clear_password`: the client sends the password in clear text, NUL-terminated;
+//! - `sha256_password`: over TLS the client sends the password in clear text, NUL-terminated.
+//!   Without TLS it may first request the RSA public key (`0x01`, sent as in
+//!   caching_sha2_password), then sends the RSA-encrypted password as above. A client naming
+//!   the plugin in its handshake response puts its first answer there.
+//!
 //! `COM_CHANGE_USER` runs the same exchange, its scramble made with the greeting's nonce.
 //! After the login it replies to `COM_QUERY` for `SELECT 1`, `SELECT @@name, ...` (the settings
 //! drivers read at connect), `SELECT CURRENT_USER()` and `SELECT card` (one row containing the
@@ -27,9 +39,12 @@
 //! an unknown account is rejected without going through the exchange, and a failed
 //! `COM_CHANGE_USER` closes the connection.
 //!
-//! Each login attempt prints one JSON line on standard output: the account, how it
-//! authenticated (`fast`, `full-tls` or `full-rsa`), whether it was switched from another
-//! plugin, whether the connection was TLS, and the result. Passwords are never printed.
+//! Each login attempt prints one JSON line on standard output. It names the account, its
+//! plugin, how it authenticated (`fast`, `full-tls`, `full-rsa`, `clear`, `sha256-tls` or
+//! `sha256-rsa`) and whether it was switched from another plugin. It lists the forms of
+//! authentication data the server received, in order (`scramble`, `empty`, `key-request`,
+//! `rsa` or `clear-text`). It ends with whether the connection was TLS, the result, and the
+//! error that broke the exchange off, if one did. Passwords are never printed.
 
 use std::{
     collections::HashMap,
@@ -79,6 +94,8 @@ const SERVER_CAPABILITIES: u32 = CLIENT_LONG_PASSWORD
     | CLIENT_DEPRECATE_EOF;
 
 const PLUGIN: &str = "caching_sha2_password";
+const CLEAR_PASSWORD_PLUGIN: &str = "mysql_clear_password";
+const SHA256_PLUGIN: &str = "sha256_password";
 const NONCE_LEN: usize = 20;
 const SSL_REQUEST_LEN: usize = 32;
 /// `SERVER_STATUS_AUTOCOMMIT`.
@@ -88,8 +105,10 @@ const COLLATION: u8 = 255;
 /// Byte after `0x01` (AuthMoreData) in the plugin's own packets.
 const FAST_AUTH_SUCCESS: u8 = 0x03;
 const PERFORM_FULL_AUTHENTICATION: u8 = 0x04;
-/// The client's request for the RSA public key.
+/// The client's request for the RSA public key in caching_sha2_password.
 const REQUEST_PUBLIC_KEY: u8 = 0x02;
+/// The client's request for the RSA public key in sha256_password.
+const SHA256_REQUEST_PUBLIC_KEY: u8 = 0x01;
 const ACCESS_DENIED: u16 = 1045;
 /// The card number `SELECT card` returns, a Visa test number.
 const TEST_PAN: &str = "4111111111111111";
@@ -104,6 +123,8 @@ struct Server {
     /// `SHA256(SHA256(password))`, the same for every account.
     stored: [u8; 32],
     accounts: Vec<String>,
+    /// Plugin of each account that does not use caching_sha2_password.
+    plugins: HashMap<String, &'static str>,
     /// Fast-auth cache: `SHA256(SHA256(password))` by `user@host`, filled by full logins.
     cache: Mutex<HashMap<String, [u8; 32]>>,
     private_key: RsaPrivateKey,
@@ -111,10 +132,17 @@ struct Server {
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+/// Accounts of the server and the plugin each authenticates with.
+pub struct Accounts {
+    pub caching_sha2: Vec<String>,
+    pub clear_password: Vec<String>,
+    pub sha256: Vec<String>,
+}
+
 /// Runs the server until killed.
 pub fn run(
     listen: SocketAddr,
-    accounts: Vec<String>,
+    accounts: Accounts,
     password: &str,
     tls: Option<(&Path, &Path)>,
 ) -> anyhow::Result<()> {
@@ -131,9 +159,20 @@ pub fn run(
     let mut rng = rsa::rand_core::OsRng;
     let private_key = RsaPrivateKey::new(&mut rng, 2048)?;
     let public_pem = RsaPublicKey::from(&private_key).to_public_key_pem(LineEnding::LF)?;
+    let mut plugins = HashMap::new();
+    for account in &accounts.clear_password {
+        plugins.insert(account.clone(), CLEAR_PASSWORD_PLUGIN);
+    }
+    for account in &accounts.sha256 {
+        plugins.insert(account.clone(), SHA256_PLUGIN);
+    }
+    let mut names = accounts.caching_sha2;
+    names.extend(accounts.clear_password);
+    names.extend(accounts.sha256);
     let server = Arc::new(Server {
         stored: sha256(&sha256(password.as_bytes())),
-        accounts,
+        accounts: names,
+        plugins,
         cache: Mutex::new(HashMap::new()),
         private_key,
         public_pem,
@@ -174,10 +213,13 @@ fn report(login: &Login, tls: bool) -> anyhow::Result<()> {
         "{}",
         json!({
             "user": login.user,
+            "plugin": login.plugin,
             "method": login.method,
             "switched": login.switched,
+            "received": login.received,
             "tls": tls,
             "accepted": login.accepted,
+            "error": login.error,
         })
     );
     std::io::stdout().flush()?;
@@ -187,10 +229,15 @@ fn report(login: &Login, tls: bool) -> anyhow::Result<()> {
 /// Result of the authentication exchange.
 struct Login {
     user: String,
+    plugin: &'static str,
     method: &'static str,
     /// The client named another plugin and was switched to this one.
     switched: bool,
+    /// Forms of the authentication data received, in order (see `password_form`).
+    received: Vec<&'static str>,
     accepted: bool,
+    /// Error that broke the exchange off, such as the client closing the connection.
+    error: Option<String>,
     deprecate_eof: bool,
 }
 
@@ -232,7 +279,7 @@ impl Server {
             tls,
             capabilities: parsed.capabilities,
         };
-        let login = self.authenticate(&mut io, parsed, &session)?;
+        let login = self.authenticate(&mut io, parsed, &session);
         report(&login, tls)?;
         if !login.accepted {
             return Ok(());
@@ -242,48 +289,163 @@ impl Server {
 
     /// Runs the connection phase after the handshake response, up to and including the OK or ERR.
     /// The same exchange follows COM_CHANGE_USER, whose scramble is made with the nonce of the
-    /// greeting.
-    fn authenticate(
+    /// greeting. An exchange broken off by an I/O error returns a login that is not accepted
+    /// and names the error.
+    fn authenticate(&self, io: &mut Packets, parsed: Response, session: &Session) -> Login {
+        let plugin = self.plugins.get(&parsed.user).copied().unwrap_or(PLUGIN);
+        let mut login = Login {
+            user: parsed.user.clone(),
+            plugin,
+            method: "none",
+            switched: false,
+            received: Vec::new(),
+            accepted: false,
+            error: None,
+            deprecate_eof: session.capabilities & CLIENT_DEPRECATE_EOF != 0,
+        };
+        if let Err(error) = self.exchange(io, parsed, session, &mut login) {
+            login.accepted = false;
+            login.error = Some(format!("{error:#}"));
+        }
+        login
+    }
+
+    /// Runs the exchange for the account's plugin, filling in `login`.
+    fn exchange(
         &self,
         io: &mut Packets,
         parsed: Response,
         session: &Session,
-    ) -> anyhow::Result<Login> {
-        let peer = session.peer.as_str();
-        let nonce = &session.nonce;
-        let tls = session.tls;
-        let mut login = Login {
-            user: parsed.user.clone(),
-            method: "none",
-            switched: false,
-            accepted: false,
-            deprecate_eof: session.capabilities & CLIENT_DEPRECATE_EOF != 0,
-        };
-        let mut scramble = parsed.auth_response;
-        if parsed.capabilities & CLIENT_PLUGIN_AUTH != 0 && parsed.plugin != PLUGIN {
+        login: &mut Login,
+    ) -> anyhow::Result<()> {
+        let mut data = parsed.auth_response;
+        login.received.push(data_form(&parsed.plugin, &data));
+        if parsed.capabilities & CLIENT_PLUGIN_AUTH != 0 && parsed.plugin != login.plugin {
             let mut switch = vec![0xfe];
-            switch.extend_from_slice(PLUGIN.as_bytes());
+            switch.extend_from_slice(login.plugin.as_bytes());
             switch.push(0);
-            switch.extend_from_slice(nonce);
+            switch.extend_from_slice(&session.nonce);
             switch.push(0);
             io.write(&switch)?;
-            scramble = io.read()?;
             login.switched = true;
+            data = io.read()?;
+            login.received.push(data_form(login.plugin, &data));
         }
         let known = self.accounts.contains(&parsed.user);
-        let denied = |io: &mut Packets, login: Login, used_password: bool| {
-            io.write(&access_denied(&login.user, peer, used_password))?;
-            anyhow::Ok(login)
-        };
-        if scramble.is_empty() || scramble[..] == [0] {
+        if data.is_empty() || data[..] == [0] {
             login.method = "empty";
-            return denied(io, login, false);
+            return self.deny(io, login, &session.peer, false);
         }
-        if !known || scramble.len() != 32 {
-            return denied(io, login, true);
+        if !known {
+            return self.deny(io, login, &session.peer, true);
+        }
+        match login.plugin {
+            CLEAR_PASSWORD_PLUGIN => {
+                login.method = "clear";
+                self.finish(io, login, session, until_nul(&data))
+            }
+            SHA256_PLUGIN => self.sha256_password(io, data, session, login),
+            _ => self.caching_sha2_password(io, data, session, login),
+        }
+    }
+
+    /// Sends ERR 1045 for `login`.
+    fn deny(
+        &self,
+        io: &mut Packets,
+        login: &Login,
+        peer: &str,
+        used_password: bool,
+    ) -> anyhow::Result<()> {
+        io.write(&access_denied(&login.user, peer, used_password))
+    }
+
+    /// Compares `password` with the accounts' password, sends OK or ERR, and on success fills
+    /// the fast-auth cache.
+    fn finish(
+        &self,
+        io: &mut Packets,
+        login: &mut Login,
+        session: &Session,
+        password: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        if sha256(&sha256(&password)) != self.stored {
+            return self.deny(io, login, &session.peer, true);
+        }
+        let account = format!("{}@{}", login.user, session.peer);
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(account, self.stored);
+        login.accepted = true;
+        io.write(&ok_packet())
+    }
+
+    /// Reads an RSA-encrypted password: the cipher text of the password, NUL-terminated and
+    /// XOR-ed with the nonce. Returns `None` when `answer` is not such cipher text.
+    fn decrypt_password(&self, answer: &[u8], nonce: &[u8], user: &str) -> Option<Vec<u8>> {
+        // The cipher text is as long as the key's modulus, or the login fails.
+        if answer.len() != 256 {
+            eprintln!(
+                "mysql-sha2-server: {user}: answer of {} bytes is no RSA cipher text of 256 bytes",
+                answer.len()
+            );
+            return None;
+        }
+        let mut plain = self
+            .private_key
+            .decrypt(Oaep::new::<sha1::Sha1>(), answer)
+            .ok()?;
+        for (i, byte) in plain.iter_mut().enumerate() {
+            *byte ^= nonce[i % NONCE_LEN];
+        }
+        Some(until_nul(&plain))
+    }
+
+    /// Sends `0x01` and the PEM public key.
+    fn send_public_key(&self, io: &mut Packets) -> anyhow::Result<()> {
+        let mut key = vec![0x01];
+        key.extend_from_slice(self.public_pem.as_bytes());
+        io.write(&key)
+    }
+
+    fn sha256_password(
+        &self,
+        io: &mut Packets,
+        mut answer: Vec<u8>,
+        session: &Session,
+        login: &mut Login,
+    ) -> anyhow::Result<()> {
+        if session.tls {
+            login.method = "sha256-tls";
+            return self.finish(io, login, session, until_nul(&answer));
+        }
+        login.method = "sha256-rsa";
+        if answer[..] == [SHA256_REQUEST_PUBLIC_KEY] {
+            self.send_public_key(io)?;
+            answer = io.read()?;
+            login.received.push(password_form(&answer));
+        }
+        match self.decrypt_password(&answer, &session.nonce, &login.user) {
+            Some(password) => self.finish(io, login, session, password),
+            None => self.deny(io, login, &session.peer, true),
+        }
+    }
+
+    fn caching_sha2_password(
+        &self,
+        io: &mut Packets,
+        scramble: Vec<u8>,
+        session: &Session,
+        login: &mut Login,
+    ) -> anyhow::Result<()> {
+        let peer = session.peer.as_str();
+        let nonce = &session.nonce;
+        if scramble.len() != 32 {
+            return self.deny(io, login, peer, true);
         }
 
-        let account = format!("{}@{peer}", parsed.user);
+        let account = format!("{}@{peer}", login.user);
         let cached = self
             .cache
             .lock()
@@ -297,54 +459,26 @@ impl Server {
             login.accepted = true;
             io.write(&[0x01, FAST_AUTH_SUCCESS])?;
             io.write(&ok_packet())?;
-            return Ok(login);
+            return Ok(());
         }
 
         io.write(&[0x01, PERFORM_FULL_AUTHENTICATION])?;
         let mut answer = io.read()?;
-        let password = if tls {
+        login.received.push(password_form(&answer));
+        if session.tls {
             login.method = "full-tls";
-            answer
-                .split(|&b| b == 0)
-                .next()
-                .unwrap_or_default()
-                .to_vec()
-        } else {
-            login.method = "full-rsa";
-            if answer[..] == [REQUEST_PUBLIC_KEY] {
-                let mut key = vec![0x01];
-                key.extend_from_slice(self.public_pem.as_bytes());
-                io.write(&key)?;
-                answer = io.read()?;
-            }
-            // The cipher text is as long as the key's modulus, or the login fails.
-            if answer.len() != 256 {
-                eprintln!(
-                    "mysql-sha2-server: {}: full authentication answer of {} bytes is no \
-                     RSA cipher text of 256 bytes",
-                    login.user,
-                    answer.len()
-                );
-                return denied(io, login, true);
-            }
-            let Ok(mut plain) = self.private_key.decrypt(Oaep::new::<sha1::Sha1>(), &answer) else {
-                return denied(io, login, true);
-            };
-            for (i, byte) in plain.iter_mut().enumerate() {
-                *byte ^= nonce[i % NONCE_LEN];
-            }
-            plain.split(|&b| b == 0).next().unwrap_or_default().to_vec()
-        };
-        if sha256(&sha256(&password)) != self.stored {
-            return denied(io, login, true);
+            return self.finish(io, login, session, until_nul(&answer));
         }
-        self.cache
-            .lock()
-            .expect("cache lock")
-            .insert(account, self.stored);
-        login.accepted = true;
-        io.write(&ok_packet())?;
-        Ok(login)
+        login.method = "full-rsa";
+        if answer[..] == [REQUEST_PUBLIC_KEY] {
+            self.send_public_key(io)?;
+            answer = io.read()?;
+            login.received.push(password_form(&answer));
+        }
+        match self.decrypt_password(&answer, nonce, &login.user) {
+            Some(password) => self.finish(io, login, session, password),
+            None => self.deny(io, login, peer, true),
+        }
     }
 
     fn commands(
@@ -369,7 +503,7 @@ impl Server {
                     // a fresh nonce, instead of checking a scramble made with the greeting's
                     // nonce, is unverified. mysql_async handles either answer.
                     let parsed = parse_change_user(&command[1..], session.capabilities)?;
-                    login = self.authenticate(io, parsed, session)?;
+                    login = self.authenticate(io, parsed, session);
                     report(&login, session.tls)?;
                     // A failed change of user leaves no account to run commands as.
                     if !login.accepted {
@@ -398,6 +532,32 @@ impl Server {
                 ))?,
             }
         }
+    }
+}
+
+/// Returns the bytes before the first NUL.
+fn until_nul(data: &[u8]) -> Vec<u8> {
+    data.split(|&b| b == 0).next().unwrap_or_default().to_vec()
+}
+
+/// Names the form of the first authentication data for `plugin`: `scramble` for the hashing
+/// plugins, the password's form for the others (see `password_form`).
+fn data_form(plugin: &str, data: &[u8]) -> &'static str {
+    match plugin {
+        CLEAR_PASSWORD_PLUGIN | SHA256_PLUGIN => password_form(data),
+        _ if data.is_empty() || data == [0] => "empty",
+        _ => "scramble",
+    }
+}
+
+/// Names the form of a password response: `empty`, `key-request` (`0x01` or `0x02`), `rsa`
+/// (256 bytes, the test key's cipher text) or `clear-text`.
+fn password_form(data: &[u8]) -> &'static str {
+    match data {
+        [] | [0] => "empty",
+        [SHA256_REQUEST_PUBLIC_KEY] | [REQUEST_PUBLIC_KEY] => "key-request",
+        _ if data.len() == 256 => "rsa",
+        _ => "clear-text",
     }
 }
 

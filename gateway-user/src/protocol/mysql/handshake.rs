@@ -204,8 +204,26 @@ pub struct ClientLogin {
     pub auth_plugin: String,
 }
 
-/// Parses a handshake response 4.1 for the user, database and plugin.
-pub fn parse_response(payload: &[u8]) -> Result<ClientLogin, PacketError> {
+/// A parsed handshake response or COM_CHANGE_USER.
+pub struct LoginRequest<'a> {
+    pub login: ClientLogin,
+    /// Authentication data for `login.auth_plugin`, borrowed from the packet.
+    pub auth_data: &'a [u8],
+}
+
+impl std::fmt::Debug for LoginRequest<'_> {
+    /// Shows the authentication data by length only, because it can be a password in clear
+    /// text.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("login", &self.login)
+            .field("auth_data_len", &self.auth_data.len())
+            .finish()
+    }
+}
+
+/// Parses a handshake response 4.1 for the user, database, plugin and authentication data.
+pub fn parse_response(payload: &[u8]) -> Result<LoginRequest<'_>, PacketError> {
     let mut reader = FieldReader::new(payload, "handshake response");
     let capabilities = reader.u32()?;
     if capabilities & CLIENT_PROTOCOL_41 == 0 {
@@ -216,14 +234,14 @@ pub fn parse_response(payload: &[u8]) -> Result<ClientLogin, PacketError> {
     }
     reader.bytes(4 + 1 + 23)?;
     let user = String::from_utf8_lossy(reader.cstr()?).into_owned();
-    if capabilities & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
-        reader.lenenc_bytes()?;
+    let auth_data = if capabilities & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
+        reader.lenenc_bytes()?
     } else if capabilities & CLIENT_SECURE_CONNECTION != 0 {
         let len = reader.u8()?;
-        reader.bytes(usize::from(len))?;
+        reader.bytes(usize::from(len))?
     } else {
-        reader.cstr()?;
-    }
+        reader.cstr()?
+    };
     let mut login = ClientLogin {
         user,
         ..ClientLogin::default()
@@ -234,7 +252,39 @@ pub fn parse_response(payload: &[u8]) -> Result<ClientLogin, PacketError> {
     if capabilities & CLIENT_PLUGIN_AUTH != 0 && reader.remaining() > 0 {
         login.auth_plugin = String::from_utf8_lossy(reader.cstr()?).into_owned();
     }
-    Ok(login)
+    Ok(LoginRequest { login, auth_data })
+}
+
+/// Parses the body of COM_CHANGE_USER (after the command byte) under the session's
+/// `capabilities`: user (NUL-terminated), authentication data (length `u8` first with
+/// `CLIENT_SECURE_CONNECTION`, else NUL-terminated), database (NUL-terminated), then, when
+/// more data follows, the character set `u16` and, with `CLIENT_PLUGIN_AUTH`, the plugin name
+/// (NUL-terminated). Connection attributes may follow and are not read.
+pub fn parse_change_user(body: &[u8], capabilities: u32) -> Result<LoginRequest<'_>, PacketError> {
+    let mut reader = FieldReader::new(body, "COM_CHANGE_USER");
+    let user = String::from_utf8_lossy(reader.cstr()?).into_owned();
+    let auth_data = if capabilities & CLIENT_SECURE_CONNECTION != 0 {
+        let len = reader.u8()?;
+        reader.bytes(usize::from(len))?
+    } else {
+        reader.cstr()?
+    };
+    let database = String::from_utf8_lossy(reader.cstr()?).into_owned();
+    let mut auth_plugin = String::new();
+    if reader.remaining() >= 2 {
+        reader.u16()?;
+        if capabilities & CLIENT_PLUGIN_AUTH != 0 && reader.remaining() > 0 {
+            auth_plugin = String::from_utf8_lossy(reader.cstr()?).into_owned();
+        }
+    }
+    Ok(LoginRequest {
+        login: ClientLogin {
+            user,
+            database,
+            auth_plugin,
+        },
+        auth_data,
+    })
 }
 
 /// Returns the handshake response or SSL request with its capability flags replaced by
@@ -333,7 +383,9 @@ mod tests {
         payload.push(3);
         payload.extend_from_slice(b"xyz");
         payload.extend_from_slice(b"payments\0mysql_native_password\0");
-        let login = parse_response(&payload).expect("valid response");
+        let request = parse_response(&payload).expect("valid response");
+        assert_eq!(request.auth_data, b"xyz");
+        let login = request.login;
         assert_eq!(login.user, "alice");
         assert_eq!(login.database, "payments");
         assert_eq!(login.auth_plugin, "mysql_native_password");
@@ -352,5 +404,72 @@ mod tests {
         assert!(Greeting::parse(b"\x0agarbage").is_err());
         assert!(Greeting::parse(b"\xff\x15\x04denied").is_err());
         assert!(Greeting::parse(b"").is_err());
+    }
+
+    #[test]
+    fn response_auth_data_read_in_each_layout() {
+        let fixed = |caps: u32| {
+            let mut payload = caps.to_le_bytes().to_vec();
+            payload.extend_from_slice(&[0; 28]);
+            payload.extend_from_slice(b"bob\0");
+            payload
+        };
+
+        let caps = CLIENT_PROTOCOL_41 | CLIENT_PLUGIN_AUTH | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA;
+        let mut payload = fixed(caps);
+        payload.push(7);
+        payload.extend_from_slice(b"secret\0mysql_clear_password\0");
+        let request = parse_response(&payload).expect("length-encoded auth data");
+        assert_eq!(request.auth_data, b"secret\0");
+        assert_eq!(request.login.auth_plugin, "mysql_clear_password");
+
+        let caps = CLIENT_PROTOCOL_41 | CLIENT_PLUGIN_AUTH | CLIENT_SECURE_CONNECTION;
+        let mut payload = fixed(caps);
+        payload.push(1);
+        payload.push(0x01);
+        payload.extend_from_slice(b"sha256_password\0");
+        let request = parse_response(&payload).expect("length-prefixed auth data");
+        assert_eq!(request.auth_data, [0x01]);
+        assert_eq!(request.login.auth_plugin, "sha256_password");
+
+        let mut payload = fixed(CLIENT_PROTOCOL_41);
+        payload.extend_from_slice(b"old\0");
+        let request = parse_response(&payload).expect("NUL-terminated auth data");
+        assert_eq!(request.auth_data, b"old");
+        assert_eq!(request.login.auth_plugin, "");
+
+        let mut cut = fixed(caps);
+        cut.extend_from_slice(&[20, 1, 2, 3]);
+        assert!(parse_response(&cut).is_err());
+    }
+
+    #[test]
+    fn change_user_parsed() {
+        let caps = CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH;
+        let mut body = b"carol\0".to_vec();
+        body.push(7);
+        body.extend_from_slice(b"secret\0");
+        body.extend_from_slice(b"payments\0");
+        body.extend_from_slice(&45u16.to_le_bytes());
+        body.extend_from_slice(b"mysql_clear_password\0");
+        body.extend_from_slice(&[0x03, 0x01, b'k', 0x00]);
+        let request = parse_change_user(&body, caps).expect("valid COM_CHANGE_USER");
+        assert_eq!(request.login.user, "carol");
+        assert_eq!(request.login.database, "payments");
+        assert_eq!(request.login.auth_plugin, "mysql_clear_password");
+        assert_eq!(request.auth_data, b"secret\0");
+
+        // Without the character set and plugin name, and without CLIENT_SECURE_CONNECTION.
+        let request = parse_change_user(b"dave\0scramble\0db\0", CLIENT_PROTOCOL_41)
+            .expect("short COM_CHANGE_USER");
+        assert_eq!(request.auth_data, b"scramble");
+        assert_eq!(request.login.database, "db");
+        assert_eq!(request.login.auth_plugin, "");
+
+        // The plugin name counts only under CLIENT_PLUGIN_AUTH.
+        let request = parse_change_user(&body, caps & !CLIENT_PLUGIN_AUTH).expect("valid");
+        assert_eq!(request.login.auth_plugin, "");
+
+        assert!(parse_change_user(b"erin\0\x09short", caps).is_err());
     }
 }

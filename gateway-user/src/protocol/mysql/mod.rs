@@ -13,6 +13,7 @@
 //! usable because nothing on the server leg changed. A statement held for review (`judge`)
 //! waits before it is sent, and is then sent or denied the same way.
 
+mod auth;
 pub mod handshake;
 mod judge;
 pub mod packet;
@@ -36,8 +37,8 @@ use tracing::{debug, warn};
 
 use self::{
     handshake::{
-        CLIENT_DEPRECATE_EOF, CLIENT_PROTOCOL_41, CLIENT_SECURE_CONNECTION, CLIENT_SSL,
-        ClientLogin, Greeting, SSL_REQUEST_LEN,
+        CLIENT_DEPRECATE_EOF, CLIENT_PROTOCOL_41, CLIENT_SSL, ClientLogin, Greeting,
+        SSL_REQUEST_LEN,
     },
     packet::{
         AUTH_LIMIT, COMMAND_LIMIT, EOF_HEADER, ERR_HEADER, FieldReader, Header, Limit, NULL_MARKER,
@@ -332,7 +333,40 @@ async fn session(
         first
     };
     let response_caps = handshake::response_capabilities(&response.data).map_err(client_error)?;
-    let login = handshake::parse_response(&response.data).map_err(client_error)?;
+    let request = handshake::parse_response(&response.data).map_err(client_error)?;
+    let legs = auth::Legs {
+        client_tls,
+        upstream_tls: context.upstream_tls.is_some(),
+    };
+    let startup = |login: &ClientLogin, authenticated: bool| {
+        record_event(
+            record,
+            "sql.startup",
+            json!({
+                "database_user": login.user,
+                "database": login.database,
+                "auth_plugin": login.auth_plugin,
+                "server_auth_plugin": parsed.auth_plugin,
+                "client_tls": legs.client_tls,
+                "upstream_tls": legs.upstream_tls,
+                "authenticated": authenticated,
+            }),
+        );
+    };
+    // A client naming mysql_clear_password or sha256_password may have put its password in
+    // the handshake response itself, so it is checked before anything reaches the server.
+    if let Some(message) =
+        auth::check_client_data(&request.login.auth_plugin, request.auth_data, legs)
+    {
+        let error = packet::err_payload(HANDSHAKE_ERROR_CODE, "08S01", &message);
+        packet::write_payload(&mut client, response.last_seq.wrapping_add(1), &error)
+            .await
+            .map_err(client_error)?;
+        client.flush().await.map_err(client_error)?;
+        startup(&request.login, false);
+        return Err(SessionEnd::Closed(message));
+    }
+    let login = request.login;
     let chosen = handshake::server_choice(response_caps, offer, context.upstream_tls.is_some());
 
     // The server leg: an SSL request of its own when its TLS is on, then the response.
@@ -375,7 +409,7 @@ async fn session(
         server: PacketReader::new(server_read),
         to_server: BufWriter::new(server_write),
         deprecate_eof: chosen & CLIENT_DEPRECATE_EOF != 0,
-        secure_connection: chosen & CLIENT_SECURE_CONNECTION != 0,
+        capabilities: chosen,
         login,
         client_tls,
         upstream_tls: context.upstream_tls.is_some(),
@@ -384,20 +418,9 @@ async fn session(
     };
     // The client's sequence ids run ahead of the server's by the SSL request each leg sent.
     let seq_offset = response.first_seq.wrapping_sub(server_seq);
-    let authenticated = session.relay_auth(server_seq, seq_offset).await?;
-    record_event(
-        record,
-        "sql.startup",
-        json!({
-            "database_user": session.login.user,
-            "database": session.login.database,
-            "auth_plugin": session.login.auth_plugin,
-            "server_auth_plugin": parsed.auth_plugin,
-            "client_tls": client_tls,
-            "upstream_tls": session.upstream_tls,
-            "authenticated": authenticated.is_accepted(),
-        }),
-    );
+    let plugin = session.login.auth_plugin.clone();
+    let authenticated = session.relay_auth(server_seq, seq_offset, plugin).await?;
+    startup(&session.login, authenticated.is_accepted());
     if let Some(reason) = authenticated.failure() {
         return Err(SessionEnd::Closed(reason));
     }
@@ -485,8 +508,8 @@ struct Session<'a> {
     to_server: Writer,
     /// Result sets end with an OK packet instead of an EOF packet (the same on both legs).
     deprecate_eof: bool,
-    /// Auth data in COM_CHANGE_USER is length-prefixed.
-    secure_connection: bool,
+    /// Capabilities both legs agreed on, which shape COM_CHANGE_USER.
+    capabilities: u32,
     login: ClientLogin,
     client_tls: bool,
     upstream_tls: bool,
@@ -558,8 +581,19 @@ impl Session<'_> {
 
     /// Relays the authentication exchange after a handshake response or COM_CHANGE_USER, from
     /// the server's next packet (sequence id `server_seq + 1`) until its OK or ERR. Client
-    /// sequence ids are the server's plus `offset`.
-    async fn relay_auth(&mut self, server_seq: u8, offset: u8) -> Result<AuthOutcome, SessionEnd> {
+    /// sequence ids are the server's plus `offset`. `plugin` is the plugin the client named,
+    /// until the server switches to another one. The client's responses are checked as the
+    /// `auth` module describes before they are forwarded.
+    async fn relay_auth(
+        &mut self,
+        server_seq: u8,
+        offset: u8,
+        mut plugin: String,
+    ) -> Result<AuthOutcome, SessionEnd> {
+        let legs = auth::Legs {
+            client_tls: self.client_tls,
+            upstream_tls: self.upstream_tls,
+        };
         let mut expected = server_seq.wrapping_add(1);
         // Set once caching_sha2_password full authentication starts with no TLS on either leg,
         // where the password may only travel RSA encrypted.
@@ -583,6 +617,9 @@ impl Session<'_> {
                     return Ok(AuthOutcome::Rejected(format!(
                         "the server rejected the login: {summary}"
                     )));
+                }
+                Some(&auth::AUTH_SWITCH_HEADER) => {
+                    plugin = auth::switch_plugin(data).unwrap_or_default();
                 }
                 _ => {}
             }
@@ -619,13 +656,17 @@ impl Session<'_> {
                 ));
             };
             check_seq(answer.first_seq, client_seq.wrapping_add(1)).map_err(client_error)?;
-            if rsa_only && is_clear_text_password(&answer.data) {
-                let message = "the client sent its caching_sha2_password password in clear text on a connection without TLS, so the gateway did not forward it. Use TLS, or let the client encrypt the password with the server's RSA key (the mariadb CLI does with --skip-ssl)";
-                let error = packet::err_payload(HANDSHAKE_ERROR_CODE, "08S01", message);
+            let rejection = if rsa_only && auth::is_clear_text_password(&answer.data) {
+                Some(auth::clear_text_without_tls(auth::CACHING_SHA2_PASSWORD))
+            } else {
+                auth::check_client_data(&plugin, &answer.data, legs)
+            };
+            if let Some(message) = rejection {
+                let error = packet::err_payload(HANDSHAKE_ERROR_CODE, "08S01", &message);
                 self.send_client(answer.first_seq.wrapping_add(1), &error)
                     .await?;
                 self.to_client.flush().await.map_err(client_error)?;
-                return Ok(AuthOutcome::Aborted(message.to_string()));
+                return Ok(AuthOutcome::Aborted(message));
             }
             let server_seq = answer.first_seq.wrapping_sub(offset);
             self.send_server(server_seq, &answer.data).await?;
@@ -958,18 +999,36 @@ impl Session<'_> {
     }
 
     async fn change_user(&mut self, payload: Payload) -> Result<(), SessionEnd> {
-        let mut reader = FieldReader::new(&payload.data[1..], "COM_CHANGE_USER");
-        let user = String::from_utf8_lossy(reader.cstr().map_err(client_error)?).into_owned();
-        if self.secure_connection {
-            let len = reader.u8().map_err(client_error)?;
-            reader.bytes(usize::from(len)).map_err(client_error)?;
+        let request = handshake::parse_change_user(&payload.data[1..], self.capabilities)
+            .map_err(client_error)?;
+        let legs = auth::Legs {
+            client_tls: self.client_tls,
+            upstream_tls: self.upstream_tls,
+        };
+        let rejection =
+            auth::check_client_data(&request.login.auth_plugin, request.auth_data, legs);
+        let ClientLogin {
+            user,
+            database,
+            auth_plugin,
+        } = request.login;
+        let outcome = if let Some(message) = rejection {
+            // NOTE: no integration test reaches this branch, because the test clients name a
+            // clear-text plugin in COM_CHANGE_USER only after a login that needs upstream_tls.
+            // Unit tests cover the parsing and the check it relies on.
+            // The server has not seen the command, but the session still ends like the other
+            // rejections during authentication, because the client asked to leave the account
+            // the server leg is still logged in as.
+            let error = packet::err_payload(HANDSHAKE_ERROR_CODE, "08S01", &message);
+            self.send_client(payload.last_seq.wrapping_add(1), &error)
+                .await?;
+            self.to_client.flush().await.map_err(client_error)?;
+            AuthOutcome::Aborted(message)
         } else {
-            reader.cstr().map_err(client_error)?;
-        }
-        let database = String::from_utf8_lossy(reader.cstr().map_err(client_error)?).into_owned();
-        self.send_server(0, &payload.data).await?;
-        self.to_server.flush().await.map_err(server_error)?;
-        let outcome = self.relay_auth(payload.last_seq, 0).await?;
+            self.send_server(0, &payload.data).await?;
+            self.to_server.flush().await.map_err(server_error)?;
+            self.relay_auth(payload.last_seq, 0, auth_plugin).await?
+        };
         record_event(
             self.record,
             "sql.change_user",
@@ -1425,16 +1484,6 @@ fn used_database(text: &[u8]) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-/// Checks whether a client's answer in caching_sha2_password full authentication is a password
-/// in clear text (NUL-terminated) rather than the public-key request `0x02` or RSA cipher text.
-/// Cipher text is as long as the key's modulus, at least 128 bytes for keys of 1024 bits or
-/// more, so a shorter answer ending in NUL is taken for a password.
-// NOTE: a password of 128 bytes or more in clear text is not recognized, and a key under 1024
-// bits would have its cipher text taken for a password about once in 256 logins.
-fn is_clear_text_password(answer: &[u8]) -> bool {
-    answer != [0x02] && answer.len() < 128 && answer.last() == Some(&0)
-}
-
 /// Reads the status of an OK packet (also the `0xfe` OK that ends a result set under
 /// `CLIENT_DEPRECATE_EOF`): header, affected rows, last insert id, status flags, warnings.
 fn parse_ok(data: &[u8]) -> Result<Status, PacketError> {
@@ -1548,17 +1597,6 @@ mod tests {
             Some("odd`name")
         );
         assert_eq!(used_database(b"USE"), None);
-    }
-
-    #[test]
-    fn clear_text_password_told_from_rsa_answers() {
-        assert!(is_clear_text_password(b"secret\0"));
-        assert!(is_clear_text_password(b"\0"));
-        assert!(!is_clear_text_password(&[0x02]));
-        let mut cipher = vec![0x5a; 256];
-        cipher[255] = 0;
-        assert!(!is_clear_text_password(&cipher));
-        assert!(!is_clear_text_password(b"no terminator"));
     }
 
     #[test]
