@@ -804,6 +804,9 @@ fn attach_all(
     let cgroup_id = cgroup::cgroup_id(cgroup)?;
     let mut adopted_all = true;
 
+    // NOTE: programs load one at a time, so one the verifier rejects (connect4 without
+    // CAP_PERFMON) leaves the programs before it attached and pinned. `gatewayd uninstall`
+    // removes them.
     for (name, hook) in PROGRAMS {
         let program = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
             name,
