@@ -82,7 +82,10 @@ pub enum RedirectError {
     KernelProbe { missing: Vec<String> },
     /// Probing itself failed (typically: no permission to use `bpf()`).
     #[error(
-        "failed to probe the kernel for {feature}: {message}; run gatewayd as root or with CAP_BPF and CAP_NET_ADMIN"
+        "failed to probe the kernel for {feature}: {message}; run gatewayd as root or with \
+         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON. \"Operation not permitted\" in a container that \
+         has these capabilities means the runtime's seccomp profile blocks bpf(): podman's and \
+         CRI-O's default profile allows it only with CAP_SYS_ADMIN (docs/operating.md)"
     )]
     ProbeFailed { feature: String, message: String },
     /// The pin directory is not on a bpffs and none could be mounted.
@@ -655,9 +658,11 @@ where
 /// Checks that the kernel has every program type, map type and helper the programs use, and
 /// names all that are missing at once.
 pub fn probe_kernel() -> Result<(), RedirectError> {
-    let failed = |feature: &str, error: &dyn std::fmt::Display| RedirectError::ProbeFailed {
+    // The chain keeps the OS error ("Operation not permitted"), which aya's top-level message
+    // ("`bpf_prog_load` failed") leaves out.
+    let failed = |feature: &str, error: &dyn std::error::Error| RedirectError::ProbeFailed {
         feature: feature.to_string(),
-        message: error.to_string(),
+        message: crate::error_chain(error),
     };
     let mut missing = Vec::new();
 
@@ -799,6 +804,9 @@ fn attach_all(
     let cgroup_id = cgroup::cgroup_id(cgroup)?;
     let mut adopted_all = true;
 
+    // NOTE: programs load one at a time, so one the verifier rejects (connect4 without
+    // CAP_PERFMON) leaves the programs before it attached and pinned. `gatewayd uninstall`
+    // removes them.
     for (name, hook) in PROGRAMS {
         let program = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
             name,

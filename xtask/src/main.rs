@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask setup | test | demo | bench | fuzz | ci`.
+//! Developer and CI tasks: `cargo xtask setup | test | demo | bench | fuzz | ci | image`.
 //!
 //! `setup` installs, only where missing, what building and testing need on a Debian machine:
 //! Debian packages (LLVM 22 for bpf-linker, iproute2, the database servers and clients the
@@ -16,6 +16,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod image;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +52,12 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Build the gatewayd image with podman, making stand-ins for base images that cannot be
+    /// pulled.
+    ///
+    /// Needs root, podman and debootstrap. It is not part of `test` or `ci`, because a first
+    /// build takes tens of minutes.
+    Image(image::ImageOptions),
 }
 
 /// Debian packages the build and the tests need, with what each is for.
@@ -91,6 +99,7 @@ fn main() -> ExitCode {
         Task::Bench { sections } => setup().and_then(|()| bench(&sections)),
         Task::Ci => setup().and_then(|()| ci()),
         Task::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
+        Task::Image(options) => image::build_image(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
