@@ -443,7 +443,9 @@ fn kube_comparison(node: &mut TestNode, binaries: &Path, pod: &Pod) -> anyhow::R
         Ok((times, size))
     };
     let (mut direct, size) = timings(false)?;
+    let before = sched_stats(daemon.pid())?;
     let (mut proxied, _) = timings(true)?;
+    let used = sched_stats(daemon.pid())? - before;
     let slow: Vec<String> = proxied
         .iter()
         .enumerate()
@@ -461,7 +463,11 @@ fn kube_comparison(node: &mut TestNode, binaries: &Path, pod: &Pod) -> anyhow::R
         KUBE_REQUESTS - 1
     );
     println!("  direct:  p50 {direct_p50:.3} ms, p99 {direct_p99:.3} ms");
-    println!("  gateway: p50 {proxied_p50:.3} ms, p99 {proxied_p99:.3} ms");
+    println!(
+        "  gateway: p50 {proxied_p50:.3} ms, p99 {proxied_p99:.3} ms, {:.0} us CPU and {:.1} thread runs per request",
+        used.cpu_ns as f64 / 1000.0 / KUBE_REQUESTS as f64,
+        used.runs as f64 / KUBE_REQUESTS as f64
+    );
     println!(
         "  added:   p50 {:.3} ms, p99 {:.3} ms",
         proxied_p50 - direct_p50,
