@@ -804,9 +804,26 @@ fn attach_all(
     let cgroup_id = cgroup::cgroup_id(cgroup)?;
     let mut adopted_all = true;
 
-    // NOTE: programs load one at a time, so one the verifier rejects (connect4 without
-    // CAP_PERFMON) leaves the programs before it attached and pinned. `gatewayd uninstall`
-    // removes them.
+    // Every program is loaded, and so verified, before any is attached: a program the verifier
+    // rejects (connect4 without CAP_PERFMON) leaves the cgroup's hooks as they were.
+    for (name, hook) in PROGRAMS {
+        let program = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
+            name,
+            message: "program not found in the eBPF object".into(),
+        })?;
+        let load = |source| RedirectError::Load {
+            program: name,
+            source,
+        };
+        if hook == AttachType::SockOps {
+            let program: &mut SockOps = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+        } else {
+            let program: &mut CgroupSockAddr = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+        }
+    }
+
     for (name, hook) in PROGRAMS {
         let program = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
             name,
@@ -833,7 +850,6 @@ fn attach_all(
         macro_rules! load_and_attach {
             ($program_type:ty) => {{
                 let program: &mut $program_type = program.try_into().map_err(load)?;
-                program.load().map_err(load)?;
                 if let Some(link) = &pinned {
                     update_link(link, program.fd().map_err(load)?.as_fd(), &link_path)?;
                     continue;

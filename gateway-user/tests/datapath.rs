@@ -726,3 +726,66 @@ fn sigterm_drains_then_closes() {
     drop(holder.stdin.take());
     let _ = holder.wait();
 }
+
+/// A program the verifier rejects stops the start before any hook changes: without
+/// CAP_PERFMON the kernel refuses connect4's pointer arithmetic, and the programs loaded before
+/// it must not stay attached with no proxy behind them.
+#[test]
+fn rejected_program_attaches_nothing() {
+    let EchoSetup {
+        node,
+        pod,
+        server,
+        target,
+        config,
+        _echo,
+    } = echo_setup("rejected_program_attaches_nothing", &[], "");
+
+    let output = node
+        .in_node(None, "setpriv")
+        .args([
+            "--bounding-set",
+            "-perfmon,-sys_admin",
+            GATEWAYD,
+            "run",
+            "--config",
+        ])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gatewayd without CAP_PERFMON");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "gatewayd started: {stderr}");
+    assert!(stderr.contains("connect4"), "{stderr}");
+
+    for hook in [
+        AttachType::Inet4Connect,
+        AttachType::Inet6Connect,
+        AttachType::SockOps,
+        AttachType::Inet4Getpeername,
+        AttachType::Inet6Getpeername,
+    ] {
+        let count = redirect::attached_program_count(&node.kubepods, hook).expect("query cgroup");
+        assert_eq!(count, 0, "{hook:?} attached by a start that failed");
+    }
+    let links = node.pin_dir().join("links");
+    let pinned: Vec<_> = std::fs::read_dir(&links)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        pinned.is_empty(),
+        "links pinned by a start that failed: {pinned:?}"
+    );
+
+    // A start with every capability then installs from scratch and proxies.
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+    assert!(daemon.log().contains("adopted=false"), "{}", daemon.log());
+    let report = client_connects(&node, &pod, target).expect("proxied connect");
+    assert_eq!(greeting_peer(&report), IpAddr::V4(server.node_side_v4));
+    assert!(daemon.stop().success());
+}
