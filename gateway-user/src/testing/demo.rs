@@ -187,7 +187,11 @@ pub fn run(paths: &DemoPaths, out: &mut dyn Write) -> anyhow::Result<()> {
             .context("run psql")
     };
 
-    writeln!(out, "\n== psql in {}: SELECT * FROM cards", payments.name)?;
+    writeln!(
+        out,
+        "\n== psql in {}: SELECT * FROM cards ORDER BY id",
+        payments.name
+    )?;
     let select = psql("SELECT * FROM cards ORDER BY id")?;
     ensure_success("psql SELECT", &select)?;
     write_indented(out, &select.stdout)?;
