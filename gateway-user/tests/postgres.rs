@@ -420,6 +420,21 @@ fn startup_bytewise_after_declined_encryption() {
     );
     let row = messages.iter().find(|m| m["tag"] == "D").expect("a row");
     assert_eq!(row["values"][0], "42");
+
+    // A client that gives up on encryption after the GSSENCRequest's `N` sends its startup
+    // packet straight away, with no SSLRequest between.
+    let script = lines(&[
+        "gssenc",
+        "startup rawuser postgres",
+        "read-ready 1",
+        "query SELECT 43",
+        "read-ready 1",
+        "terminate",
+    ]);
+    let messages = pg_script(&setup, "gssenc-then-startup", &script);
+    assert_eq!(messages[0]["answer"], "N", "GSSENCRequest is declined");
+    let row = messages.iter().find(|m| m["tag"] == "D").expect("a row");
+    assert_eq!(row["values"][0], "43");
 }
 
 #[test]
