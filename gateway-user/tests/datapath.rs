@@ -538,16 +538,7 @@ fn fail_closed_restart_adopts_uninstall() {
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("removed 5 link(s) and 6 map(s)"));
     assert!(!node.pin_dir().exists(), "the pin directory is gone");
-    for hook in [
-        AttachType::Inet4Connect,
-        AttachType::Inet6Connect,
-        AttachType::SockOps,
-        AttachType::Inet4Getpeername,
-        AttachType::Inet6Getpeername,
-    ] {
-        let count = redirect::attached_program_count(&node.kubepods, hook).expect("query cgroup");
-        assert_eq!(count, 0, "{hook:?} still attached after uninstall");
-    }
+    assert_nothing_attached(&node, "after uninstall");
     let report = client_connects(&node, &pod, target).expect("direct connect after uninstall");
     assert_eq!(greeting_peer(&report), IpAddr::V4(pod.addr_v4));
 
@@ -727,6 +718,20 @@ fn sigterm_drains_then_closes() {
     let _ = holder.wait();
 }
 
+/// Asserts that no program is attached to any of the gateway's hooks on the pods' cgroup.
+fn assert_nothing_attached(node: &TestNode, when: &str) {
+    for hook in [
+        AttachType::Inet4Connect,
+        AttachType::Inet6Connect,
+        AttachType::SockOps,
+        AttachType::Inet4Getpeername,
+        AttachType::Inet6Getpeername,
+    ] {
+        let count = redirect::attached_program_count(&node.kubepods, hook).expect("query cgroup");
+        assert_eq!(count, 0, "{hook:?} attached {when}");
+    }
+}
+
 /// A program the verifier rejects stops the start before any hook changes: without
 /// CAP_PERFMON the kernel refuses connect4's pointer arithmetic, and the programs loaded before
 /// it must not stay attached with no proxy behind them.
@@ -758,16 +763,7 @@ fn rejected_program_attaches_nothing() {
     assert!(!output.status.success(), "gatewayd started: {stderr}");
     assert!(stderr.contains("connect4"), "{stderr}");
 
-    for hook in [
-        AttachType::Inet4Connect,
-        AttachType::Inet6Connect,
-        AttachType::SockOps,
-        AttachType::Inet4Getpeername,
-        AttachType::Inet6Getpeername,
-    ] {
-        let count = redirect::attached_program_count(&node.kubepods, hook).expect("query cgroup");
-        assert_eq!(count, 0, "{hook:?} attached by a start that failed");
-    }
+    assert_nothing_attached(&node, "by a start that failed");
     let links = node.pin_dir().join("links");
     let pinned: Vec<_> = std::fs::read_dir(&links)
         .map(|entries| {

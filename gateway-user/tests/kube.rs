@@ -1740,8 +1740,8 @@ fn websocket_upgrade_refusal_passes_through() {
 }
 
 /// A WebSocket extension would compress exec output past the masking, so the client's offer
-/// never reaches the API server, and a server that answers with an extension all the same is
-/// refused with a 502 rather than relayed.
+/// never reaches the API server. A server that accepts an extension all the same gets a 502
+/// instead of a relayed stream.
 #[test]
 fn websocket_extension_not_negotiated() {
     let mut setup = kube_setup("websocket_extension_not_negotiated", "");
@@ -2003,8 +2003,8 @@ spec:
     assert_eq!(object["data"]["password"], "********");
     assert_eq!(object["data"]["user"], "ada");
 
-    // A client that prefers protobuf, as client-go can be set to, gets the JSON answer with
-    // the field masked; one that accepts protobuf only is refused.
+    // A client that prefers protobuf, as client-go can be set to, gets the JSON response with
+    // the field masked. One that accepts protobuf only gets a 406.
     let token = std::fs::read_to_string(cluster.service_account.join("token")).expect("read token");
     let bearer = format!("Authorization: Bearer {token}");
     let url = format!("https://{SERVICE_IP}:{API_PORT}/api/v1/namespaces/default/configmaps/db");

@@ -613,13 +613,13 @@ fn client_response(
     if !session.context.masked_fields.is_empty() && fields::unreadable_response(&content_type) {
         log.outcome = "upstream_failed";
         log.error = Some(format!(
-            "the API server answered in {content_type}, where named fields cannot be masked"
+            "the API server responded in {content_type}, where named fields cannot be masked"
         ));
         let status = Status {
             code: StatusCode::BAD_GATEWAY,
             reason: "InternalError",
             message: format!(
-                "gateway: the API server answered in {content_type} although JSON was requested; it was withheld because the policy's named fields could not be masked in it"
+                "gateway: the API server responded in {content_type} although JSON was requested; it was withheld because the policy's named fields could not be masked in it"
             ),
             name: String::new(),
             group: String::new(),
@@ -729,8 +729,8 @@ async fn upgrade(
         return client_response(response, &session, &request.headers, log);
     }
     if let Some(extensions) = response.headers().get(header::SEC_WEBSOCKET_EXTENSIONS) {
-        // RFC 6455 forbids an extension the client did not offer; the frames it shapes
-        // could not be scanned, so the stream is refused rather than relayed.
+        // RFC 6455 forbids an extension the client did not offer. Frames it compresses could
+        // not be scanned, so the stream is rejected instead of relayed.
         let extensions = String::from_utf8_lossy(extensions.as_bytes()).into_owned();
         log.outcome = "upstream_failed";
         log.error = Some(format!(
@@ -740,7 +740,7 @@ async fn upgrade(
             code: StatusCode::BAD_GATEWAY,
             reason: "BadGateway",
             message: format!(
-                "gateway: the API server answered with WebSocket extension {extensions:?}, whose frames cannot be scanned"
+                "gateway: the API server accepted WebSocket extension {extensions:?}, whose frames cannot be scanned"
             ),
             name: String::new(),
             group: String::new(),
