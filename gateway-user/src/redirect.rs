@@ -360,10 +360,7 @@ impl Redirect {
             source,
         })?;
         let mut ebpf = self.ebpf.lock().expect("eBPF object lock poisoned");
-        let loaded = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
-            name,
-            message: "program not found in the eBPF object".into(),
-        })?;
+        let loaded = gateway_program(&mut ebpf, name)?;
         let link_path = self.pins.link(name);
         let attach_error = |source| RedirectError::Attach {
             program: name,
@@ -790,6 +787,17 @@ fn nearest_existing(path: &Path) -> PathBuf {
     current
 }
 
+/// Looks up program `name` in the eBPF object.
+fn gateway_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, RedirectError> {
+    ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
+        name,
+        message: "program not found in the eBPF object".into(),
+    })
+}
+
 /// Loads each program and puts it on its hook. A pinned link on the same cgroup is switched to
 /// the new program in place, and otherwise a new link is created and pinned.
 fn attach_all(
@@ -807,10 +815,7 @@ fn attach_all(
     // Every program is loaded, and so verified, before any is attached: a program the verifier
     // rejects (connect4 without CAP_PERFMON) leaves the cgroup's hooks as they were.
     for (name, hook) in PROGRAMS {
-        let program = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
-            name,
-            message: "program not found in the eBPF object".into(),
-        })?;
+        let program = gateway_program(ebpf, name)?;
         let load = |source| RedirectError::Load {
             program: name,
             source,
@@ -825,10 +830,7 @@ fn attach_all(
     }
 
     for (name, hook) in PROGRAMS {
-        let program = ebpf.program_mut(name).ok_or_else(|| RedirectError::Map {
-            name,
-            message: "program not found in the eBPF object".into(),
-        })?;
+        let program = gateway_program(ebpf, name)?;
         let load = |source| RedirectError::Load {
             program: name,
             source,

@@ -1704,34 +1704,43 @@ fn kubectl_watch_through_gateway_after_quiet_minute() {
     assert_eq!(line, "configmap/late");
 }
 
+/// Returns curl options for a WebSocket upgrade over HTTP/1.1 with bearer `token`, the extra
+/// `headers`, and the status code written after the body on a line of its own. The URL
+/// follows.
+fn websocket_upgrade_args(token: &str, headers: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--http1.1", "-H"].into_iter().map(String::from).collect();
+    args.push(format!("Authorization: Bearer {token}"));
+    for header in [
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ]
+    .iter()
+    .chain(headers)
+    {
+        args.push("-H".into());
+        args.push((*header).to_string());
+    }
+    args.push("-w".into());
+    args.push("\n%{http_code}".into());
+    args
+}
+
 #[test]
 fn websocket_upgrade_refusal_passes_through() {
     let cluster = InCluster::new("websocket_upgrade_refusal_passes_through", "");
     let token = std::fs::read_to_string(cluster.service_account.join("token")).expect("read token");
+    let mut args = websocket_upgrade_args(&token, &["Sec-WebSocket-Protocol: bogus.example"]);
+    args.push(format!(
+        "https://{SERVICE_IP}:{API_PORT}/api/v1/namespaces/default/pods/client/exec?command=true&stdout=true"
+    ));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let output = cluster
-        .curl(&[
-        "--http1.1",
-        "-H",
-        &format!("Authorization: Bearer {token}"),
-        "-H",
-        "Connection: Upgrade",
-        "-H",
-        "Upgrade: websocket",
-        "-H",
-        "Sec-WebSocket-Version: 13",
-        "-H",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "-H",
-        "Sec-WebSocket-Protocol: bogus.example",
-        "-w",
-        "\n%{http_code}",
-        &format!(
-            "https://{SERVICE_IP}:{API_PORT}/api/v1/namespaces/default/pods/client/exec?command=true&stdout=true"
-        ),
-    ])
-    .stdin(Stdio::null())
-    .output()
-    .expect("run curl");
+        .curl(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').expect("body and status code");
     assert_eq!(code, "400", "{text}");
@@ -1746,29 +1755,16 @@ fn websocket_upgrade_refusal_passes_through() {
 fn websocket_extension_not_negotiated() {
     let mut setup = kube_setup("websocket_extension_not_negotiated", "");
     let token = bound_token(&setup.pod);
-    let output = setup.curl(
-        &setup.pod,
+    let mut args = websocket_upgrade_args(
+        &token,
         &[
-            "--http1.1",
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-            "-H",
-            "Connection: Upgrade",
-            "-H",
-            "Upgrade: websocket",
-            "-H",
-            "Sec-WebSocket-Version: 13",
-            "-H",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "-H",
             "Sec-WebSocket-Protocol: v5.channel.k8s.io",
-            "-H",
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
-            "-w",
-            "\n%{http_code}",
-            &setup.url("/api/v1/namespaces/default/pods/app/exec?command=date&stdout=true"),
         ],
     );
+    args.push(setup.url("/api/v1/namespaces/default/pods/app/exec?command=date&stdout=true"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = setup.curl(&setup.pod, &args);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').expect("body and status code");
     assert_eq!(code, "502", "{text}");

@@ -189,7 +189,7 @@ impl Podman {
     }
 }
 
-/// The cargo target directory, where the stand-ins' work files go by default.
+/// Returns the cargo target directory, where the stand-ins' work files go by default.
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

@@ -27,7 +27,7 @@
 //! - `sha256_password`: over TLS the client sends the password in clear text, NUL-terminated.
 //!   Without TLS it may first request the RSA public key (`0x01`, sent as in
 //!   caching_sha2_password), then sends the RSA-encrypted password as above. A client naming
-//!   the plugin in its handshake response puts its first answer there.
+//!   the plugin in its handshake response sends its first response there.
 //!
 //! `COM_CHANGE_USER` runs the same exchange, its scramble made with the greeting's nonce.
 //! After the login it replies to `COM_QUERY` for `SELECT 1`, `SELECT @@name, ...` (the settings

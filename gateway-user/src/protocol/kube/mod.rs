@@ -393,7 +393,7 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
             }
             fields::AcceptChoice::Unacceptable => {
                 log.outcome = "rejected";
-                log.error = Some("the client accepts no JSON response".into());
+                log.error = Some("the request accepts no JSON response".into());
                 let status = Status {
                     code: StatusCode::NOT_ACCEPTABLE,
                     reason: "NotAcceptable",
@@ -601,7 +601,7 @@ fn client_response(
     }
 
     strip_hop_by_hop(&mut parts.headers);
-    // Named fields are masked in JSON bodies. The request asked for JSON (see
+    // Named fields are masked in JSON bodies. The request accepts JSON only (see
     // `fields::json_accept`), so a protobuf, YAML or CBOR body comes from a server that
     // ignored `Accept`, and is withheld like a compressed one.
     let content_type = parts

@@ -20,10 +20,9 @@
 //!   the fast path before it sends only a scramble.
 //!
 //! An empty password (no data, or a single NUL) contains no secret and always passes.
-//! Each check runs on data the client sent, before the gateway forwards it: the auth data in
-//! the handshake response or COM_CHANGE_USER, judged by the plugin the client names there, and
-//! each response the client sends during the exchange, judged by the plugin of the server's
-//! last auth switch.
+//! Each check runs on data the client sent, before the gateway forwards it. The auth data in
+//! the handshake response or COM_CHANGE_USER is judged by the plugin the client names there.
+//! Each later response in the exchange is judged by the plugin of the server's last auth switch.
 // NOTE: MariaDB's `dialog` plugin (PAM) can send a password in clear text as well, as an
 // answer to a prompt. It is not examined here.
 
