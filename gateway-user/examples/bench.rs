@@ -121,11 +121,12 @@ fn main() -> anyhow::Result<()> {
     let mysql_server = node.add_server("bench-mysql", &[]);
     let mariadb = node.start_mariadb(&mysql_server);
     let targets = format!(
-        "  - name: bench-mysql\n    address: {mysql}\n    port: {mysql_port}\n    class: mysql\n  - name: bench\n    address: {ip}\n    port: {TARGET_PORT}\n    class: tcp\n  - name: bench-sink\n    address: {ip}\n    port: {SINK_TARGET_PORT}\n    class: tcp\n  - name: bench-db\n    address: {db}\n    port: 5432\n    class: postgres\n  - name: bench-db-relay\n    address: '{db6}'\n    port: 5432\n    class: tcp\n",
+        "  - name: bench-mysql\n    address: {mysql}\n    port: {mysql_port}\n    class: mysql\n  - name: bench\n    address: {ip}\n    port: {TARGET_PORT}\n    class: tcp\n  - name: bench-sink\n    address: {ip}\n    port: {SINK_TARGET_PORT}\n    class: tcp\n  - name: bench-mysql-relay\n    address: '{mysql6}'\n    port: {mysql_port}\n    class: tcp\n  - name: bench-db\n    address: {db}\n    port: 5432\n    class: postgres\n  - name: bench-db-relay\n    address: '{db6}'\n    port: 5432\n    class: tcp\n",
         ip = target.ip(),
         db = postgres.addr.ip(),
         db6 = database.addr_v6,
         mysql = mariadb.addr.ip(),
+        mysql6 = mysql_server.addr_v6,
         mysql_port = mariadb.addr.port(),
     );
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
@@ -161,7 +162,8 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
     if wants("mysql") {
-        mysql_point_selects(&node, &testpeer, &pod, &mariadb)?;
+        let relay_addr = SocketAddr::new(mysql_server.addr_v6.into(), mariadb.addr.port());
+        mysql_point_selects(&node, &testpeer, &pod, &mariadb, relay_addr)?;
     }
     daemon.stop();
     uninstall(&gatewayd, &config)?;
@@ -498,6 +500,81 @@ enum PgbenchPath {
     Handler,
     /// From the pod, through the byte relay (the server's IPv6 address is a `tcp` target).
     Relay,
+    /// From the pod, through pgbouncer on the node (a port that is not redirected).
+    Pgbouncer,
+}
+
+/// Listening address of pgbouncer in the node namespace: the node's end of the pod's link.
+const PGBOUNCER_ADDR: ([u8; 4], u16) = ([10, 244, 0, 1], 6432);
+const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+
+/// pgbouncer in session mode between the pod and the server, as a reference for what a
+/// mature PostgreSQL proxy keeps on the same machine and path. Runs as `postgres`, since it
+/// refuses to run as root.
+struct Pgbouncer {
+    child: ChildGuard,
+    pid_file: std::path::PathBuf,
+}
+
+impl Pgbouncer {
+    fn start(node: &TestNode, postgres: &testing::Postgres) -> anyhow::Result<Self> {
+        let dir = node.dir.join("pgbouncer");
+        std::fs::create_dir_all(&dir)?;
+        let (ip, port) = PGBOUNCER_ADDR;
+        let config = dir.join("pgbouncer.ini");
+        let pid_file = dir.join("pgbouncer.pid");
+
+        std::fs::write(
+            &config,
+            format!(
+                "[databases]\npostgres = host={host} port={server_port} dbname=postgres user=postgres password={password}\n\
+                 [pgbouncer]\nlisten_addr = {addr}\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = any\npool_mode = session\nmax_client_conn = 64\ndefault_pool_size = 16\n\
+                 logfile = {log}\npidfile = {pid}\n",
+                host = postgres.addr.ip(),
+                server_port = postgres.addr.port(),
+                password = testing::POSTGRES_PASSWORD,
+                addr = std::net::Ipv4Addr::from(ip),
+                log = dir.join("pgbouncer.log").display(),
+                pid = pid_file.display(),
+            ),
+        )?;
+        let chown = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()?;
+        anyhow::ensure!(chown.success(), "chown of {} failed", dir.display());
+
+        let child = node
+            .in_node(None, "runuser")
+            .args(["-u", "postgres", "--", PGBOUNCER])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let child = ChildGuard(child);
+        testing::wait_until(
+            "pgbouncer writes its pid file",
+            Duration::from_secs(10),
+            || pid_file.exists(),
+        );
+        Ok(Self { child, pid_file })
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        Ok(std::fs::read_to_string(&self.pid_file)?.trim().parse()?)
+    }
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        // runuser does not pass SIGKILL on, so pgbouncer itself is stopped first.
+        if let Ok(pid) = self.pid() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+        let _ = self.child.0.wait();
+    }
 }
 
 /// Runs pgbench directly, through the handler and through the plain relay, and prints the
@@ -510,6 +587,12 @@ fn pgbench_comparison(
     gatewayd: u32,
 ) -> anyhow::Result<()> {
     let program = postgres.bin_dir.join("pgbench");
+    let pgbouncer = if Path::new(PGBOUNCER).exists() {
+        Some(Pgbouncer::start(node, postgres)?)
+    } else {
+        eprintln!("{PGBOUNCER} is missing (`cargo xtask setup` installs it); no reference row");
+        None
+    };
     // Returns TPS, average latency in ms, and the gateway's CPU time in us and thread runs,
     // per transaction.
     let run = |path: PgbenchPath, args: &[&str]| -> anyhow::Result<(f64, f64, f64, f64)> {
@@ -517,8 +600,19 @@ fn pgbench_comparison(
             PgbenchPath::Direct => (node.in_node(None, &program), postgres.addr.ip()),
             PgbenchPath::Handler => (node.in_pod(pod, &program), postgres.addr.ip()),
             PgbenchPath::Relay => (node.in_pod(pod, &program), relay_addr),
+            PgbenchPath::Pgbouncer => (
+                node.in_pod(pod, &program),
+                std::net::Ipv4Addr::from(PGBOUNCER_ADDR.0).into(),
+            ),
         };
-        let before = sched_stats(gatewayd)?;
+        let measured = match (path, &pgbouncer) {
+            (PgbenchPath::Pgbouncer, Some(pgbouncer)) => pgbouncer.pid()?,
+            _ => gatewayd,
+        };
+        if let PgbenchPath::Pgbouncer = path {
+            command.args(["-p", &PGBOUNCER_ADDR.1.to_string()]);
+        }
+        let before = sched_stats(measured)?;
         let output = command
             .args(["-h", &host.to_string(), "-U", "postgres"])
             .args(args)
@@ -531,7 +625,7 @@ fn pgbench_comparison(
             "pgbench failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let used = sched_stats(gatewayd)? - before;
+        let used = sched_stats(measured)? - before;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         let number_after = |prefix: &str| -> f64 {
             text.lines()
@@ -567,6 +661,15 @@ fn pgbench_comparison(
                 relay_tps / direct_tps,
                 (relay_latency - direct_latency) * 1000.0
             );
+            if pgbouncer.is_some() {
+                let (tps, latency, cpu, runs) = run(PgbenchPath::Pgbouncer, &args)?;
+                println!(
+                    "  {:<17} {clients} client(s): pgbouncer {tps:.0} tps (ratio {:.3}, +{:.0} us, {cpu:.1} us CPU, {runs:.2} runs)",
+                    "",
+                    tps / direct_tps,
+                    (latency - direct_latency) * 1000.0
+                );
+            }
         }
     }
     Ok(())
@@ -577,12 +680,14 @@ const POINT_SELECT_SECONDS: u64 = 10;
 /// Rows of the point-select table; the loop picks keys from 1 to this.
 const POINT_SELECT_ROWS: usize = 1000;
 
-/// Runs the point-select loop directly and through the MySQL handler and prints the ratio.
+/// Runs the point-select loop directly, through the MySQL handler and through the byte relay
+/// (`relay_addr`, the server's IPv6 address as a `tcp` target), and prints the ratios.
 fn mysql_point_selects(
     node: &TestNode,
     testpeer: &Path,
     pod: &Pod,
     mariadb: &testing::Mariadb,
+    relay_addr: SocketAddr,
 ) -> anyhow::Result<()> {
     let values: Vec<String> = (1..=POINT_SELECT_ROWS)
         .map(|key| format!("({key}, 'value {key}')"))
@@ -593,23 +698,25 @@ fn mysql_point_selects(
         values.join(", ")
     ));
     let seconds = POINT_SELECT_SECONDS.to_string();
-    let run = |mut command: Command| -> anyhow::Result<f64> {
+    let run = |mut command: Command, addr: SocketAddr| -> anyhow::Result<f64> {
         let report = run_json(
             command
-                .args(["mysql-raw", "--connect", &mariadb.addr.to_string()])
+                .args(["mysql-raw", "--connect", &addr.to_string()])
                 .args(["--scenario", "point-select", "--seconds", &seconds]),
         )?;
         Ok(report["qps"].as_f64().unwrap_or(0.0))
     };
-    let direct = run(node.in_node(None, testpeer))?;
-    let proxied = run(node.in_pod(pod, testpeer))?;
+    let direct = run(node.in_node(None, testpeer), mariadb.addr)?;
+    let proxied = run(node.in_pod(pod, testpeer), mariadb.addr)?;
+    let relayed = run(node.in_pod(pod, testpeer), relay_addr)?;
     println!(
         "
 MySQL point selects, 8 connections, {POINT_SELECT_SECONDS} s per run, masking on:"
     );
     println!(
-        "  direct {direct:.0} q/s, handler {proxied:.0} q/s (ratio {:.3})",
-        proxied / direct
+        "  direct {direct:.0} q/s, handler {proxied:.0} q/s (ratio {:.3}), relay {relayed:.0} q/s (ratio {:.3})",
+        proxied / direct,
+        relayed / direct
     );
     Ok(())
 }

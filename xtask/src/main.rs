@@ -84,6 +84,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("postgresql-client", "psql and pgbench"),
     ("mariadb-server", "MariaDB server for the database tests"),
     ("mariadb-client", "the mysql client"),
+    (
+        "pgbouncer",
+        "a reference PostgreSQL proxy in `cargo xtask bench`",
+    ),
 ];
 
 /// bpf-linker release that builds against LLVM 22 with the toolchains used here.

@@ -269,6 +269,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                         continue;
                     }
                 };
+                // The real API server is written in Go, whose TCP connections disable Nagle's
+                // algorithm by default.
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::warn!(peer = %peer, error = %error, "TCP_NODELAY not set");
+                }
                 let server = server.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {

@@ -1043,6 +1043,60 @@ struct Backend {
     column_formats: Vec<i16>,
     /// Whether each column of the current result is masked whole, from RowDescription.
     whole_columns: Vec<bool>,
+    /// Statements completed by the messages read since the last flush to the client.
+    completed: Vec<Completed>,
+}
+
+/// A statement whose outcome is known, waiting to be recorded. Records are written after the
+/// replies that complete them are flushed, so building them does not delay the client.
+#[derive(Debug)]
+struct Completed {
+    pending: Pending,
+    outcome: &'static str,
+    rows: Option<u64>,
+    /// The denying rule, or the SQLSTATE of an error.
+    detail: Option<String>,
+    duration_us: u64,
+}
+
+impl Completed {
+    fn new(
+        pending: Pending,
+        outcome: &'static str,
+        rows: Option<u64>,
+        detail: Option<String>,
+    ) -> Self {
+        let duration_us = pending.started.elapsed().as_micros() as u64;
+        Self {
+            pending,
+            outcome,
+            rows,
+            detail,
+            duration_us,
+        }
+    }
+}
+
+/// Backend pump state whose completed statements are recorded after each flush, and also on
+/// drop, when the session ends on an error or is cancelled between a read and the flush.
+struct RecordCompleted<'a> {
+    state: Backend,
+    record: &'a Recording,
+    startup: &'a StartupInfo,
+}
+
+impl RecordCompleted<'_> {
+    fn record(&mut self) {
+        for completed in self.state.completed.drain(..) {
+            record_statement(self.record, self.startup, &completed);
+        }
+    }
+}
+
+impl Drop for RecordCompleted<'_> {
+    fn drop(&mut self) {
+        self.record();
+    }
 }
 
 async fn backend(
@@ -1051,10 +1105,19 @@ async fn backend(
     pump: &PumpContext<'_>,
 ) -> Result<(), SessionEnd> {
     let PumpContext {
-        context, counters, ..
+        context,
+        counters,
+        record,
+        startup,
+        ..
     } = *pump;
-    let mut state = Backend::default();
+    let mut guard = RecordCompleted {
+        state: Backend::default(),
+        record,
+        startup,
+    };
     loop {
+        let state = &mut guard.state;
         let Some(header) = upstream
             .read_header(codec::MAX_MESSAGE_LEN)
             .await
@@ -1071,21 +1134,15 @@ async fn backend(
 
         if !header.is_held() {
             // Large rows and copy data stream through with per-column masking.
-            stream_to_client(
-                &mut upstream,
-                &mut client,
-                header,
-                &mut state,
-                &context.mask,
-            )
-            .await?;
+            stream_to_client(&mut upstream, &mut client, header, state, &context.mask).await?;
         } else {
             let body = upstream.read_body(header).await.map_err(server_error)?;
-            let out = backend_message(&mut state, header.tag, body, pump).map_err(server_error)?;
+            let out = backend_message(state, header.tag, body, pump).map_err(server_error)?;
             client.write_all(&out).await.map_err(client_error)?;
         }
         if upstream.buffered() == 0 {
             client.flush().await.map_err(client_error)?;
+            guard.record();
         }
     }
 }
@@ -1098,10 +1155,8 @@ fn backend_message(
 ) -> Result<Bytes, CodecError> {
     let PumpContext {
         context,
-        record,
         shared,
         authenticated,
-        startup,
         session_token,
         ..
     } = *pump;
@@ -1151,7 +1206,9 @@ fn backend_message(
                 .front_mut()
                 .and_then(|point| point.statements.pop_front())
             {
-                record_statement(record, startup, &pending, "ok", rows, None);
+                state
+                    .completed
+                    .push(Completed::new(pending, "ok", rows, None));
             }
             Ok(codec::frame(tag, &body))
         }
@@ -1182,20 +1239,17 @@ fn backend_message(
                     point.denial_marker = None;
                     if let Some(pending) = point.statements.pop_back() {
                         let rule = pending.denied_by.clone().unwrap_or_default();
-                        record_statement(record, startup, &pending, "denied", None, Some(&rule));
+                        state
+                            .completed
+                            .push(Completed::new(pending, "denied", None, Some(rule)));
                     }
                     point.statements.clear();
                     return Ok(error);
                 }
                 if let Some(pending) = point.statements.pop_front() {
-                    record_statement(
-                        record,
-                        startup,
-                        &pending,
-                        "error",
-                        None,
-                        sqlstate.as_deref(),
-                    );
+                    state
+                        .completed
+                        .push(Completed::new(pending, "error", None, sqlstate));
                 }
             }
             drop(shared);
@@ -1220,7 +1274,9 @@ fn backend_message(
                         "not_executed"
                     };
                     let rule = pending.denied_by.clone();
-                    record_statement(record, startup, &pending, outcome, None, rule.as_deref());
+                    state
+                        .completed
+                        .push(Completed::new(pending, outcome, None, rule));
                 }
             }
             Ok(codec::frame(tag, &body))
@@ -1325,14 +1381,14 @@ async fn stream_to_client(
     Ok(())
 }
 
-fn record_statement(
-    record: &Recording,
-    startup: &StartupInfo,
-    pending: &Pending,
-    outcome: &str,
-    rows: Option<u64>,
-    detail: Option<&str>,
-) {
+fn record_statement(record: &Recording, startup: &StartupInfo, completed: &Completed) {
+    let Completed {
+        pending,
+        outcome,
+        rows,
+        detail,
+        duration_us,
+    } = completed;
     let mut fields = json!({
         "database_user": startup.user,
         "database": startup.database,
@@ -1341,13 +1397,13 @@ fn record_statement(
         "tables": pending.info.tables,
         "params": pending.params,
         "outcome": outcome,
-        "duration_us": pending.started.elapsed().as_micros() as u64,
+        "duration_us": duration_us,
     });
     let map = fields.as_object_mut().expect("object");
     if let Some(rows) = rows {
         map.insert("rows".into(), json!(rows));
     }
-    match outcome {
+    match *outcome {
         "denied" => {
             map.insert("decision".into(), json!("deny"));
             map.insert("rule".into(), json!(detail));
