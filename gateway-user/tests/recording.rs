@@ -16,7 +16,7 @@ use std::{
 use gateway_user::{
     config::RecordingConfig,
     identity::Subject,
-    record::{Outcome, Recorder, SessionEnd, TargetInfo},
+    record::{DIR_MODE, FILE_MODE, Outcome, Recorder, SessionEnd, TargetInfo},
 };
 use serde_json::{Value, json};
 
@@ -550,6 +550,11 @@ fn retention_prunes_only_expired_days() {
     let compressed = PathBuf::from(format!("{}.zst", recent_path.display()));
     assert!(compressed.exists(), "the recent session must be compressed");
     assert!(!recent_path.exists());
+    assert_eq!(
+        mode(&compressed),
+        FILE_MODE,
+        "compressed sessions keep the file mode"
+    );
     let kept = zstd::stream::decode_all(&fs::read(&compressed).expect("read")[..]).expect("zstd");
     assert_eq!(
         kept, recent_bytes,
@@ -577,6 +582,32 @@ fn retention_prunes_only_expired_days() {
         stdout(&show).contains("session.end"),
         "compressed sessions stay readable"
     );
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+#[test]
+fn store_closed_to_other_users() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = dir.path().join("store");
+    let (sql_id, _) = write_store(&store);
+
+    let session = session_path(&store, &sql_id);
+    assert_eq!(mode(&session), FILE_MODE, "{}", session.display());
+    let mut dir_path = session.parent().expect("day directory");
+    while dir_path != dir.path() {
+        assert_eq!(mode(dir_path), DIR_MODE, "{}", dir_path.display());
+        dir_path = dir_path.parent().expect("parent directory");
+    }
+    let segments = journal_segments(&store);
+    assert!(!segments.is_empty(), "the journal has a segment");
+    for segment in &segments {
+        assert_eq!(mode(segment), FILE_MODE, "{}", segment.display());
+    }
+    assert_eq!(mode(&store.join("journal")), DIR_MODE);
 }
 
 #[test]

@@ -223,8 +223,8 @@ impl Journal {
     /// Opens the journal under `store` for appending; creates the directory when missing.
     pub fn open(store: &Path, node: &str, writer: Writer) -> std::io::Result<Self> {
         let dir = store.join(JOURNAL_DIR);
-        fs::create_dir_all(&dir)?;
-        let lock = OpenOptions::new()
+        super::create_store_dir(&dir)?;
+        let lock = super::store_file_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -386,7 +386,7 @@ impl Journal {
             .to_string();
         name.push_str(".jsonl");
         let path = self.dir.join(&name);
-        let file = OpenOptions::new()
+        let file = super::store_file_options()
             .create_new(true)
             .append(true)
             .open(&path)?;

@@ -21,6 +21,29 @@ pub mod signing;
 pub mod verify;
 mod writer;
 
+/// Mode of the files in a store: the owner (root, as gatewayd runs) writes, its group reads.
+/// Recordings are audit logs, so other users of the node cannot read them.
+pub const FILE_MODE: u32 = 0o640;
+/// Mode of the directories in a store.
+pub const DIR_MODE: u32 = 0o750;
+
+/// Creates `dir` and its missing parents with [`DIR_MODE`].
+pub(crate) fn create_store_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+/// Options that create a store file with [`FILE_MODE`].
+pub(crate) fn store_file_options() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.mode(FILE_MODE);
+    options
+}
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -229,7 +252,7 @@ impl Recorder {
         clock: Clock,
     ) -> Result<Self, RecordError> {
         let dir = config.dir.clone();
-        std::fs::create_dir_all(dir.join(SESSIONS_DIR)).map_err(|source| RecordError::Open {
+        create_store_dir(&dir.join(SESSIONS_DIR)).map_err(|source| RecordError::Open {
             path: dir.clone(),
             source,
         })?;

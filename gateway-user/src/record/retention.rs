@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashSet,
-    fs::{self, File},
+    fs,
     io::Write as _,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -227,7 +227,12 @@ fn compress(path: &Path) -> Result<(), RetentionError> {
     let mut temporary = target.as_os_str().to_owned();
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);
-    let mut file = File::create(&temporary).map_err(error)?;
+    let mut file = super::store_file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temporary)
+        .map_err(error)?;
     file.write_all(&compressed).map_err(error)?;
     file.sync_all().map_err(error)?;
     fs::rename(&temporary, &target).map_err(error)?;

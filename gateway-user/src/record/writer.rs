@@ -14,7 +14,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::Write as _,
     path::PathBuf,
     sync::{
@@ -401,8 +401,13 @@ impl Writer {
     fn create_session_file(&mut self, path: &std::path::Path) -> Option<File> {
         let result = path
             .parent()
-            .map_or(Ok(()), fs::create_dir_all)
-            .and_then(|()| OpenOptions::new().create_new(true).append(true).open(path));
+            .map_or(Ok(()), super::create_store_dir)
+            .and_then(|()| {
+                super::store_file_options()
+                    .create_new(true)
+                    .append(true)
+                    .open(path)
+            });
         match result {
             Ok(file) => Some(file),
             Err(error) => {
