@@ -1604,20 +1604,53 @@ fn kubectl_exec_idle_terminal_recorded_live() {
     assert_eq!(output.status.code(), Some(5), "{text}");
 }
 
+/// Port-forward with parallel connections over both transports, and a PAN that the forwarded
+/// server writes in two pieces: it reaches the client masked.
 #[test]
 fn kubectl_port_forward_through_gateway() {
     const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
-    let cluster = InCluster::new("kubectl_port_forward_through_gateway", "");
+    // The pause between the PAN's pieces must stay under the hold time, which is raised so
+    // that a loaded machine cannot stretch it past.
+    let cluster = InCluster::with_settings(
+        "kubectl_port_forward_through_gateway",
+        "",
+        None,
+        "  exec_output_hold: 5s\n",
+        |_| {},
+    );
     let mut echo = cluster.node.in_server(&cluster.server, TESTPEER);
     echo.args(["serve", "--listen", "127.0.0.1:8080"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let _echo = gateway_user::testing::ChildGuard(echo.spawn().expect("start the echo server"));
+    let script = cluster.node.dir.join("split-pan.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nprintf 'card 4111 1111 '\nsleep 0.3\nprintf '1111 1111 end\\n'\n",
+    )
+    .expect("write the PAN server's script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make the script executable");
+    let mut split_pan = cluster.node.in_server(&cluster.server, "socat");
+    split_pan
+        .args([
+            "TCP-LISTEN:8081,bind=127.0.0.1,reuseaddr,fork".to_string(),
+            format!("EXEC:{}", script.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _split_pan =
+        gateway_user::testing::ChildGuard(split_pan.spawn().expect("start the PAN server"));
 
     for (index, websockets) in TRANSPORTS.iter().enumerate() {
         let local_port = 18080 + index;
-        let mut forward =
-            cluster.kubectl(&["port-forward", "pod/client", &format!("{local_port}:8080")]);
+        let pan_port = 18090 + index;
+        let mut forward = cluster.kubectl(&[
+            "port-forward",
+            "pod/client",
+            &format!("{local_port}:8080"),
+            &format!("{pan_port}:8081"),
+        ]);
         forward
             .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
             .stdin(Stdio::null())
@@ -1660,6 +1693,20 @@ fn kubectl_port_forward_through_gateway() {
                 stderr_of(&output)
             );
         }
+
+        let received = cluster
+            .node
+            .in_pod(&cluster.pod, "socat")
+            .args(["-u", &format!("TCP:127.0.0.1:{pan_port}"), "STDOUT"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run socat");
+        assert!(received.status.success(), "{}", stderr_of(&received));
+        assert_eq!(
+            String::from_utf8_lossy(&received.stdout),
+            "card 4111 11** **** 1111 end\n",
+            "websockets={websockets}"
+        );
     }
 }
 

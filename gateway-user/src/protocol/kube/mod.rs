@@ -761,6 +761,13 @@ async fn upgrade(
         .unwrap_or("")
         .to_string();
     let record_frames = matches!(info.subresource.as_str(), "exec" | "attach");
+    // The server's choice of subprotocol decides how the WebSocket messages are read.
+    let framing = match framing {
+        Framing::WebSocket { .. } if protocol == upgrade::SPDY_TUNNEL_PROTOCOL => {
+            Framing::SpdyInWebSocket
+        }
+        other => other,
+    };
     record_event(
         &session.record,
         "stream.open",
@@ -772,7 +779,10 @@ async fn upgrade(
             "container": info.exec.as_ref().map(|exec| &exec.container),
             "tty": info.exec.as_ref().map(|exec| exec.tty),
             "stdin": info.exec.as_ref().map(|exec| exec.stdin),
-            "transport": match framing { Framing::Spdy => "spdy", Framing::WebSocket { .. } => "websocket" },
+            "transport": match framing {
+                Framing::Spdy => "spdy",
+                Framing::WebSocket { .. } | Framing::SpdyInWebSocket => "websocket",
+            },
             "protocol": protocol,
         }),
     );

@@ -1,8 +1,9 @@
 //! Upgraded streams (exec, attach, port-forward) after the API server's `101 Switching
 //! Protocols`: frames are relayed both ways as they arrive, data from the server is masked,
-//! and exec and attach frames are recorded as they pass. Exec and attach output is masked per
-//! stream across frame boundaries (see [`exec_output`]), port-forward data frame by frame. In
-//! the recording, trailing digits that may start a PAN move to the stream's next frame.
+//! and exec and attach frames are recorded as they pass. Output is masked per stream across
+//! frame boundaries (see [`exec_output`]), also port-forward data over SPDY, and over SPDY
+//! tunneled in WebSocket (see [`tunnel`]). In the recording, trailing digits that may start a
+//! PAN move to the stream's next frame.
 //!
 //! Two framings are read. WebSocket (RFC 6455) with the Kubernetes channel subprotocols
 //! (`v4.channel.k8s.io`, `v5.channel.k8s.io`, `portforward.k8s.io`), where the first payload
@@ -14,6 +15,7 @@
 
 mod exec_output;
 pub(crate) mod spdy;
+mod tunnel;
 
 use std::time::Instant;
 
@@ -24,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use self::{
     exec_output::{MaskedOutput, OutputMasker, StreamKey},
     spdy::{HeaderDecoder, StreamNames},
+    tunnel::TunnelMasker,
 };
 use super::Recording;
 use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
@@ -43,7 +46,13 @@ pub enum Framing {
         channels: bool,
     },
     Spdy,
+    /// SPDY carried as a byte stream in binary WebSocket messages
+    /// (`SPDY/3.1+portforward.k8s.io`).
+    SpdyInWebSocket,
 }
+
+/// WebSocket subprotocol with which kubectl tunnels port-forward's SPDY connection.
+pub const SPDY_TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 
 /// What a relay direction does with its frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,20 +151,14 @@ where
 {
     let mut totals = DirectionTotals::default();
     let mut buffer = BytesMut::with_capacity(64 * 1024);
-    let mut output = (direction == Direction::ToClient && context.record_frames).then(|| {
-        OutputMasker::new(
-            context.framing,
-            context.mask.clone(),
-            context.exec_output_hold,
-        )
-    });
+    let mut output = ServerOutput::new(direction, context);
     // Only the client opens streams in exec and attach, so only its header blocks are read.
     let mut header_decoder = (direction == Direction::ToServer
         && context.framing == Framing::Spdy
         && context.record_frames)
         .then(HeaderDecoder::new);
     loop {
-        let deadline = output.as_ref().and_then(OutputMasker::next_deadline);
+        let deadline = output.as_ref().and_then(ServerOutput::next_deadline);
         let read = tokio::select! {
             read = from.read_buf(&mut buffer) => read?,
             () = sleep_until_some(deadline) => {
@@ -187,7 +190,7 @@ where
         while let Some(header) = parse_header(context.framing, &buffer)? {
             let mut frame = buffer.split_to(header.header_len + header.payload_len);
             if let Some(output) = output.as_mut() {
-                output.push_frame(&frame, &header, Instant::now(), &mut masked);
+                output.push_frame(&frame, &header, Instant::now(), &mut masked)?;
                 continue;
             }
             if let (FrameKind::SpdyControl, Some(decoder)) = (&header.kind, header_decoder.as_mut())
@@ -216,6 +219,71 @@ where
         }
         if buffer.capacity() - buffer.len() < 4096 {
             buffer.reserve(64 * 1024);
+        }
+    }
+}
+
+/// Masks what the server sends across frame boundaries, holding back per stream the bytes that
+/// may start a PAN.
+enum ServerOutput {
+    /// Exec and attach output, and port-forward data over SPDY.
+    Frames(OutputMasker),
+    /// Port-forward data over SPDY tunneled in WebSocket.
+    Tunnel(TunnelMasker),
+}
+
+impl ServerOutput {
+    /// Returns the masker of the server-to-client direction, or `None` for frames that are
+    /// masked one by one: the client's, and port-forward's WebSocket channels.
+    fn new(direction: Direction, context: &StreamContext) -> Option<Self> {
+        if direction != Direction::ToClient {
+            return None;
+        }
+        let (policy, hold) = (context.mask.clone(), context.exec_output_hold);
+        match context.framing {
+            Framing::SpdyInWebSocket => Some(Self::Tunnel(TunnelMasker::new(policy, hold))),
+            Framing::Spdy => Some(Self::Frames(OutputMasker::new(Framing::Spdy, policy, hold))),
+            framing @ Framing::WebSocket { .. } if context.record_frames => {
+                Some(Self::Frames(OutputMasker::new(framing, policy, hold)))
+            }
+            Framing::WebSocket { .. } => None,
+        }
+    }
+
+    fn push_frame(
+        &mut self,
+        frame: &[u8],
+        header: &FrameHeader,
+        now: Instant,
+        out: &mut MaskedOutput,
+    ) -> Result<(), StreamError> {
+        match self {
+            Self::Frames(masker) => {
+                masker.push_frame(frame, header, now, out);
+                Ok(())
+            }
+            Self::Tunnel(masker) => masker.push_frame(frame, header, now, out),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match self {
+            Self::Frames(masker) => masker.next_deadline(),
+            Self::Tunnel(masker) => masker.next_deadline(),
+        }
+    }
+
+    fn flush_expired(&mut self, now: Instant, out: &mut MaskedOutput) {
+        match self {
+            Self::Frames(masker) => masker.flush_expired(now, out),
+            Self::Tunnel(masker) => masker.flush_expired(now, out),
+        }
+    }
+
+    fn flush_all(&mut self, out: &mut MaskedOutput) {
+        match self {
+            Self::Frames(masker) => masker.flush_all(out),
+            Self::Tunnel(masker) => masker.flush_all(out),
         }
     }
 }
@@ -263,6 +331,10 @@ where
     totals.bytes += output.bytes.len() as u64;
     totals.frames += output.frames;
     totals.pans_masked += output.pans_masked;
+    if !context.record_frames {
+        // Port-forward data is counted, not recorded.
+        return Ok(());
+    }
     for (stream, range) in &output.data {
         recording.record(
             context,
@@ -300,7 +372,7 @@ enum FrameKind {
 /// buffered.
 fn parse_header(framing: Framing, buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> {
     let header = match framing {
-        Framing::WebSocket { .. } => parse_websocket_header(buffer)?,
+        Framing::WebSocket { .. } | Framing::SpdyInWebSocket => parse_websocket_header(buffer)?,
         Framing::Spdy => parse_spdy_header(buffer)?,
     };
     Ok(header.filter(|header| buffer.len() >= header.header_len + header.payload_len))
@@ -390,11 +462,12 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
     }))
 }
 
-/// Masks a port-forward frame from the server in place, or records a frame from the client
-/// (stdin, and over SPDY resize). Exec and attach output goes through [`OutputMasker`] instead.
-// NOTE: port-forward data is masked frame by frame, so a PAN split across two frames passes
-// there. Port-forward carries arbitrary protocols, where holding bytes back and re-framing
-// could break the first message's port prefix.
+/// Masks a port-forward frame of the WebSocket channel protocol from the server in place, or
+/// records a frame from the client (stdin, and over SPDY resize). Other server frames go
+/// through [`ServerOutput`] instead.
+// NOTE: over the WebSocket channel protocol `portforward.k8s.io`, data is masked frame by
+// frame, so a PAN split across two frames passes there. Each channel's first frame starts with
+// the port, which re-framing must keep in place. kubectl uses the SPDY protocols instead.
 fn process_frame(
     frame: &mut [u8],
     header: &FrameHeader,

@@ -147,7 +147,11 @@ impl OutputMasker {
                 if frame_type == SPDY_RST_STREAM && payload.len() >= 4 {
                     let stream_id =
                         u32::from_be_bytes([payload[0] & 0x7f, payload[1], payload[2], payload[3]]);
-                    self.flush_stream(StreamKey::Spdy(stream_id), out);
+                    let key = StreamKey::Spdy(stream_id);
+                    self.flush_stream(key, out);
+                    // A reset stream carries no more data. Port-forward opens two streams per
+                    // connection, so ended ones must not pile up.
+                    self.streams.retain(|stream| stream.key != key);
                 } else if frame_type == SPDY_GOAWAY {
                     self.flush_all(out);
                 }
@@ -370,6 +374,19 @@ fn push_websocket_frame(
     out: &mut MaskedOutput,
 ) {
     let payload_len = data.len() + usize::from(channel_byte.is_some());
+    push_websocket_header(first_byte, payload_len, out);
+    if let Some(channel) = channel_byte {
+        out.bytes.push(channel);
+    }
+    let start = out.bytes.len();
+    out.bytes.extend_from_slice(data);
+    out.data.push((key, start..out.bytes.len()));
+    out.frames += 1;
+}
+
+/// Appends the header of an unmasked (server-sent) WebSocket frame whose first byte is
+/// `first_byte` and whose payload is `payload_len` bytes long.
+pub(super) fn push_websocket_header(first_byte: u8, payload_len: usize, out: &mut MaskedOutput) {
     out.bytes.push(first_byte);
     if payload_len < 126 {
         out.bytes.push(payload_len as u8);
@@ -381,13 +398,6 @@ fn push_websocket_frame(
         out.bytes
             .extend_from_slice(&(payload_len as u64).to_be_bytes());
     }
-    if let Some(channel) = channel_byte {
-        out.bytes.push(channel);
-    }
-    let start = out.bytes.len();
-    out.bytes.extend_from_slice(data);
-    out.data.push((key, start..out.bytes.len()));
-    out.frames += 1;
 }
 
 /// Appends `data` as SPDY data frames of stream `stream_id`. The held bytes can push a frame
@@ -523,11 +533,11 @@ mod tests {
         let stdout = StreamKey::Channel(1);
         for framing in [WEBSOCKET, Framing::Spdy] {
             let stream = match framing {
-                Framing::Spdy => StreamKey::Spdy(3),
+                Framing::Spdy | Framing::SpdyInWebSocket => StreamKey::Spdy(3),
                 Framing::WebSocket { .. } => stdout,
             };
             let frame = |data: &[u8]| match framing {
-                Framing::Spdy => spdy_data(3, 0, data),
+                Framing::Spdy | Framing::SpdyInWebSocket => spdy_data(3, 0, data),
                 Framing::WebSocket { .. } => channel_message(1, data),
             };
             for cut in 0..=PAN.len() {
