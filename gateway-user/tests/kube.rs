@@ -1327,6 +1327,13 @@ fn kubectl_exec_through_gateway() {
         event["event"] == "stream.frame" && event["stream"] == "stderr" && event["data"] == "err\n"
     });
     assert!(stderr_frame, "no stderr frame recorded");
+    // The terminal's size, set by `stty` before kubectl started, is recorded on both transports.
+    for spdy in [false, true] {
+        assert!(
+            frame_recorded(&events, spdy, "resize", r#""Width":100,"Height":30"#),
+            "no resize frame recorded (spdy={spdy})"
+        );
+    }
 }
 
 /// Reads every session file of the node as one text.

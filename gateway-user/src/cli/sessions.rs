@@ -521,8 +521,10 @@ fn export(session: &SessionFile, format: ExportFormat) -> anyhow::Result<()> {
 }
 
 /// Converts an exec or attach session into asciicast v2 lines: a header, then `[seconds,
-/// "o" | "i", data]` events with times relative to the stream's start. WebSocket and SPDY
-/// recordings name their streams alike, so both export the same way (see [`cast_event_type`]).
+/// "o" | "i", data]` events with times relative to the stream's start, and `[seconds, "r",
+/// "COLSxROWS"]` where the terminal was resized. The header takes the first size the client
+/// sent. WebSocket and SPDY recordings name their streams alike, so both export the same way
+/// (see [`cast_event_type`]).
 pub fn asciicast(records: &[Value]) -> anyhow::Result<Vec<String>> {
     let open = records.iter().find(|r| r["event"] == "stream.open");
     let frames: Vec<&Value> = records
@@ -539,8 +541,15 @@ pub fn asciicast(records: &[Value]) -> anyhow::Result<Vec<String>> {
         .and_then(|r| r["time"].as_str())
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .map_or(0, |t| t.timestamp());
-    let width = open.and_then(|o| o["width"].as_u64()).unwrap_or(80);
-    let height = open.and_then(|o| o["height"].as_u64()).unwrap_or(24);
+    let first_size = frames.iter().find_map(|frame| terminal_size(frame));
+    let width = open
+        .and_then(|o| o["width"].as_u64())
+        .or(first_size.map(|(width, _)| width))
+        .unwrap_or(80);
+    let height = open
+        .and_then(|o| o["height"].as_u64())
+        .or(first_size.map(|(_, height)| height))
+        .unwrap_or(24);
     let mut header = json!({ "version": 2, "width": width, "height": height, "timestamp": start });
     if let Some(command) = open.map(|o| &o["command"]).filter(|c| !c.is_null()) {
         let text = match command {
@@ -561,12 +570,26 @@ pub fn asciicast(records: &[Value]) -> anyhow::Result<Vec<String>> {
             .unwrap_or(base)
             .saturating_sub(base) as f64
             / 1000.0;
+        if let Some((width, height)) = terminal_size(frame) {
+            lines.push(json!([seconds, "r", format!("{width}x{height}")]).to_string());
+            continue;
+        }
         let Some(kind) = cast_event_type(frame) else {
             continue;
         };
         lines.push(json!([seconds, kind, frame["data"].as_str().unwrap_or_default()]).to_string());
     }
     Ok(lines)
+}
+
+/// Returns the columns and rows of a recorded `resize` frame, which contains the JSON kubectl
+/// sends (`{"Width":100,"Height":30}`), or `None` for other frames and unreadable sizes.
+fn terminal_size(frame: &Value) -> Option<(u64, u64)> {
+    if frame["stream"] != "resize" {
+        return None;
+    }
+    let size: Value = serde_json::from_str(frame["data"].as_str()?).ok()?;
+    Some((size["Width"].as_u64()?, size["Height"].as_u64()?))
 }
 
 /// Returns the asciicast event type of a recorded frame: `o` (output) for stdout and stderr,
@@ -695,11 +718,14 @@ mod tests {
             events,
             [
                 json!([0.5, "i", "ls\r"]),
+                json!([1.0, "r", "100x30"]),
                 json!([1.5, "o", "file\r\n"]),
                 json!([2.0, "o", "warning\r\n"]),
             ]
         );
         let header: Value = serde_json::from_str(&spdy[0]).expect("asciicast header");
         assert_eq!(header["command"], "sh");
+        assert_eq!(header["width"], 100, "the first size sets the header's");
+        assert_eq!(header["height"], 30);
     }
 }

@@ -463,7 +463,7 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
 }
 
 /// Masks a port-forward frame of the WebSocket channel protocol from the server in place, or
-/// records a frame from the client (stdin, and over SPDY resize). Other server frames go
+/// records a frame from the client (stdin and resize). Other server frames go
 /// through [`ServerOutput`] instead.
 // NOTE: over the WebSocket channel protocol `portforward.k8s.io`, data is masked frame by
 // frame, so a PAN split across two frames passes there. Each channel's first frame starts with
@@ -500,8 +500,14 @@ fn process_frame(
                                 *byte ^= key[index % 4];
                             }
                         }
-                        if data.first() == Some(&0) {
-                            recording.record(context, StreamKey::Channel(0), "stdin", &data[1..]);
+                        // Channel 0 is stdin and channel 4 the terminal size.
+                        if let Some(&channel @ (0 | 4)) = data.first() {
+                            recording.record(
+                                context,
+                                StreamKey::Channel(channel),
+                                stream_name(channel),
+                                &data[1..],
+                            );
                         }
                     }
                 }
