@@ -1327,6 +1327,16 @@ fn kubectl_exec_through_gateway() {
         event["event"] == "stream.frame" && event["stream"] == "stderr" && event["data"] == "err\n"
     });
     assert!(stderr_frame, "no stderr frame recorded");
+    // kubectl closes its connection as soon as it has the exit status: a normal end, however
+    // abrupt, keeps both directions' totals and records no error.
+    for close in events
+        .iter()
+        .filter(|event| event["event"] == "stream.close")
+    {
+        assert!(close["error"].is_null(), "{close}");
+        assert!(close["from_client"]["bytes"].is_u64(), "{close}");
+        assert!(close["from_server"]["bytes"].is_u64(), "{close}");
+    }
     // The terminal's size, set by `stty` before kubectl started, is recorded on both transports.
     for spdy in [false, true] {
         assert!(

@@ -866,9 +866,12 @@ where
             _ => None,
         });
     let totals = |result: &Option<Result<upgrade::DirectionTotals, _>>| match result {
-        Some(Ok(totals)) => {
-            json!({ "bytes": totals.bytes, "frames": totals.frames, "pans_masked": totals.pans_masked })
-        }
+        Some(Ok(totals)) => json!({
+            "bytes": totals.bytes,
+            "frames": totals.frames,
+            "pans_masked": totals.pans_masked,
+            "abrupt_end": totals.abrupt_end,
+        }),
         _ => Value::Null,
     };
     record_event(

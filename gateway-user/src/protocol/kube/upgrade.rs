@@ -97,6 +97,24 @@ pub struct DirectionTotals {
     pub bytes: u64,
     pub frames: u64,
     pub pans_masked: usize,
+    /// Reason a peer left without a clean close, when it did: a reset connection, a write to a
+    /// peer already gone, or TLS closed without `close_notify`.
+    pub abrupt_end: Option<String>,
+}
+
+/// Returns whether `error` means the peer is gone. kubectl closes its connection as soon as it
+/// has the exit status, often without TLS `close_notify` and while the server still sends,
+/// so these end a direction like an EOF rather than as a failure.
+fn peer_gone(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::NotConnected
+    )
 }
 
 /// Errors that end an upgraded stream.
@@ -118,6 +136,16 @@ pub enum StreamError {
     TooManySpdyStreams,
 }
 
+/// Describes how a peer left, for `abrupt_end`.
+fn abrupt_end(error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::UnexpectedEof {
+        // A TCP read returns 0 at its end, so only TLS reports an early end this way.
+        "TLS closed without close_notify".to_string()
+    } else {
+        error.to_string()
+    }
+}
+
 /// Relays one direction until its source ends, then half-closes the destination.
 pub async fn pump<R, W>(
     from: R,
@@ -130,12 +158,21 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut recording = RecordingMasker::new(context.mask.clone());
-    let result = relay_frames(from, to, direction, context, &mut recording).await;
+    let mut totals = DirectionTotals::default();
+    let result = relay_frames(from, to, direction, context, &mut recording, &mut totals).await;
     // Bytes held back from the recording are written even when the relay failed.
     if context.record_frames {
         recording.finish(context);
     }
-    result
+    match result {
+        Ok(()) => Ok(totals),
+        // The destination is gone, so nothing more can be delivered to it.
+        Err(StreamError::Io(error)) if peer_gone(&error) => {
+            totals.abrupt_end = Some(abrupt_end(&error));
+            Ok(totals)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 async fn relay_frames<R, W>(
@@ -144,12 +181,12 @@ async fn relay_frames<R, W>(
     direction: Direction,
     context: &StreamContext,
     recording: &mut RecordingMasker,
-) -> Result<DirectionTotals, StreamError>
+    totals: &mut DirectionTotals,
+) -> Result<(), StreamError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut totals = DirectionTotals::default();
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut output = ServerOutput::new(direction, context);
     // Only the client opens streams in exec and attach, so only its header blocks are read.
@@ -160,12 +197,20 @@ where
     loop {
         let deadline = output.as_ref().and_then(ServerOutput::next_deadline);
         let read = tokio::select! {
-            read = from.read_buf(&mut buffer) => read?,
+            read = from.read_buf(&mut buffer) => match read {
+                Ok(read) => read,
+                // The source is gone: end this direction as at EOF.
+                Err(error) if peer_gone(&error) => {
+                    totals.abrupt_end = Some(abrupt_end(&error));
+                    0
+                }
+                Err(error) => return Err(error.into()),
+            },
             () = sleep_until_some(deadline) => {
                 if let Some(output) = output.as_mut() {
                     let mut masked = MaskedOutput::default();
                     output.flush_expired(Instant::now(), &mut masked);
-                    send_output(&mut to, masked, context, recording, &mut totals).await?;
+                    send_output(&mut to, masked, context, recording, totals).await?;
                 }
                 continue;
             }
@@ -179,10 +224,10 @@ where
             if let Some(output) = output.as_mut() {
                 let mut masked = MaskedOutput::default();
                 output.flush_all(&mut masked);
-                send_output(&mut to, masked, context, recording, &mut totals).await?;
+                send_output(&mut to, masked, context, recording, totals).await?;
             }
             let _ = to.shutdown().await;
-            return Ok(totals);
+            return Ok(());
         }
 
         let mut wrote = false;
@@ -199,21 +244,14 @@ where
                 // the stream. A frame that cannot be read is not passed on.
                 name_spdy_stream(decoder, &frame, context)?;
             }
-            process_frame(
-                &mut frame,
-                &header,
-                direction,
-                context,
-                recording,
-                &mut totals,
-            );
+            process_frame(&mut frame, &header, direction, context, recording, totals);
             to.write_all(&frame).await?;
             totals.bytes += frame.len() as u64;
             totals.frames += 1;
             wrote = true;
         }
         if !masked.is_empty() {
-            send_output(&mut to, masked, context, recording, &mut totals).await?;
+            send_output(&mut to, masked, context, recording, totals).await?;
         } else if wrote {
             to.flush().await?;
         }
