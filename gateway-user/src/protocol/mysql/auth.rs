@@ -8,7 +8,9 @@
 //! - `mysql_clear_password` always sends the password in clear text (NUL-terminated), so the
 //!   gateway forwards it only with `upstream_tls`. A client on a plain client leg has already
 //!   sent the password in clear text itself, and a TLS server leg exposes it no further, so the
-//!   client leg does not matter.
+//!   client leg does not matter. MariaDB's `dialog` plugin (PAM) answers each of the server's
+//!   prompts in clear text, a password or a one-time code among them, so its answers follow
+//!   the same rule.
 //! - `sha256_password` sends the password in clear text over TLS and encrypted with the
 //!   server's RSA key without TLS (after requesting the key with `0x01`, unless the client has
 //!   it configured). The server expects the form that matches its own connection, and the
@@ -23,13 +25,12 @@
 //! Each check runs on data the client sent, before the gateway forwards it. The auth data in
 //! the handshake response or COM_CHANGE_USER is judged by the plugin the client names there.
 //! Each later response in the exchange is judged by the plugin of the server's last auth switch.
-// NOTE: MariaDB's `dialog` plugin (PAM) can send a password in clear text as well, as an
-// answer to a prompt. It is not examined here.
 
 /// Plugin names as MySQL and MariaDB send them.
 pub const CACHING_SHA2_PASSWORD: &str = "caching_sha2_password";
 pub const SHA256_PASSWORD: &str = "sha256_password";
 pub const MYSQL_CLEAR_PASSWORD: &str = "mysql_clear_password";
+pub const DIALOG: &str = "dialog";
 
 /// First byte of an auth switch request from the server during authentication.
 pub const AUTH_SWITCH_HEADER: u8 = 0xfe;
@@ -56,10 +57,9 @@ pub fn check_client_data(plugin: &str, data: &[u8], legs: Legs) -> Option<String
         return None;
     }
     match plugin {
-        MYSQL_CLEAR_PASSWORD if !legs.upstream_tls => Some(format!(
-            "{MYSQL_CLEAR_PASSWORD} sends the password in clear text, and the gateway's \
-             connection to the server has no TLS, so the gateway did not forward it; set \
-             upstream_tls on the target"
+        MYSQL_CLEAR_PASSWORD | DIALOG if !legs.upstream_tls => Some(format!(
+            "{plugin} sends the password in clear text, and the gateway's connection to the \
+             server has no TLS, so the gateway did not forward it; set upstream_tls on the target"
         )),
         SHA256_PASSWORD if legs.client_tls != legs.upstream_tls => Some(legs_differ(plugin)),
         SHA256_PASSWORD if !legs.client_tls && is_clear_text_password(data) => {
@@ -124,22 +124,25 @@ mod tests {
     };
 
     #[test]
-    fn clear_password_needs_upstream_tls() {
+    fn clear_text_plugins_need_upstream_tls() {
         let password = b"secret\0";
-        for legs in [PLAIN, CLIENT_TLS_ONLY] {
-            let message = check_client_data(MYSQL_CLEAR_PASSWORD, password, legs);
-            assert!(
-                message
-                    .as_deref()
-                    .is_some_and(|m| m.contains("upstream_tls")),
-                "{legs:?}: {message:?}"
+        for plugin in [MYSQL_CLEAR_PASSWORD, DIALOG] {
+            for legs in [PLAIN, CLIENT_TLS_ONLY] {
+                let message = check_client_data(plugin, password, legs);
+                assert!(
+                    message
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with(plugin) && m.contains("upstream_tls")),
+                    "{plugin} {legs:?}: {message:?}"
+                );
+            }
+            assert_eq!(check_client_data(plugin, password, TLS), None, "{plugin}");
+            assert_eq!(
+                check_client_data(plugin, password, UPSTREAM_TLS_ONLY),
+                None,
+                "{plugin}"
             );
         }
-        assert_eq!(check_client_data(MYSQL_CLEAR_PASSWORD, password, TLS), None);
-        assert_eq!(
-            check_client_data(MYSQL_CLEAR_PASSWORD, password, UPSTREAM_TLS_ONLY),
-            None
-        );
     }
 
     #[test]
@@ -169,7 +172,7 @@ mod tests {
 
     #[test]
     fn empty_password_always_passes() {
-        for plugin in [MYSQL_CLEAR_PASSWORD, SHA256_PASSWORD] {
+        for plugin in [MYSQL_CLEAR_PASSWORD, DIALOG, SHA256_PASSWORD] {
             for legs in [PLAIN, TLS, CLIENT_TLS_ONLY, UPSTREAM_TLS_ONLY] {
                 assert_eq!(check_client_data(plugin, b"", legs), None, "{plugin}");
                 assert_eq!(check_client_data(plugin, b"\0", legs), None, "{plugin}");
