@@ -993,8 +993,14 @@ fn kubectl_in_cluster_through_gateway() {
         .contains("configmap/new-card created")
     );
     assert!(
-        ok(&["create", "secret", "generic", "s1", "--from-literal=k=v"])
-            .contains("secret/s1 created")
+        ok(&[
+            "create",
+            "secret",
+            "generic",
+            "s1",
+            &format!("--from-literal=k={SECRET_VALUE}")
+        ])
+        .contains("secret/s1 created")
     );
     assert!(ok(&["delete", "secret", "s1"]).contains("secret \"s1\" deleted"));
 
@@ -1037,7 +1043,25 @@ fn kubectl_in_cluster_through_gateway() {
         .map(|path| std::fs::read_to_string(path).expect("read recording"))
         .collect();
     assert!(!text.contains(PAN), "a recording holds the unmasked PAN");
+    // kubectl sends the Secret as protobuf or JSON, and neither form of its value may be recorded.
+    for form in [SECRET_VALUE, SECRET_VALUE_BASE64] {
+        assert!(!text.contains(form), "a recording holds the Secret's value");
+    }
     let events: Vec<Value> = node.sessions().into_iter().flatten().collect();
+    let secret_create = events
+        .iter()
+        .find(|event| {
+            event["event"] == "kube.request"
+                && event["request"]["verb"] == "create"
+                && event["request"]["resource"] == "secrets"
+        })
+        .expect("secret create recorded");
+    assert_eq!(secret_create["status"], 201);
+    let secret_body = &secret_create["request_body"];
+    assert!(
+        secret_body["withheld"].is_string() || secret_body["text"].is_string(),
+        "{secret_body}"
+    );
     let create = events
         .iter()
         .find(|event| {
@@ -1063,6 +1087,10 @@ fn kubectl_in_cluster_through_gateway() {
     assert_eq!(delete["request"]["verb"], "delete");
     assert_eq!(delete["request"]["name"], "keep");
 }
+
+/// Value of the Secret `kubectl_in_cluster_through_gateway` creates, and its base64 form.
+const SECRET_VALUE: &str = "gateway-test-secret-value";
+const SECRET_VALUE_BASE64: &str = "Z2F0ZXdheS10ZXN0LXNlY3JldC12YWx1ZQ==";
 
 /// A node whose pod runs kubectl in-cluster against the test API server through `gatewayd`.
 struct InCluster {
@@ -1571,54 +1599,80 @@ fn kubectl_exec_idle_terminal_recorded_live() {
     use std::io::Write as _;
 
     let cluster = InCluster::new("kubectl_exec_idle_terminal_recorded_live", "");
-    let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
-        &cluster.node,
-        &cluster.pod,
-        &cluster.service_account,
-        &cluster.home,
-        cluster.api.address,
-        cluster.api.port,
-        "script",
-    );
-    command
-        .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("start kubectl exec -it");
-    let mut stdin = child.stdin.take().expect("piped stdin");
+    // One idle terminal per transport, side by side, so SPDY is covered without a second wait.
+    let mut sessions: Vec<_> = TRANSPORTS
+        .iter()
+        .map(|websockets| {
+            let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+                &cluster.node,
+                &cluster.pod,
+                &cluster.service_account,
+                &cluster.home,
+                cluster.api.address,
+                cluster.api.port,
+                "script",
+            );
+            command
+                .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
+                .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = command.spawn().expect("start kubectl exec -it");
+            let stdin = child.stdin.take().expect("piped stdin");
+            (*websockets, child, stdin)
+        })
+        .collect();
 
-    let recorded = || -> String {
+    let opened = || -> usize {
         cluster
             .node
             .session_files()
             .iter()
-            .map(|path| std::fs::read_to_string(path).unwrap_or_default())
-            .collect()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .matches("\"stream.open\"")
+                    .count()
+            })
+            .sum()
     };
     gateway_user::testing::wait_until(
-        "stream.open in the recording",
+        "a stream.open per session in the recordings",
         Duration::from_secs(30),
-        || recorded().contains("\"stream.open\""),
+        || opened() == sessions.len(),
     );
-    assert!(
-        child.try_wait().expect("poll kubectl").is_none(),
-        "the session ended before its recording was checked"
-    );
+    for (websockets, child, _) in &mut sessions {
+        assert!(
+            child.try_wait().expect("poll kubectl").is_none(),
+            "websockets={websockets}: the session ended before its recording was checked"
+        );
+    }
 
     std::thread::sleep(Duration::from_secs(65));
-    assert!(
-        child.try_wait().expect("poll kubectl").is_none(),
-        "the idle session was closed"
-    );
-    stdin
-        .write_all(b"echo $((6*7))\nexit 5\n")
-        .expect("type into the terminal");
-    let output = child.wait_with_output().expect("wait for kubectl");
-    drop(stdin);
-    let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
-    assert!(text.lines().any(|line| line.trim() == "42"), "{text}");
-    assert_eq!(output.status.code(), Some(5), "{text}");
+    for (websockets, child, _) in &mut sessions {
+        assert!(
+            child.try_wait().expect("poll kubectl").is_none(),
+            "websockets={websockets}: the idle session was closed"
+        );
+    }
+    for (websockets, child, mut stdin) in sessions {
+        stdin
+            .write_all(b"echo $((6*7))\nexit 5\n")
+            .expect("type into the terminal");
+        let output = child.wait_with_output().expect("wait for kubectl");
+        drop(stdin);
+        let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+        assert!(
+            text.lines().any(|line| line.trim() == "42"),
+            "websockets={websockets}: {text}"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(5),
+            "websockets={websockets}: {text}"
+        );
+    }
 }
 
 /// Port-forward with parallel connections over both transports, and a PAN that the forwarded

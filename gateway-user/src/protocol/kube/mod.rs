@@ -337,7 +337,11 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
         match Limited::new(body, MAX_REQUEST_BODY).collect().await {
             Ok(collected) => {
                 let bytes = collected.to_bytes();
-                fields["request_body"] = recorded_body(&bytes, &session.context.mask);
+                fields["request_body"] = if info.group.is_empty() && info.resource == "secrets" {
+                    recorded_secret_body(&bytes, &session.context.mask)
+                } else {
+                    recorded_body(&bytes, &session.context.mask)
+                };
                 Full::new(bytes)
                     .map_err(|never: Infallible| match never {})
                     .boxed_unsync()
@@ -899,6 +903,46 @@ fn recorded_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
     })
 }
 
+/// Placeholder recorded for each value left out of a Secret write.
+const WITHHELD: &str = "(withheld)";
+
+/// Returns the recorded form of the body of a write to a Secret, which never contains its
+/// values. A JSON object keeps its structure and the names of its keys, with the values of
+/// `data`, `stringData` and the annotations (`kubectl apply` copies the whole object into
+/// one) replaced. Any other body (protobuf, YAML, a JSON patch) is left out whole.
+fn recorded_secret_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
+    let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(bytes) else {
+        return json!({
+            "bytes": bytes.len(),
+            "withheld": "a Secret write is recorded only as a JSON object, without its values",
+        });
+    };
+    for key in ["data", "stringData"] {
+        withhold_values(object.get_mut(key));
+    }
+    withhold_values(
+        object
+            .get_mut("metadata")
+            .and_then(|metadata| metadata.get_mut("annotations")),
+    );
+    let mut recorded = recorded_body(Value::Object(object).to_string().as_bytes(), mask);
+    recorded["bytes"] = json!(bytes.len());
+    recorded
+}
+
+/// Replaces every value of a JSON object, or the whole value when it is not an object.
+fn withhold_values(value: Option<&mut Value>) {
+    match value {
+        Some(Value::Object(values)) => {
+            for value in values.values_mut() {
+                *value = json!(WITHHELD);
+            }
+        }
+        Some(Value::Null) | None => {}
+        Some(other) => *other = json!(WITHHELD),
+    }
+}
+
 /// Relays a target whose TLS cannot be terminated, recording the ClientHello's server name.
 async fn relay_without_certificate(
     client: TcpStream,
@@ -1020,5 +1064,51 @@ impl AsyncWrite for CountingIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_body_keeps_keys_not_values() {
+        let body = json!({
+            "kind": "Secret",
+            "metadata": {
+                "name": "db",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"data\":{\"password\":\"aHVudGVyMjI=\"}}"},
+            },
+            "data": {"password": "aHVudGVyMjI="},
+            "stringData": {"token": "hunter22"},
+            "type": "Opaque",
+        });
+        let recorded = recorded_secret_body(body.to_string().as_bytes(), &MaskPolicy::default());
+        let text = recorded["text"].as_str().expect("recorded text");
+        assert!(!text.contains("aHVudGVyMjI="), "{text}");
+        assert!(!text.contains("hunter22"), "{text}");
+        let kept: Value = serde_json::from_str(text).expect("recorded JSON");
+        assert_eq!(kept["data"]["password"], WITHHELD);
+        assert_eq!(kept["stringData"]["token"], WITHHELD);
+        assert_eq!(
+            kept["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+            WITHHELD
+        );
+        assert_eq!(kept["metadata"]["name"], "db");
+        assert_eq!(recorded["bytes"], body.to_string().len());
+    }
+
+    #[test]
+    fn secret_body_not_json_withheld() {
+        for body in [
+            &b"\x6b\x38\x73\x00\x0a\x0c\x0a\x02v1"[..],
+            br#"[{"op":"replace","path":"/data/password","value":"aHVudGVyMjI="}]"#,
+            b"apiVersion: v1\nkind: Secret\ndata:\n  password: aHVudGVyMjI=\n",
+        ] {
+            let recorded = recorded_secret_body(body, &MaskPolicy::default());
+            assert!(recorded.get("text").is_none(), "{recorded}");
+            assert!(recorded["withheld"].is_string(), "{recorded}");
+            assert_eq!(recorded["bytes"], body.len());
+        }
     }
 }
