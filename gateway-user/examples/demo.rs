@@ -13,9 +13,11 @@ fn main() -> anyhow::Result<()> {
     let binaries = testing::binary_dir()?;
     let demo_dir = binaries.parent().unwrap_or(&binaries).join("demo");
     fs::create_dir_all(&demo_dir)?;
-    let paths = demo::DemoPaths {
-        binaries,
-        store: demo_dir.join("store"),
-    };
+    // Each run starts with an empty store, so its counts and listings are its own.
+    let store = demo_dir.join("store");
+    if store.exists() {
+        fs::remove_dir_all(&store)?;
+    }
+    let paths = demo::DemoPaths { binaries, store };
     demo::run(&paths, &mut std::io::stdout())
 }

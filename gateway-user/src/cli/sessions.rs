@@ -481,16 +481,28 @@ fn transcript_line(record: &Value) -> Option<String> {
                 record["statement"].as_str().unwrap_or_default()
             ))
         }
-        "kube.request" => Some(format!(
-            "{time}  {} {}  -> {} {}",
-            record["verb"].as_str().unwrap_or("?"),
-            record["path"]
-                .as_str()
-                .or_else(|| record["resource"].as_str())
-                .unwrap_or("?"),
-            record["status"],
-            record["decision"].as_str().unwrap_or("")
-        )),
+        "kube.request" => {
+            let request = &record["request"];
+            let mut outcome = format!(
+                "{} {}",
+                record["status"],
+                record["outcome"].as_str().unwrap_or("?")
+            );
+            if let Some(rule) = record["rule"].as_str() {
+                outcome.push_str(&format!(" by {rule}"));
+            }
+            if record["token_pod_mismatch"] == true {
+                outcome.push_str(", token of another pod");
+            }
+            Some(format!(
+                "{time}  {} {}  -> {outcome}",
+                request["verb"].as_str().unwrap_or("?"),
+                request["path"]
+                    .as_str()
+                    .or_else(|| request["resource"].as_str())
+                    .unwrap_or("?"),
+            ))
+        }
         "session.start" => Some(format!("{time}  session started: {}", record["target"])),
         "session.end" => Some(format!(
             "{time}  session ended: {}",
@@ -667,6 +679,37 @@ fn progress_printer(label: &'static str) -> impl FnMut(u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transcript_of_kube_requests() {
+        let allowed = json!({
+            "event": "kube.request",
+            "time": "2026-01-02T03:04:05Z",
+            "outcome": "allowed",
+            "status": 200,
+            "request": {"verb": "list", "path": "/api/v1/namespaces/default/pods", "resource": "pods"},
+            "token_pod_mismatch": false,
+        });
+        assert_eq!(
+            transcript_line(&allowed).as_deref(),
+            Some("2026-01-02T03:04:05Z  list /api/v1/namespaces/default/pods  -> 200 allowed")
+        );
+        let denied = json!({
+            "event": "kube.request",
+            "time": "2026-01-02T03:04:06Z",
+            "outcome": "denied",
+            "rule": "no-stolen-tokens",
+            "status": 403,
+            "request": {"verb": "get", "path": "/api/v1/namespaces/payments/secrets/db"},
+            "token_pod_mismatch": true,
+        });
+        assert_eq!(
+            transcript_line(&denied).as_deref(),
+            Some(
+                "2026-01-02T03:04:06Z  get /api/v1/namespaces/payments/secrets/db  -> 403 denied by no-stolen-tokens, token of another pod"
+            )
+        );
+    }
 
     /// Records of an exec session with one frame per stream, each with `extra` fields.
     fn exec_records(extra: &dyn Fn(u64) -> Value) -> Vec<Value> {
