@@ -329,7 +329,9 @@ pub fn run(paths: &DemoPaths, out: &mut dyn Write) -> anyhow::Result<()> {
     let events: Vec<Value> = node.sessions().into_iter().flatten().collect();
     let mismatches = events
         .iter()
-        .filter(|event| event["event"] == "token_pod_mismatch")
+        .filter(|event| {
+            event["event"] == "token_pod_mismatch" && event["caller_pod"] == intruder.name.as_str()
+        })
         .count();
     writeln!(
         out,

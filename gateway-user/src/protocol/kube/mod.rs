@@ -258,6 +258,8 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
             json!({
                 "token": token,
                 "caller_pod_uid": session.context.subject.pod_uid,
+                "caller_namespace": session.context.subject.namespace,
+                "caller_pod": session.context.subject.pod,
                 "request": &info,
             }),
         );
