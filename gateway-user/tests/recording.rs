@@ -589,6 +589,28 @@ fn mode(path: &Path) -> u32 {
     fs::metadata(path).expect("metadata").permissions().mode() & 0o777
 }
 
+/// A reader that closes the pipe early (`gatewayctl ... | head -1`) ends gatewayctl without an
+/// error message, with the status of a tool that SIGPIPE ends.
+#[test]
+fn closed_output_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = dir.path().join("store");
+    let (sql_id, _) = write_store(&store);
+    let mut child = Command::new(GATEWAYCTL)
+        .arg("sessions")
+        .arg("--store")
+        .arg(&store)
+        .args(["show", &sql_id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gatewayctl");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for gatewayctl");
+    assert_eq!(output.status.code(), Some(141));
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "");
+}
+
 #[test]
 fn store_closed_to_other_users() {
     let dir = tempfile::tempdir().expect("temporary directory");

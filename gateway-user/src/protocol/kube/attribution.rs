@@ -62,12 +62,14 @@ pub fn attribute(method: &http::Method, path: &str, query: Option<&str>) -> Requ
     };
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
 
+    // As in the API server, a path that ends at the version (`/api/v1`, `/apis/apps/v1`, the
+    // discovery documents) is a non-resource request.
     let rest = match parts.as_slice() {
-        ["api", version, rest @ ..] => {
+        ["api", version, rest @ ..] if !rest.is_empty() => {
             info.version = (*version).to_string();
             rest
         }
-        ["apis", group, version, rest @ ..] => {
+        ["apis", group, version, rest @ ..] if !rest.is_empty() => {
             info.group = (*group).to_string();
             info.version = (*version).to_string();
             rest
@@ -529,6 +531,10 @@ mod tests {
             (Method::GET, "/openapi/v3", "get"),
             (Method::POST, "/apis", "post"),
             (Method::GET, "/api", "get"),
+            (Method::GET, "/api/v1", "get"),
+            (Method::GET, "/api/v1/", "get"),
+            (Method::GET, "/apis/apps", "get"),
+            (Method::GET, "/apis/discovery.k8s.io/v1", "get"),
         ] {
             let info = attribute(&method, path, None);
             assert!(!info.is_resource, "{path}: non-resource request");

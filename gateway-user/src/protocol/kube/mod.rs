@@ -916,7 +916,7 @@ fn recorded_secret_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
     let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(bytes) else {
         return json!({
             "bytes": bytes.len(),
-            "withheld": "a Secret write is recorded only as a JSON object, without its values",
+            "withheld": "the Secret's body is not a JSON object, so it is left out; only JSON objects are recorded, without their values",
         });
     };
     for key in ["data", "stringData"] {
