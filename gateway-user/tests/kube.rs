@@ -1682,7 +1682,7 @@ fn kubectl_port_forward_through_gateway() {
     const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
     // The pause between the PAN's pieces must stay under the hold time, which is raised so
     // that a loaded machine cannot stretch it past.
-    let cluster = InCluster::with_settings(
+    let mut cluster = InCluster::with_settings(
         "kubectl_port_forward_through_gateway",
         "",
         None,
@@ -1779,6 +1779,32 @@ fn kubectl_port_forward_through_gateway() {
             "websockets={websockets}"
         );
     }
+
+    // Each forwarded connection is recorded with its port: per transport, four to 8080 and
+    // one to 8081.
+    let events = cluster.events();
+    let ports: Vec<u64> = events
+        .iter()
+        .filter(|event| event["event"] == "portforward.open")
+        .filter_map(|event| event["port"].as_u64())
+        .collect();
+    assert_eq!(
+        ports.iter().filter(|port| **port == 8080).count(),
+        8,
+        "{ports:?}"
+    );
+    assert_eq!(
+        ports.iter().filter(|port| **port == 8081).count(),
+        2,
+        "{ports:?}"
+    );
+    assert_eq!(ports.len(), 10, "{ports:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|event| event["event"] == "portforward.unreadable"),
+        "a port-forward header block was not read"
+    );
 }
 
 #[test]

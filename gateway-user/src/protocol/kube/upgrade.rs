@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use self::{
     exec_output::{MaskedOutput, OutputMasker, StreamKey},
     spdy::{HeaderDecoder, StreamNames},
-    tunnel::TunnelMasker,
+    tunnel::{TunnelMasker, TunnelReader},
 };
 use super::Recording;
 use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
@@ -189,6 +189,7 @@ where
 {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut output = ServerOutput::new(direction, context);
+    let mut port_forward = PortForwardLog::new(direction, context);
     // Only the client opens streams in exec and attach, so only its header blocks are read.
     let mut header_decoder = (direction == Direction::ToServer
         && context.framing == Framing::Spdy
@@ -243,6 +244,9 @@ where
                 // The name is stored before the frame goes on, so before the server can use
                 // the stream. A frame that cannot be read is not passed on.
                 name_spdy_stream(decoder, &frame, context)?;
+            }
+            if let Some(log) = port_forward.as_mut() {
+                log.observe(&frame, &header, context)?;
             }
             process_frame(&mut frame, &header, direction, context, recording, totals);
             to.write_all(&frame).await?;
@@ -323,6 +327,84 @@ impl ServerOutput {
             Self::Frames(masker) => masker.flush_all(out),
             Self::Tunnel(masker) => masker.flush_all(out),
         }
+    }
+}
+
+/// Records each connection a port-forward stream opens, from the client's SPDY SYN_STREAMs:
+/// `portforward.open` with the pod's port, once per forwarded connection (its data stream).
+struct PortForwardLog {
+    /// `None` once a header block could not be read, because the zlib stream shared by later
+    /// blocks can then no longer be followed.
+    decoder: Option<HeaderDecoder>,
+    /// Set for SPDY tunneled in WebSocket, whose SPDY frames may span messages.
+    tunnel: Option<TunnelReader>,
+}
+
+impl PortForwardLog {
+    /// Returns the log of the client-to-server direction of a port-forward over SPDY.
+    fn new(direction: Direction, context: &StreamContext) -> Option<Self> {
+        if direction != Direction::ToServer || context.record_frames {
+            return None;
+        }
+        let tunnel = match context.framing {
+            Framing::Spdy => None,
+            Framing::SpdyInWebSocket => Some(TunnelReader::default()),
+            Framing::WebSocket { .. } => return None,
+        };
+        Some(Self {
+            decoder: Some(HeaderDecoder::new()),
+            tunnel,
+        })
+    }
+
+    /// Reads the SPDY control frames in one frame from the client. A header block that
+    /// cannot be read is noted in the recording and ends the log, not the stream.
+    fn observe(
+        &mut self,
+        frame: &[u8],
+        header: &FrameHeader,
+        context: &StreamContext,
+    ) -> Result<(), StreamError> {
+        if self.decoder.is_none() {
+            return Ok(());
+        }
+        let controls: Vec<BytesMut> = match self.tunnel.as_mut() {
+            Some(tunnel) => tunnel
+                .push(frame, header)?
+                .into_iter()
+                .filter(|(inner, _)| inner.kind == FrameKind::SpdyControl)
+                .map(|(_, inner_frame)| inner_frame)
+                .collect(),
+            None if header.kind == FrameKind::SpdyControl => vec![BytesMut::from(frame)],
+            None => Vec::new(),
+        };
+        for control in controls {
+            let Some(decoder) = self.decoder.as_mut() else {
+                break;
+            };
+            match decoder.read_control_frame(&control) {
+                Ok(Some(opened)) if opened.name == "data" => super::record_event(
+                    &context.record,
+                    "portforward.open",
+                    json!({
+                        "port": opened.port,
+                        "request_id": opened.request_id,
+                        "spdy_stream": opened.stream_id,
+                        "offset_ms": context.opened.elapsed().as_millis() as u64,
+                    }),
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    super::record_event(
+                        &context.record,
+                        "portforward.unreadable",
+                        json!({ "reason": crate::error_chain(&error) }),
+                    );
+                    self.decoder = None;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1202,8 +1284,8 @@ mod tests {
         assert_eq!(context.spdy_streams.get(1001), spdy::UNKNOWN_STREAM);
     }
 
-    /// Port-forward data is not recorded, so its header blocks are not read: a block the
-    /// gateway could not decode does not end the stream.
+    /// A port-forward header block the gateway cannot read is noted in the recording and does
+    /// not end the stream, whose data is not recorded.
     #[tokio::test]
     async fn port_forward_header_blocks_not_read() {
         let dir = tempfile::tempdir().expect("temporary directory");

@@ -158,6 +158,11 @@ pub struct OpenedStream {
     pub stream_id: u32,
     /// The recorded name: the `streamtype` header's value, or [`UNKNOWN_STREAM`].
     pub name: &'static str,
+    /// The `port` header of a port-forward stream: the pod's port it connects to.
+    pub port: Option<u16>,
+    /// The `requestid` header of a port-forward stream, shared by the data and error streams
+    /// of one forwarded connection.
+    pub request_id: Option<String>,
 }
 
 /// Inflates the header blocks of one direction of a connection, in the order they are sent.
@@ -208,14 +213,21 @@ impl HeaderDecoder {
             });
         }
         let block = self.inflate(&payload[fixed_len..])?;
-        let stream_type = stream_type(&block)?;
+        let headers = read_headers(&block)?;
         if frame_type != TYPE_SYN_STREAM {
             return Ok(None);
         }
         let stream_id = u32::from_be_bytes([payload[0] & 0x7f, payload[1], payload[2], payload[3]]);
         Ok(Some(OpenedStream {
             stream_id,
-            name: stream_type.map_or(UNKNOWN_STREAM, recorded_name),
+            name: headers.stream_type.map_or(UNKNOWN_STREAM, recorded_name),
+            port: headers
+                .port
+                .and_then(|port| std::str::from_utf8(port).ok())
+                .and_then(|port| port.parse().ok()),
+            request_id: headers
+                .request_id
+                .map(|id| String::from_utf8_lossy(id).into_owned()),
         }))
     }
 
@@ -270,25 +282,44 @@ fn recorded_name(stream_type: &[u8]) -> &'static str {
         b"stdout" => "stdout",
         b"stderr" => "stderr",
         b"resize" => "resize",
+        b"data" => "data",
         _ => UNKNOWN_STREAM,
     }
 }
 
-/// Returns the first value of the first `streamtype` header in a decompressed header block.
-fn stream_type(block: &[u8]) -> Result<Option<&[u8]>, HeaderError> {
+/// The headers of a decompressed header block that the gateway uses: the first value of the
+/// first header of each name.
+#[derive(Debug, Default)]
+struct BlockHeaders<'a> {
+    stream_type: Option<&'a [u8]>,
+    port: Option<&'a [u8]>,
+    request_id: Option<&'a [u8]>,
+}
+
+/// Reads `streamtype`, `port` and `requestid` from a decompressed header block.
+fn read_headers(block: &[u8]) -> Result<BlockHeaders<'_>, HeaderError> {
     let mut rest = block;
     let count = read_u32(&mut rest).ok_or(HeaderError::NoPairCount { len: block.len() })?;
     let truncated = || HeaderError::Truncated { count };
-    let mut found = None;
+    let mut headers = BlockHeaders::default();
     // Every pair takes at least 8 bytes, so a false count ends at the block's end.
     for _ in 0..count {
         let name = read_string(&mut rest).ok_or_else(truncated)?;
         let value = read_string(&mut rest).ok_or_else(truncated)?;
-        if found.is_none() && name.eq_ignore_ascii_case(b"streamtype") {
-            found = value.split(|&byte| byte == 0).next();
+        let slot = if name.eq_ignore_ascii_case(b"streamtype") {
+            &mut headers.stream_type
+        } else if name.eq_ignore_ascii_case(b"port") {
+            &mut headers.port
+        } else if name.eq_ignore_ascii_case(b"requestid") {
+            &mut headers.request_id
+        } else {
+            continue;
+        };
+        if slot.is_none() {
+            *slot = value.split(|&byte| byte == 0).next();
         }
     }
-    Ok(found)
+    Ok(headers)
 }
 
 fn read_u32(rest: &mut &[u8]) -> Option<u32> {
@@ -461,6 +492,36 @@ mod tests {
     }
 
     #[test]
+    fn port_forward_headers_read() {
+        let mut encoder = HeaderEncoder::new();
+        let mut decoder = HeaderDecoder::new();
+        let opened = decoder
+            .read_control_frame(&encoder.syn_stream(
+                3,
+                &[("streamtype", "data"), ("port", "5432"), ("requestid", "7")],
+            ))
+            .expect("valid SYN_STREAM")
+            .expect("a stream");
+        assert_eq!(
+            opened,
+            OpenedStream {
+                stream_id: 3,
+                name: "data",
+                port: Some(5432),
+                request_id: Some("7".to_string()),
+            }
+        );
+        let bad_port = decoder
+            .read_control_frame(
+                &encoder.syn_stream(5, &[("streamtype", "error"), ("port", "http")]),
+            )
+            .expect("valid SYN_STREAM")
+            .expect("a stream");
+        assert_eq!(bad_port.port, None);
+        assert_eq!(bad_port.request_id, None);
+    }
+
+    #[test]
     fn stream_type_read_from_any_pair() {
         let mut encoder = HeaderEncoder::new();
         let mut decoder = HeaderDecoder::new();
@@ -592,18 +653,24 @@ mod tests {
             let stream = OpenedStream {
                 stream_id,
                 name: "stdout",
+                port: None,
+                request_id: None,
             };
             assert!(names.insert(&stream), "stream {stream_id}");
         }
         let repeated = OpenedStream {
             stream_id: 1,
             name: "stdin",
+            port: None,
+            request_id: None,
         };
         assert!(names.insert(&repeated), "a repeated stream takes no room");
         assert_eq!(names.get(1), "stdout", "the first name is kept");
         let extra = OpenedStream {
             stream_id: 999,
             name: "stderr",
+            port: None,
+            request_id: None,
         };
         assert!(!names.insert(&extra));
         assert_eq!(names.get(999), UNKNOWN_STREAM);

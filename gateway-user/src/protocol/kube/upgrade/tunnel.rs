@@ -24,28 +24,71 @@ const OPCODE_CLOSE: u8 = 0x8;
 /// First header byte of a complete binary WebSocket message.
 const BINARY_MESSAGE: u8 = 0x80 | 0x2;
 
-/// Masks the server-to-client side of a tunneled SPDY connection.
-pub struct TunnelMasker {
-    spdy: OutputMasker,
+/// The SPDY frames of one direction of a tunnel, cut out of its WebSocket messages.
+#[derive(Default)]
+pub struct TunnelReader {
     /// Tunneled bytes that do not yet form a whole SPDY frame.
     partial: BytesMut,
 }
 
-impl std::fmt::Debug for TunnelMasker {
+impl std::fmt::Debug for TunnelReader {
     /// Shows how much is buffered, never the bytes.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelMasker")
-            .field("spdy", &self.spdy)
+        f.debug_struct("TunnelReader")
             .field("partial_len", &self.partial.len())
             .finish()
     }
+}
+
+impl TunnelReader {
+    /// Adds the payload of one complete WebSocket data frame and returns the SPDY frames it
+    /// completes, with their headers. The bytes of an unfinished SPDY frame wait for the next
+    /// message, at most one frame's 24-bit length.
+    pub fn push(
+        &mut self,
+        frame: &[u8],
+        header: &FrameHeader,
+    ) -> Result<Vec<(FrameHeader, BytesMut)>, StreamError> {
+        let FrameKind::WebSocketData { masking_key } = header.kind else {
+            return Ok(Vec::new());
+        };
+        let start = self.partial.len();
+        self.partial.extend_from_slice(&frame[header.header_len..]);
+        if let Some(key) = masking_key {
+            for (index, byte) in self.partial[start..].iter_mut().enumerate() {
+                *byte ^= key[index % 4];
+            }
+        }
+        let mut frames = Vec::new();
+        while let Some(inner) = parse_spdy_header(&self.partial)? {
+            let len = inner.header_len + inner.payload_len;
+            if self.partial.len() < len {
+                break;
+            }
+            let inner_frame = self.partial.split_to(len);
+            frames.push((inner, inner_frame));
+        }
+        Ok(frames)
+    }
+
+    /// Takes the bytes of an unfinished SPDY frame.
+    fn take_partial(&mut self) -> BytesMut {
+        self.partial.split()
+    }
+}
+
+/// Masks the server-to-client side of a tunneled SPDY connection.
+#[derive(Debug)]
+pub struct TunnelMasker {
+    spdy: OutputMasker,
+    reader: TunnelReader,
 }
 
 impl TunnelMasker {
     pub fn new(policy: MaskPolicy, hold: Duration) -> Self {
         Self {
             spdy: OutputMasker::new(Framing::Spdy, policy, hold),
-            partial: BytesMut::new(),
+            reader: TunnelReader::default(),
         }
     }
 
@@ -59,31 +102,18 @@ impl TunnelMasker {
         now: Instant,
         out: &mut MaskedOutput,
     ) -> Result<(), StreamError> {
-        let FrameKind::WebSocketData { masking_key } = header.kind else {
+        if header.kind == FrameKind::WebSocketControl {
             if frame[0] & 0x0f == OPCODE_CLOSE {
                 self.flush_all(out);
             }
             out.bytes.extend_from_slice(frame);
             out.frames += 1;
             return Ok(());
-        };
-
-        let start = self.partial.len();
-        self.partial.extend_from_slice(&frame[header.header_len..]);
-        if let Some(key) = masking_key {
-            // A server must not mask its frames (RFC 6455 section 5.1), but one that does
-            // still carries the same bytes.
-            for (index, byte) in self.partial[start..].iter_mut().enumerate() {
-                *byte ^= key[index % 4];
-            }
         }
+        // A server must not mask its frames (RFC 6455 section 5.1), but the reader unmasks
+        // those that are, so they carry the same bytes.
         let mut spdy = MaskedOutput::default();
-        while let Some(inner) = parse_spdy_header(&self.partial)? {
-            let len = inner.header_len + inner.payload_len;
-            if self.partial.len() < len {
-                break;
-            }
-            let inner_frame = self.partial.split_to(len);
+        for (inner, inner_frame) in self.reader.push(frame, header)? {
             self.spdy.push_frame(&inner_frame, &inner, now, &mut spdy);
         }
         wrap(spdy, out);
@@ -108,8 +138,7 @@ impl TunnelMasker {
     pub fn flush_all(&mut self, out: &mut MaskedOutput) {
         let mut spdy = MaskedOutput::default();
         self.spdy.flush_all(&mut spdy);
-        spdy.bytes.extend_from_slice(&self.partial);
-        self.partial.clear();
+        spdy.bytes.extend_from_slice(&self.reader.take_partial());
         wrap(spdy, out);
     }
 }
