@@ -503,6 +503,18 @@ fn transcript_line(record: &Value) -> Option<String> {
                     .unwrap_or("?"),
             ))
         }
+        "approval.requested" => Some(format!(
+            "{time}  held for approval {} by rule {}",
+            record["id"].as_str().unwrap_or("?"),
+            record["rule"].as_str().unwrap_or("?")
+        )),
+        "approval.answered" => Some(format!(
+            "{time}  approval {} {} by {} ({})",
+            record["id"].as_str().unwrap_or("?"),
+            record["verdict"].as_str().unwrap_or("?"),
+            record["approver_name"].as_str().unwrap_or("?"),
+            record["reason"].as_str().unwrap_or("no reason given")
+        )),
         "session.start" => Some(format!("{time}  session started: {}", record["target"])),
         "session.end" => Some(format!(
             "{time}  session ended: {}",
@@ -703,6 +715,18 @@ mod tests {
             "request": {"verb": "get", "path": "/api/v1/namespaces/payments/secrets/db"},
             "token_pod_mismatch": true,
         });
+        let answered = json!({
+            "event": "approval.answered",
+            "time": "2026-01-02T03:04:07Z",
+            "id": "46e44c54386a",
+            "verdict": "approved",
+            "approver_name": "root",
+            "reason": "change 4711",
+        });
+        assert_eq!(
+            transcript_line(&answered).as_deref(),
+            Some("2026-01-02T03:04:07Z  approval 46e44c54386a approved by root (change 4711)")
+        );
         assert_eq!(
             transcript_line(&denied).as_deref(),
             Some(
