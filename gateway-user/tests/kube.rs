@@ -1170,6 +1170,24 @@ impl InCluster {
         command
     }
 
+    /// Runs the shell command line `shell` in the pod under `script`, which gives kubectl a
+    /// pseudo-terminal, with kubectl's exec transport chosen by `websockets`.
+    fn in_terminal(&self, shell: &str, websockets: &str) -> std::process::Command {
+        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+            &self.node,
+            &self.pod,
+            &self.service_account,
+            &self.home,
+            self.api.address,
+            self.api.port,
+            "script",
+        );
+        command
+            .args(["-qec", shell, "/dev/null"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets);
+        command
+    }
+
     /// curl in the pod, trusting the cluster CA from its service-account volume; `args`
     /// follow curl's own options.
     fn curl(&self, args: &[&str]) -> std::process::Command {
@@ -1281,22 +1299,11 @@ fn kubectl_exec_through_gateway() {
         assert_eq!(stderr_of(&split), "err\n");
 
         // A terminal session, typed into through `script`.
-        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
-            &cluster.node,
-            &cluster.pod,
-            &cluster.service_account,
-            &cluster.home,
-            cluster.api.address,
-            cluster.api.port,
-            "script",
+        let mut command = cluster.in_terminal(
+            "stty rows 30 cols 100; exec kubectl exec -it client -- sh",
+            websockets,
         );
         command
-            .args([
-                "-qec",
-                "stty rows 30 cols 100; exec kubectl exec -it client -- sh",
-                "/dev/null",
-            ])
-            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1603,18 +1610,8 @@ fn kubectl_exec_idle_terminal_recorded_live() {
     let mut sessions: Vec<_> = TRANSPORTS
         .iter()
         .map(|websockets| {
-            let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
-                &cluster.node,
-                &cluster.pod,
-                &cluster.service_account,
-                &cluster.home,
-                cluster.api.address,
-                cluster.api.port,
-                "script",
-            );
+            let mut command = cluster.in_terminal("exec kubectl exec -it client -- sh", websockets);
             command
-                .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
-                .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());

@@ -1089,14 +1089,14 @@ mod tests {
         let text = recorded["text"].as_str().expect("recorded text");
         assert!(!text.contains("aHVudGVyMjI="), "{text}");
         assert!(!text.contains("hunter22"), "{text}");
-        let kept: Value = serde_json::from_str(text).expect("recorded JSON");
-        assert_eq!(kept["data"]["password"], WITHHELD);
-        assert_eq!(kept["stringData"]["token"], WITHHELD);
+        let recorded_json: Value = serde_json::from_str(text).expect("recorded JSON");
+        assert_eq!(recorded_json["data"]["password"], WITHHELD);
+        assert_eq!(recorded_json["stringData"]["token"], WITHHELD);
         assert_eq!(
-            kept["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+            recorded_json["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
             WITHHELD
         );
-        assert_eq!(kept["metadata"]["name"], "db");
+        assert_eq!(recorded_json["metadata"]["name"], "db");
         assert_eq!(recorded["bytes"], body.to_string().len());
     }
 
