@@ -1048,28 +1048,24 @@ fn kubectl_in_cluster_through_gateway() {
         assert!(!text.contains(form), "a recording holds the Secret's value");
     }
     let events: Vec<Value> = node.sessions().into_iter().flatten().collect();
-    let secret_create = events
-        .iter()
-        .find(|event| {
-            event["event"] == "kube.request"
-                && event["request"]["verb"] == "create"
-                && event["request"]["resource"] == "secrets"
-        })
-        .expect("secret create recorded");
+    let created = |resource: &str| {
+        events
+            .iter()
+            .find(|event| {
+                event["event"] == "kube.request"
+                    && event["request"]["verb"] == "create"
+                    && event["request"]["resource"] == resource
+            })
+            .unwrap_or_else(|| panic!("no create of {resource} recorded"))
+    };
+    let secret_create = created("secrets");
     assert_eq!(secret_create["status"], 201);
     let secret_body = &secret_create["request_body"];
     assert!(
         secret_body["withheld"].is_string() || secret_body["text"].is_string(),
         "{secret_body}"
     );
-    let create = events
-        .iter()
-        .find(|event| {
-            event["event"] == "kube.request"
-                && event["request"]["verb"] == "create"
-                && event["request"]["resource"] == "configmaps"
-        })
-        .expect("configmap create recorded");
+    let create = created("configmaps");
     assert_eq!(create["status"], 201);
     let body = create["request_body"]["text"]
         .as_str()

@@ -368,43 +368,49 @@ impl PortForwardLog {
         if self.decoder.is_none() {
             return Ok(());
         }
-        let controls: Vec<BytesMut> = match self.tunnel.as_mut() {
-            Some(tunnel) => tunnel
-                .push(frame, header)?
-                .into_iter()
-                .filter(|(inner, _)| inner.kind == FrameKind::SpdyControl)
-                .map(|(_, inner_frame)| inner_frame)
-                .collect(),
-            None if header.kind == FrameKind::SpdyControl => vec![BytesMut::from(frame)],
-            None => Vec::new(),
-        };
-        for control in controls {
-            let Some(decoder) = self.decoder.as_mut() else {
-                break;
-            };
-            match decoder.read_control_frame(&control) {
-                Ok(Some(opened)) if opened.name == "data" => super::record_event(
-                    &context.record,
-                    "portforward.open",
-                    json!({
-                        "port": opened.port,
-                        "request_id": opened.request_id,
-                        "spdy_stream": opened.stream_id,
-                        "offset_ms": context.opened.elapsed().as_millis() as u64,
-                    }),
-                ),
-                Ok(_) => {}
-                Err(error) => {
-                    super::record_event(
-                        &context.record,
-                        "portforward.unreadable",
-                        json!({ "reason": crate::error_chain(&error) }),
-                    );
-                    self.decoder = None;
+        match self.tunnel.as_mut() {
+            Some(tunnel) => {
+                for (inner, inner_frame) in tunnel.push(frame, header)? {
+                    if inner.kind == FrameKind::SpdyControl {
+                        log_control_frame(&mut self.decoder, &inner_frame, context);
+                    }
                 }
             }
+            None if header.kind == FrameKind::SpdyControl => {
+                log_control_frame(&mut self.decoder, frame, context);
+            }
+            None => {}
         }
         Ok(())
+    }
+}
+
+/// Reads one SPDY control frame from a port-forward client and records the connection a data
+/// stream opens. The first header block that cannot be read is recorded and clears `decoder`.
+fn log_control_frame(decoder: &mut Option<HeaderDecoder>, frame: &[u8], context: &StreamContext) {
+    let Some(reader) = decoder.as_mut() else {
+        return;
+    };
+    match reader.read_control_frame(frame) {
+        Ok(Some(opened)) if opened.name == "data" => super::record_event(
+            &context.record,
+            "portforward.open",
+            json!({
+                "port": opened.port,
+                "request_id": opened.request_id,
+                "spdy_stream": opened.stream_id,
+                "offset_ms": context.opened.elapsed().as_millis() as u64,
+            }),
+        ),
+        Ok(_) => {}
+        Err(error) => {
+            super::record_event(
+                &context.record,
+                "portforward.unreadable",
+                json!({ "reason": crate::error_chain(&error) }),
+            );
+            *decoder = None;
+        }
     }
 }
 
@@ -496,6 +502,14 @@ fn parse_header(framing: Framing, buffer: &[u8]) -> Result<Option<FrameHeader>, 
         Framing::Spdy => parse_spdy_header(buffer)?,
     };
     Ok(header.filter(|header| buffer.len() >= header.header_len + header.payload_len))
+}
+
+/// Removes the client's WebSocket masking from `data`, a payload from its first byte
+/// (RFC 6455 section 5.3).
+fn unmask(data: &mut [u8], key: [u8; 4]) {
+    for (index, byte) in data.iter_mut().enumerate() {
+        *byte ^= key[index % 4];
+    }
 }
 
 fn check_len(declared: u64) -> Result<usize, StreamError> {
@@ -616,9 +630,7 @@ fn process_frame(
                         // Record an unmasked copy; the frame itself goes on unchanged.
                         let mut data = payload.to_vec();
                         if let Some(key) = masking_key {
-                            for (index, byte) in data.iter_mut().enumerate() {
-                                *byte ^= key[index % 4];
-                            }
+                            unmask(&mut data, key);
                         }
                         // Channel 0 is stdin and channel 4 the terminal size.
                         if let Some(&channel @ (0 | 4)) = data.first() {

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use super::{
     FrameHeader, FrameKind, Framing, StreamError,
     exec_output::{MaskedOutput, OutputMasker, push_websocket_header},
-    parse_spdy_header,
+    parse_spdy_header, unmask,
 };
 use crate::mask::MaskPolicy;
 
@@ -55,9 +55,7 @@ impl TunnelReader {
         let start = self.partial.len();
         self.partial.extend_from_slice(&frame[header.header_len..]);
         if let Some(key) = masking_key {
-            for (index, byte) in self.partial[start..].iter_mut().enumerate() {
-                *byte ^= key[index % 4];
-            }
+            unmask(&mut self.partial[start..], key);
         }
         let mut frames = Vec::new();
         while let Some(inner) = parse_spdy_header(&self.partial)? {
