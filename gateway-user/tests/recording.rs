@@ -632,6 +632,37 @@ fn store_closed_to_other_users() {
     assert_eq!(mode(&store.join("journal")), DIR_MODE);
 }
 
+/// Records written in several batches within one group-commit window cost one `fdatasync` of
+/// their session file when the window closes, not one per batch.
+#[test]
+fn one_sync_per_file_and_window() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = RecordingConfig {
+        group_commit: Duration::from_secs(10),
+        ..config(&dir.path().join("store"))
+    };
+    let recorder = Recorder::open(&config, "node-a".into()).expect("open store");
+    let client = "10.1.0.2:40000".parse().expect("address");
+    let mut session = recorder
+        .start(&Subject::default(), client, &target("postgres"))
+        .expect("start session");
+    let before = recorder.flush().expect("flush").session_syncs;
+    for number in 0..5 {
+        session
+            .event(
+                "sql.statement",
+                json!({ "statement": format!("SELECT {number}") }),
+            )
+            .expect("record statement");
+        // Longer than the writer's batching window, so each record is a write of its own.
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let after = recorder.flush().expect("flush").session_syncs;
+    assert_eq!(after - before, 1, "syncs of the one session file written");
+    session.finish(&end()).expect("finish session");
+    recorder.shutdown();
+}
+
 #[test]
 fn short_retention_needs_force() {
     let dir = tempfile::tempdir().expect("temporary directory");
