@@ -185,7 +185,7 @@ enum Copied {
 /// without waiting. Synchronous, so the buffer never becomes part of the session's state.
 fn copy_once(source: &TcpStream, destination: &TcpStream) -> io::Result<Copied> {
     let mut buffer = [0u8; COPY_BUFFER];
-    let read = source.try_read(&mut buffer)?;
+    let read = read_draining(source, &mut buffer)?;
     if read == 0 {
         return Ok(Copied::End);
     }
@@ -202,6 +202,27 @@ fn copy_once(source: &TcpStream, destination: &TcpStream) -> io::Result<Copied> 
         read,
         unwritten: buffer[written..read].to_vec(),
     })
+}
+
+/// Reads once from `source`. A read shorter than the buffer has emptied the socket, so the
+/// read readiness is cleared and the next wait goes straight to epoll instead of spending a
+/// read that only finds `WouldBlock`. Edge-triggered epoll reports data that arrives after the
+/// read, and tokio keeps readiness that such a newer event set.
+fn read_draining(source: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut short_read = 0;
+    let result = source.try_io(Interest::READABLE, || {
+        let read = io::Read::read(&mut &*SockRef::from(source), buffer)?;
+        if read > 0 && read < buffer.len() {
+            short_read = read;
+            // Reported as WouldBlock only so that `try_io` clears the readiness.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(read)
+    });
+    match result {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock && short_read > 0 => Ok(short_read),
+        other => other,
+    }
 }
 
 /// Failed end of a splice.
