@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("mysql") {
         let relay_addr = SocketAddr::new(mysql_server.addr_v6.into(), mariadb.addr.port());
-        mysql_point_selects(&node, &testpeer, &pod, &mariadb, relay_addr)?;
+        mysql_point_selects(&node, &testpeer, &pod, &mariadb, relay_addr, daemon.pid())?;
     }
     daemon.stop();
     uninstall(&gatewayd, &config)?;
@@ -681,13 +681,15 @@ const POINT_SELECT_SECONDS: u64 = 10;
 const POINT_SELECT_ROWS: usize = 1000;
 
 /// Runs the point-select loop directly, through the MySQL handler and through the byte relay
-/// (`relay_addr`, the server's IPv6 address as a `tcp` target), and prints the ratios.
+/// (`relay_addr`, the server's IPv6 address as a `tcp` target), and prints the ratios and the
+/// gateway's CPU time per query.
 fn mysql_point_selects(
     node: &TestNode,
     testpeer: &Path,
     pod: &Pod,
     mariadb: &testing::Mariadb,
     relay_addr: SocketAddr,
+    gatewayd: u32,
 ) -> anyhow::Result<()> {
     let values: Vec<String> = (1..=POINT_SELECT_ROWS)
         .map(|key| format!("({key}, 'value {key}')"))
@@ -698,23 +700,30 @@ fn mysql_point_selects(
         values.join(", ")
     ));
     let seconds = POINT_SELECT_SECONDS.to_string();
-    let run = |mut command: Command, addr: SocketAddr| -> anyhow::Result<f64> {
+    // Returns queries per second and the gateway's CPU time per query in us.
+    let run = |mut command: Command, addr: SocketAddr| -> anyhow::Result<(f64, f64)> {
+        let before = sched_stats(gatewayd)?;
         let report = run_json(
             command
                 .args(["mysql-raw", "--connect", &addr.to_string()])
                 .args(["--scenario", "point-select", "--seconds", &seconds]),
         )?;
-        Ok(report["qps"].as_f64().unwrap_or(0.0))
+        let used = sched_stats(gatewayd)? - before;
+        let queries = report["queries"].as_f64().unwrap_or(0.0).max(1.0);
+        Ok((
+            report["qps"].as_f64().unwrap_or(0.0),
+            used.cpu_ns as f64 / 1000.0 / queries,
+        ))
     };
-    let direct = run(node.in_node(None, testpeer), mariadb.addr)?;
-    let proxied = run(node.in_pod(pod, testpeer), mariadb.addr)?;
-    let relayed = run(node.in_pod(pod, testpeer), relay_addr)?;
+    let (direct, _) = run(node.in_node(None, testpeer), mariadb.addr)?;
+    let (proxied, proxied_cpu) = run(node.in_pod(pod, testpeer), mariadb.addr)?;
+    let (relayed, relayed_cpu) = run(node.in_pod(pod, testpeer), relay_addr)?;
     println!(
         "
 MySQL point selects, 8 connections, {POINT_SELECT_SECONDS} s per run, masking on:"
     );
     println!(
-        "  direct {direct:.0} q/s, handler {proxied:.0} q/s (ratio {:.3}), relay {relayed:.0} q/s (ratio {:.3})",
+        "  direct {direct:.0} q/s, handler {proxied:.0} q/s (ratio {:.3}, {proxied_cpu:.1} us CPU), relay {relayed:.0} q/s (ratio {:.3}, {relayed_cpu:.1} us CPU)",
         proxied / direct,
         relayed / direct
     );
