@@ -217,6 +217,13 @@ fn endpoint_health_metrics_and_status() {
     assert_eq!(sample(&after, "gateway_approvals_pending"), 0.0);
     assert!(sample(&after, "gateway_recorder_queue_depth") >= 0.0);
     assert!(sample(&after, "gateway_recorder_lag_seconds") >= 0.0);
+    // The two sessions' records reach the disk within one group-commit window.
+    let syncs = "gateway_recorder_syncs_total";
+    wait_until(
+        "the sessions' records to be synced",
+        Duration::from_secs(10),
+        || sample(&scrape(node), syncs) > sample(&before, syncs),
+    );
     assert_eq!(
         sample(&after, "gateway_ebpf_map_entries{map=\"TARGETS\"}"),
         1.0

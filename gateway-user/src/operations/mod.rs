@@ -402,6 +402,14 @@ impl Collector for ScrapeTimeValues {
             lag.metric_type(),
         )?;
         lag.encode(metric)?;
+        let syncs = ConstCounter::new(health.syncs());
+        let metric = encoder.encode_descriptor(
+            "gateway_recorder_syncs",
+            "fdatasync calls on session files and the journal: at most one per file and group-commit window.",
+            None,
+            syncs.metric_type(),
+        )?;
+        syncs.encode(metric)?;
 
         let fills = redirect::read_map_fills(&self.bpffs);
         let mut entries = encoder.encode_descriptor(

@@ -129,6 +129,8 @@ pub struct Health {
     /// Microseconds the oldest record of the writer's latest batch waited in the queue, or 0
     /// when the latest wake-up found nothing to write.
     lag_us: AtomicU64,
+    /// `fdatasync` calls on session files and the journal since the daemon started.
+    syncs: AtomicU64,
     changed: tokio::sync::Notify,
 }
 
@@ -144,6 +146,12 @@ impl Health {
     /// Records queued for the writer and not written yet.
     pub fn queued(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Returns the number of `fdatasync` calls the writer has made on session files and the
+    /// journal.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Time the oldest record of the writer's latest batch waited between being queued and

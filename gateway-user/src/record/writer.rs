@@ -633,11 +633,13 @@ impl Writer {
     fn sync(&mut self) {
         for (_, file) in self.dirty.drain() {
             self.stats.session_syncs += 1;
+            self.health.syncs.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = file.sync_data() {
                 error!(%error, "fdatasync of a session file failed");
             }
         }
         if self.journal_dirty {
+            self.health.syncs.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = self.journal.sync() {
                 error!(%error, "fdatasync of the journal failed");
             }
