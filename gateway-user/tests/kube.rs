@@ -1013,20 +1013,13 @@ fn kubectl_in_cluster_through_gateway() {
 
     for websockets in TRANSPORTS {
         // kubectl drops `-t` without a terminal, so `script` gives it one.
-        let denied_exec = gateway_user::testing_apiserver::fixture::in_cluster_command(
-            &node,
-            &pod,
-            &service_account,
-            &home,
-            api.address,
-            api.port,
-            "script",
-        )
-        .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
-        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
-        .stdin(Stdio::piped())
-        .output()
-        .expect("run kubectl exec -it");
+        let denied_exec = api
+            .in_cluster(&node, &pod, &service_account, &home, "script")
+            .args(["-qec", "exec kubectl exec -it client -- sh", "/dev/null"])
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .stdin(Stdio::piped())
+            .output()
+            .expect("run kubectl exec -it");
         assert!(!denied_exec.status.success(), "websockets={websockets}");
         // `script` puts kubectl's standard error on the terminal, so on its output.
         let stderr = String::from_utf8_lossy(&denied_exec.stdout);
@@ -1166,18 +1159,10 @@ impl InCluster {
         command
     }
 
-    /// Runs the shell command line `shell` in the pod under `script`, which gives kubectl a
-    /// pseudo-terminal, with kubectl's exec transport chosen by `websockets`.
+    /// Builds a command that runs the shell line `shell` in the pod under `script`, which gives
+    /// kubectl a pseudo-terminal, with kubectl's exec transport chosen by `websockets`.
     fn in_terminal(&self, shell: &str, websockets: &str) -> std::process::Command {
-        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
-            &self.node,
-            &self.pod,
-            &self.service_account,
-            &self.home,
-            self.api.address,
-            self.api.port,
-            "script",
-        );
+        let mut command = self.in_pod("script");
         command
             .args(["-qec", shell, "/dev/null"])
             .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets);
@@ -1189,17 +1174,20 @@ impl InCluster {
     fn curl(&self, args: &[&str]) -> std::process::Command {
         let script =
             "exec curl -sS --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \"$@\"";
-        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+        let mut command = self.in_pod("sh");
+        command.args(["-c", script, "curl"]).args(args);
+        command
+    }
+
+    /// Builds a command for `program` in the pod with its in-cluster configuration.
+    fn in_pod(&self, program: &str) -> std::process::Command {
+        self.api.in_cluster(
             &self.node,
             &self.pod,
             &self.service_account,
             &self.home,
-            self.api.address,
-            self.api.port,
-            "sh",
-        );
-        command.args(["-c", script, "curl"]).args(args);
-        command
+            program,
+        )
     }
 
     fn events(&mut self) -> Vec<Value> {

@@ -99,13 +99,11 @@ impl Cluster {
     fn curl(&self, args: &[&str]) -> Output {
         let script = "exec curl -sS --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \
                       \"$@\"";
-        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+        let mut command = self.api.in_cluster(
             &self.node,
             &self.pod,
             &self.service_account,
             &self.home,
-            self.api.address,
-            self.api.port,
             "sh",
         );
         command.args(["-c", script, "curl"]).args(args);
@@ -817,13 +815,11 @@ fn kubectl_exec_terminal_with_resize() {
     for websockets in TRANSPORTS {
         // `script` gives kubectl a terminal of 30 rows and 100 columns. kubectl sends that
         // size on the resize channel, and the remote shell reads it back with `stty size`.
-        let mut command = gateway_user::testing_apiserver::fixture::in_cluster_command(
+        let mut command = cluster.api.in_cluster(
             &cluster.node,
             &cluster.pod,
             &cluster.service_account,
             &cluster.home,
-            cluster.api.address,
-            cluster.api.port,
             "script",
         );
         command

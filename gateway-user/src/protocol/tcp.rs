@@ -204,10 +204,9 @@ fn copy_once(source: &TcpStream, destination: &TcpStream) -> io::Result<Copied> 
     })
 }
 
-/// Reads once from `source`. A read shorter than the buffer has emptied the socket, so the
-/// read readiness is cleared and the next wait goes straight to epoll instead of spending a
-/// read that only finds `WouldBlock`. Edge-triggered epoll reports data that arrives after the
-/// read, and tokio keeps readiness that such a newer event set.
+/// Reads once from `source`, and clears the read readiness after a short read, which emptied
+/// the socket, as tokio's `poll_read` does. The next wait then goes to epoll, not to a read
+/// that finds `WouldBlock`.
 fn read_draining(source: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
     let mut short_read = 0;
     let result = source.try_io(Interest::READABLE, || {

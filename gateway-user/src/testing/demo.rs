@@ -293,22 +293,15 @@ pub fn run(paths: &DemoPaths, out: &mut dyn Write) -> anyhow::Result<()> {
     )?;
     // kubectl requests a terminal only when it has one, so `script` provides one. kubectl's
     // error then goes to the terminal, which is script's output.
-    let exec = crate::testing_apiserver::fixture::in_cluster_command(
-        &node,
-        &payments,
-        &payments_account,
-        &home,
-        api.address,
-        api.port,
-        "script",
-    )
-    .args([
-        "-qec",
-        &format!("exec kubectl exec -it {} -- sh", payments.name),
-        "/dev/null",
-    ])
-    .stdin(Stdio::piped())
-    .output()?;
+    let exec = api
+        .in_cluster(&node, &payments, &payments_account, &home, "script")
+        .args([
+            "-qec",
+            &format!("exec kubectl exec -it {} -- sh", payments.name),
+            "/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .output()?;
     ensure!(
         !exec.status.success(),
         "the interactive exec was not denied"

@@ -256,44 +256,35 @@ impl TestApiServer {
         service_account_dir: &Path,
         home: &Path,
     ) -> Command {
-        in_cluster_command(
-            node,
-            pod,
-            service_account_dir,
-            home,
-            self.address,
-            self.port,
-            KUBECTL,
-        )
+        self.in_cluster(node, pod, service_account_dir, home, KUBECTL)
     }
-}
 
-/// Builds a command for `program` in `pod` with in-cluster environment and service-account
-/// files, for an API server at `host`:`port` (which may be an address the gateway catches).
-pub fn in_cluster_command(
-    node: &TestNode,
-    pod: &Pod,
-    service_account_dir: &Path,
-    home: &Path,
-    host: IpAddr,
-    port: u16,
-    program: &str,
-) -> Command {
-    fs::create_dir_all(home).expect("create the kubectl home directory");
-    // A private mount namespace with a fresh tmpfs on /run, so that the bind mount of the
-    // service-account directory is seen by this process tree alone.
-    let script = format!(
-        "set -e; mount --make-rprivate /; mount -t tmpfs tmpfs /run; \
-         mkdir -p {SERVICE_ACCOUNT_DIR}; mount --bind \"$GATEWAY_SA_DIR\" {SERVICE_ACCOUNT_DIR}; \
-         exec \"$@\""
-    );
-    let mut command = node.in_pod(pod, "unshare");
-    command
-        .args(["-m", "sh", "-c", &script, "sh", program])
-        .env("GATEWAY_SA_DIR", service_account_dir)
-        .env("KUBERNETES_SERVICE_HOST", host.to_string())
-        .env("KUBERNETES_SERVICE_PORT", port.to_string())
-        .env("HOME", home)
-        .env_remove("KUBECONFIG");
-    command
+    /// Builds a command for `program` in `pod` with the in-cluster environment and the
+    /// service-account files of `service_account_dir`, pointing at this server's address.
+    pub fn in_cluster(
+        &self,
+        node: &TestNode,
+        pod: &Pod,
+        service_account_dir: &Path,
+        home: &Path,
+        program: &str,
+    ) -> Command {
+        fs::create_dir_all(home).expect("create the kubectl home directory");
+        // A private mount namespace with a fresh tmpfs on /run, so that the bind mount of the
+        // service-account directory is seen by this process tree alone.
+        let script = format!(
+            "set -e; mount --make-rprivate /; mount -t tmpfs tmpfs /run; \
+             mkdir -p {SERVICE_ACCOUNT_DIR}; mount --bind \"$GATEWAY_SA_DIR\" {SERVICE_ACCOUNT_DIR}; \
+             exec \"$@\""
+        );
+        let mut command = node.in_pod(pod, "unshare");
+        command
+            .args(["-m", "sh", "-c", &script, "sh", program])
+            .env("GATEWAY_SA_DIR", service_account_dir)
+            .env("KUBERNETES_SERVICE_HOST", self.address.to_string())
+            .env("KUBERNETES_SERVICE_PORT", self.port.to_string())
+            .env("HOME", home)
+            .env_remove("KUBECONFIG");
+        command
+    }
 }
