@@ -1332,6 +1332,13 @@ fn kubectl_exec_through_gateway() {
     assert_eq!(opens[0]["transport"], "websocket");
     assert_eq!(opens[4]["transport"], "spdy");
     assert_eq!(opens[3]["tty"], true);
+    for open in &opens {
+        let protocol = open["stream_protocol"].as_str().unwrap_or_default();
+        assert!(
+            protocol.ends_with(".channel.k8s.io"),
+            "stream.open without the negotiated subprotocol: {open}"
+        );
+    }
     for stream in ["stdin", "stdout"] {
         let frame = events.iter().find(|event| {
             event["event"] == "stream.frame"

@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     config::DEFAULT_RECORDING_DIR,
     record::{
-        PUBLIC_KEY_FILE,
+        Fields, PUBLIC_KEY_FILE,
         journal::{Journal, Writer},
         read::{self, SessionFile, Summary},
         signing::PublicKey,
@@ -236,7 +236,7 @@ fn record_access(store: &Path, command: &str, what: Value) -> anyhow::Result<()>
         )
     })?;
     journal
-        .append(&[("access", fields)], None)
+        .append(&[("access", Fields::journal_from_value(fields.into()))], None)
         .and_then(|_| journal.sync())
         .with_context(|| format!("cannot record this read in the journal under {}; reads of recordings must be recorded", store.display()))?;
     Ok(())

@@ -12,8 +12,10 @@
 //! deleted or cut file is noticed too. `docs/recording.md` describes every record.
 //!
 //! Handlers write through [`SessionRecord`], which only queues records: one writer thread owns
-//! the files, masks every string handlers pass in, and commits in groups (see [`writer`]).
+//! the files and commits in groups (see [`writer`]). Every string handlers pass in is masked
+//! when its [`Fields`] are built, before it is queued.
 
+mod fields;
 pub mod journal;
 pub mod read;
 pub mod retention;
@@ -56,13 +58,14 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::{
     config::{FailMode, RecordingConfig},
     identity::Subject,
 };
 
+pub use fields::Fields;
 pub use writer::WriterStats;
 
 /// Version of the record schema, written into every record as `v`.
@@ -323,14 +326,15 @@ impl Recorder {
         let relative = format!("{SESSIONS_DIR}/{date}/{id}.jsonl");
         let id_shared: Arc<str> = Arc::from(id.as_str());
 
-        let mut base = Map::new();
-        base.insert("session".into(), json!(id));
-        base.insert("node".into(), json!(self.inner.node));
-        base.insert("protocol".into(), json!(target.class));
-        let mut fields = Map::new();
-        fields.insert("subject".into(), json!(subject));
-        fields.insert("origin".into(), json!({ "addr": client }));
-        fields.insert("target".into(), json!(target));
+        let mut base = Fields::base();
+        base.str_verbatim("session", &id)
+            .str_verbatim("node", &self.inner.node)
+            .str_verbatim("protocol", &target.class);
+        let mut fields = Fields::new();
+        fields
+            .serialize("subject", subject)
+            .value("origin", &json!({ "addr": client }))
+            .serialize("target", target);
         self.send(writer::Command::Open {
             id: Arc::clone(&id_shared),
             relative: relative.clone(),
@@ -349,7 +353,11 @@ impl Recorder {
     /// Queues a record for the journal, e.g. an alert.
     pub fn journal_event(&self, event: &str, fields: Value) -> Result<(), RecordError> {
         self.send(writer::Command::Journal {
-            entry: writer::Entry::new(event, self.now(), into_map(fields)),
+            entry: writer::Entry::new(
+                event.to_string(),
+                self.now(),
+                Fields::journal_from_value(fields),
+            ),
         })
     }
 
@@ -406,14 +414,19 @@ impl SessionRecord {
         &self.path
     }
 
-    /// Queues one event of the session (a statement, a request) with its own fields. Strings in
-    /// `fields` are masked before they are written. Fails only when the store is failing with
-    /// `recording.fail_mode: closed` (the session should end) or the writer has stopped.
-    pub fn event(&mut self, event: &str, fields: Value) -> Result<(), RecordError> {
+    /// Queues one event of the session (a statement, a request) with its own fields, a JSON
+    /// object or [`Fields`]; either way every string in them is masked. Fails only when the
+    /// store is failing with `recording.fail_mode: closed` (the session should end) or the
+    /// writer has stopped.
+    pub fn event(
+        &mut self,
+        event: &'static str,
+        fields: impl Into<Fields>,
+    ) -> Result<(), RecordError> {
         self.recorder.check_available()?;
         self.recorder.send(writer::Command::Event {
             id: Arc::clone(&self.id_shared),
-            entry: writer::Entry::new(event, self.recorder.now(), into_map(fields)),
+            entry: writer::Entry::new(event, self.recorder.now(), fields.into()),
         })
     }
 
@@ -424,7 +437,7 @@ impl SessionRecord {
 
     /// Queues the `session.end` record and a final checkpoint, and closes the recording.
     pub fn finish(self, end: &SessionEnd) -> Result<PathBuf, RecordError> {
-        let fields = into_map(json!({
+        let fields = Fields::from_value(json!({
             "outcome": end.outcome,
             "reason": end.reason,
             "bytes": {
@@ -438,18 +451,6 @@ impl SessionRecord {
             entry: writer::Entry::new("session.end", self.recorder.now(), fields),
         })?;
         Ok(self.path)
-    }
-}
-
-fn into_map(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        Value::Null => Map::new(),
-        other => {
-            let mut map = Map::new();
-            map.insert("value".into(), other);
-            map
-        }
     }
 }
 

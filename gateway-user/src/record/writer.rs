@@ -1,7 +1,7 @@
 //! The writer thread: the only code that writes session files and the daemon's journal.
 //!
-//! Sessions queue records through a bounded channel. The thread takes what is queued, masks
-//! the handlers' strings, chains and writes each session's records with one `write` per file
+//! Sessions queue records through a bounded channel, their strings masked already (see
+//! [`Fields`]). The thread takes what is queued, chains and writes each session's records with one `write` per file
 //! and batch, and calls `fdatasync` on the files it wrote at most `recording.group_commit`
 //! later (group commit). A killed daemon loses nothing it handed to `write`; a power loss can
 //! lose the records of the last group-commit window.
@@ -13,6 +13,7 @@
 //! goes to the journal (retried until it fits) and `recording.fail_mode` applies.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     fs::{self, File},
     io::Write as _,
@@ -26,6 +27,8 @@ use std::{
 };
 
 use serde_json::{Map, Value, json};
+
+use super::Fields;
 use sha2::{Digest as _, Sha256};
 use tracing::{error, info, warn};
 
@@ -35,7 +38,7 @@ use super::{
     retention,
     signing::SigningKey,
 };
-use crate::{config::RecordingConfig, mask, operations::metrics::ErrorKind};
+use crate::{config::RecordingConfig, operations::metrics::ErrorKind};
 
 /// Commands queued before senders block. At a few hundred bytes each this bounds the queue's
 /// memory to some tens of MiB; a full queue slows sessions down rather than dropping records.
@@ -59,17 +62,21 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// One record as a handler queued it.
 #[derive(Debug)]
 pub(super) struct Entry {
-    event: String,
+    event: Cow<'static, str>,
     time: SystemTime,
-    fields: Map<String, Value>,
+    fields: Fields,
     /// When the entry was queued, for the writer's lag.
     queued: Instant,
 }
 
 impl Entry {
-    pub(super) fn new(event: &str, time: SystemTime, fields: Map<String, Value>) -> Self {
+    pub(super) fn new(
+        event: impl Into<Cow<'static, str>>,
+        time: SystemTime,
+        fields: Fields,
+    ) -> Self {
         Self {
-            event: event.to_string(),
+            event: event.into(),
             time,
             fields,
             queued: Instant::now(),
@@ -82,7 +89,7 @@ pub(super) enum Command {
     Open {
         id: Arc<str>,
         relative: String,
-        base: Map<String, Value>,
+        base: Fields,
         entry: Entry,
     },
     Event {
@@ -133,7 +140,7 @@ struct Session {
     file: Option<File>,
     len: u64,
     head: ChainHead,
-    base: Map<String, Value>,
+    base: Fields,
     queue: Vec<Pending>,
     lost: u64,
     since_checkpoint: u64,
@@ -146,13 +153,12 @@ struct Writer {
     config: RecordingConfig,
     key: SigningKey,
     health: Arc<Health>,
-    mask: mask::MaskPolicy,
     sessions: HashMap<Arc<str>, Session>,
     /// Session files written since the last sync, one handle each, by session id. A handle
     /// outlives its session's close, so a closed session's last records are synced too.
     dirty: HashMap<Arc<str>, File>,
     journal: Journal,
-    journal_queue: Vec<(String, Map<String, Value>)>,
+    journal_queue: Vec<(Cow<'static, str>, Fields)>,
     journal_dirty: bool,
     journal_since_checkpoint: u64,
     journal_last_checkpoint: Instant,
@@ -176,11 +182,14 @@ pub(super) fn spawn(
     let store = config.dir.clone();
     let mut journal = Journal::open(&store, &node, JournalWriter::Daemon)?;
     let abandoned = recover_open_sessions(&journal)?;
-    let mut start_records: Vec<(&str, Map<String, Value>)> = abandoned
+    let mut start_records: Vec<(&str, Fields)> = abandoned
         .iter()
-        .map(|fields| ("session.abandoned", fields.clone()))
+        .map(|fields| {
+            let fields = Fields::from_map_verbatim(fields, Fields::journal());
+            ("session.abandoned", fields)
+        })
         .collect();
-    start_records.push(("checkpoint", Map::new()));
+    start_records.push(("checkpoint", Fields::journal()));
     journal.append(&start_records, Some(&key))?;
     journal.sync()?;
     if !abandoned.is_empty() {
@@ -196,7 +205,6 @@ pub(super) fn spawn(
         config: config.clone(),
         key,
         health,
-        mask: mask::MaskPolicy::default(),
         sessions: HashMap::new(),
         dirty: HashMap::new(),
         journal,
@@ -291,11 +299,11 @@ impl Writer {
                 fields.insert("digest".into(), json!(hex(&session.head.prev)));
                 fields.insert("torn_bytes".into(), json!(0));
                 fields.insert("reason".into(), json!("daemon stopped"));
-                self.journal_queue
-                    .push(("session.abandoned".into(), fields));
+                self.queue_journal("session.abandoned", &fields);
             }
         }
-        self.journal_queue.push(("checkpoint".into(), Map::new()));
+        self.journal_queue
+            .push(("checkpoint".into(), Fields::journal()));
         self.write_journal();
         self.sync();
         info!(
@@ -353,7 +361,7 @@ impl Writer {
                 let mut opened = Map::new();
                 opened.insert("session".into(), json!(&*id));
                 opened.insert("file".into(), json!(relative));
-                self.journal_queue.push(("session.opened".into(), opened));
+                self.queue_journal("session.opened", &opened);
                 self.sessions.insert(
                     Arc::clone(&id),
                     Session {
@@ -386,11 +394,7 @@ impl Writer {
                 }
                 None => warn!(session = %id, "end of an unknown session dropped"),
             },
-            Command::Journal { entry } => {
-                let mut fields = entry.fields;
-                mask_strings(&mut fields, &self.mask);
-                self.journal_queue.push((entry.event, fields));
-            }
+            Command::Journal { entry } => self.journal_queue.push((entry.event, entry.fields)),
             Command::Flush { done } => flushes.push(done),
             Command::Retention { now, done } => {
                 // Earlier records first, so the pass knows of every session they closed.
@@ -441,7 +445,8 @@ impl Writer {
             && self.journal_last_checkpoint.elapsed() >= interval
             && !queued
         {
-            self.journal_queue.push(("checkpoint".into(), Map::new()));
+            self.journal_queue
+                .push(("checkpoint".into(), Fields::journal()));
         }
     }
 
@@ -483,7 +488,7 @@ impl Writer {
             if session.lost > 0 {
                 closed.insert("lost".into(), json!(session.lost));
             }
-            self.journal_queue.push(("session.closed".into(), closed));
+            self.queue_journal("session.closed", &closed);
         }
     }
 
@@ -522,7 +527,7 @@ impl Writer {
                 &session.base,
                 "records.lost",
                 time,
-                fields,
+                &Fields::from_map_verbatim(&fields, Fields::new()),
                 &mut bytes,
             );
             written += 1;
@@ -530,14 +535,12 @@ impl Writer {
         for pending in queue {
             let checkpoint_now = match pending {
                 Pending::Record(entry) => {
-                    let mut fields = entry.fields;
-                    mask_strings(&mut fields, &self.mask);
                     append_line(
                         &mut head,
                         &session.base,
                         &entry.event,
                         entry.time,
-                        fields,
+                        &entry.fields,
                         &mut bytes,
                     );
                     since_checkpoint += 1;
@@ -554,7 +557,7 @@ impl Writer {
                     &session.base,
                     "checkpoint",
                     time,
-                    fields,
+                    &fields,
                     &mut bytes,
                 );
                 since_checkpoint = 0;
@@ -595,18 +598,18 @@ impl Writer {
         if self.journal_queue.is_empty() {
             return;
         }
-        let mut records: Vec<(&str, Map<String, Value>)> = Vec::new();
+        let mut records: Vec<(&str, Fields)> = Vec::new();
         let mut since = self.journal_since_checkpoint;
         let mut checkpoint_written = false;
         for (event, fields) in &self.journal_queue {
-            records.push((event.as_str(), fields.clone()));
+            records.push((event, fields.clone()));
             if event == "checkpoint" {
                 since = 0;
                 checkpoint_written = true;
             } else {
                 since += 1;
                 if since >= self.config.checkpoint_records {
-                    records.push(("checkpoint", Map::new()));
+                    records.push(("checkpoint", Fields::journal()));
                     since = 0;
                     checkpoint_written = true;
                 }
@@ -665,6 +668,14 @@ impl Writer {
         self.update_health();
     }
 
+    /// Queues a journal record the writer itself makes.
+    fn queue_journal(&mut self, event: &'static str, fields: &Map<String, Value>) {
+        self.journal_queue.push((
+            event.into(),
+            Fields::from_map_verbatim(fields, Fields::journal()),
+        ));
+    }
+
     fn raise_alert(&mut self, kind: &str, detail: &str) {
         let mut fields = Map::new();
         fields.insert("kind".into(), json!(kind));
@@ -673,7 +684,7 @@ impl Writer {
             "fail_mode".into(),
             json!(format!("{:?}", self.config.fail_mode).to_lowercase()),
         );
-        self.journal_queue.push(("alert".into(), fields));
+        self.queue_journal("alert", &fields);
         self.update_health();
     }
 
@@ -688,7 +699,7 @@ impl Writer {
                     info!("recording store is healthy again");
                     let mut fields = Map::new();
                     fields.insert("kind".into(), json!("recording_resumed"));
-                    self.journal_queue.push(("alert".into(), fields));
+                    self.queue_journal("alert", &fields);
                 }
             }
         }
@@ -744,7 +755,7 @@ impl Writer {
         let settings = retention::Settings::from_config(&self.config);
         let report = retention::run(&self.store, now, &settings, &open)?;
         if let Some(fields) = report.journal_record() {
-            self.journal_queue.push(("pruned".into(), fields));
+            self.queue_journal("pruned", &fields);
             self.write_journal();
         }
         if report.compressed > 0 || report.sessions_pruned > 0 {
@@ -761,10 +772,10 @@ impl Writer {
 /// Serializes one record after `head`, appends it to `bytes` and advances `head`.
 fn append_line(
     head: &mut ChainHead,
-    base: &Map<String, Value>,
+    base: &Fields,
     event: &str,
     time: SystemTime,
-    fields: Map<String, Value>,
+    fields: &Fields,
     bytes: &mut Vec<u8>,
 ) {
     let line = journal::chained_line(*head, event, time, base, fields);
@@ -773,28 +784,6 @@ fn append_line(
         prev: Sha256::digest(&line).into(),
     };
     bytes.extend_from_slice(&line);
-}
-
-/// Masks card numbers in every string of `fields`, at any depth.
-fn mask_strings(fields: &mut Map<String, Value>, policy: &mask::MaskPolicy) {
-    for value in fields.values_mut() {
-        mask_value(value, policy);
-    }
-}
-
-fn mask_value(value: &mut Value, policy: &mask::MaskPolicy) {
-    match value {
-        // A PAN has at least 13 digits; shorter strings are left alone without a scan.
-        Value::String(text) if text.bytes().filter(u8::is_ascii_digit).count() >= 13 => {
-            let mut bytes = std::mem::take(text).into_bytes();
-            mask::mask_in_place(&mut bytes, policy);
-            // Masking swaps ASCII digits for the ASCII mask byte, so the text stays UTF-8.
-            *text = String::from_utf8(bytes).expect("masking keeps UTF-8");
-        }
-        Value::Array(items) => items.iter_mut().for_each(|item| mask_value(item, policy)),
-        Value::Object(map) => map.values_mut().for_each(|item| mask_value(item, policy)),
-        _ => {}
-    }
 }
 
 /// Finds sessions the previous daemon run opened and never closed, and describes how their

@@ -67,7 +67,7 @@ use crate::{
     mask::{MaskPolicy, mask_in_place},
     policy::{Decision, KubeRequestFacts, KubeRule, judge_kube},
     protocol::tcp::RelayResult,
-    record::{Outcome, SessionRecord},
+    record::{Fields, Outcome, SessionRecord},
 };
 
 /// The session recording, shared by the session's requests and streams.
@@ -789,7 +789,8 @@ async fn upgrade(
                 Framing::Spdy => "spdy",
                 Framing::WebSocket { .. } | Framing::SpdyInWebSocket => "websocket",
             },
-            "protocol": protocol,
+            // Not `protocol`: every session record carries that key for the target class.
+            "stream_protocol": protocol,
         }),
     );
 
@@ -1003,7 +1004,7 @@ async fn peek_server_name(client: &TcpStream) -> io::Result<Result<Option<String
 }
 
 /// Writes one event to the session recording.
-pub(crate) fn record_event(record: &Recording, event: &str, fields: Value) {
+pub(crate) fn record_event(record: &Recording, event: &'static str, fields: impl Into<Fields>) {
     // Queues the event for the recorder's writer thread; no disk I/O happens here.
     let mut record = record
         .lock()

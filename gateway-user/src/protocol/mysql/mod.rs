@@ -50,7 +50,7 @@ use super::tcp::{Counters, RelayResult, idle};
 use crate::{
     mask::{MaskPolicy, StreamMasker, mask_in_place},
     policy::PolicyStore,
-    record::{Outcome, SessionRecord},
+    record::{Fields, Outcome, SessionRecord},
     sql::{SqlDialect, StatementInfo, analyze},
 };
 
@@ -1422,30 +1422,28 @@ impl Session<'_> {
     }
 
     fn record_statement(&self, pending: &Pending, outcome: &str, detail: Option<&str>) {
-        let mut fields = json!({
-            "database_user": self.login.user,
-            "database": self.login.database,
-            "statement": pending.text,
-            "kind": pending.info.kind,
-            "tables": pending.info.tables,
-            "params": pending.params,
-            "outcome": outcome,
-            "duration_us": pending.started.elapsed().as_micros() as u64,
-        });
-        let map = fields.as_object_mut().expect("object");
-        if outcome == "ok" {
-            map.insert("rows".into(), json!(pending.rows));
-        }
+        let mut fields = Fields::new();
+        fields
+            .str("database_user", &self.login.user)
+            .str("database", &self.login.database)
+            .str("statement", &pending.text)
+            .str("kind", &pending.info.kind)
+            .strs("tables", &pending.info.tables)
+            .values("params", &pending.params)
+            .str("outcome", outcome)
+            .u64("duration_us", pending.started.elapsed().as_micros() as u64);
         match outcome {
+            "ok" => {
+                fields.u64("rows", pending.rows).str("decision", "allow");
+            }
             "denied" => {
-                map.insert("decision".into(), json!("deny"));
-                map.insert("rule".into(), json!(detail));
+                fields.str("decision", "deny").opt_str("rule", detail);
             }
             "error" => {
-                map.insert("error_code".into(), json!(detail));
+                fields.opt_str("error_code", detail);
             }
             _ => {
-                map.insert("decision".into(), json!("allow"));
+                fields.str("decision", "allow");
             }
         }
         record_event(self.record, "sql.statement", fields);
@@ -1538,14 +1536,14 @@ fn recorded_text(text: &[u8], mask: &MaskPolicy) -> String {
     masker.feed(window, &mut out);
     masker.finish(&mut out);
     out.truncate(RECORDED_TEXT_LIMIT);
-    let mut masked_text = String::from_utf8_lossy(&out).into_owned();
+    let mut masked_text = super::utf8_text(out);
     if text.len() > RECORDED_TEXT_LIMIT {
         masked_text.push_str(&format!("... ({} bytes in all)", text.len()));
     }
     masked_text
 }
 
-fn record_event(record: &Recording, event: &str, fields: Value) {
+fn record_event(record: &Recording, event: &'static str, fields: impl Into<Fields>) {
     // NOTE: this writes to the session file on the async thread, as the PostgreSQL handler
     // does, until the recorder's own writer task takes the events over.
     let mut record = record.lock().expect("recording lock poisoned");

@@ -58,7 +58,7 @@ use crate::{
     approval::Broker,
     mask::{MaskPolicy, StreamMasker, mask_in_place},
     policy::{PolicyStore, Subject as PolicySubject, Target as PolicyTarget},
-    record::{Outcome, SessionRecord},
+    record::{Fields, Outcome, SessionRecord},
     sql::{SqlDialect, StatementInfo, analyze},
 };
 
@@ -727,7 +727,7 @@ async fn frontend_message(
     match tag {
         b'Q' => {
             let mut reader = BodyReader::new(&body, "Query");
-            let text = String::from_utf8_lossy(reader.cstr().map_err(client_error)?).into_owned();
+            let text = String::from_utf8_lossy(reader.cstr().map_err(client_error)?);
             let infos = analyze(&text, SqlDialect::Postgres);
             let shown = recorded_text(text.as_bytes(), &context.mask);
             let denial = judge::judge(&mut state.review, &infos, &shown, pump, upstream).await?;
@@ -973,7 +973,7 @@ fn recorded_prefix(prefix: &[u8], total: usize, mask: &MaskPolicy) -> String {
     } else {
         mask_in_place(&mut copy, mask);
     }
-    let mut shown = String::from_utf8_lossy(&copy).into_owned();
+    let mut shown = super::utf8_text(copy);
     if total > RECORDED_TEXT_LIMIT {
         shown.push_str(&format!("... ({total} bytes in all)"));
     }
@@ -1389,36 +1389,36 @@ fn record_statement(record: &Recording, startup: &StartupInfo, completed: &Compl
         detail,
         duration_us,
     } = completed;
-    let mut fields = json!({
-        "database_user": startup.user,
-        "database": startup.database,
-        "statement": pending.text,
-        "kind": pending.info.kind,
-        "tables": pending.info.tables,
-        "params": pending.params,
-        "outcome": outcome,
-        "duration_us": duration_us,
-    });
-    let map = fields.as_object_mut().expect("object");
+    let mut fields = Fields::new();
+    fields
+        .str("database_user", &startup.user)
+        .str("database", &startup.database)
+        .str("statement", &pending.text)
+        .str("kind", &pending.info.kind)
+        .strs("tables", &pending.info.tables)
+        .values("params", &pending.params)
+        .str("outcome", outcome)
+        .u64("duration_us", *duration_us);
     if let Some(rows) = rows {
-        map.insert("rows".into(), json!(rows));
+        fields.u64("rows", *rows);
     }
     match *outcome {
         "denied" => {
-            map.insert("decision".into(), json!("deny"));
-            map.insert("rule".into(), json!(detail));
+            fields
+                .str("decision", "deny")
+                .opt_str("rule", detail.as_deref());
         }
         "error" => {
-            map.insert("error_code".into(), json!(detail));
+            fields.opt_str("error_code", detail.as_deref());
         }
         _ => {
-            map.insert("decision".into(), json!("allow"));
+            fields.str("decision", "allow");
         }
     }
     record_event(record, "sql.statement", fields);
 }
 
-fn record_event(record: &Recording, event: &str, fields: Value) {
+fn record_event(record: &Recording, event: &'static str, fields: impl Into<Fields>) {
     // Queues the event for the recorder's writer thread; no disk I/O happens here.
     let mut record = record.lock().expect("recording lock poisoned");
     if let Err(error) = record.event(event, fields) {
