@@ -171,6 +171,10 @@ pub struct ProxyConfig {
     /// Maximum number of proxied connections open at once; further ones are reset.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Threads that run the proxied sessions. Default: one per CPU the daemon may use, which
+    /// counts its cgroup's CPU limit. The recording writer runs on a thread of its own.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
     /// Close a connection after this long with no bytes either way (e.g. `30m`).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -791,6 +795,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if proxy.worker_threads == Some(0) {
+            return Err(invalid(
+                "proxy.worker_threads",
+                "must be at least 1; leave it out for one thread per CPU".into(),
+            ));
+        }
         for (field, value) in [
             ("proxy.idle_timeout", proxy.idle_timeout),
             ("proxy.connect_timeout", proxy.connect_timeout),
@@ -1095,7 +1105,23 @@ targets:
         assert_eq!(config.targets[0].class, TargetClass::Postgres);
         assert_eq!(config.targets[1].display_name(), "[fd00::20]:443");
         assert_eq!(config.proxy.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.proxy.worker_threads, None);
         assert_eq!(config.recording.dir, PathBuf::from(DEFAULT_RECORDING_DIR));
+    }
+
+    #[test]
+    fn config_worker_threads() {
+        let with = |threads: &str| {
+            GOOD.replace(
+                "proxy:\n",
+                &format!("proxy:\n  worker_threads: {threads}\n"),
+            )
+        };
+        let config = parse(&with("3")).expect("valid config");
+        assert_eq!(config.proxy.worker_threads, Some(3));
+        let message = error_of(&with("0"));
+        assert!(message.contains("proxy.worker_threads"), "{message}");
+        assert!(message.contains("at least 1"), "{message}");
     }
 
     #[test]

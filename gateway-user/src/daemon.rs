@@ -145,6 +145,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         targets = config.targets.len(),
         fail_mode = ?config.redirect.fail_mode,
         recordings = %config.recording.dir.display(),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "gatewayd ready"
     );
 

@@ -683,6 +683,37 @@ fn connection_limit_resets_excess() {
 }
 
 #[test]
+fn worker_threads_setting_applies() {
+    let EchoSetup {
+        node,
+        pod,
+        server: _,
+        target,
+        config,
+        _echo,
+    } = echo_setup("worker_threads_setting_applies", &[], "");
+    // One more than the default, so the default cannot pass for the setting.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from) + 1;
+    let text = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "  drain_timeout: 2s\n",
+            &format!("  drain_timeout: 2s\n  worker_threads: {threads}\n"),
+        ),
+    )
+    .expect("write config");
+    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+
+    let report = client_connects(&node, &pod, target).expect("a session through the proxy");
+    assert_eq!(report["intact"], true, "{report}");
+    // Blocking-pool threads carry the workers' name, so the daemon's own report is the check.
+    let log = daemon.log();
+    assert!(log.contains(&format!("worker_threads={threads}")), "{log}");
+    daemon.stop();
+}
+
+#[test]
 fn sigterm_drains_then_closes() {
     let EchoSetup {
         node,

@@ -74,9 +74,11 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config, ready_file } => {
             let config = Config::load(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = config.proxy.worker_threads {
+                runtime.worker_threads(threads);
+            }
+            let runtime = runtime.enable_all().build()?;
             runtime.block_on(daemon::run(config, daemon::RunOptions { ready_file }))
         }
         Command::Check { config } => {
