@@ -1,10 +1,10 @@
 //! The writer thread: the only code that writes session files and the daemon's journal.
 //!
 //! Sessions queue records through a bounded channel, their strings masked already (see
-//! [`Fields`]). The thread takes what is queued, chains and writes each session's records with one `write` per file
-//! and batch, and calls `fdatasync` on the files it wrote at most `recording.group_commit`
-//! later (group commit). A killed daemon loses nothing it handed to `write`; a power loss can
-//! lose the records of the last group-commit window.
+//! [`Fields`]). The thread takes what is queued, chains and writes each session's records with
+//! one `write` per file and batch, and calls `fdatasync` on the files it wrote at most
+//! `recording.group_commit` later (group commit). A killed daemon loses nothing it handed to
+//! `write`; a power loss can lose the records of the last group-commit window.
 //!
 //! A failed write is cut back to the last whole line, so files always end on a record. The
 //! records that could not be written are counted, and the session's next successful write starts
@@ -27,13 +27,11 @@ use std::{
 };
 
 use serde_json::{Map, Value, json};
-
-use super::Fields;
 use sha2::{Digest as _, Sha256};
 use tracing::{error, info, warn};
 
 use super::{
-    Health, hex,
+    Fields, Health, hex,
     journal::{self, ChainHead, Journal, Writer as JournalWriter},
     retention,
     signing::SigningKey,
