@@ -623,6 +623,18 @@ fn missing_cgroup2_reported() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// Adds `setting` (`key: value`) to the `proxy` section of the daemon configuration at `config`.
+fn add_proxy_setting(config: &Path, setting: &str) {
+    let text = std::fs::read_to_string(config).expect("read config");
+    let anchor = "  drain_timeout: 2s\n";
+    assert!(
+        text.contains(anchor),
+        "no proxy section to extend in {text}"
+    );
+    let text = text.replace(anchor, &format!("{anchor}  {setting}\n"));
+    std::fs::write(config, text).expect("write config");
+}
+
 #[test]
 fn connection_limit_resets_excess() {
     let EchoSetup {
@@ -633,15 +645,7 @@ fn connection_limit_resets_excess() {
         config,
         _echo,
     } = echo_setup("connection_limit_resets_excess", &[], "");
-    let text = std::fs::read_to_string(&config).expect("read config");
-    std::fs::write(
-        &config,
-        text.replace(
-            "  drain_timeout: 2s\n",
-            "  drain_timeout: 2s\n  max_connections: 1\n",
-        ),
-    )
-    .expect("write config");
+    add_proxy_setting(&config, "max_connections: 1");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
     let mut holder = node
@@ -694,15 +698,7 @@ fn worker_threads_setting_applies() {
     } = echo_setup("worker_threads_setting_applies", &[], "");
     // One more than the default, so the default cannot pass for the setting.
     let threads = std::thread::available_parallelism().map_or(1, usize::from) + 1;
-    let text = std::fs::read_to_string(&config).expect("read config");
-    std::fs::write(
-        &config,
-        text.replace(
-            "  drain_timeout: 2s\n",
-            &format!("  drain_timeout: 2s\n  worker_threads: {threads}\n"),
-        ),
-    )
-    .expect("write config");
+    add_proxy_setting(&config, &format!("worker_threads: {threads}"));
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
 
     let report = client_connects(&node, &pod, target).expect("a session through the proxy");
