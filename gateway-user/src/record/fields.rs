@@ -117,7 +117,7 @@ impl Fields {
         }
     }
 
-    /// The members as JSON text, each with its leading comma.
+    /// Returns the members as JSON text, each with its leading comma.
     pub(super) fn as_bytes(&self) -> &[u8] {
         &self.json
     }
