@@ -20,14 +20,15 @@ const SESSION_KEYS: &[&str] = &[
 /// Keys a journal record gets from the journal: the chain keys and `node`.
 const JOURNAL_KEYS: &[&str] = &["v", "seq", "prev", "time", "event", "node"];
 
-/// Minimum number of digits in a PAN; strings with fewer are written without a scan.
+/// Minimum number of digits in a PAN. Strings with fewer are written without a scan.
 const MIN_PAN_DIGITS: usize = 13;
 
-/// JSON members of a record (`,"key":value` each), with every string masked.
+/// JSON members of a record (`,"key":value` each), with every string masked unless the
+/// recording module added it verbatim.
 ///
 /// A key that the line already carries (the chain keys, and the session's or the journal's own
 /// keys) is a bug in the caller: debug builds panic on it, release builds leave the field out.
-/// Add each key once; a repeated key is written twice.
+/// Add each key once, because a repeated key is written twice.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Fields {
     json: Vec<u8>,

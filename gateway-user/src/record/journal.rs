@@ -19,7 +19,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 
-use super::{Fields, SCHEMA_VERSION, hex, signing::SigningKey};
+use super::{Fields, SCHEMA_VERSION, hex, push_hex, signing::SigningKey};
 
 /// Name of the journal directory inside the store.
 pub const JOURNAL_DIR: &str = "journal";
@@ -94,14 +94,6 @@ pub fn chained_line(
     line.extend_from_slice(fields.as_bytes());
     line.extend_from_slice(b"}\n");
     line
-}
-
-fn push_hex(line: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        line.push(DIGITS[usize::from(byte >> 4)]);
-        line.push(DIGITS[usize::from(byte & 0xf)]);
-    }
 }
 
 /// Formats a time as RFC 3339 UTC with microseconds, the form every record uses.
