@@ -494,8 +494,11 @@ const PGBENCH_SECONDS: u32 = 10;
 /// Route of a pgbench run to the server.
 #[derive(Clone, Copy)]
 enum PgbenchPath {
-    /// From the node namespace, not redirected.
+    /// From the pod's network namespace, in a cgroup the hooks are not attached to: the path
+    /// the workload takes without the gateway.
     Direct,
+    /// From the node namespace, one link shorter than any pod's path.
+    NodeDirect,
     /// From the pod, through the PostgreSQL handler.
     Handler,
     /// From the pod, through the byte relay (the server's IPv6 address is a `tcp` target).
@@ -597,7 +600,8 @@ fn pgbench_comparison(
     // per transaction.
     let run = |path: PgbenchPath, args: &[&str]| -> anyhow::Result<(f64, f64, f64, f64)> {
         let (mut command, host) = match path {
-            PgbenchPath::Direct => (node.in_node(None, &program), postgres.addr.ip()),
+            PgbenchPath::Direct => (unredirected(node, pod, &program), postgres.addr.ip()),
+            PgbenchPath::NodeDirect => (node.in_node(None, &program), postgres.addr.ip()),
             PgbenchPath::Handler => (node.in_pod(pod, &program), postgres.addr.ip()),
             PgbenchPath::Relay => (node.in_pod(pod, &program), relay_addr),
             PgbenchPath::Pgbouncer => (
@@ -651,6 +655,7 @@ fn pgbench_comparison(
             let mut args = vec!["-c", clients, "-j", clients, "-T", seconds.as_str()];
             args.extend(mode);
             let (direct_tps, direct_latency, _, _) = run(PgbenchPath::Direct, &args)?;
+            let (node_tps, _, _, _) = run(PgbenchPath::NodeDirect, &args)?;
             let (proxied_tps, proxied_latency, proxied_cpu, proxied_runs) =
                 run(PgbenchPath::Handler, &args)?;
             let (relay_tps, relay_latency, relay_cpu, relay_runs) = run(PgbenchPath::Relay, &args)?;
@@ -660,6 +665,12 @@ fn pgbench_comparison(
                 (proxied_latency - direct_latency) * 1000.0,
                 relay_tps / direct_tps,
                 (relay_latency - direct_latency) * 1000.0
+            );
+            println!(
+                "  {:<17} {clients} client(s): from the node namespace {node_tps:.0} tps; handler/node {:.3}, relay/node {:.3}",
+                "",
+                proxied_tps / node_tps,
+                relay_tps / node_tps
             );
             if pgbouncer.is_some() {
                 let (tps, latency, cpu, runs) = run(PgbenchPath::Pgbouncer, &args)?;
@@ -715,7 +726,8 @@ fn mysql_point_selects(
             used.cpu_ns as f64 / 1000.0 / queries,
         ))
     };
-    let (direct, _) = run(node.in_node(None, testpeer), mariadb.addr)?;
+    let (direct, _) = run(unredirected(node, pod, testpeer), mariadb.addr)?;
+    let (node_direct, _) = run(node.in_node(None, testpeer), mariadb.addr)?;
     let (proxied, proxied_cpu) = run(node.in_pod(pod, testpeer), mariadb.addr)?;
     let (relayed, relayed_cpu) = run(node.in_pod(pod, testpeer), relay_addr)?;
     println!(
@@ -727,7 +739,18 @@ MySQL point selects, 8 connections, {POINT_SELECT_SECONDS} s per run, masking on
         proxied / direct,
         relayed / direct
     );
+    println!(
+        "  from the node namespace {node_direct:.0} q/s; handler/node {:.3}, relay/node {:.3}",
+        proxied / node_direct,
+        relayed / node_direct
+    );
     Ok(())
+}
+
+/// Builds a command that runs in `pod`'s network namespace but in the bench's own cgroup,
+/// outside the one the hooks are attached to: the pod's path to a server with no gateway.
+fn unredirected(node: &TestNode, pod: &Pod, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    node.command_in(&pod.netns, None, program)
 }
 
 fn start_server(
