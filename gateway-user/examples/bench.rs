@@ -5,18 +5,19 @@
 //! 2. relay throughput: 100 MiB echoed through the proxy and directly, as a ratio;
 //! 3. proxy memory per idle connection: the daemon's resident set before and after holding
 //!    many idle proxied connections;
-//! 4. PostgreSQL through the handler (masking on) and directly: `pgbench -S` and the TPC-B-like
+//! 4. PostgreSQL through the handler (masking on) and directly, from the same pod's network
+//!    namespace in a cgroup without the hooks: `pgbench -S` and the TPC-B-like
 //!    default, with 1 and 8 clients, as TPS ratios, the latency one simple query gains, and the
 //!    gateway's CPU time per transaction, which other load on the machine moves less than it
 //!    moves the ratios;
 //! 5. the Kubernetes API handler (TLS both legs, masking on): GETs of a 50 KiB ConfigMap list
 //!    from the test API server on one kept-alive connection, through the gateway and directly,
 //!    as the p50 and p99 latency the gateway adds.
-//! 6. MySQL (MariaDB) through the handler and directly: a point-select loop over 8
+//! 6. MySQL (MariaDB) through the handler and directly, as for PostgreSQL: a point-select loop over 8
 //!    connections from `gateway-testpeer mysql-raw`, as a ratio of queries per second.
 //!
-//! Each figure is the median of several rounds. Results depend on the machine; the README
-//! lists the ones measured and where.
+//! The connect and throughput figures are medians of several rounds; the others come from one
+//! round each. Results depend on the machine; the README lists the ones measured and where.
 
 use std::{
     io::{BufRead as _, BufReader},
