@@ -47,6 +47,7 @@ struct SeenRequest {
     authorization: Option<String>,
     accept_encoding: Option<String>,
     websocket_extensions: Option<String>,
+    websocket_protocol: Option<String>,
 }
 
 /// The upstream API server: a thread inside the server namespace running a hyper server with
@@ -124,6 +125,7 @@ async fn serve_request(
         authorization: header(http::header::AUTHORIZATION),
         accept_encoding: header(http::header::ACCEPT_ENCODING),
         websocket_extensions: header(http::header::SEC_WEBSOCKET_EXTENSIONS),
+        websocket_protocol: header(http::header::SEC_WEBSOCKET_PROTOCOL),
     });
     let accept = header(http::header::ACCEPT).unwrap_or_default();
 
@@ -168,6 +170,21 @@ async fn serve_request(
             .header("sec-websocket-protocol", "v5.channel.k8s.io")
             .header("sec-websocket-extensions", "permessage-deflate")
             .body(full(Bytes::new())),
+        // Accepts the WebSocket upgrade with the subprotocol named by `choose=`, offered or
+        // not, and then closes the connection.
+        ("/api/v1/namespaces/default/pods/app/attach", Some(query)) => {
+            let chosen = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("choose="))
+                .unwrap_or_default()
+                .to_string();
+            Response::builder()
+                .status(101)
+                .header("upgrade", "websocket")
+                .header("connection", "Upgrade")
+                .header("sec-websocket-protocol", chosen)
+                .body(full(Bytes::new()))
+        }
         ("/version", _) => Response::builder()
             .header("content-type", "application/json")
             .body(full(r#"{"major":"1","minor":"32","gitVersion":"v1.32.0"}"#)),
@@ -1927,6 +1944,99 @@ fn websocket_extension_not_negotiated() {
         !events.iter().any(|event| event["event"] == "stream.open"),
         "no stream was opened"
     );
+}
+
+/// Base64 subprotocols hide card numbers from the scanner: an offer of only those is refused
+/// with a Status, and the API server never receives the request.
+#[test]
+fn websocket_base64_only_offer_refused() {
+    let mut setup = kube_setup("websocket_base64_only_offer_refused", "");
+    let token = bound_token(&setup.pod);
+    let mut args = websocket_upgrade_args(
+        &token,
+        &["Sec-WebSocket-Protocol: v4.base64.channel.k8s.io, base64.channel.k8s.io"],
+    );
+    args.push(setup.url("/api/v1/namespaces/default/pods/app/exec?command=date&stdout=true"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = setup.curl(&setup.pod, &args);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("body and status code");
+    assert_eq!(code, "400", "{text}");
+    let status: Value = serde_json::from_str(body).expect("a Status body");
+    assert_eq!(status["reason"], "BadRequest", "{status}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(message.contains("v4.base64.channel.k8s.io"), "{status}");
+    assert!(message.contains("v5.channel.k8s.io"), "{status}");
+
+    assert!(
+        !setup.seen().iter().any(|seen| seen.path.contains("/exec")),
+        "the exec request went upstream"
+    );
+    let events = setup.stop_and_read_events();
+    let request = events
+        .iter()
+        .find(|event| event["event"] == "kube.request" && event["request"]["subresource"] == "exec")
+        .expect("the exec request is recorded");
+    assert_eq!(request["outcome"], "rejected", "{request}");
+}
+
+/// From a mixed offer only the protocols the gateway can scan go upstream, and a server that
+/// picks a base64 one anyway gets a 502 instead of a relayed stream.
+#[test]
+fn websocket_base64_protocols_not_offered() {
+    let mut setup = kube_setup("websocket_base64_protocols_not_offered", "");
+    let token = bound_token(&setup.pod);
+    let attach = |choose: &str| {
+        let mut args = websocket_upgrade_args(
+            &token,
+            &["Sec-WebSocket-Protocol: v4.base64.channel.k8s.io, v5.channel.k8s.io"],
+        );
+        args.push(setup.url(&format!(
+            "/api/v1/namespaces/default/pods/app/attach?stdout=true&choose={choose}"
+        )));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = setup.curl(&setup.pod, &args);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let accepted = attach("v5.channel.k8s.io");
+    assert!(accepted.ends_with("\n101"), "{accepted}");
+    let picked_base64 = attach("v4.base64.channel.k8s.io");
+    let (body, code) = picked_base64
+        .rsplit_once('\n')
+        .expect("body and status code");
+    assert_eq!(code, "502", "{picked_base64}");
+    let status: Value = serde_json::from_str(body).expect("a Status body");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("base64")),
+        "{status}"
+    );
+
+    let offered: Vec<Option<String>> = setup
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.path.contains("/attach"))
+        .map(|seen| seen.websocket_protocol)
+        .collect();
+    assert_eq!(
+        offered,
+        [
+            Some("v5.channel.k8s.io".to_string()),
+            Some("v5.channel.k8s.io".to_string())
+        ]
+    );
+    let events = setup.stop_and_read_events();
+    let outcomes: Vec<&Value> = events
+        .iter()
+        .filter(|event| {
+            event["event"] == "kube.request" && event["request"]["subresource"] == "attach"
+        })
+        .map(|event| &event["outcome"])
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert_eq!(outcomes[1], "upstream_failed", "{outcomes:?}");
 }
 
 /// Writes to secrets and config maps are held for review: the Kubernetes requests wait in

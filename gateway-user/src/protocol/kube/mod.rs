@@ -664,23 +664,47 @@ fn upgrade_protocol(request: &http::request::Parts) -> Option<Result<Framing, St
     }
     let offered = String::from_utf8_lossy(offered.as_bytes()).into_owned();
     if offered.eq_ignore_ascii_case("websocket") {
-        let channels = request
-            .headers
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        let (scannable, _) = websocket_offer(&request.headers);
+        let channels = scannable
             .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|protocol| {
-                let protocol = protocol.trim();
-                protocol.ends_with("channel.k8s.io") && !protocol.starts_with("base64")
-                    || protocol == "portforward.k8s.io"
-            });
+            .any(|protocol| is_channel_protocol(protocol));
         Some(Ok(Framing::WebSocket { channels }))
     } else if offered.eq_ignore_ascii_case("SPDY/3.1") {
         Some(Ok(Framing::Spdy))
     } else {
         Some(Err(offered))
     }
+}
+
+/// Splits the client's WebSocket subprotocol offer into the protocols whose frames the gateway
+/// can scan and the base64 ones (`base64.channel.k8s.io`, `v4.base64.channel.k8s.io`,
+/// `base64.binary.k8s.io`). Those carry the stream's bytes base64-encoded, where a card number
+/// is no longer a run of digits, so they are never offered upstream.
+fn websocket_offer(headers: &HeaderMap) -> (Vec<String>, Vec<String>) {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|protocol| !protocol.is_empty())
+        .map(str::to_string)
+        .partition(|protocol| !is_base64_protocol(protocol))
+}
+
+/// Tells whether WebSocket subprotocol `protocol` is a base64 variant: one of its dot-separated
+/// labels is `base64`.
+fn is_base64_protocol(protocol: &str) -> bool {
+    protocol
+        .split('.')
+        .any(|label| label.eq_ignore_ascii_case("base64"))
+}
+
+/// Tells whether WebSocket subprotocol `protocol` starts each payload with a stream byte: the
+/// Kubernetes channel protocols and the port-forward one.
+fn is_channel_protocol(protocol: &str) -> bool {
+    !is_base64_protocol(protocol)
+        && (protocol.ends_with("channel.k8s.io") || protocol == "portforward.k8s.io")
 }
 
 /// Sends an upgrade request upstream on a connection of its own. A `101` from the server is
@@ -708,13 +732,41 @@ async fn upgrade(
         };
         return status_response(&status, &request.headers, log);
     };
+    let (scannable, base64) = websocket_offer(&request.headers);
+    if matches!(framing, Framing::WebSocket { .. }) && !base64.is_empty() && scannable.is_empty() {
+        let offered = base64.join(", ");
+        log.outcome = "rejected";
+        log.error = Some(format!(
+            "the client offered only base64 WebSocket subprotocols ({offered})"
+        ));
+        let status = Status {
+            code: StatusCode::BAD_REQUEST,
+            reason: "BadRequest",
+            message: format!(
+                "gateway: the offered WebSocket subprotocols ({offered}) carry base64-encoded data, which cannot be scanned for card numbers; offer one without base64, such as v5.channel.k8s.io"
+            ),
+            name: info.name.clone(),
+            group: info.group.clone(),
+            kind: info.resource.clone(),
+        };
+        return status_response(&status, &request.headers, log);
+    }
     // A WebSocket extension such as permessage-deflate would compress the frames, which
-    // could then not be scanned, so none is offered upstream.
+    // could then not be scanned, so none is offered upstream, nor any base64 subprotocol.
     let mut upstream_request =
         upstream_request(&request, body.boxed_unsync(), false, true, &session);
     upstream_request
         .headers_mut()
         .remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    // The remaining names came from valid header values, so joined they are one too.
+    if matches!(framing, Framing::WebSocket { .. })
+        && !base64.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&scannable.join(", "))
+    {
+        upstream_request
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
     let mut response = match session.upstream.send_upgrade(upstream_request).await {
         Ok(response) => response,
         Err(error) => {
@@ -755,6 +807,29 @@ async fn upgrade(
         return status_response(&status, &request.headers, log);
     }
 
+    let chosen = response
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    if let Some(chosen) = chosen.filter(|chosen| is_base64_protocol(chosen)) {
+        // Only a server that breaks RFC 6455 picks a subprotocol that was not offered.
+        log.outcome = "upstream_failed";
+        log.error = Some(format!(
+            "the server accepted the upgrade with WebSocket subprotocol {chosen:?}, which was not offered"
+        ));
+        let status = Status {
+            code: StatusCode::BAD_GATEWAY,
+            reason: "BadGateway",
+            message: format!(
+                "gateway: the API server chose WebSocket subprotocol {chosen:?}, whose base64 data cannot be scanned"
+            ),
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+        };
+        return status_response(&status, &request.headers, log);
+    }
+
     let upstream_upgrade = hyper::upgrade::on(&mut response);
     log.status = 101;
     log.mark_complete();
@@ -772,6 +847,9 @@ async fn upgrade(
         Framing::WebSocket { .. } if protocol == upgrade::SPDY_TUNNEL_PROTOCOL => {
             Framing::SpdyInWebSocket
         }
+        Framing::WebSocket { .. } if !protocol.is_empty() => Framing::WebSocket {
+            channels: is_channel_protocol(&protocol),
+        },
         other => other,
     };
     record_event(
@@ -1073,6 +1151,42 @@ impl AsyncWrite for CountingIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_offer_sets_base64_apart() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("v4.base64.channel.k8s.io, v5.channel.k8s.io"),
+        );
+        headers.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("BASE64.binary.k8s.io,binary.k8s.io"),
+        );
+        let (scannable, base64) = websocket_offer(&headers);
+        assert_eq!(scannable, ["v5.channel.k8s.io", "binary.k8s.io"]);
+        assert_eq!(base64, ["v4.base64.channel.k8s.io", "BASE64.binary.k8s.io"]);
+    }
+
+    #[test]
+    fn channel_protocols_named() {
+        for protocol in [
+            "channel.k8s.io",
+            "v4.channel.k8s.io",
+            "v5.channel.k8s.io",
+            "portforward.k8s.io",
+        ] {
+            assert!(is_channel_protocol(protocol), "{protocol}");
+        }
+        for protocol in [
+            "base64.channel.k8s.io",
+            "v4.base64.channel.k8s.io",
+            "binary.k8s.io",
+            "SPDY/3.1+portforward.k8s.io",
+        ] {
+            assert!(!is_channel_protocol(protocol), "{protocol}");
+        }
+    }
 
     #[test]
     fn secret_body_keeps_keys_not_values() {
