@@ -878,6 +878,8 @@ async fn upgrade(
         record: Arc::clone(&session.record),
         record_frames,
         exec_output_hold: session.context.exec_output_hold,
+        port_prefix: framing == Framing::WebSocket { channels: true }
+            && protocol == "portforward.k8s.io",
         opened: Instant::now(),
         spdy_streams: upgrade::spdy::StreamNames::default(),
     };

@@ -74,6 +74,9 @@ pub struct StreamContext {
     pub record_frames: bool,
     /// Maximum time exec and attach output that may start a PAN is held back.
     pub exec_output_hold: std::time::Duration,
+    /// Whether the server's first message on each channel starts with the forwarded port, two
+    /// bytes that are not stream data (WebSocket subprotocol `portforward.k8s.io`).
+    pub port_prefix: bool,
     pub opened: Instant,
     /// Names of the SPDY streams, stored by the client-to-server relay from each SYN_STREAM
     /// and read by both directions. Empty for WebSocket framing and for port-forward.
@@ -276,7 +279,8 @@ enum ServerOutput {
 
 impl ServerOutput {
     /// Returns the masker of the server-to-client direction, or `None` for frames that are
-    /// masked one by one: the client's, and port-forward's WebSocket channels.
+    /// masked one by one: the client's, and WebSocket messages outside the channel protocols
+    /// (logs, proxied applications), whose message boundaries must stay where they are.
     fn new(direction: Direction, context: &StreamContext) -> Option<Self> {
         if direction != Direction::ToClient {
             return None;
@@ -288,6 +292,9 @@ impl ServerOutput {
             framing @ Framing::WebSocket { .. } if context.record_frames => {
                 Some(Self::Frames(OutputMasker::new(framing, policy, hold)))
             }
+            framing @ Framing::WebSocket { channels: true } if context.port_prefix => Some(
+                Self::Frames(OutputMasker::new(framing, policy, hold).with_port_prefix()),
+            ),
             Framing::WebSocket { .. } => None,
         }
     }
@@ -596,12 +603,11 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
     }))
 }
 
-/// Masks a port-forward frame of the WebSocket channel protocol from the server in place, or
-/// records a frame from the client (stdin and resize). Other server frames go
-/// through [`ServerOutput`] instead.
-// NOTE: over the WebSocket channel protocol `portforward.k8s.io`, data is masked frame by
-// frame, so a PAN split across two frames passes there. Each channel's first frame starts with
-// the port, which re-framing must keep in place. kubectl uses the SPDY protocols instead.
+/// Masks a server frame that [`ServerOutput`] does not take in place, or records a frame from
+/// the client (stdin and resize).
+// NOTE: WebSocket messages outside the channel protocols (pod logs over `binary.k8s.io`,
+// applications behind the `proxy` subresource) are masked one by one, so a PAN split across
+// two messages passes there.
 fn process_frame(
     frame: &mut [u8],
     header: &FrameHeader,
@@ -882,6 +888,7 @@ mod tests {
             record: std::sync::Arc::new(std::sync::Mutex::new(record)),
             record_frames: true,
             exec_output_hold: crate::config::DEFAULT_EXEC_OUTPUT_HOLD,
+            port_prefix: false,
             opened: Instant::now(),
             spdy_streams: StreamNames::default(),
         };
@@ -939,6 +946,34 @@ mod tests {
         assert_eq!(recorded_stream(&text, "stdout"), "pan 4111 11** **** 1111");
         assert_eq!(recorded_stream(&text, "stderr"), "4111 11** **** 1111");
         assert!(!text.contains("1111 1111"), "{text}");
+    }
+
+    /// Port-forward over `portforward.k8s.io` masks a PAN split across two messages of a
+    /// channel, and the port at the channel's start reaches the client unchanged.
+    #[tokio::test]
+    async fn port_forward_channel_masked_across_frames() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (_recorder, mut context, _path) =
+            exec_context(dir.path(), Framing::WebSocket { channels: true });
+        context.record_frames = false;
+        context.port_prefix = true;
+        let mut from_server = websocket_frame(b"\x00\x39\x30", None);
+        from_server.extend(websocket_frame(b"\x00row 4111 1111 ", None));
+        from_server.extend(websocket_frame(b"\x001111 1111\n", None));
+        let (client_end, mut client) = tokio::io::duplex(1 << 20);
+        let totals = pump(&from_server[..], client_end, Direction::ToClient, &context)
+            .await
+            .expect("relay the server's frames");
+        let mut sent = Vec::new();
+        client
+            .read_to_end(&mut sent)
+            .await
+            .expect("read what the client got");
+        assert_eq!(
+            String::from_utf8_lossy(&sent_channel_data(&sent, 0)),
+            "90row 4111 11** **** 1111\n"
+        );
+        assert_eq!(totals.pans_masked, 1);
     }
 
     /// With no hold time, output is sent as it arrives, so a PAN written in two parts reaches

@@ -12,6 +12,10 @@
 //!
 //! Frames are rebuilt with new lengths. WebSocket messages repeat their channel byte, and a
 //! fragmented message keeps its fragments, whose held bytes move into the next fragment.
+//!
+//! Port-forward over the WebSocket subprotocol `portforward.k8s.io` is masked the same way.
+//! There the server's first message on each channel starts with the forwarded port as two
+//! bytes, which are passed on in place and never scanned.
 
 use std::{
     ops::Range,
@@ -77,7 +81,12 @@ struct HeldStream {
     /// WebSocket opcode (text or binary) of the stream's last message, reused for a frame of
     /// held bytes.
     opcode: u8,
+    /// Bytes of the port prefix still to come at the start of the stream.
+    prefix_left: usize,
 }
+
+/// Length of the port at the start of each `portforward.k8s.io` channel.
+const PORT_PREFIX_LEN: usize = 2;
 
 /// Masks the server-to-client frames of an exec or attach stream, holding back per stream the
 /// bytes that may be the start of a PAN.
@@ -90,6 +99,8 @@ pub struct OutputMasker {
     /// Stream of a fragmented WebSocket message that has not ended. Its continuation frames
     /// belong to it, and no other data message may start before it ends (RFC 6455 section 5.4).
     open_message: Option<StreamKey>,
+    /// Whether each channel starts with the forwarded port (`portforward.k8s.io`).
+    port_prefix: bool,
 }
 
 impl std::fmt::Debug for OutputMasker {
@@ -117,7 +128,15 @@ impl OutputMasker {
             hold,
             streams: Vec::new(),
             open_message: None,
+            port_prefix: false,
         }
+    }
+
+    /// Passes the port at the start of each WebSocket channel through unscanned, as the
+    /// port-forward subprotocol `portforward.k8s.io` requires.
+    pub fn with_port_prefix(mut self) -> Self {
+        self.port_prefix = true;
+        self
     }
 
     /// Masks one complete frame from the server, received at `now`, and appends what can be
@@ -204,12 +223,17 @@ impl OutputMasker {
         let index = match self.streams.iter().position(|stream| stream.key == key) {
             Some(index) => index,
             None => {
+                let prefix_left = match key {
+                    StreamKey::Channel(_) if self.port_prefix => PORT_PREFIX_LEN,
+                    _ => 0,
+                };
                 self.streams.push(HeldStream {
                     key,
                     masker: StreamMasker::new(self.policy.clone()),
                     held: 0,
                     held_since: None,
                     opcode: 0x2,
+                    prefix_left,
                 });
                 self.streams.len() - 1
             }
@@ -292,7 +316,16 @@ impl OutputMasker {
                 self.open_message = Some(key);
             }
         }
-        let settled = self.feed(key, data, false, now, out);
+        // The port comes before any stream data, so nothing is held back yet and it keeps its
+        // place at the start of the payload.
+        let stream = self.stream(key);
+        let prefix_len = stream.prefix_left.min(data.len());
+        stream.prefix_left -= prefix_len;
+        let (prefix, data) = data.split_at(prefix_len);
+        let mut settled = self.feed(key, data, false, now, out);
+        if !prefix.is_empty() {
+            settled.splice(0..0, prefix.iter().copied());
+        }
 
         // A frame that starts or ends a fragmented message is sent even when empty, so the
         // client sees the message's opcode and its end.
@@ -526,6 +559,67 @@ mod tests {
             .filter(|frame| frame.stream == stream)
             .flat_map(|frame| frame.data.iter().copied())
             .collect()
+    }
+
+    /// Port-forward channels start with the port, here 12345 (bytes `0x39 0x30`, the digits
+    /// "90"). It stays first in its frame and is not read as digits of the data after it, and a
+    /// PAN split across the channel's later messages is masked.
+    #[test]
+    fn port_forward_port_passed_unscanned() {
+        let port = 12345u16.to_le_bytes();
+        let mut first = port.to_vec();
+        first.extend_from_slice(PAN);
+        let mut masker =
+            OutputMasker::new(WEBSOCKET, MaskPolicy::default(), HOLD).with_port_prefix();
+        let start = Instant::now();
+        let mut out = MaskedOutput::default();
+        push_all(&mut masker, &channel_message(0, &first), start, &mut out);
+        push_all(&mut masker, &channel_message(1, &port), start, &mut out);
+        push_all(
+            &mut masker,
+            &channel_message(0, b" card 4111 1111 "),
+            start,
+            &mut out,
+        );
+        push_all(
+            &mut masker,
+            &channel_message(0, b"1111 1111 end"),
+            start,
+            &mut out,
+        );
+        masker.flush_all(&mut out);
+
+        let frames = sent_frames(WEBSOCKET, &out.bytes);
+        assert_eq!(frames[0].stream, StreamKey::Channel(0));
+        assert_eq!(&frames[0].data[..2], b"90");
+        assert_eq!(frames[1].stream, StreamKey::Channel(1));
+        assert_eq!(frames[1].data, b"90");
+        let mut expected = b"90".to_vec();
+        expected.extend_from_slice(MASKED);
+        expected.extend_from_slice(b" card ");
+        expected.extend_from_slice(MASKED);
+        expected.extend_from_slice(b" end");
+        assert_eq!(
+            String::from_utf8_lossy(&stream_data(&frames, StreamKey::Channel(0))),
+            String::from_utf8_lossy(&expected)
+        );
+        assert_eq!(out.pans_masked, 2);
+    }
+
+    /// Without the port-forward setting, the first bytes of a channel are data like any other.
+    #[test]
+    fn channel_start_scanned_without_port_prefix() {
+        let mut masker = OutputMasker::new(WEBSOCKET, MaskPolicy::default(), HOLD);
+        let mut out = MaskedOutput::default();
+        push_all(
+            &mut masker,
+            &channel_message(1, PAN),
+            Instant::now(),
+            &mut out,
+        );
+        masker.flush_all(&mut out);
+        let frames = sent_frames(WEBSOCKET, &out.bytes);
+        assert_eq!(stream_data(&frames, StreamKey::Channel(1)), MASKED);
     }
 
     #[test]
