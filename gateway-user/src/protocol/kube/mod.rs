@@ -880,6 +880,8 @@ async fn upgrade(
         exec_output_hold: session.context.exec_output_hold,
         port_prefix: framing == Framing::WebSocket { channels: true }
             && protocol == "portforward.k8s.io",
+        byte_stream: framing == Framing::WebSocket { channels: false }
+            && protocol == "binary.k8s.io",
         opened: Instant::now(),
         spdy_streams: upgrade::spdy::StreamNames::default(),
     };

@@ -77,6 +77,9 @@ pub struct StreamContext {
     /// Whether the server's first message on each channel starts with the forwarded port, two
     /// bytes that are not stream data (WebSocket subprotocol `portforward.k8s.io`).
     pub port_prefix: bool,
+    /// Whether the server's WebSocket messages, which carry no channel byte, are pieces of one
+    /// byte stream that may be cut anew (`binary.k8s.io`, which streams pod logs).
+    pub byte_stream: bool,
     pub opened: Instant,
     /// Names of the SPDY streams, stored by the client-to-server relay from each SYN_STREAM
     /// and read by both directions. Empty for WebSocket framing and for port-forward.
@@ -279,8 +282,9 @@ enum ServerOutput {
 
 impl ServerOutput {
     /// Returns the masker of the server-to-client direction, or `None` for frames that are
-    /// masked one by one: the client's, and WebSocket messages outside the channel protocols
-    /// (logs, proxied applications), whose message boundaries must stay where they are.
+    /// masked one by one: the client's, and WebSocket messages of protocols the gateway does
+    /// not know (applications behind the `proxy` subresource), whose message boundaries must
+    /// stay where they are.
     fn new(direction: Direction, context: &StreamContext) -> Option<Self> {
         if direction != Direction::ToClient {
             return None;
@@ -295,6 +299,9 @@ impl ServerOutput {
             framing @ Framing::WebSocket { channels: true } if context.port_prefix => Some(
                 Self::Frames(OutputMasker::new(framing, policy, hold).with_port_prefix()),
             ),
+            framing @ Framing::WebSocket { channels: false } if context.byte_stream => {
+                Some(Self::Frames(OutputMasker::new(framing, policy, hold)))
+            }
             Framing::WebSocket { .. } => None,
         }
     }
@@ -605,9 +612,8 @@ fn parse_spdy_header(buffer: &[u8]) -> Result<Option<FrameHeader>, StreamError> 
 
 /// Masks a server frame that [`ServerOutput`] does not take in place, or records a frame from
 /// the client (stdin and resize).
-// NOTE: WebSocket messages outside the channel protocols (pod logs over `binary.k8s.io`,
-// applications behind the `proxy` subresource) are masked one by one, so a PAN split across
-// two messages passes there.
+// NOTE: WebSocket messages of subprotocols the gateway does not know (applications behind the
+// `proxy` subresource) are masked one by one, so a PAN split across two messages passes there.
 fn process_frame(
     frame: &mut [u8],
     header: &FrameHeader,
@@ -889,6 +895,7 @@ mod tests {
             record_frames: true,
             exec_output_hold: crate::config::DEFAULT_EXEC_OUTPUT_HOLD,
             port_prefix: false,
+            byte_stream: false,
             opened: Instant::now(),
             spdy_streams: StreamNames::default(),
         };
@@ -972,6 +979,41 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&sent_channel_data(&sent, 0)),
             "90row 4111 11** **** 1111\n"
+        );
+        assert_eq!(totals.pans_masked, 1);
+    }
+
+    /// Pod logs over `binary.k8s.io` are one byte stream, so a PAN split across two messages
+    /// is masked.
+    #[tokio::test]
+    async fn log_stream_masked_across_messages() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let framing = Framing::WebSocket { channels: false };
+        let (_recorder, mut context, _path) = exec_context(dir.path(), framing);
+        context.record_frames = false;
+        context.byte_stream = true;
+        let mut from_server = websocket_frame(b"paid with 4111 1111 ", None);
+        from_server.extend(websocket_frame(b"1111 1111\n", None));
+        let (client_end, mut client) = tokio::io::duplex(1 << 20);
+        let totals = pump(&from_server[..], client_end, Direction::ToClient, &context)
+            .await
+            .expect("relay the server's frames");
+        let mut sent = Vec::new();
+        client
+            .read_to_end(&mut sent)
+            .await
+            .expect("read what the client got");
+        let mut data = Vec::new();
+        let mut rest = &sent[..];
+        while let Some(header) = parse_header(framing, rest).expect("valid output frame") {
+            let (frame, after) = rest.split_at(header.header_len + header.payload_len);
+            data.extend_from_slice(&frame[header.header_len..]);
+            rest = after;
+        }
+        assert!(rest.is_empty(), "output ends inside a frame");
+        assert_eq!(
+            String::from_utf8_lossy(&data),
+            "paid with 4111 11** **** 1111\n"
         );
         assert_eq!(totals.pans_masked, 1);
     }
