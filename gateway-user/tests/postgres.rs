@@ -635,59 +635,67 @@ fn pgbench_and_copy_through_gateway() {
         );
     }
 
-    // COPY in and out: 100,000 rows each way, counts equal.
+    // COPY in and out: 100,000 rows each way, through the gateway and directly, with the
+    // same counts and the same exported bytes.
     let input = setup.node.dir.join("copy-in.csv");
     let rows: String = (0..100_000)
         .map(|i| format!("{i},row number {i}\n"))
         .collect();
-    std::fs::write(&input, rows).expect("write copy input");
-    psql_ok(
-        &setup,
-        true,
-        "postgres",
-        "CREATE TABLE copied (id int, note text)",
-    );
-    let output = psql(
-        &setup,
-        true,
-        "postgres",
-        &[
-            "-c",
-            &format!("\\copy copied FROM '{}' WITH (FORMAT csv)", input.display()),
-        ],
-    );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        setup
-            .postgres
-            .admin_sql("SELECT count(*) FROM copied")
-            .trim(),
-        "100000"
-    );
-    let exported = setup.node.dir.join("copy-out.csv");
-    let output = psql(
-        &setup,
-        true,
-        "postgres",
-        &[
-            "-c",
-            &format!(
-                "\\copy copied TO '{}' WITH (FORMAT csv)",
+    std::fs::write(&input, &rows).expect("write copy input");
+    let copy = |through_gateway: bool, command: String| {
+        let output = psql(&setup, through_gateway, "postgres", &["-c", &command]);
+        assert!(
+            output.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let mut exports = Vec::new();
+    for (through_gateway, table) in [(true, "copied"), (false, "copied_direct")] {
+        psql_ok(
+            &setup,
+            through_gateway,
+            "postgres",
+            &format!("CREATE TABLE {table} (id int, note text)"),
+        );
+        let report = copy(
+            through_gateway,
+            format!(
+                "\\copy {table} FROM '{}' WITH (FORMAT csv)",
+                input.display()
+            ),
+        );
+        assert_eq!(report.trim(), "COPY 100000", "{table}");
+        let exported = setup.node.dir.join(format!("{table}.csv"));
+        let report = copy(
+            through_gateway,
+            format!(
+                "\\copy (SELECT * FROM {table} ORDER BY id) TO '{}' WITH (FORMAT csv)",
                 exported.display()
             ),
-        ],
-    );
+        );
+        assert_eq!(report.trim(), "COPY 100000", "{table}");
+        exports.push(std::fs::read(exported).expect("read copy output"));
+    }
+    let count = |table: &str| {
+        setup
+            .postgres
+            .admin_sql(&format!("SELECT count(*) FROM {table}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(count("copied"), "100000");
+    assert_eq!(count("copied"), count("copied_direct"));
     assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        exports[0] == exports[1],
+        "the exports through the gateway and directly differ"
     );
-    let exported = std::fs::read_to_string(exported).expect("read copy output");
-    assert_eq!(exported.lines().count(), 100_000);
+    // The input's rows are in id order, as the export is.
+    assert!(
+        exports[0] == rows.as_bytes(),
+        "the export differs from the imported file"
+    );
 }
 
 /// Runs psql in the pod with `sslmode=verify-full` against the gateway CA (plus `extra`
