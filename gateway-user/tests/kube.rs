@@ -106,7 +106,7 @@ fn configmap_protobuf() -> Vec<u8> {
 }
 
 async fn serve_request(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
 ) -> Result<Response<TestBody>, Infallible> {
     let header = |name: http::header::HeaderName| {
@@ -185,6 +185,36 @@ async fn serve_request(
                 .header("sec-websocket-protocol", chosen)
                 .body(full(Bytes::new()))
         }
+        // Port-forward over the WebSocket channel protocol: each channel's first message is
+        // the port (12345, little-endian: the bytes "90"), then channel 0 carries a card
+        // number cut across two messages, sent in one write.
+        ("/api/v1/namespaces/default/pods/app/portforward", _) => {
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else {
+                    return;
+                };
+                let mut io = TokioIo::new(upgraded);
+                let mut frames = Vec::new();
+                for payload in [
+                    &b"\x0090"[..],
+                    b"\x0190",
+                    b"\x00row 4111 1111 ",
+                    b"\x001111 1111 end\n",
+                ] {
+                    frames.extend_from_slice(&[0x82, payload.len() as u8]);
+                    frames.extend_from_slice(payload);
+                }
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &frames).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            });
+            Response::builder()
+                .status(101)
+                .header("upgrade", "websocket")
+                .header("connection", "Upgrade")
+                .header("sec-websocket-protocol", "portforward.k8s.io")
+                .body(full(Bytes::new()))
+        }
         ("/version", _) => Response::builder()
             .header("content-type", "application/json")
             .body(full(r#"{"major":"1","minor":"32","gitVersion":"v1.32.0"}"#)),
@@ -259,6 +289,7 @@ fn start_upstream(server: &Server, cert: &Path, key: &Path) -> Upstream {
                     } else {
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(io, service)
+                            .with_upgrades()
                             .await;
                     }
                 });
@@ -2037,6 +2068,30 @@ fn websocket_base64_protocols_not_offered() {
         .collect();
     assert_eq!(outcomes.len(), 2, "{outcomes:?}");
     assert_eq!(outcomes[1], "upstream_failed", "{outcomes:?}");
+}
+
+/// Port-forward over the WebSocket subprotocol `portforward.k8s.io`: the port at each
+/// channel's start reaches the client unchanged, and a card number cut across two messages of
+/// a channel arrives masked.
+#[test]
+fn websocket_port_forward_masked_across_messages() {
+    let setup = kube_setup("websocket_port_forward_masked_across_messages", "");
+    let token = bound_token(&setup.pod);
+    let request = format!(
+        "GET /api/v1/namespaces/default/pods/app/portforward?ports=12345 HTTP/1.1\r\n\
+         Host: {}:{API_PORT}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: portforward.k8s.io\r\n\r\n",
+        setup.server.addr_v4
+    );
+    let reply = setup.raw_tls(request.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 101"), "{reply:?}");
+    // A frame header (0x82, length 3), the channel, and the port's two bytes.
+    assert!(reply.contains("\u{3}\u{0}90"), "{reply:?}");
+    assert!(reply.contains("\u{3}\u{1}90"), "{reply:?}");
+    assert!(reply.contains("4111 11** **** 1111"), "{reply:?}");
+    assert!(reply.ends_with(" end\n"), "{reply:?}");
 }
 
 /// Writes to secrets and config maps are held for review: the Kubernetes requests wait in
