@@ -188,33 +188,17 @@ async fn serve_request(
         // Port-forward over the WebSocket channel protocol: each channel's first message is
         // the port (12345, little-endian: the bytes "90"), then channel 0 carries a card
         // number cut across two messages, sent in one write.
-        ("/api/v1/namespaces/default/pods/app/portforward", _) => {
-            let upgrade = hyper::upgrade::on(&mut request);
-            tokio::spawn(async move {
-                let Ok(upgraded) = upgrade.await else {
-                    return;
-                };
-                let mut io = TokioIo::new(upgraded);
-                let mut frames = Vec::new();
-                for payload in [
-                    &b"\x0090"[..],
-                    b"\x0190",
-                    b"\x00row 4111 1111 ",
-                    b"\x001111 1111 end\n",
-                ] {
-                    frames.extend_from_slice(&[0x82, payload.len() as u8]);
-                    frames.extend_from_slice(payload);
-                }
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &frames).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
-            });
-            Response::builder()
-                .status(101)
-                .header("upgrade", "websocket")
-                .header("connection", "Upgrade")
-                .header("sec-websocket-protocol", "portforward.k8s.io")
-                .body(full(Bytes::new()))
-        }
+        ("/api/v1/namespaces/default/pods/app/portforward", _) => websocket_messages(
+            &mut request,
+            "portforward.k8s.io",
+            &[b"\x0090", b"\x0190", b"\x00row 4111 1111 ", b"\x001111 1111 end\n"],
+        ),
+        // A log followed over WebSocket: binary messages without channels.
+        ("/api/v1/namespaces/default/pods/app/log", _) => websocket_messages(
+            &mut request,
+            "binary.k8s.io",
+            &[b"paid with 4111 1111 ", b"1111 1111 end\n"],
+        ),
         ("/version", _) => Response::builder()
             .header("content-type", "application/json")
             .body(full(r#"{"major":"1","minor":"32","gitVersion":"v1.32.0"}"#)),
@@ -226,6 +210,35 @@ async fn serve_request(
             )),
     };
     Ok(response.expect("valid response"))
+}
+
+/// Accepts `request`'s WebSocket upgrade with `protocol`, then writes `messages` as binary
+/// WebSocket messages in one write and closes the connection.
+fn websocket_messages(
+    request: &mut Request<Incoming>,
+    protocol: &'static str,
+    messages: &[&[u8]],
+) -> http::Result<Response<TestBody>> {
+    let mut frames = Vec::new();
+    for payload in messages {
+        frames.extend_from_slice(&[0x82, payload.len() as u8]);
+        frames.extend_from_slice(payload);
+    }
+    let upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let mut io = TokioIo::new(upgraded);
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &frames).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+    });
+    Response::builder()
+        .status(101)
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-protocol", protocol)
+        .body(full(Bytes::new()))
 }
 
 /// Starts the upstream API server in `server`'s namespace on port 443.
@@ -2070,26 +2083,50 @@ fn websocket_base64_protocols_not_offered() {
     assert_eq!(outcomes[1], "upstream_failed", "{outcomes:?}");
 }
 
+/// Sends a WebSocket upgrade request for `path` offering `protocol` over TLS from the pod, and
+/// returns everything the gateway sent back, decoded lossily.
+fn raw_websocket(setup: &KubeSetup, path: &str, protocol: &str) -> String {
+    let token = bound_token(&setup.pod);
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}:{API_PORT}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n",
+        setup.server.addr_v4
+    );
+    setup.raw_tls(request.as_bytes())
+}
+
 /// Port-forward over the WebSocket subprotocol `portforward.k8s.io`: the port at each
 /// channel's start reaches the client unchanged, and a card number cut across two messages of
 /// a channel arrives masked.
 #[test]
 fn websocket_port_forward_masked_across_messages() {
     let setup = kube_setup("websocket_port_forward_masked_across_messages", "");
-    let token = bound_token(&setup.pod);
-    let request = format!(
-        "GET /api/v1/namespaces/default/pods/app/portforward?ports=12345 HTTP/1.1\r\n\
-         Host: {}:{API_PORT}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\n\
-         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Protocol: portforward.k8s.io\r\n\r\n",
-        setup.server.addr_v4
+    let reply = raw_websocket(
+        &setup,
+        "/api/v1/namespaces/default/pods/app/portforward?ports=12345",
+        "portforward.k8s.io",
     );
-    let reply = setup.raw_tls(request.as_bytes());
     assert!(reply.starts_with("HTTP/1.1 101"), "{reply:?}");
     // A frame header (0x82, length 3), the channel, and the port's two bytes.
     assert!(reply.contains("\u{3}\u{0}90"), "{reply:?}");
     assert!(reply.contains("\u{3}\u{1}90"), "{reply:?}");
+    assert!(reply.contains("4111 11** **** 1111"), "{reply:?}");
+    assert!(reply.ends_with(" end\n"), "{reply:?}");
+}
+
+/// A pod log followed over WebSocket (`binary.k8s.io`) is one byte stream: a card number cut
+/// across two messages arrives masked.
+#[test]
+fn websocket_log_masked_across_messages() {
+    let setup = kube_setup("websocket_log_masked_across_messages", "");
+    let reply = raw_websocket(
+        &setup,
+        "/api/v1/namespaces/default/pods/app/log?follow=true",
+        "binary.k8s.io",
+    );
+    assert!(reply.starts_with("HTTP/1.1 101"), "{reply:?}");
+    assert!(reply.contains("paid with "), "{reply:?}");
     assert!(reply.contains("4111 11** **** 1111"), "{reply:?}");
     assert!(reply.ends_with(" end\n"), "{reply:?}");
 }
