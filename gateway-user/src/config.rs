@@ -184,8 +184,9 @@ pub struct ProxyConfig {
     /// Time open connections get to finish after SIGTERM.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Maximum time that `kubectl exec`, `attach` and `port-forward` output ending in what may
-    /// be the start of a card number waits for the rest of it. The bytes are then sent (masked if they
+    /// Maximum time that `kubectl exec`, `attach` and `port-forward` output, and a pod log
+    /// followed over WebSocket, ending in what may be the start of a card number waits for the
+    /// rest of it. The bytes are then sent (masked if they
     /// form a PAN), so a number whose parts are written further apart than this is not masked.
     #[serde(default = "default_exec_output_hold", with = "humantime_serde")]
     pub exec_output_hold: Duration,
