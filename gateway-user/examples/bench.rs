@@ -640,10 +640,18 @@ fn pgbench_comparison(
                 .unwrap_or(0.0)
         };
         let transactions = number_after("number of transactions actually processed: ").max(1.0);
+        let gateway_cpu_us = used.cpu_ns as f64 / 1000.0 / transactions;
+        // A redirected direct run would cost the gateway tens of us per transaction.
+        if matches!(path, PgbenchPath::Direct) && transactions > 1000.0 {
+            anyhow::ensure!(
+                gateway_cpu_us < 2.0,
+                "the direct run went through the gateway ({gateway_cpu_us:.1} us of its CPU per transaction)"
+            );
+        }
         Ok((
             number_after("tps = "),
             number_after("latency average = "),
-            used.cpu_ns as f64 / 1000.0 / transactions,
+            gateway_cpu_us,
             used.runs as f64 / transactions,
         ))
     };
@@ -727,7 +735,12 @@ fn mysql_point_selects(
             used.cpu_ns as f64 / 1000.0 / queries,
         ))
     };
-    let (direct, _) = run(unredirected(node, pod, testpeer), mariadb.addr)?;
+    let (direct, direct_cpu) = run(unredirected(node, pod, testpeer), mariadb.addr)?;
+    // A redirected direct run would cost the gateway tens of us per query.
+    anyhow::ensure!(
+        direct_cpu < 2.0,
+        "the direct run went through the gateway ({direct_cpu:.1} us of its CPU per query)"
+    );
     let (node_direct, _) = run(node.in_node(None, testpeer), mariadb.addr)?;
     let (proxied, proxied_cpu) = run(node.in_pod(pod, testpeer), mariadb.addr)?;
     let (relayed, relayed_cpu) = run(node.in_pod(pod, testpeer), relay_addr)?;
