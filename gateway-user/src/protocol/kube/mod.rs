@@ -421,14 +421,11 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
             log.outcome = "upstream_failed";
             log.error = Some(crate::error_chain(&error));
             warn!(error = %crate::error_chain(&error), "request to the API server failed");
-            let status = Status {
-                code: StatusCode::SERVICE_UNAVAILABLE,
-                reason: "ServiceUnavailable",
-                message: format!("gateway: {}", crate::error_chain(&error)),
-                name: String::new(),
-                group: String::new(),
-                kind: String::new(),
-            };
+            let status = Status::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("gateway: {}", crate::error_chain(&error)),
+            );
             status_response(&status, &parts.headers, log)
         }
     }
@@ -595,14 +592,11 @@ fn client_response(
     if encoding.is_some_and(|encoding| encoding != b"identity") {
         log.outcome = "upstream_failed";
         log.error = Some("the API server sent a compressed body, which cannot be scanned".into());
-        let status = Status {
-            code: StatusCode::BAD_GATEWAY,
-            reason: "InternalError",
-            message: "gateway: the API server sent a compressed response although none was requested; it was withheld because it could not be scanned for card numbers".into(),
-            name: String::new(),
-            group: String::new(),
-            kind: String::new(),
-        };
+        let status = Status::new(
+            StatusCode::BAD_GATEWAY,
+            "InternalError",
+            "gateway: the API server sent a compressed response although none was requested; it was withheld because it could not be scanned for card numbers".into(),
+        );
         return status_response(&status, request, log);
     }
 
@@ -621,16 +615,13 @@ fn client_response(
         log.error = Some(format!(
             "the API server responded in {content_type}, where named fields cannot be masked"
         ));
-        let status = Status {
-            code: StatusCode::BAD_GATEWAY,
-            reason: "InternalError",
-            message: format!(
+        let status = Status::new(
+            StatusCode::BAD_GATEWAY,
+            "InternalError",
+            format!(
                 "gateway: the API server responded in {content_type} although JSON was requested; it was withheld because the policy's named fields could not be masked in it"
             ),
-            name: String::new(),
-            group: String::new(),
-            kind: String::new(),
-        };
+        );
         return status_response(&status, request, log);
     }
     let json = content_type.contains("json");
@@ -722,14 +713,11 @@ async fn upgrade(
     let Some(client_upgrade) = request.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         log.outcome = "rejected";
         log.error = Some("the connection cannot be upgraded".into());
-        let status = Status {
-            code: StatusCode::BAD_REQUEST,
-            reason: "BadRequest",
-            message: "the connection cannot be upgraded".into(),
-            name: String::new(),
-            group: String::new(),
-            kind: String::new(),
-        };
+        let status = Status::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the connection cannot be upgraded".into(),
+        );
         return status_response(&status, &request.headers, log);
     };
     let (scannable, base64) = websocket_offer(&request.headers);
@@ -772,14 +760,11 @@ async fn upgrade(
         Err(error) => {
             log.outcome = "upstream_failed";
             log.error = Some(crate::error_chain(&error));
-            let status = Status {
-                code: StatusCode::SERVICE_UNAVAILABLE,
-                reason: "ServiceUnavailable",
-                message: format!("gateway: {}", crate::error_chain(&error)),
-                name: String::new(),
-                group: String::new(),
-                kind: String::new(),
-            };
+            let status = Status::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("gateway: {}", crate::error_chain(&error)),
+            );
             return status_response(&status, &request.headers, log);
         }
     };
@@ -794,16 +779,13 @@ async fn upgrade(
         log.error = Some(format!(
             "the server accepted the upgrade with WebSocket extension {extensions:?}, which was not offered"
         ));
-        let status = Status {
-            code: StatusCode::BAD_GATEWAY,
-            reason: "BadGateway",
-            message: format!(
+        let status = Status::new(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            format!(
                 "gateway: the API server accepted WebSocket extension {extensions:?}, whose frames cannot be scanned"
             ),
-            name: String::new(),
-            group: String::new(),
-            kind: String::new(),
-        };
+        );
         return status_response(&status, &request.headers, log);
     }
 
@@ -817,16 +799,13 @@ async fn upgrade(
         log.error = Some(format!(
             "the server accepted the upgrade with WebSocket subprotocol {chosen:?}, which was not offered"
         ));
-        let status = Status {
-            code: StatusCode::BAD_GATEWAY,
-            reason: "BadGateway",
-            message: format!(
+        let status = Status::new(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            format!(
                 "gateway: the API server chose WebSocket subprotocol {chosen:?}, whose base64 data cannot be scanned"
             ),
-            name: String::new(),
-            group: String::new(),
-            kind: String::new(),
-        };
+        );
         return status_response(&status, &request.headers, log);
     }
 

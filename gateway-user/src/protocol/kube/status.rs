@@ -24,6 +24,18 @@ pub struct Status {
 }
 
 impl Status {
+    /// A status about no object in particular: its details stay empty.
+    pub fn new(code: StatusCode, reason: &'static str, message: String) -> Self {
+        Self {
+            code,
+            reason,
+            message,
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+        }
+    }
+
     /// Encodes the status in the format the `Accept` header prefers: protobuf when it lists the
     /// Kubernetes protobuf type before JSON, JSON otherwise.
     pub fn encode(&self, headers: &HeaderMap) -> (HeaderValue, Bytes) {

@@ -955,6 +955,23 @@ mod tests {
         assert!(!text.contains("1111 1111"), "{text}");
     }
 
+    /// Relays `from_server` to the client and returns the totals and what the client got.
+    async fn relay_to_client(
+        context: &StreamContext,
+        from_server: &[u8],
+    ) -> (DirectionTotals, Vec<u8>) {
+        let (client_end, mut client) = tokio::io::duplex(1 << 20);
+        let totals = pump(from_server, client_end, Direction::ToClient, context)
+            .await
+            .expect("relay the server's frames");
+        let mut sent = Vec::new();
+        client
+            .read_to_end(&mut sent)
+            .await
+            .expect("read what the client got");
+        (totals, sent)
+    }
+
     /// Port-forward over `portforward.k8s.io` masks a PAN split across two messages of a
     /// channel, and the port at the channel's start reaches the client unchanged.
     #[tokio::test]
@@ -967,15 +984,7 @@ mod tests {
         let mut from_server = websocket_frame(b"\x00\x39\x30", None);
         from_server.extend(websocket_frame(b"\x00row 4111 1111 ", None));
         from_server.extend(websocket_frame(b"\x001111 1111\n", None));
-        let (client_end, mut client) = tokio::io::duplex(1 << 20);
-        let totals = pump(&from_server[..], client_end, Direction::ToClient, &context)
-            .await
-            .expect("relay the server's frames");
-        let mut sent = Vec::new();
-        client
-            .read_to_end(&mut sent)
-            .await
-            .expect("read what the client got");
+        let (totals, sent) = relay_to_client(&context, &from_server).await;
         assert_eq!(
             String::from_utf8_lossy(&sent_channel_data(&sent, 0)),
             "90row 4111 11** **** 1111\n"
@@ -994,15 +1003,7 @@ mod tests {
         context.byte_stream = true;
         let mut from_server = websocket_frame(b"paid with 4111 1111 ", None);
         from_server.extend(websocket_frame(b"1111 1111\n", None));
-        let (client_end, mut client) = tokio::io::duplex(1 << 20);
-        let totals = pump(&from_server[..], client_end, Direction::ToClient, &context)
-            .await
-            .expect("relay the server's frames");
-        let mut sent = Vec::new();
-        client
-            .read_to_end(&mut sent)
-            .await
-            .expect("read what the client got");
+        let (totals, sent) = relay_to_client(&context, &from_server).await;
         let mut data = Vec::new();
         let mut rest = &sent[..];
         while let Some(header) = parse_header(framing, rest).expect("valid output frame") {
