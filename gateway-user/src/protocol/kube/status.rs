@@ -24,7 +24,7 @@ pub struct Status {
 }
 
 impl Status {
-    /// A status about no object in particular: its details stay empty.
+    /// Builds a status about no object in particular, with empty details.
     pub fn new(code: StatusCode, reason: &'static str, message: String) -> Self {
         Self {
             code,
