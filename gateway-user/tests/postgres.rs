@@ -481,6 +481,37 @@ fn cancel_reaches_only_its_session() {
     assert!(!second.iter().any(|m| m["tag"] == "E"));
 }
 
+/// The first statement after login may be longer than the 10,000 bytes allowed during login,
+/// as a Query and as a Parse.
+#[test]
+fn long_first_statement_after_login() {
+    let setup = pg_setup("long_first_statement_after_login");
+    let literal = "x".repeat(20_000);
+    let query = format!("SELECT length('{literal}')");
+    let output = psql(&setup, true, "postgres", &["-c", &query]);
+    assert!(
+        output.status.success(),
+        "the 20,000-byte query failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "20000");
+
+    let script = vec![
+        "startup rawuser postgres".to_string(),
+        "read-ready 1".to_string(),
+        format!("parse - SELECT length('{literal}')"),
+        "bind - -".to_string(),
+        "execute -".to_string(),
+        "sync".to_string(),
+        "read-ready 1".to_string(),
+        "terminate".to_string(),
+    ];
+    let messages = pg_script(&setup, "long-parse", &script);
+    let rows: Vec<&Value> = messages.iter().filter(|m| m["tag"] == "D").collect();
+    assert_eq!(rows.len(), 1, "{messages:#?}");
+    assert_eq!(rows[0]["values"][0], "20000", "{messages:#?}");
+}
+
 #[test]
 fn big_values_pass_byte_identical() {
     let setup = pg_setup("big_values_pass_byte_identical");

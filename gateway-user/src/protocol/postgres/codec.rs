@@ -170,9 +170,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads the next message header; `None` on a clean end of stream between messages.
     /// `max_len` bounds the declared length (the body plus the length field).
     pub async fn read_header(&mut self, max_len: u32) -> Result<Option<Header>, CodecError> {
+        self.read_header_within(|| max_len).await
+    }
+
+    /// Reads the next message header like [`Self::read_header`], with the bound taken once the
+    /// header has arrived, so it follows the protocol phase the peer is in at that moment, not
+    /// the one it was in when the wait began.
+    pub async fn read_header_within(
+        &mut self,
+        max_len: impl FnOnce() -> u32,
+    ) -> Result<Option<Header>, CodecError> {
         if !self.fill(5).await? {
             return Ok(None);
         }
+        let max_len = max_len();
         let tag = self.buffer[0];
         let declared = i32::from_be_bytes(self.buffer[1..5].try_into().expect("4 bytes"));
         if declared < 4 {

@@ -649,12 +649,20 @@ async fn frontend(
     } = *pump;
     let mut state = Frontend::default();
     loop {
-        let limit = if authenticated.load(Ordering::Acquire) {
-            codec::MAX_MESSAGE_LEN
-        } else {
-            codec::MAX_AUTH_MESSAGE_LEN
+        // The client sends its first statement only after the first ReadyForQuery, and the
+        // backend pump marks the session authenticated before passing that on.
+        let limit = || {
+            if authenticated.load(Ordering::Acquire) {
+                codec::MAX_MESSAGE_LEN
+            } else {
+                codec::MAX_AUTH_MESSAGE_LEN
+            }
         };
-        let Some(header) = client.read_header(limit).await.map_err(client_error)? else {
+        let Some(header) = client
+            .read_header_within(limit)
+            .await
+            .map_err(client_error)?
+        else {
             upstream.shutdown().await.map_err(server_error)?;
             return Ok(());
         };
