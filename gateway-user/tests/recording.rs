@@ -310,6 +310,120 @@ fn unknown_session_is_a_clear_error() {
     );
 }
 
+/// A damaged session file is named as such. `list` marks it, and `show` leaves out the lines
+/// it cannot read, with a warning. A file with no readable record is an error. A path that
+/// cannot be read is skipped with a warning and a failing exit.
+#[test]
+fn damaged_files_reported_when_read() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (sql_id, exec_id) = write_store(dir.path());
+    edit_lines(&session_path(dir.path(), &sql_id), |lines| {
+        lines.insert(2, "not a record".into());
+    });
+    fs::write(session_path(dir.path(), &exec_id), b"").expect("empty the exec session");
+
+    let listed = gatewayctl(dir.path(), &["list"]);
+    assert_eq!(listed.status.code(), Some(0), "{listed:?}");
+    let table = stdout(&listed);
+    for id in [&sql_id, &exec_id] {
+        let row = table
+            .lines()
+            .find(|line| line.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("no row for {id}: {table}"));
+        assert!(row.ends_with("damaged"), "{row}");
+    }
+    assert!(
+        String::from_utf8_lossy(&listed.stderr).contains("verify --all"),
+        "{listed:?}"
+    );
+
+    let partial = gatewayctl(dir.path(), &["show", &sql_id]);
+    assert_eq!(partial.status.code(), Some(0), "{partial:?}");
+    assert!(stdout(&partial).contains("sql.statement"), "{partial:?}");
+    let warning = String::from_utf8_lossy(&partial.stderr).into_owned();
+    assert!(warning.contains("1 line(s)"), "{warning}");
+    assert!(warning.contains(&format!("verify {sql_id}")), "{warning}");
+
+    for command in ["show", "replay"] {
+        let empty = gatewayctl(dir.path(), &[command, &exec_id]);
+        assert_eq!(empty.status.code(), Some(2), "{command}: {empty:?}");
+        assert!(
+            String::from_utf8_lossy(&empty.stderr).contains("has no readable records"),
+            "{command}: {empty:?}"
+        );
+    }
+
+    // A directory where a session file should be stops neither the listing nor the others.
+    let day = session_path(dir.path(), &sql_id)
+        .parent()
+        .expect("day directory")
+        .to_path_buf();
+    fs::create_dir(day.join("00000000-0000-0000-0000-000000000000.jsonl"))
+        .expect("create a directory named like a session");
+    let listed = gatewayctl(dir.path(), &["list"]);
+    assert_eq!(listed.status.code(), Some(2), "{listed:?}");
+    assert!(stdout(&listed).contains(sql_id.as_str()), "{listed:?}");
+    let stderr = String::from_utf8_lossy(&listed.stderr).into_owned();
+    assert!(
+        stderr.contains("session 00000000-0000-0000-0000-000000000000 skipped"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 session file(s) could not be read"),
+        "{stderr}"
+    );
+    // `verify` names the unreadable file and checks the others.
+    let (code, report) = verify(dir.path());
+    assert_eq!(code, Some(1), "{report}");
+    assert!(report.contains("cannot be read"), "{report}");
+    assert!(report.contains(&format!("{sql_id}.jsonl")), "{report}");
+}
+
+/// `list --since` with a span longer than the calendar can hold lists every session, and
+/// `--target` takes a target's name as well as its class.
+#[test]
+fn list_filters_take_any_span_and_names() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (sql_id, exec_id) = write_store(dir.path());
+    for since in ["300000years", "18446744073709551615s"] {
+        let listed = gatewayctl(dir.path(), &["list", "--since", since]);
+        assert_eq!(listed.status.code(), Some(0), "{since}: {listed:?}");
+        assert!(
+            stdout(&listed).contains(sql_id.as_str()),
+            "{since}: {listed:?}"
+        );
+    }
+    // Both sessions went to the target named `payments-db`, with different classes.
+    let by_name = stdout(&gatewayctl(
+        dir.path(),
+        &["list", "--target", "payments-db"],
+    ));
+    assert!(by_name.contains(exec_id.as_str()), "{by_name}");
+    assert!(by_name.contains(sql_id.as_str()), "{by_name}");
+    let by_class = stdout(&gatewayctl(dir.path(), &["list", "--target", "kube_api"]));
+    assert!(by_class.contains(exec_id.as_str()), "{by_class}");
+    assert!(!by_class.contains(sql_id.as_str()), "{by_class}");
+    let other = gatewayctl(dir.path(), &["list", "--target", "orders-db"]);
+    assert!(!stdout(&other).contains(sql_id.as_str()), "{other:?}");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("no sessions match"),
+        "{other:?}"
+    );
+}
+
+/// Without the store's public key, `verify` names the option that supplies one.
+#[test]
+fn missing_public_key_named() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    write_store(dir.path());
+    fs::remove_file(dir.path().join(gateway_user::record::PUBLIC_KEY_FILE))
+        .expect("remove the public key");
+    let (code, text) = verify(dir.path());
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("no public key at"), "{text}");
+    assert!(text.contains("--public-key"), "{text}");
+}
+
 /// Rewrites line `index` (0-based) of a file with `edit`.
 fn edit_lines(path: &Path, edit: impl FnOnce(&mut Vec<String>)) {
     let text = fs::read_to_string(path).expect("read file");

@@ -52,7 +52,8 @@ pub enum SessionsCommand {
         /// Only sessions of this pod (name, UID or cgroup path).
         #[arg(long)]
         pod: Option<String>,
-        /// Only sessions to targets of this class (`postgres`, `mysql`, `kube_api`, `tcp`).
+        /// Only sessions to this target: a target name from the daemon's configuration, or a
+        /// class (`postgres`, `mysql`, `kube_api`, `tcp`).
         #[arg(long)]
         target: Option<String>,
         /// Print JSON lines instead of a table.
@@ -148,7 +149,7 @@ pub fn run(args: SessionsArgs) -> anyhow::Result<bool> {
                 }),
             )?;
             let filter = Filter {
-                since: since.map(|since| Utc::now() - since),
+                since: since.map(since_cutoff),
                 until,
                 namespace,
                 pod,
@@ -196,7 +197,14 @@ pub fn run(args: SessionsArgs) -> anyhow::Result<bool> {
                 bail!("name a session id to verify, or pass --all");
             }
             let session = id.map(|id| read::find_session(&store, &id)).transpose()?;
+            let key_given = public_key.is_some();
             let key_path = public_key.unwrap_or_else(|| store.join(PUBLIC_KEY_FILE));
+            if !key_given && !key_path.exists() {
+                bail!(
+                    "no public key at {}: the daemon writes it there when it opens the store; pass --public-key with a copy of the node's key kept elsewhere",
+                    key_path.display()
+                );
+            }
             let key = PublicKey::from_file(&key_path)?;
             record_access(
                 &store,
@@ -216,6 +224,15 @@ pub fn run(args: SessionsArgs) -> anyhow::Result<bool> {
             Ok(report.passed())
         }
     }
+}
+
+/// Returns the start time `since` before now. A span reaching past the earliest time chrono
+/// can hold gives that earliest time, so every session is listed.
+fn since_cutoff(since: Duration) -> DateTime<Utc> {
+    chrono::TimeDelta::from_std(since)
+        .ok()
+        .and_then(|span| Utc::now().checked_sub_signed(span))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// Writes the `access` record for a read; fails when it cannot be written.
@@ -289,6 +306,7 @@ impl Filter {
         }
         if let Some(target) = &self.target
             && summary.target_class != *target
+            && summary.target != *target
         {
             return false;
         }
@@ -303,10 +321,20 @@ fn list(store: &Path, filter: &Filter, json: bool) -> anyhow::Result<()> {
     let mut progress = progress_printer("reading sessions");
     let total = files.len() as u64;
     let mut rows = Vec::new();
+    let mut unreadable = 0;
     for (index, file) in files.iter().enumerate() {
         progress(index as u64, total);
-        let records = read::parse_records(&read::read_bytes(&file.path)?);
-        let summary = read::summarize(&file.id, &records);
+        let bytes = match read::read_bytes(&file.path) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                eprintln!("warning: session {} skipped: {error}", file.id);
+                unreadable += 1;
+                continue;
+            }
+        };
+        let (records, skipped) = read::parse_records_counted(&bytes);
+        let mut summary = read::summarize(&file.id, &records);
+        summary.damaged = skipped > 0 || summary.start.is_empty();
         if filter.matches(&summary) {
             rows.push(summary);
         }
@@ -350,11 +378,19 @@ fn list(store: &Path, filter: &Filter, json: bool) -> anyhow::Result<()> {
             truncate(&format!("{}/{}", row.target_class, row.target), 28),
             row.requests,
             row.denied,
-            row.outcome
+            if row.damaged { "damaged" } else { &row.outcome }
         )?;
     }
     if rows.is_empty() {
         eprintln!("no sessions match");
+    }
+    if rows.iter().any(|row| row.damaged) {
+        eprintln!(
+            "sessions marked damaged have records that cannot be read; `gatewayctl sessions verify --all` tells what changed"
+        );
+    }
+    if unreadable > 0 {
+        bail!("{unreadable} session file(s) could not be read; see the warnings above");
     }
     Ok(())
 }
@@ -379,19 +415,41 @@ fn truncate(text: &str, width: usize) -> String {
 
 fn show(session: &SessionFile, json: bool) -> anyhow::Result<()> {
     let bytes = read::read_bytes(&session.path)?;
+    let records = readable_records(session, &bytes)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if json {
+        // The lines as stored, also those that cannot be parsed.
         let (lines, _) = crate::record::journal::split_lines(&bytes);
         for line in lines {
             out.write_all(line)?;
         }
         return Ok(());
     }
-    for record in read::parse_records(&bytes) {
-        writeln!(out, "{}", describe(&record))?;
+    for record in &records {
+        writeln!(out, "{}", describe(record))?;
     }
     Ok(())
+}
+
+/// Parses a session's records for reading. A file with no readable record is an error, and
+/// lines that cannot be parsed are left out with a warning, since either means the file was
+/// damaged.
+fn readable_records(session: &SessionFile, bytes: &[u8]) -> anyhow::Result<Vec<Value>> {
+    let (records, skipped) = read::parse_records_counted(bytes);
+    let id = &session.id;
+    if records.is_empty() {
+        bail!(
+            "session {id} has no readable records: its file {} is empty or damaged; `gatewayctl sessions verify {id}` tells what changed",
+            session.path.display()
+        );
+    }
+    if skipped > 0 {
+        eprintln!(
+            "warning: {skipped} line(s) of session {id} cannot be read and are left out; `gatewayctl sessions verify {id}` tells what changed"
+        );
+    }
+    Ok(records)
 }
 
 /// Formats a record as one readable line: time, seq, event, then its own fields.
@@ -426,7 +484,7 @@ fn describe(record: &Value) -> String {
 }
 
 fn replay(session: &SessionFile, speed: f64, idle_limit: Duration) -> anyhow::Result<()> {
-    let records = read::parse_records(&read::read_bytes(&session.path)?);
+    let records = readable_records(session, &read::read_bytes(&session.path)?)?;
     let frames: Vec<&Value> = records
         .iter()
         .filter(|r| r["event"] == "stream.frame")
@@ -526,17 +584,19 @@ fn transcript_line(record: &Value) -> Option<String> {
 
 fn export(session: &SessionFile, format: ExportFormat) -> anyhow::Result<()> {
     let bytes = read::read_bytes(&session.path)?;
+    let records = readable_records(session, &bytes)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match format {
         ExportFormat::Jsonl => {
+            // The lines as stored, also those that cannot be parsed.
             let (lines, _) = crate::record::journal::split_lines(&bytes);
             for line in lines {
                 out.write_all(line)?;
             }
         }
         ExportFormat::Asciicast => {
-            for line in asciicast(&read::parse_records(&bytes))? {
+            for line in asciicast(&records)? {
                 writeln!(out, "{line}")?;
             }
         }

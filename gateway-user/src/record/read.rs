@@ -117,11 +117,19 @@ pub fn read_bytes(path: &Path) -> Result<Vec<u8>, ReadError> {
 /// Parses the complete lines of a file; unparsable lines and a torn end are skipped (use
 /// `verify` to learn about them).
 pub fn parse_records(bytes: &[u8]) -> Vec<Value> {
+    parse_records_counted(bytes).0
+}
+
+/// Parses the complete lines of a file like [`parse_records`], and also returns how many
+/// complete lines could not be parsed.
+pub fn parse_records_counted(bytes: &[u8]) -> (Vec<Value>, usize) {
     let (lines, _) = journal::split_lines(bytes);
-    lines
+    let records: Vec<Value> = lines
         .iter()
         .filter_map(|line| serde_json::from_slice(line).ok())
-        .collect()
+        .collect();
+    let skipped = lines.len() - records.len();
+    (records, skipped)
 }
 
 /// One row of `gatewayctl sessions list`.
@@ -139,6 +147,10 @@ pub struct Summary {
     pub denied: u64,
     /// Session outcome, `open` while no `session.end` is recorded.
     pub outcome: String,
+    /// Lines of the file that could not be parsed, or a missing `session.start`: the file
+    /// was damaged, and `verify` reports how.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub damaged: bool,
 }
 
 /// Events that stand for one request of the client: a statement or an API request.

@@ -454,8 +454,17 @@ fn check_session(
     journal: &JournalView,
     key: &PublicKey,
 ) -> Result<(), ReadError> {
-    let bytes = read::read_bytes(&session.path)?;
     let file = &session.relative;
+    let bytes = match read::read_bytes(&session.path) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            // One unreadable file is a finding about that file, and the others are still
+            // checked.
+            report.sessions += 1;
+            report.fail(file, None, format!("cannot be read: {error}"));
+            return Ok(());
+        }
+    };
     let end = check_chain(
         report,
         file,
@@ -522,7 +531,17 @@ fn check_session(
                 report.fail(
                     file,
                     Some(end.records + 1),
-                    format!("file ends with {} bytes after its last record, the journal recorded {torn_bytes}", end.torn_bytes),
+                    if *torn_bytes == 0 {
+                        format!(
+                            "file ends with {} bytes after its last complete record, where the journal recorded none: the file was cut or written to",
+                            end.torn_bytes
+                        )
+                    } else {
+                        format!(
+                            "file ends with {} bytes after its last complete record, where the journal recorded {torn_bytes}",
+                            end.torn_bytes
+                        )
+                    },
                 );
             } else if end.torn_bytes > 0 {
                 report.note(
