@@ -398,6 +398,24 @@ fn procedure_results_then_query() {
         assert_eq!(multi.len(), 3, "{result}");
         assert_eq!(multi[2]["rows"], json!([["four"]]));
     }
+
+    // Each statement of the three-statement text is recorded with its place in it, and a
+    // text of one statement carries no place.
+    setup.node.wait_for_sessions(2);
+    let recorded = statements(&setup.node);
+    let parts: Vec<Value> = recorded
+        .iter()
+        .filter(|statement| statement["statement"] == "SELECT 1; SELECT 2, 3; SELECT 'four'")
+        .map(|statement| json!([statement["part"], statement["parts"], statement["rows"]]))
+        .collect();
+    // Two runs, one with each EOF style.
+    let once = [json!([1, 3, 1]), json!([2, 3, 1]), json!([3, 3, 1])];
+    assert_eq!(parts, [once.clone(), once].concat(), "{recorded:#?}");
+    let single = recorded
+        .iter()
+        .find(|statement| statement["statement"] == "SELECT 42")
+        .expect("the single statement is recorded");
+    assert!(single.get("part").is_none(), "{single}");
 }
 
 #[test]

@@ -512,6 +512,35 @@ fn long_first_statement_after_login() {
     assert_eq!(rows[0]["values"][0], "20000", "{messages:#?}");
 }
 
+/// Each statement of a multi-statement query string is recorded with its place in it.
+#[test]
+fn multi_statement_parts_recorded() {
+    let setup = pg_setup("multi_statement_parts_recorded");
+    let output = psql_ok(
+        &setup,
+        true,
+        "postgres",
+        "SELECT 1; SELECT 2, 3; SELECT 'four'",
+    );
+    assert_eq!(output.lines().collect::<Vec<_>>(), ["1", "2|3", "four"]);
+    let sessions = setup.node.wait_for_sessions(1);
+    let parts: Vec<Value> = sessions
+        .iter()
+        .flatten()
+        .filter(|line| line["event"] == "sql.statement")
+        .map(|line| serde_json::json!([line["part"], line["parts"], line["rows"]]))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            serde_json::json!([1, 3, 1]),
+            serde_json::json!([2, 3, 1]),
+            serde_json::json!([3, 3, 1])
+        ],
+        "{sessions:#?}"
+    );
+}
+
 #[test]
 fn big_values_pass_byte_identical() {
     let setup = pg_setup("big_values_pass_byte_identical");

@@ -476,6 +476,8 @@ struct Pending {
     params: Vec<Value>,
     started: Instant,
     rows: u64,
+    /// Position (from 1) and count of the statements in a text of several statements.
+    part: Option<(u64, u64)>,
 }
 
 impl Pending {
@@ -486,6 +488,7 @@ impl Pending {
             params,
             started: Instant::now(),
             rows: 0,
+            part: None,
         }
     }
 }
@@ -804,9 +807,15 @@ impl Session<'_> {
             [info] if info.kind == "use" => used_database(text),
             _ => None,
         };
-        let pending = statements_or_empty(infos)
+        let infos = statements_or_empty(infos);
+        let parts = super::statement_parts(infos.len());
+        let pending = infos
             .into_iter()
-            .map(|info| Pending::new(masked_text.clone(), info, Vec::new()))
+            .zip(parts)
+            .map(|(info, part)| Pending {
+                part,
+                ..Pending::new(masked_text.clone(), info, Vec::new())
+            })
             .collect();
         self.send_server(0, &payload.data).await?;
         self.to_server.flush().await.map_err(server_error)?;
@@ -1432,6 +1441,9 @@ impl Session<'_> {
             .values("params", &pending.params)
             .str("outcome", outcome)
             .u64("duration_us", pending.started.elapsed().as_micros() as u64);
+        if let Some((part, parts)) = pending.part {
+            fields.u64("part", part).u64("parts", parts);
+        }
         match outcome {
             "ok" => {
                 fields.u64("rows", pending.rows).str("decision", "allow");

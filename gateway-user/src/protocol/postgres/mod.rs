@@ -112,6 +112,8 @@ struct Pending {
     /// Result column format codes from Bind; empty for simple queries, whose formats come
     /// from RowDescription.
     result_formats: Vec<i16>,
+    /// Position (from 1) and count of the statements in a query string of several statements.
+    part: Option<(u64, u64)>,
 }
 
 /// Statements between two synchronization points.
@@ -145,6 +147,7 @@ impl Pending {
             started: Instant::now(),
             denied_by: None,
             result_formats,
+            part: None,
         }
     }
 
@@ -751,13 +754,13 @@ async fn frontend_message(
                 return Ok(Some(marker_query(&marker)));
             }
             let point = shared.open();
-            for info in statements_or_unparsed(infos) {
-                point.statements.push_back(Pending::new(
-                    shown.clone(),
-                    info,
-                    Vec::new(),
-                    Vec::new(),
-                ));
+            let infos = statements_or_unparsed(infos);
+            let parts = super::statement_parts(infos.len());
+            for (info, part) in infos.into_iter().zip(parts) {
+                point.statements.push_back(Pending {
+                    part,
+                    ..Pending::new(shown.clone(), info, Vec::new(), Vec::new())
+                });
             }
             shared.close();
             Ok(Some(original))
@@ -1407,6 +1410,9 @@ fn record_statement(record: &Recording, startup: &StartupInfo, completed: &Compl
         .values("params", &pending.params)
         .str("outcome", outcome)
         .u64("duration_us", *duration_us);
+    if let Some((part, parts)) = pending.part {
+        fields.u64("part", part).u64("parts", parts);
+    }
     if let Some(rows) = rows {
         fields.u64("rows", *rows);
     }
