@@ -153,7 +153,7 @@ fn setup() -> anyhow::Result<()> {
     install_bpf_linker()?;
     check_kubectl()?;
     eprintln!(
-        "xtask: setup complete (Debian packages, nightly rust-src, bpf-linker installed; kubectl checked)"
+        "xtask: setup checked: the Debian packages, nightly rust-src, bpf-linker and kubectl are in place"
     );
     Ok(())
 }
@@ -383,14 +383,10 @@ fn bench(sections: &[String]) -> anyhow::Result<()> {
 /// Builds the binaries an example drives, then runs the example with the same profile.
 fn run_example(name: &str, release: bool, args: &[String]) -> anyhow::Result<()> {
     let profile: &[&str] = if release { &["--release"] } else { &[] };
+    // Not quiet: the first build takes minutes, and cargo's progress shows it is not stuck.
+    eprintln!("xtask: building the gateway's binaries (a few minutes the first time)");
     run(cargo()
-        .args([
-            "build",
-            "--quiet",
-            "--features",
-            "gateway-user/testing",
-            "--bins",
-        ])
+        .args(["build", "--features", "gateway-user/testing", "--bins"])
         .args(profile))?;
     run(cargo()
         .args(["run", "--quiet", "--features", "gateway-user/testing"])
