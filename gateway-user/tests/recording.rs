@@ -230,6 +230,10 @@ fn store_round_trip() {
     let replay = gatewayctl(dir.path(), &["replay", &sql_id]);
     let transcript = stdout(&replay);
     assert!(transcript.contains("DENIED by no-drop"), "{transcript}");
+    assert!(
+        transcript.contains("session started: postgres target payments-db at 10.96.0.20:5432"),
+        "{transcript}"
+    );
 
     let cast = gatewayctl(dir.path(), &["export", &exec_id, "--format", "asciicast"]);
     assert!(cast.status.success(), "{cast:?}");

@@ -573,7 +573,15 @@ fn transcript_line(record: &Value) -> Option<String> {
             record["approver_name"].as_str().unwrap_or("?"),
             record["reason"].as_str().unwrap_or("no reason given")
         )),
-        "session.start" => Some(format!("{time}  session started: {}", record["target"])),
+        "session.start" => {
+            let target = &record["target"];
+            Some(format!(
+                "{time}  session started: {} target {} at {}",
+                target["class"].as_str().unwrap_or("?"),
+                target["name"].as_str().unwrap_or("?"),
+                target["addr"].as_str().unwrap_or("?")
+            ))
+        }
         "session.end" => Some(format!(
             "{time}  session ended: {}",
             record["outcome"].as_str().unwrap_or("?")
