@@ -294,11 +294,14 @@ fn pipeline_script() -> Vec<String> {
         "close-statement old",
         "sync",
     ]);
+    // Each statement carries 4 KB and each row brings 4 KB back, so both directions hold far
+    // more than the sockets buffer while the client is still writing.
+    let padding = "p".repeat(4000);
     for group in 1..=200 {
         let sql = if group == 57 {
             "DROP TABLE keep_me".to_string()
         } else {
-            format!("SELECT {group}")
+            format!("SELECT {group}, repeat('x', 4000) /* {padding} */")
         };
         script.push(format!("parse - {sql}"));
         script.push("bind - -".to_string());
@@ -334,7 +337,17 @@ fn pipelined_denial_exact_replies() {
             .expect("message")
             .contains("no-drop")
     );
-    let last_row = messages.iter().rfind(|m| m["tag"] == "D").expect("a row");
+    let rows: Vec<&Value> = messages.iter().filter(|m| m["tag"] == "D").collect();
+    assert_eq!(
+        rows.len(),
+        57,
+        "56 groups before the denial and the query after it"
+    );
+    for (group, row) in (1..=56).zip(&rows) {
+        assert_eq!(row["values"][0], group.to_string(), "{row}");
+        assert_eq!(row["values"][1]["len"], 4000, "{row}");
+    }
+    let last_row = rows.last().expect("a row");
     assert_eq!(
         last_row["values"][0], "after",
         "the session is usable after the denial"
