@@ -1399,6 +1399,10 @@ fn kubectl_exec_through_gateway() {
             protocol.ends_with(".channel.k8s.io"),
             "stream.open without the negotiated subprotocol: {open}"
         );
+        // kubectl's WebSocket transport negotiates the newest channel protocol.
+        if open["transport"] == "websocket" {
+            assert_eq!(protocol, "v5.channel.k8s.io", "{open}");
+        }
     }
     for stream in ["stdin", "stdout"] {
         let frame = events.iter().find(|event| {
