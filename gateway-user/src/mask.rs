@@ -897,6 +897,34 @@ mod tests {
         }
     }
 
+    /// A PAN in a JSON string, spaced or dashed, split at every byte across two reads: masked
+    /// digit for digit, with the separators, the quotes and the length kept.
+    #[test]
+    fn json_pan_masked_at_every_split() {
+        let policy = MaskPolicy::default();
+        for (input, expected) in [
+            (
+                r#"{"card":"4111 1111 1111 1111"}"#,
+                r#"{"card":"4111 11** **** 1111"}"#,
+            ),
+            (
+                r#"{"card":"4111-1111-1111-1111"}"#,
+                r#"{"card":"4111-11**-****-1111"}"#,
+            ),
+        ] {
+            for split in 0..=input.len() {
+                let (head, tail) = input.as_bytes().split_at(split);
+                let (masked, count) = streamed(&[head, tail], &policy);
+                assert_eq!(
+                    String::from_utf8_lossy(&masked),
+                    expected,
+                    "{input} at {split}"
+                );
+                assert_eq!(count, 1, "{input} at {split}");
+            }
+        }
+    }
+
     #[test]
     fn stream_one_byte_at_a_time() {
         let policy = MaskPolicy::default();
