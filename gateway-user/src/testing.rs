@@ -829,7 +829,26 @@ pub struct Postgres {
     pub socket_dir: PathBuf,
     pub bin_dir: PathBuf,
     pub log_path: PathBuf,
+    /// The server process, read from `postmaster.pid` once it accepts connections.
+    server_pid: Option<u32>,
     _server: ChildGuard,
+}
+
+impl Drop for Postgres {
+    /// Stops the server itself: killing `runuser` does not reach it, and it would otherwise
+    /// run on until it notices its data directory is gone, up to a minute later.
+    fn drop(&mut self) {
+        let pid = self.server_pid;
+        // A server that already stopped may have left a number now used by another process.
+        let is_postgres = |pid: u32| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "postgres")
+        };
+        if let Some(pid) = pid.filter(|&pid| is_postgres(pid)) {
+            // SIGQUIT is PostgreSQL's immediate shutdown; the test's data is thrown away.
+            let _ = sys::kill(pid, libc::SIGQUIT);
+        }
+    }
 }
 
 /// Password of the `postgres` superuser and of `md5user` in the test cluster.
@@ -969,11 +988,12 @@ impl TestNode {
             .stderr(log)
             .spawn()
             .expect("spawn postgres");
-        let postgres = Postgres {
+        let mut postgres = Postgres {
             addr: SocketAddr::new(server.addr_v4.into(), 5432),
             socket_dir: socket_dir.clone(),
             bin_dir,
             log_path: log_path.clone(),
+            server_pid: None,
             _server: ChildGuard(child),
         };
         // The socket appears before recovery ends; wait until a query succeeds.
@@ -995,6 +1015,9 @@ impl TestNode {
                     .is_ok_and(|status| status.success())
             },
         );
+        postgres.server_pid = fs::read_to_string(data.join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse().ok());
         postgres.admin_sql(
             "CREATE ROLE rawuser LOGIN SUPERUSER; \
              CREATE ROLE md5user LOGIN SUPERUSER",
