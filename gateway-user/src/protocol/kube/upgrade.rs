@@ -955,20 +955,21 @@ mod tests {
         assert!(!text.contains("1111 1111"), "{text}");
     }
 
-    /// Relays `from_server` to the client and returns the totals and what the client got.
-    async fn relay_to_client(
+    /// Relays `input` in `direction` until it ends, and returns the totals and what the other
+    /// side got.
+    async fn relay_all(
         context: &StreamContext,
-        from_server: &[u8],
+        input: &[u8],
+        direction: Direction,
     ) -> (DirectionTotals, Vec<u8>) {
-        let (client_end, mut client) = tokio::io::duplex(1 << 20);
-        let totals = pump(from_server, client_end, Direction::ToClient, context)
+        let (sink_end, mut sink) = tokio::io::duplex(1 << 20);
+        let totals = pump(input, sink_end, direction, context)
             .await
-            .expect("relay the server's frames");
+            .expect("relay the frames");
         let mut sent = Vec::new();
-        client
-            .read_to_end(&mut sent)
+        sink.read_to_end(&mut sent)
             .await
-            .expect("read what the client got");
+            .expect("read what the other side got");
         (totals, sent)
     }
 
@@ -984,7 +985,7 @@ mod tests {
         let mut from_server = websocket_frame(b"\x00\x39\x30", None);
         from_server.extend(websocket_frame(b"\x00row 4111 1111 ", None));
         from_server.extend(websocket_frame(b"\x001111 1111\n", None));
-        let (totals, sent) = relay_to_client(&context, &from_server).await;
+        let (totals, sent) = relay_all(&context, &from_server, Direction::ToClient).await;
         assert_eq!(
             String::from_utf8_lossy(&sent_channel_data(&sent, 0)),
             "90row 4111 11** **** 1111\n"
@@ -1003,7 +1004,7 @@ mod tests {
         context.byte_stream = true;
         let mut from_server = websocket_frame(b"paid with 4111 1111 ", None);
         from_server.extend(websocket_frame(b"1111 1111\n", None));
-        let (totals, sent) = relay_to_client(&context, &from_server).await;
+        let (totals, sent) = relay_all(&context, &from_server, Direction::ToClient).await;
         let mut data = Vec::new();
         let mut rest = &sent[..];
         while let Some(header) = parse_header(framing, rest).expect("valid output frame") {
@@ -1061,15 +1062,7 @@ mod tests {
         for key in b"5555 5555 5555 4444\r" {
             stdin.extend(websocket_frame(&[0, *key], Some([9, 8, 7, 6])));
         }
-        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
-        let totals = pump(&stdin[..], upstream_end, Direction::ToServer, &context)
-            .await
-            .expect("relay stdin");
-        let mut forwarded = Vec::new();
-        upstream
-            .read_to_end(&mut forwarded)
-            .await
-            .expect("read forwarded stdin");
+        let (totals, forwarded) = relay_all(&context, &stdin, Direction::ToServer).await;
         assert_eq!(forwarded, stdin, "stdin is forwarded unchanged");
         assert_eq!(totals.frames, 20);
 
@@ -1186,20 +1179,7 @@ mod tests {
         from_client.extend(spdy_data_frame(9, 0, br#"{"Width":100,"Height":30}"#));
         from_client.extend(spdy_data_frame(3, 0, b"in 4111 1111 "));
         from_client.extend(spdy_data_frame(3, 1, b"1111 1111\n"));
-        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
-        let totals = pump(
-            &from_client[..],
-            upstream_end,
-            Direction::ToServer,
-            &context,
-        )
-        .await
-        .expect("relay the client's frames");
-        let mut forwarded = Vec::new();
-        upstream
-            .read_to_end(&mut forwarded)
-            .await
-            .expect("read the forwarded frames");
+        let (totals, forwarded) = relay_all(&context, &from_client, Direction::ToServer).await;
         assert_eq!(
             forwarded, from_client,
             "client frames are forwarded unchanged"
@@ -1209,15 +1189,7 @@ mod tests {
         let mut from_server = spdy_data_frame(5, 0, b"out 5555 5555 5555 4444\n");
         from_server.extend(spdy_data_frame(7, 0, b"err 4111 1111 1111 1111\n"));
         from_server.extend(spdy_data_frame(1, 1, b"{}"));
-        let (client_end, mut client) = tokio::io::duplex(1 << 20);
-        pump(&from_server[..], client_end, Direction::ToClient, &context)
-            .await
-            .expect("relay the server's frames");
-        let mut sent = Vec::new();
-        client
-            .read_to_end(&mut sent)
-            .await
-            .expect("read the frames sent to the client");
+        relay_all(&context, &from_server, Direction::ToClient).await;
 
         drop(context);
         recorder.flush().expect("flush the recorder");
@@ -1385,20 +1357,7 @@ mod tests {
         corrupt.extend_from_slice(&[0; 6]);
         corrupt.extend_from_slice(&[0xff; 32]);
         let from_client = spdy::control_frame(1, &corrupt);
-        let (upstream_end, mut upstream) = tokio::io::duplex(1 << 20);
-        pump(
-            &from_client[..],
-            upstream_end,
-            Direction::ToServer,
-            &context,
-        )
-        .await
-        .expect("relay the client's frames");
-        let mut forwarded = Vec::new();
-        upstream
-            .read_to_end(&mut forwarded)
-            .await
-            .expect("read the forwarded frames");
+        let (_, forwarded) = relay_all(&context, &from_client, Direction::ToServer).await;
         assert_eq!(forwarded, from_client);
     }
 }
