@@ -185,12 +185,12 @@ async fn serve_request(
                 .header("sec-websocket-protocol", chosen)
                 .body(full(Bytes::new()))
         }
-        // Port-forward over the WebSocket channel protocol: each channel's first message is
-        // the port (12345, little-endian: the bytes "90"), then channel 0 carries a card
-        // number cut across two messages, sent in one write.
+        // Port-forward over WebSocket, answered with `v4.channel.k8s.io` as the kubelet does.
+        // Each channel's first message is the port (12345, little-endian: the bytes "90"),
+        // then channel 0 carries a card number cut across two messages, sent in one write.
         ("/api/v1/namespaces/default/pods/app/portforward", _) => websocket_messages(
             &mut request,
-            "portforward.k8s.io",
+            "v4.channel.k8s.io",
             &[b"\x0090", b"\x0190", b"\x00row 4111 1111 ", b"\x001111 1111 end\n"],
         ),
         // A log followed over WebSocket: binary messages without channels.
@@ -2101,7 +2101,7 @@ fn raw_websocket(setup: &KubeSetup, path: &str, protocol: &str) -> String {
     setup.raw_tls(request.as_bytes())
 }
 
-/// Port-forward over the WebSocket subprotocol `portforward.k8s.io`: the port at each
+/// Port-forward over the WebSocket channel protocol `v4.channel.k8s.io`: the port at each
 /// channel's start reaches the client unchanged, and a card number cut across two messages of
 /// a channel arrives masked.
 #[test]
@@ -2110,7 +2110,7 @@ fn websocket_port_forward_masked_across_messages() {
     let reply = raw_websocket(
         &setup,
         "/api/v1/namespaces/default/pods/app/portforward?ports=12345",
-        "portforward.k8s.io",
+        "v4.channel.k8s.io",
     );
     assert!(reply.starts_with("HTTP/1.1 101"), "{reply:?}");
     // A frame header (0x82, length 3), the channel, and the port's two bytes.

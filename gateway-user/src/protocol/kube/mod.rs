@@ -857,8 +857,10 @@ async fn upgrade(
         record: Arc::clone(&session.record),
         record_frames,
         exec_output_hold: session.context.exec_output_hold,
+        // The kubelet starts each port-forward channel with the port, whatever channel
+        // protocol was chosen (`v4.channel.k8s.io` in practice).
         port_prefix: framing == Framing::WebSocket { channels: true }
-            && protocol == "portforward.k8s.io",
+            && info.subresource == "portforward",
         byte_stream: framing == Framing::WebSocket { channels: false }
             && protocol == "binary.k8s.io",
         opened: Instant::now(),

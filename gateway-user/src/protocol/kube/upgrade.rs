@@ -75,7 +75,7 @@ pub struct StreamContext {
     /// Maximum time exec and attach output that may start a PAN is held back.
     pub exec_output_hold: std::time::Duration,
     /// Whether the server's first message on each channel starts with the forwarded port, two
-    /// bytes that are not stream data (WebSocket subprotocol `portforward.k8s.io`).
+    /// bytes that are not stream data (port-forward over a WebSocket channel protocol).
     pub port_prefix: bool,
     /// Whether the server's WebSocket messages, which carry no channel byte, are pieces of one
     /// byte stream that may be cut anew (`binary.k8s.io`, which streams pod logs).
@@ -973,7 +973,7 @@ mod tests {
         (totals, sent)
     }
 
-    /// Port-forward over `portforward.k8s.io` masks a PAN split across two messages of a
+    /// Port-forward over a WebSocket channel protocol masks a PAN split across two messages of a
     /// channel, and the port at the channel's start reaches the client unchanged.
     #[tokio::test]
     async fn port_forward_channel_masked_across_frames() {

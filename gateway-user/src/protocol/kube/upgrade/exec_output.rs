@@ -13,9 +13,9 @@
 //! Frames are rebuilt with new lengths. WebSocket messages repeat their channel byte, and a
 //! fragmented message keeps its fragments, whose held bytes move into the next fragment.
 //!
-//! Port-forward over the WebSocket subprotocol `portforward.k8s.io` is masked the same way.
-//! There the server's first message on each channel starts with the forwarded port as two
-//! bytes, which are passed on in place and never scanned.
+//! Port-forward over a WebSocket channel protocol (`v4.channel.k8s.io`) is masked the same
+//! way. There the server's first message on each channel starts with the forwarded port as
+//! two bytes, which are passed on in place and never scanned.
 
 use std::{
     ops::Range,
@@ -85,7 +85,7 @@ struct HeldStream {
     prefix_left: usize,
 }
 
-/// Length of the port at the start of each `portforward.k8s.io` channel.
+/// Length of the port at the start of each port-forward channel.
 const PORT_PREFIX_LEN: usize = 2;
 
 /// Masks the server-to-client frames of an exec or attach stream, holding back per stream the
@@ -99,7 +99,7 @@ pub struct OutputMasker {
     /// Stream of a fragmented WebSocket message that has not ended. Its continuation frames
     /// belong to it, and no other data message may start before it ends (RFC 6455 section 5.4).
     open_message: Option<StreamKey>,
-    /// Whether each channel starts with the forwarded port (`portforward.k8s.io`).
+    /// Whether each channel starts with the forwarded port, as in port-forward streams.
     port_prefix: bool,
 }
 
@@ -132,8 +132,8 @@ impl OutputMasker {
         }
     }
 
-    /// Passes the port at the start of each WebSocket channel through unscanned, as the
-    /// port-forward subprotocol `portforward.k8s.io` requires.
+    /// Passes the port at the start of each WebSocket channel through unscanned, as
+    /// port-forward streams require.
     pub fn with_port_prefix(mut self) -> Self {
         self.port_prefix = true;
         self
