@@ -16,8 +16,8 @@
 //! 6. MySQL (MariaDB) through the handler and directly, as for PostgreSQL: a point-select loop over 8
 //!    connections from `gateway-testpeer mysql-raw`, as a ratio of queries per second.
 //!
-//! The connect and throughput figures are medians of several rounds; the others come from one
-//! round each. Results depend on the machine; the README lists the ones measured and where.
+//! The connect and throughput figures are medians of several rounds, and the others come from
+//! one round each. Results depend on the machine; the README lists the ones measured and where.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -761,8 +761,8 @@ MySQL point selects, 8 connections, {POINT_SELECT_SECONDS} s per run, masking on
     Ok(())
 }
 
-/// Builds a command that runs in `pod`'s network namespace but in the bench's own cgroup,
-/// outside the one the hooks are attached to: the pod's path to a server with no gateway.
+/// Builds a command that runs in `pod`'s network namespace but in the bench's own cgroup, which
+/// the hooks are not attached to, so it reaches servers as the pod would without the gateway.
 fn unredirected(node: &TestNode, pod: &Pod, program: impl AsRef<std::ffi::OsStr>) -> Command {
     node.command_in(&pod.netns, None, program)
 }

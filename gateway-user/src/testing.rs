@@ -845,7 +845,7 @@ impl Drop for Postgres {
                 .is_ok_and(|comm| comm.trim() == "postgres")
         };
         if let Some(pid) = pid.filter(|&pid| is_postgres(pid)) {
-            // SIGQUIT is PostgreSQL's immediate shutdown; the test's data is thrown away.
+            // SIGQUIT is PostgreSQL's immediate shutdown, which suits data a test throws away.
             let _ = sys::kill(pid, libc::SIGQUIT);
         }
     }

@@ -688,20 +688,16 @@ fn connection_limit_resets_excess() {
 
 #[test]
 fn worker_threads_setting_applies() {
-    let EchoSetup {
-        node,
-        pod,
-        server: _,
-        target,
-        config,
-        _echo,
-    } = echo_setup("worker_threads_setting_applies", &[], "");
+    let setup = echo_setup("worker_threads_setting_applies", &[], "");
     // One more than the default, so the default cannot pass for the setting.
     let threads = std::thread::available_parallelism().map_or(1, usize::from) + 1;
-    add_proxy_setting(&config, &format!("worker_threads: {threads}"));
-    let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
+    add_proxy_setting(&setup.config, &format!("worker_threads: {threads}"));
+    let daemon = setup
+        .node
+        .start_daemon(Path::new(GATEWAYD), &setup.config, None);
 
-    let report = client_connects(&node, &pod, target).expect("a session through the proxy");
+    let report = client_connects(&setup.node, &setup.pod, setup.target)
+        .expect("a session through the proxy");
     assert_eq!(report["intact"], true, "{report}");
     // Blocking-pool threads carry the workers' name, so the daemon's own report is the check.
     let log = daemon.log();

@@ -185,9 +185,9 @@ async fn serve_request(
                 .header("sec-websocket-protocol", chosen)
                 .body(full(Bytes::new()))
         }
-        // Port-forward over WebSocket, answered with `v4.channel.k8s.io` as the kubelet does.
-        // Each channel's first message is the port (12345, little-endian: the bytes "90"),
-        // then channel 0 carries a card number cut across two messages, sent in one write.
+        // Port-forward over WebSocket, accepted with `v4.channel.k8s.io` as the kubelet does.
+        // Each channel's first message is the port (12345, little-endian: the bytes "90").
+        // Then channel 0 carries a card number cut across two messages, sent in one write.
         ("/api/v1/namespaces/default/pods/app/portforward", _) => websocket_messages(
             &mut request,
             "v4.channel.k8s.io",

@@ -595,8 +595,8 @@ fn big_values_pass_byte_identical() {
         format!("{size}|t"),
         "the 20 MiB parameter was stored byte for byte"
     );
-    // Streaming takes 6-7 MiB here; holding the 20 MiB row or parameter whole would take
-    // more than 20.
+    // Streaming takes 6-7 MiB here, while holding the 20 MiB row or parameter whole would
+    // take more than 20.
     let growth_mib = rss_kib(daemon_pid).saturating_sub(before) / 1024;
     assert!(
         growth_mib < 14,

@@ -357,7 +357,8 @@ fn damaged_files_reported_when_read() {
         );
     }
 
-    // A directory where a session file should be stops neither the listing nor the others.
+    // A directory named like a session file stops neither the listing nor the check of the
+    // other files.
     let day = session_path(dir.path(), &sql_id)
         .parent()
         .expect("day directory")

@@ -386,7 +386,7 @@ fn list(store: &Path, filter: &Filter, json: bool) -> anyhow::Result<()> {
     }
     if rows.iter().any(|row| row.damaged) {
         eprintln!(
-            "sessions marked damaged have records that cannot be read; `gatewayctl sessions verify --all` tells what changed"
+            "sessions marked damaged have records that cannot be read; `gatewayctl sessions verify --all` reports what changed"
         );
     }
     if unreadable > 0 {
@@ -440,13 +440,13 @@ fn readable_records(session: &SessionFile, bytes: &[u8]) -> anyhow::Result<Vec<V
     let id = &session.id;
     if records.is_empty() {
         bail!(
-            "session {id} has no readable records: its file {} is empty or damaged; `gatewayctl sessions verify {id}` tells what changed",
+            "session {id} has no readable records: its file {} is empty or damaged; `gatewayctl sessions verify {id}` reports what changed",
             session.path.display()
         );
     }
     if skipped > 0 {
         eprintln!(
-            "warning: {skipped} line(s) of session {id} cannot be read and are left out; `gatewayctl sessions verify {id}` tells what changed"
+            "warning: {skipped} line(s) of session {id} cannot be read and are left out; `gatewayctl sessions verify {id}` reports what changed"
         );
     }
     Ok(records)
