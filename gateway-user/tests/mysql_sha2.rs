@@ -7,7 +7,8 @@
 //! mysql-sha2-server`, which implements the plugins' server side and prints what it received.
 //! The clients are real: mysql_async (`gateway-testpeer mysql-login`) and the `mariadb` CLI,
 //! whose client library has all three plugins. Every pod connection goes through the eBPF
-//! redirect. Needs root; run with `cargo xtask test`.
+//! redirect. The test server also answers a multi-statement query in one write, which MariaDB
+//! cannot be made to do. Needs root; run with `cargo xtask test`.
 
 use std::{
     io::BufRead as _,
@@ -927,4 +928,74 @@ fn clear_password_over_tls_both_legs() {
     let rejected = ends_with_reason(&sessions, "sha256_password authentication needs TLS");
     assert_eq!(rejected.len(), 1, "{:#?}", session_ends(&sessions));
     setup.assert_no_password_recorded();
+}
+
+/// A three-statement text whose result sets the server sends in a single write, so
+/// that they reach the gateway in one read. Each result set comes back in order, the card
+/// number masked, each statement is recorded with its place in the text, and the next query on
+/// the connection works.
+#[test]
+fn multi_statement_results_in_one_read() {
+    let setup = start("multi_statement_results_in_one_read", false, false, false);
+    // With `//` as the delimiter the CLI sends the three statements as one COM_QUERY, then
+    // `SELECT 1` as another.
+    let output = setup.cli(
+        "cli",
+        &[
+            "--skip-ssl",
+            "--delimiter=//",
+            "-e",
+            "SELECT 1; SELECT card; SELECT CURRENT_USER()// SELECT 1//",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "mariadb: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines[0], "1");
+    assert_eq!(lines[1], "411111******1111");
+    assert!(lines[2].starts_with("cli@"), "{stdout}");
+    assert_eq!(lines[3], "1");
+
+    // The server sent the three result sets in one write.
+    wait_until(
+        "the test server's report of the batched answer",
+        Duration::from_secs(20),
+        || {
+            let lines = setup.logins.lock().expect("lines lock");
+            lines.iter().any(|line| line["statements"] == 3)
+        },
+    );
+
+    let sessions = setup.node.wait_for_sessions(1);
+    let parts: Vec<Value> = sessions
+        .iter()
+        .flatten()
+        .filter(|line| line["event"] == "sql.statement")
+        .filter(|line| line["statement"] == "SELECT 1; SELECT card; SELECT CURRENT_USER()")
+        .map(|line| json!([line["part"], line["parts"], line["rows"], line["outcome"]]))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            json!([1, 3, 1, "ok"]),
+            json!([2, 3, 1, "ok"]),
+            json!([3, 3, 1, "ok"])
+        ],
+        "{sessions:#?}"
+    );
+    let after = sessions
+        .iter()
+        .flatten()
+        .filter(|line| line["event"] == "sql.statement" && line["statement"] == "SELECT 1")
+        .count();
+    assert_eq!(after, 1, "{sessions:#?}");
+    for path in setup.node.session_files() {
+        let text = std::fs::read_to_string(&path).expect("read recording");
+        assert!(!text.contains("4111111111111111"), "{}", path.display());
+    }
 }

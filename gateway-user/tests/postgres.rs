@@ -377,6 +377,78 @@ fn pipelined_denial_exact_replies() {
     );
 }
 
+/// The pipelined denial above, with a client that reads while it writes, as pipelining
+/// drivers do. Each row before the denial brings 256 KiB back and each
+/// statement carries 16 KB, so replies stream to the client while it is still writing, far
+/// more than the sockets buffer either way. A gateway that stopped reading the client while
+/// it had replies to deliver would stall both sides. The script's reader and writer then fail
+/// after 60 s without progress.
+#[test]
+fn pipelined_denial_while_client_reads() {
+    let setup = pg_setup("pipelined_denial_while_client_reads");
+    setup.postgres.admin_sql("CREATE TABLE keep_me (id int)");
+    let mut script = lines(&[
+        "startup rawuser postgres",
+        "read-ready 1",
+        "read-in-background 2",
+        "close-statement old",
+        "sync",
+    ]);
+    let padding = "p".repeat(16_000);
+    for group in 1..=200 {
+        let sql = if group == 57 {
+            "DROP TABLE keep_me".to_string()
+        } else {
+            format!("SELECT {group}, repeat('x', 262144) /* {padding} */")
+        };
+        script.push(format!("parse - {sql}"));
+        script.push("bind - -".to_string());
+        script.push("execute -".to_string());
+    }
+    script.extend(lines(&[
+        "sync",
+        "join",
+        "query SELECT 'after'",
+        "read-ready 1",
+        "terminate",
+    ]));
+
+    let output = pg_script_output(&setup, "pipeline-reading", &script, &[]);
+    assert!(
+        output.status.success(),
+        "pg-script: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let messages: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("pg-script prints JSON lines"))
+        .collect();
+    let all = tags(&messages);
+    let after_auth = &all[all.find('Z').expect("authenticated") + 1..];
+    assert_eq!(after_auth, format!("3Z{}EZTDCZ", "12DC".repeat(56)));
+
+    let rows: Vec<&Value> = messages.iter().filter(|m| m["tag"] == "D").collect();
+    for (group, row) in (1..=56).zip(&rows) {
+        assert_eq!(row["values"][0], group.to_string(), "{row}");
+        assert_eq!(row["values"][1]["len"], 262_144, "{row}");
+        assert_eq!(row["values"][1]["all_x"], true, "{row}");
+    }
+
+    let error = messages
+        .iter()
+        .find(|m| m["tag"] == "E")
+        .expect("the denial");
+    assert_eq!(error["fields"]["C"], "42501");
+    assert_eq!(
+        setup
+            .postgres
+            .admin_sql("SELECT count(*) FROM keep_me")
+            .trim(),
+        "0",
+        "the table still exists"
+    );
+}
+
 #[test]
 fn unnamed_statements_positional() {
     let setup = pg_setup("unnamed_statements_positional");

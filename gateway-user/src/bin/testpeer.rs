@@ -480,6 +480,10 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
 /// - `repeat N` ... `end` repeats the lines between, with `{i}` replaced by 1..=N;
 /// - `raw HEX` sends bytes as given; `read-ready N` reads until N ReadyForQuery messages, and
 ///   `read-ready-slowly N MS` does so pausing MS after every 64 KiB;
+/// - `read-in-background N` starts a thread that reads until N ReadyForQuery messages while
+///   the script goes on writing, as a pipelining driver does, and `join` waits for it (plain
+///   TCP only). Both directions then give up after 60 s without progress, so a proxy that
+///   stops reading while it has replies to deliver fails the script instead of hanging it;
 /// - `cancel-after MS` sleeps, then sends a CancelRequest with this session's key on a new
 ///   connection; `sleep MS`; `terminate`.
 mod pg_script {
@@ -490,6 +494,9 @@ mod pg_script {
     };
 
     use serde_json::json;
+
+    /// How long a background reader, and the writes beside it, wait for the other side.
+    const STALL_LIMIT: Duration = Duration::from_secs(60);
 
     /// A byte stream the script talks over: plain TCP or TLS.
     trait Stream: io::Read + io::Write {}
@@ -504,6 +511,12 @@ mod pg_script {
         let lines = expand(text.lines().map(str::to_string).collect());
         let tcp = TcpStream::connect(addr)?;
         tcp.set_nodelay(true)?;
+        // The socket a background reader reads from; TLS state cannot be shared between threads.
+        let reader_socket = match direct_tls_ca {
+            Some(_) => None,
+            None => Some(tcp.try_clone()?),
+        };
+        let mut background: Option<std::thread::JoinHandle<io::Result<()>>> = None;
         let mut stream: Box<dyn Stream> = match direct_tls_ca {
             Some(ca) => Box::new(direct_tls(tcp, addr, ca)?),
             None => Box::new(tcp),
@@ -634,6 +647,38 @@ mod pg_script {
                         }
                         println!("{}", describe(tag, &body, started));
                     }
+                }
+                "read-in-background" => {
+                    let wanted: usize = rest.parse()?;
+                    let mut socket = reader_socket
+                        .as_ref()
+                        .ok_or_else(|| anyhow::anyhow!("read-in-background needs plain TCP"))?
+                        .try_clone()?;
+                    socket.set_read_timeout(Some(STALL_LIMIT))?;
+                    socket.set_write_timeout(Some(STALL_LIMIT))?;
+                    background = Some(std::thread::spawn(move || {
+                        let mut seen = 0;
+                        while seen < wanted {
+                            let Some((tag, body)) = read_message(&mut socket, Duration::ZERO)?
+                            else {
+                                println!("{}", json!({ "eof": true }));
+                                break;
+                            };
+                            if tag == b'Z' {
+                                seen += 1;
+                            }
+                            println!("{}", describe(tag, &body, started));
+                        }
+                        Ok(())
+                    }));
+                }
+                "join" => {
+                    let handle = background
+                        .take()
+                        .ok_or_else(|| anyhow::anyhow!("join without read-in-background"))?;
+                    handle
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the background reader panicked"))??;
                 }
                 other => anyhow::bail!("unknown script command {other:?}"),
             }

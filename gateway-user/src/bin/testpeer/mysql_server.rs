@@ -32,7 +32,11 @@
 //! `COM_CHANGE_USER` runs the same exchange, its scramble made with the greeting's nonce.
 //! After the login it replies to `COM_QUERY` for `SELECT 1`, `SELECT @@name, ...` (the settings
 //! drivers read at connect), `SELECT CURRENT_USER()` and `SELECT card` (one row containing the
-//! test card number 4111 1111 1111 1111), plus `COM_PING` and `COM_QUIT`.
+//! test card number 4111 1111 1111 1111), plus `COM_PING` and `COM_QUIT`. A `COM_QUERY` of
+//! several of those statements, separated by `;`, gets one result set each, flagged
+//! `SERVER_MORE_RESULTS_EXISTS` on all but the last, and all of them go out in a single write,
+//! so that they reach the gateway in one read; the server then prints
+//! `{"statements": N, "bytes": B}` on standard output.
 //!
 //! Where it differs from MySQL 8: full authentication compares `SHA256(SHA256(password))`
 //! instead of the salted multi-round hash in `mysql.user`, every account has the one password,
@@ -100,6 +104,8 @@ const NONCE_LEN: usize = 20;
 const SSL_REQUEST_LEN: usize = 32;
 /// `SERVER_STATUS_AUTOCOMMIT`.
 const STATUS_AUTOCOMMIT: u16 = 0x0002;
+/// `SERVER_MORE_RESULTS_EXISTS`: another result set of the same query follows.
+const STATUS_MORE_RESULTS: u16 = 0x0008;
 /// `utf8mb4_0900_ai_ci`, MySQL 8's default collation.
 const COLLATION: u8 = 255;
 /// Byte after `0x01` (AuthMoreData) in the plugin's own packets.
@@ -252,6 +258,7 @@ impl Server {
         let mut io = Packets {
             stream: Connection::Plain(stream),
             seq: 0,
+            batch: None,
         };
         io.write(&greeting(connection_id, capabilities, &nonce))?;
 
@@ -378,7 +385,7 @@ impl Server {
             .expect("cache lock")
             .insert(account, self.stored);
         login.accepted = true;
-        io.write(&ok_packet())
+        io.write(&ok_packet(STATUS_AUTOCOMMIT))
     }
 
     /// Reads an RSA-encrypted password: the cipher text of the password, NUL-terminated and
@@ -458,7 +465,7 @@ impl Server {
             login.method = "fast";
             login.accepted = true;
             io.write(&[0x01, FAST_AUTH_SUCCESS])?;
-            io.write(&ok_packet())?;
+            io.write(&ok_packet(STATUS_AUTOCOMMIT))?;
             return Ok(());
         }
 
@@ -497,7 +504,7 @@ impl Server {
             };
             match command.first() {
                 Some(&COM_QUIT) | None => return Ok(()),
-                Some(&COM_PING) => io.write(&ok_packet())?,
+                Some(&COM_PING) => io.write(&ok_packet(STATUS_AUTOCOMMIT))?,
                 Some(&COM_CHANGE_USER) => {
                     // NOTE: whether MySQL 8 responds to COM_CHANGE_USER with an auth switch carrying
                     // a fresh nonce, instead of checking a scramble made with the greeting's
@@ -511,19 +518,9 @@ impl Server {
                     }
                 }
                 Some(&COM_QUERY) => {
-                    let sql = String::from_utf8_lossy(&command[1..]).trim().to_string();
+                    let sql = String::from_utf8_lossy(&command[1..]).to_string();
                     let user = format!("{}@{peer}", login.user);
-                    match answer_query(&sql, &user) {
-                        Some((columns, row)) => {
-                            write_result(io, &columns, &row, login.deprecate_eof)?
-                        }
-                        None => io.write(&err_packet(
-                            1064,
-                            "42000",
-                            "the test server runs only SELECT 1, SELECT card, \
-                             SELECT CURRENT_USER() and SELECT @@name",
-                        ))?,
-                    }
+                    query(io, &sql, &user, login.deprecate_eof)?;
                 }
                 Some(other) => io.write(&err_packet(
                     1047,
@@ -578,6 +575,45 @@ fn scramble_matches(scramble: &[u8], digest: &[u8; 32], nonce: &[u8]) -> bool {
     sha256(&candidate) == *digest
 }
 
+/// Answers the statements of one `COM_QUERY`. A text of several statements is answered in one
+/// write and reported on standard output; an unsupported statement ends it with an ERR, as a
+/// failing statement ends a multi-statement query in MySQL.
+fn query(io: &mut Packets, sql: &str, user: &str, deprecate_eof: bool) -> anyhow::Result<()> {
+    let statements: Vec<&str> = sql
+        .split(';')
+        .map(str::trim)
+        .filter(|statement| !statement.is_empty())
+        .collect();
+    let several = statements.len() > 1;
+    if several {
+        io.batch = Some(Vec::new());
+    }
+    for (index, statement) in statements.iter().enumerate() {
+        let more = index + 1 < statements.len();
+        match answer_query(statement, user) {
+            Some((columns, row)) => write_result(io, &columns, &row, deprecate_eof, more)?,
+            None => {
+                io.write(&err_packet(
+                    1064,
+                    "42000",
+                    "the test server runs only SELECT 1, SELECT card, \
+                     SELECT CURRENT_USER() and SELECT @@name",
+                ))?;
+                break;
+            }
+        }
+    }
+    if several {
+        let bytes = io.send_batch()?;
+        println!(
+            "{}",
+            json!({ "statements": statements.len(), "bytes": bytes })
+        );
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
 /// Returns the column names and the one row for a supported query.
 fn answer_query(sql: &str, user: &str) -> Option<(Vec<String>, Vec<Option<String>>)> {
     let lower = sql.trim_end_matches(';').to_ascii_lowercase();
@@ -604,13 +640,20 @@ fn answer_query(sql: &str, user: &str) -> Option<(Vec<String>, Vec<Option<String
     Some((columns, row))
 }
 
-/// Writes a text result set of VARCHAR columns with one row.
+/// Writes a text result set of VARCHAR columns with one row. With `more`, its end says that
+/// another result set follows.
 fn write_result(
     io: &mut Packets,
     columns: &[String],
     row: &[Option<String>],
     deprecate_eof: bool,
+    more: bool,
 ) -> anyhow::Result<()> {
+    let status = if more {
+        STATUS_AUTOCOMMIT | STATUS_MORE_RESULTS
+    } else {
+        STATUS_AUTOCOMMIT
+    };
     let mut count = Vec::new();
     put_lenenc(&mut count, columns.len() as u64);
     io.write(&count)?;
@@ -630,7 +673,7 @@ fn write_result(
         io.write(&column)?;
     }
     if !deprecate_eof {
-        io.write(&eof_packet())?;
+        io.write(&eof_packet(STATUS_AUTOCOMMIT))?;
     }
     let mut values = Vec::new();
     for value in row {
@@ -644,11 +687,11 @@ fn write_result(
     }
     io.write(&values)?;
     if deprecate_eof {
-        let mut end = ok_packet();
+        let mut end = ok_packet(status);
         end[0] = 0xfe;
         io.write(&end)
     } else {
-        io.write(&eof_packet())
+        io.write(&eof_packet(status))
     }
 }
 
@@ -656,6 +699,8 @@ fn write_result(
 struct Packets {
     stream: Connection,
     seq: u8,
+    /// While set, written packets gather here until `send_batch`.
+    batch: Option<Vec<u8>>,
 }
 
 /// The client connection, before and after TLS starts.
@@ -720,11 +765,25 @@ impl Packets {
 
     fn write(&mut self, payload: &[u8]) -> anyhow::Result<()> {
         let len = (payload.len() as u32).to_le_bytes();
-        self.stream.write_all(&[len[0], len[1], len[2], self.seq])?;
+        let header = [len[0], len[1], len[2], self.seq];
+        self.seq = self.seq.wrapping_add(1);
+        if let Some(batch) = &mut self.batch {
+            batch.extend_from_slice(&header);
+            batch.extend_from_slice(payload);
+            return Ok(());
+        }
+        self.stream.write_all(&header)?;
         self.stream.write_all(payload)?;
         self.stream.flush()?;
-        self.seq = self.seq.wrapping_add(1);
         Ok(())
+    }
+
+    /// Sends the gathered packets in one write and stops gathering. Returns their size.
+    fn send_batch(&mut self) -> anyhow::Result<usize> {
+        let batch = self.batch.take().unwrap_or_default();
+        self.stream.write_all(&batch)?;
+        self.stream.flush()?;
+        Ok(batch.len())
     }
 }
 
@@ -902,16 +961,16 @@ fn put_lenenc(out: &mut Vec<u8>, value: u64) {
     }
 }
 
-fn ok_packet() -> Vec<u8> {
+fn ok_packet(status: u16) -> Vec<u8> {
     let mut out = vec![0x00, 0, 0];
-    out.extend_from_slice(&STATUS_AUTOCOMMIT.to_le_bytes());
+    out.extend_from_slice(&status.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out
 }
 
-fn eof_packet() -> Vec<u8> {
+fn eof_packet(status: u16) -> Vec<u8> {
     let mut out = vec![0xfe, 0, 0];
-    out.extend_from_slice(&STATUS_AUTOCOMMIT.to_le_bytes());
+    out.extend_from_slice(&status.to_le_bytes());
     out
 }
 

@@ -6,7 +6,8 @@
 //! PAN move to the stream's next frame.
 //!
 //! Two framings are read. WebSocket (RFC 6455) with the Kubernetes channel subprotocols
-//! (`v4.channel.k8s.io`, `v5.channel.k8s.io`, `portforward.k8s.io`), where the first payload
+//! (`v4.channel.k8s.io` and `v5.channel.k8s.io`, also used by the kubelet for port-forward
+//! over WebSocket), where the first payload
 //! byte of each message names the stream: 0 stdin, 1 stdout, 2 stderr, 3 error, 4 resize, 255
 //! close. And SPDY/3.1, where data frames carry a stream id whose meaning (stdin, stdout, ...)
 //! sits in the zlib-compressed headers of the stream's SYN_STREAM. For exec and attach the
