@@ -107,6 +107,61 @@ pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
     masked
 }
 
+/// Masks the PANs inside hex-encoded bytes written the way PostgreSQL writes `bytea` values and
+/// literals: `\x`, then pairs of hex digits. Each such run is decoded and masked like text,
+/// and the bytes that changed are written back as lowercase hex, so the length and every other
+/// byte stay the same. Returns how many PANs it masked.
+///
+/// Run it before [`mask_in_place`] on the same bytes, which would read the hex digits as
+/// digits and could break a run up.
+pub fn mask_hex_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
+    let mut masked = 0;
+    let mut from = 0;
+    while let Some(found) = find_hex_prefix(&buf[from..]) {
+        let start = from + found + 2;
+        let pairs = buf[start..]
+            .chunks_exact(2)
+            .take_while(|pair| pair.iter().all(u8::is_ascii_hexdigit))
+            .count();
+        let end = start + 2 * pairs;
+        if pairs >= MIN_PAN_DIGITS {
+            let original: Vec<u8> = buf[start..end].chunks_exact(2).map(hex_byte).collect();
+            let mut decoded = original.clone();
+            let found = scan(&mut decoded, Context::Clear, true, policy).masked;
+            if found > 0 {
+                for (index, (&before, &after)) in original.iter().zip(&decoded).enumerate() {
+                    if before != after {
+                        let at = start + 2 * index;
+                        buf[at] = HEX_DIGITS[usize::from(after >> 4)];
+                        buf[at + 1] = HEX_DIGITS[usize::from(after & 0x0f)];
+                    }
+                }
+                masked += found;
+            }
+        }
+        from = end;
+    }
+    metrics().values_masked(masked);
+    masked
+}
+
+/// Lowercase hex digits by value.
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Finds the next `\x` in `buf`.
+fn find_hex_prefix(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|pair| pair == b"\\x")
+}
+
+/// Decodes two hex digits, already checked to be hex digits, into their byte.
+fn hex_byte(pair: &[u8]) -> u8 {
+    let value = |digit: u8| match digit {
+        b'0'..=b'9' => digit - b'0',
+        _ => (digit | 0x20) - b'a' + 10,
+    };
+    (value(pair[0]) << 4) | value(pair[1])
+}
+
 /// Masks PANs in data that arrives in pieces: TCP reads, HTTP chunks, result rows.
 ///
 /// Each [`feed`](Self::feed) appends to the output every byte that can no longer belong to an
@@ -563,6 +618,61 @@ mod tests {
         let mut buf = input.as_bytes().to_vec();
         mask_in_place(&mut buf, policy);
         String::from_utf8(buf).expect("masking writes only ASCII over ASCII digits")
+    }
+
+    /// Writes `text` as a PostgreSQL `bytea` literal: `\x` and lowercase hex.
+    fn hex_of(text: &str) -> String {
+        let digits: String = text.bytes().map(|byte| format!("{byte:02x}")).collect();
+        format!("\\x{digits}")
+    }
+
+    fn hex_masked(input: &str) -> (String, usize) {
+        let mut buf = input.as_bytes().to_vec();
+        let count = mask_hex_in_place(&mut buf, &MaskPolicy::default());
+        (String::from_utf8(buf).expect("hex stays ASCII"), count)
+    }
+
+    #[test]
+    fn hex_encoded_pan_masked_in_place() {
+        let value = hex_of("card 4111 1111 1111 1111 end");
+        assert_eq!(
+            hex_masked(&value),
+            (hex_of("card 4111 11** **** 1111 end"), 1)
+        );
+        // Inside COPY text (a doubled backslash), a JSON string and next to other text.
+        let input = format!(
+            "7\t\\{} {{\"b\":\"{}\"}}",
+            hex_of("4012888888881881"),
+            hex_of("5555555555554444")
+        );
+        let expected = format!(
+            "7\t\\{} {{\"b\":\"{}\"}}",
+            hex_of("401288******1881"),
+            hex_of("555555******4444")
+        );
+        assert_eq!(hex_masked(&input), (expected, 2));
+    }
+
+    #[test]
+    fn hex_masking_changes_only_masked_bytes() {
+        // Upper-case hex digits stay upper case where no byte was masked.
+        let input = "\\x7A3A343131313131313131313131313131313A7A";
+        let expected = "\\x7A3A3431313131312a2a2a2a2a2a313131313A7A";
+        assert_eq!(hex_masked(input), (expected.to_string(), 1));
+    }
+
+    #[test]
+    fn hex_without_pan_left_alone() {
+        for input in [
+            hex_of("1748503543012"),
+            hex_of("4111111111111112"),
+            "\\x3431313131313131313131313131313".to_string(),
+            "\\xzz 4111".to_string(),
+            "plain \\ text".to_string(),
+            String::new(),
+        ] {
+            assert_eq!(hex_masked(&input), (input.clone(), 0), "{input}");
+        }
     }
 
     /// Appends the Luhn check digit to `body`. Written apart from `passes_luhn` so that the

@@ -937,6 +937,7 @@ impl TestNode {
         fs::write(
             data.join("pg_hba.conf"),
             "local all all trust\n\
+             host replication rawuser 0.0.0.0/0 trust\n\
              host all rawuser 0.0.0.0/0 trust\n\
              host all rawuser ::/0 trust\n\
              host all md5user 0.0.0.0/0 md5\n\
@@ -975,7 +976,16 @@ impl TestNode {
             .arg(bin_dir.join("postgres"))
             .arg("-D")
             .arg(&data)
-            .args(["-p", "5432", "-c", "fsync=off", "-c", "max_connections=50"])
+            .args([
+                "-p",
+                "5432",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=50",
+                "-c",
+                "wal_level=logical",
+            ])
             .args(&tls_args)
             .arg("-c")
             .arg(format!(

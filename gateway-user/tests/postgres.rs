@@ -285,6 +285,82 @@ fn pan_columns_masked_recording_clean() {
     );
 }
 
+/// Returns `text` as PostgreSQL prints a `bytea` holding its bytes: `\x` and lowercase hex.
+fn bytea_hex(text: &str) -> String {
+    let digits: String = text.bytes().map(|byte| format!("{byte:02x}")).collect();
+    format!("\\x{digits}")
+}
+
+/// `bytea` values come out of PostgreSQL hex-encoded by default, where a card number is no
+/// run of digits. The gateway decodes such runs, masks them, and writes the masked bytes back
+/// in hex, in rows, COPY data and recordings alike.
+#[test]
+fn bytea_hex_output_masked() {
+    let setup = pg_setup("bytea_hex_output_masked");
+    setup.postgres.admin_sql(
+        "CREATE TABLE blobs (id int, data bytea); \
+         INSERT INTO blobs VALUES (1, convert_to('card 4111 1111 1111 1111 end', 'UTF8')), \
+         (2, convert_to('4012888888881881', 'UTF8')), (3, convert_to('1748503543012', 'UTF8'))",
+    );
+    let direct = psql_ok(
+        &setup,
+        false,
+        "postgres",
+        "SELECT data FROM blobs ORDER BY id",
+    );
+    let direct: Vec<&str> = direct.lines().collect();
+    assert_eq!(direct[0], bytea_hex("card 4111 1111 1111 1111 end"));
+
+    let rows = psql_ok(
+        &setup,
+        true,
+        "postgres",
+        "SELECT data FROM blobs ORDER BY id",
+    );
+    let rows: Vec<&str> = rows.lines().collect();
+    assert_eq!(rows[0], bytea_hex("card 4111 11** **** 1111 end"));
+    assert_eq!(rows[1], bytea_hex("401288******1881"));
+    assert_eq!(rows[2], bytea_hex("1748503543012"), "no issuer prefix");
+
+    // COPY's text format doubles the backslash.
+    let copied = psql_ok(
+        &setup,
+        true,
+        "postgres",
+        "COPY (SELECT data FROM blobs WHERE id = 2) TO STDOUT",
+    );
+    assert_eq!(
+        copied.trim_end(),
+        format!("\\{}", bytea_hex("401288******1881"))
+    );
+
+    // A hex literal in a statement is masked in the recording.
+    let literal = bytea_hex("5555555555554444");
+    psql_ok(
+        &setup,
+        true,
+        "postgres",
+        &format!("INSERT INTO blobs VALUES (4, '{literal}')"),
+    );
+    setup.node.wait_for_sessions(3);
+    let mut store = String::new();
+    for file in setup.node.session_files() {
+        store.push_str(&std::fs::read_to_string(file).expect("read recording"));
+    }
+    let hex_digits = |text: &str| bytea_hex(text)[2..].to_string();
+    for pan in [
+        "4111 1111 1111 1111",
+        "4012888888881881",
+        "5555555555554444",
+    ] {
+        assert!(
+            !store.contains(&hex_digits(pan)),
+            "recording holds {pan} in hex"
+        );
+    }
+    assert!(store.contains(&hex_digits("555555******4444")), "{store}");
+}
+
 /// Builds the P1 pipeline: Close + Sync, then 200 Parse/Bind/Execute groups where group 57 is
 /// a denied DROP, then Sync, then a plain query.
 fn pipeline_script() -> Vec<String> {
@@ -1132,4 +1208,195 @@ fn denied_statement_beside_unparsable_one() {
         "0",
         "the table still exists"
     );
+}
+
+/// Runs a PostgreSQL client program from the server's bin directory in the pod (through the
+/// gateway) or in the node (direct), with `args`.
+fn pg_program(setup: &PgSetup, through_gateway: bool, program: &str, args: &[&str]) -> Output {
+    let program = setup.postgres.bin_dir.join(program);
+    let mut command = if through_gateway {
+        setup.node.in_pod(&setup.pod, &program)
+    } else {
+        setup.node.in_node(None, &program)
+    };
+    command
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a PostgreSQL client program")
+}
+
+/// A base backup copies data files in which card numbers cannot be masked without corrupting
+/// them, so the gateway rejects physical replication at startup with a FATAL error that says
+/// so. The same backup taken directly works, and the rejected session is recorded.
+#[test]
+fn physical_replication_rejected() {
+    let setup = pg_setup("physical_replication_rejected");
+    setup.postgres.admin_sql("ALTER ROLE rawuser REPLICATION");
+    let host = setup.postgres.addr.ip().to_string();
+    let through = setup.node.dir.join("backup-through");
+    let direct = setup.node.dir.join("backup-direct");
+    let backup_args = |dir: &Path| {
+        [
+            "-h",
+            host.as_str(),
+            "-U",
+            "rawuser",
+            "-X",
+            "none",
+            "-Ft",
+            "-D",
+            dir.to_str().expect("UTF-8 path"),
+        ]
+        .map(str::to_string)
+    };
+
+    let args = backup_args(&through);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = pg_program(&setup, true, "pg_basebackup", &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("physical replication"), "{stderr}");
+    assert!(stderr.contains("redirect.exclude_cgroups"), "{stderr}");
+    let written = std::fs::read_dir(&through).map_or(0, |entries| entries.count());
+    assert_eq!(written, 0, "no backup file is written");
+
+    let args = backup_args(&direct);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = pg_program(&setup, false, "pg_basebackup", &args);
+    assert!(
+        output.status.success(),
+        "direct backup: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(direct.join("base.tar").exists());
+
+    let sessions = setup.node.wait_for_sessions(1);
+    let lines = &sessions[0];
+    let startup = lines
+        .iter()
+        .find(|line| line["event"] == "sql.startup")
+        .expect("startup recorded");
+    assert_eq!(startup["replication"], "physical");
+    assert_eq!(startup["database_user"], "rawuser");
+    let end = lines
+        .iter()
+        .find(|line| line["event"] == "session.end")
+        .expect("end recorded");
+    assert_eq!(end["outcome"], "rejected_unsupported", "{end}");
+    assert_eq!(end["bytes"]["from_upstream"], 0, "{end}");
+}
+
+/// Logical decoding passes: its changes arrive as text the masker scans, so a card number
+/// inserted into a table comes out of `pg_recvlogical` masked, and the replication commands are
+/// recorded.
+#[test]
+fn logical_replication_masked() {
+    let setup = pg_setup("logical_replication_masked");
+    setup.postgres.admin_sql("ALTER ROLE rawuser REPLICATION");
+    setup.postgres.admin_sql("CREATE TABLE cards (note text)");
+    setup
+        .postgres
+        .admin_sql("SELECT pg_create_logical_replication_slot('cards_slot', 'test_decoding')");
+    setup
+        .postgres
+        .admin_sql("INSERT INTO cards VALUES ('card 5555 5555 5555 4444 on file')");
+    let end_position = setup.postgres.admin_sql("SELECT pg_current_wal_lsn()");
+    let host = setup.postgres.addr.ip().to_string();
+
+    let output = pg_program(
+        &setup,
+        true,
+        "pg_recvlogical",
+        &[
+            "-h",
+            &host,
+            "-U",
+            "rawuser",
+            "-d",
+            "postgres",
+            "--slot",
+            "cards_slot",
+            "--start",
+            "--no-loop",
+            "--endpos",
+            end_position.trim(),
+            "-f",
+            "-",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pg_recvlogical: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout
+            .contains("table public.cards: INSERT: note[text]:'card 5555 55** **** 4444 on file'"),
+        "{stdout}"
+    );
+
+    let sessions = setup.node.wait_for_sessions(1);
+    let lines: Vec<&Value> = sessions.iter().flatten().collect();
+    let startup = lines
+        .iter()
+        .find(|line| line["event"] == "sql.startup")
+        .expect("startup recorded");
+    assert_eq!(startup["replication"], "logical");
+    let start = lines
+        .iter()
+        .find(|line| line["kind"] == "start_replication")
+        .expect("START_REPLICATION recorded");
+    assert_eq!(start["outcome"], "ok", "{start}");
+    for path in setup.node.session_files() {
+        let text = std::fs::read_to_string(&path).expect("read recording");
+        assert!(!text.contains("5555 5555 5555 4444"), "{}", path.display());
+    }
+
+    // pgoutput's binary mode sends column values in binary formats the masker cannot read, so
+    // the gateway denies it.
+    setup
+        .postgres
+        .admin_sql("CREATE PUBLICATION cards_pub FOR TABLE cards");
+    setup
+        .postgres
+        .admin_sql("SELECT pg_create_logical_replication_slot('binary_slot', 'pgoutput')");
+    let output = pg_program(
+        &setup,
+        true,
+        "pg_recvlogical",
+        &[
+            "-h",
+            &host,
+            "-U",
+            "rawuser",
+            "-d",
+            "postgres",
+            "--slot",
+            "binary_slot",
+            "--start",
+            "--no-loop",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=cards_pub",
+            "-o",
+            "binary=true",
+            "-f",
+            "-",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("gateway:binary-replication"), "{stderr}");
+    let sessions = setup.node.wait_for_sessions(2);
+    let denied = sessions
+        .iter()
+        .flatten()
+        .find(|line| line["event"] == "sql.statement" && line["outcome"] == "denied")
+        .expect("the denial is recorded");
+    assert_eq!(denied["kind"], "start_replication", "{denied}");
+    assert_eq!(denied["rule"], "gateway:binary-replication", "{denied}");
 }

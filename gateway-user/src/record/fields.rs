@@ -274,8 +274,11 @@ fn write_masked_str(out: &mut Vec<u8>, text: &str) {
         return;
     }
     let mut bytes = text.as_bytes().to_vec();
-    mask::mask_in_place(&mut bytes, &MaskPolicy::default());
-    // Masking swaps ASCII digits for the ASCII mask byte, so the text stays UTF-8.
+    let policy = MaskPolicy::default();
+    mask::mask_hex_in_place(&mut bytes, &policy);
+    mask::mask_in_place(&mut bytes, &policy);
+    // Masking swaps ASCII digits for the ASCII mask byte and hex digits for hex digits, so the
+    // text stays UTF-8.
     write_str(
         out,
         std::str::from_utf8(&bytes).expect("masking keeps UTF-8"),

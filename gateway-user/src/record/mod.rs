@@ -226,6 +226,9 @@ pub enum Outcome {
     RejectedUnknown,
     /// Ended because recording failed and `recording.fail_mode` is closed.
     RecordingFailed,
+    /// Not proxied: the client asked for something the gateway does not proxy, named in the
+    /// reason, which the client received too.
+    RejectedUnsupported,
 }
 
 /// Byte counts and result of a finished session.

@@ -14,7 +14,9 @@ use std::collections::HashSet;
 use serde_json::json;
 use tokio::io::{AsyncWriteExt as _, BufWriter};
 
-use super::{PumpContext, SessionEnd, WriteHalf, record_event, server_error};
+use super::{
+    PumpContext, Replication, SessionEnd, WriteHalf, parse_bool, record_event, server_error,
+};
 use crate::{
     approval::HoldRequest,
     policy::{Action, PolicyDecision, Request, ReviewScope},
@@ -27,6 +29,52 @@ pub(super) struct Denial {
     pub rule: String,
     /// For held statements: who denied it and why, or that the review deadline passed.
     pub detail: Option<String>,
+}
+
+/// Name under which the gateway's own denial of binary logical replication is recorded.
+pub(super) const BINARY_REPLICATION_RULE: &str = "gateway:binary-replication";
+
+/// Tells whether a `START_REPLICATION ... LOGICAL` command asks the output plugin for binary
+/// column values: an option `binary` that is true or has no value.
+fn asks_binary(command: &str) -> bool {
+    let Some(open) = command.find('(') else {
+        return false;
+    };
+    let options = command[open + 1..]
+        .trim_end()
+        .trim_end_matches(';')
+        .trim_end();
+    let options = options.strip_suffix(')').unwrap_or(options);
+    split_options(options).iter().any(|option| {
+        let (name, value) = option
+            .trim()
+            .split_once(char::is_whitespace)
+            .map_or((option.trim(), ""), |(name, value)| (name, value.trim()));
+        if !name.trim_matches('"').eq_ignore_ascii_case("binary") {
+            return false;
+        }
+        value.is_empty() || parse_bool(value.trim_matches('\'')) == Some(true)
+    })
+}
+
+/// Splits a replication command's option list at the commas outside quotes.
+fn split_options(options: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut quote = None;
+    for (index, byte) in options.bytes().enumerate() {
+        match (quote, byte) {
+            (None, b'\'' | b'"') => quote = Some(byte),
+            (Some(open), _) if byte == open => quote = None,
+            (None, b',') => {
+                parts.push(&options[start..index]);
+                start = index + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&options[start..]);
+    parts
 }
 
 /// Rules approved with scope `session` in this session.
@@ -44,6 +92,19 @@ pub(super) async fn judge(
     pump: &PumpContext<'_>,
     upstream: &mut BufWriter<WriteHalf>,
 ) -> Result<Option<Denial>, SessionEnd> {
+    if pump.startup.replication == Replication::Logical
+        && infos.iter().any(|info| info.kind == "start_replication")
+        && asks_binary(shown)
+    {
+        return Ok(Some(Denial {
+            rule: BINARY_REPLICATION_RULE.to_string(),
+            detail: Some(
+                "binary logical replication sends column values in binary formats that cannot be \
+                 scanned for card numbers; subscribe with binary = false"
+                    .to_string(),
+            ),
+        }));
+    }
     let context = pump.context;
     let policy = context.policy.current();
     let mut reviews: Vec<PolicyDecision> = Vec::new();
@@ -163,4 +224,29 @@ async fn hold(
             detail: Some(detail),
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asks_binary;
+
+    #[test]
+    fn binary_option_detected() {
+        for command in [
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '2', publication_names '\"p\"', binary 'true')",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (\"binary\" 'on')",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (binary)",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (proto_version '1', BINARY 't');",
+        ] {
+            assert!(asks_binary(command), "{command}");
+        }
+        for command in [
+            "START_REPLICATION SLOT s LOGICAL 0/0",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (binary 'false')",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (publication_names 'binary, x')",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (\"include-xids\" '0', binary 'off')",
+        ] {
+            assert!(!asks_binary(command), "{command}");
+        }
+    }
 }

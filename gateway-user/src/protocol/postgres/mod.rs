@@ -46,7 +46,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use self::{
     cancel::CancelRegistry,
@@ -56,7 +56,7 @@ use self::{
 use super::tcp::{Counters, RelayResult, idle};
 use crate::{
     approval::Broker,
-    mask::{MaskPolicy, StreamMasker, mask_in_place},
+    mask::{MaskPolicy, StreamMasker, mask_hex_in_place, mask_in_place},
     policy::{PolicyStore, Subject as PolicySubject, Target as PolicyTarget},
     record::{Fields, Outcome, SessionRecord},
     sql::{SqlDialect, StatementInfo, analyze},
@@ -205,9 +205,73 @@ struct PumpContext<'a> {
 pub struct StartupInfo {
     pub user: String,
     pub database: String,
+    /// The `replication` startup parameter, which turns the session into a walsender.
+    pub replication: Replication,
     /// The whole StartupMessage, length included, to forward to the server.
     pub packet: Bytes,
 }
+
+/// Replication mode a client asks for in its startup packet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Replication {
+    /// An ordinary session.
+    #[default]
+    None,
+    /// `replication=database`: logical decoding, whose changes arrive as rows the masker can
+    /// scan.
+    Logical,
+    /// `replication=true`: base backups and WAL streaming, which carry the server's data files
+    /// and WAL records byte for byte.
+    Physical,
+}
+
+impl Replication {
+    /// Reads the parameter's value as the server does: `database`, or a boolean. A value the
+    /// server would reject is left to it.
+    fn from_parameter(value: &str) -> Self {
+        if value == "database" {
+            return Self::Logical;
+        }
+        match parse_bool(value) {
+            Some(true) => Self::Physical,
+            _ => Self::None,
+        }
+    }
+
+    fn name(self) -> Option<&'static str> {
+        match self {
+            Self::None => None,
+            Self::Logical => Some("logical"),
+            Self::Physical => Some("physical"),
+        }
+    }
+}
+
+/// Parses a boolean the way PostgreSQL reads settings: any case, `on`, `off`, `1`, `0`, and
+/// prefixes of `true`, `false`, `yes` and `no`.
+pub(super) fn parse_bool(value: &str) -> Option<bool> {
+    let value = value.trim().to_ascii_lowercase();
+    let prefix_of = |word: &str| !value.is_empty() && word.starts_with(value.as_str());
+    match value.as_str() {
+        "on" | "1" => Some(true),
+        "of" | "off" | "0" => Some(false),
+        _ if prefix_of("true") || prefix_of("yes") => Some(true),
+        _ if prefix_of("false") || prefix_of("no") => Some(false),
+        _ => None,
+    }
+}
+
+/// Masks the card numbers in a whole text value or message: those written as digits, and those
+/// inside hex-encoded bytes as PostgreSQL prints `bytea` (`\x...`).
+pub(super) fn mask_text(buf: &mut [u8], mask: &MaskPolicy) -> usize {
+    mask_hex_in_place(buf, mask) + mask_in_place(buf, mask)
+}
+
+/// Message of the FATAL error that rejects a physical replication session.
+const PHYSICAL_REPLICATION_REJECTED: &str = "gateway: physical replication (pg_basebackup, \
+    pg_receivewal, standbys) is rejected, because it copies data files and WAL in which card \
+    numbers cannot be masked without corrupting them; connect replicas from a cgroup listed in \
+    redirect.exclude_cgroups";
 
 type Recording = Arc<Mutex<SessionRecord>>;
 
@@ -246,6 +310,10 @@ pub async fn run(
             (Outcome::Error, Some(format!("{side}: {error}")))
         }
         Err(SessionEnd::Cancel(reason)) => (Outcome::Closed, Some(reason)),
+        Err(SessionEnd::Rejected(reason)) => {
+            info!(reason, "postgres session rejected");
+            (Outcome::RejectedUnsupported, Some(reason))
+        }
     };
     RelayResult {
         outcome,
@@ -262,6 +330,8 @@ enum SessionEnd {
     Shutdown,
     /// A cancel-request connection, which ends after forwarding (or dropping) its request.
     Cancel(String),
+    /// A session the gateway does not proxy, for the reason given, which the client received too.
+    Rejected(String),
     Failed {
         side: &'static str,
         error: CodecError,
@@ -368,6 +438,24 @@ async fn session(
     else {
         return Ok(());
     };
+    if startup.replication == Replication::Physical {
+        record_event(
+            record,
+            "sql.startup",
+            json!({
+                "database_user": startup.user,
+                "database": startup.database,
+                "replication": "physical",
+                "client_tls": client_tls,
+            }),
+        );
+        let error = refuse::fatal("0A000", PHYSICAL_REPLICATION_REJECTED);
+        client_write.write_all(&error).await.map_err(client_error)?;
+        client_write.shutdown().await.map_err(client_error)?;
+        return Err(SessionEnd::Rejected(
+            "physical replication: data files and WAL cannot be masked".to_string(),
+        ));
+    }
     let (upstream_read, upstream_write, upstream_tls) = connect_server(upstream, context).await?;
     let mut upstream_writer = BufWriter::new(upstream_write);
     upstream_writer
@@ -381,6 +469,7 @@ async fn session(
         json!({
             "database_user": startup.user,
             "database": startup.database,
+            "replication": startup.replication.name(),
             "client_tls": client_tls,
             "upstream_tls": upstream_tls,
         }),
@@ -592,6 +681,7 @@ impl std::fmt::Debug for StartupInfo {
         f.debug_struct("StartupInfo")
             .field("user", &self.user)
             .field("database", &self.database)
+            .field("replication", &self.replication)
             .field("packet_len", &self.packet.len())
             .finish()
     }
@@ -610,6 +700,7 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupInfo, CodecError> {
         match key {
             b"user" => info.user = value,
             b"database" => info.database = value,
+            b"replication" => info.replication = Replication::from_parameter(&value),
             _ => {}
         }
     }
@@ -979,10 +1070,10 @@ fn recorded_prefix(prefix: &[u8], total: usize, mask: &MaskPolicy) -> String {
     if total > RECORDED_TEXT_LIMIT {
         // Mask with the digits after the cut in view, so a number across it is still caught.
         let mut window = prefix.to_vec();
-        mask_in_place(&mut window, mask);
+        mask_text(&mut window, mask);
         copy.copy_from_slice(&window[..RECORDED_TEXT_LIMIT]);
     } else {
-        mask_in_place(&mut copy, mask);
+        mask_text(&mut copy, mask);
     }
     let mut shown = super::utf8_text(copy);
     if total > RECORDED_TEXT_LIMIT {
@@ -1190,13 +1281,13 @@ fn backend_message(
             // PostgreSQL sends one row per CopyData message, so a message is masked on its own
             // and keeps its length. Messages over the hold limit are streamed.
             let mut body = body.to_vec();
-            mask_in_place(&mut body, &context.mask);
+            mask_text(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
         }
         // NoticeResponse and NotificationResponse (a NOTIFY payload) may quote data.
         b'N' | b'A' => {
             let mut body = body.to_vec();
-            mask_in_place(&mut body, &context.mask);
+            mask_text(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
         }
         b'K' => {
@@ -1265,7 +1356,7 @@ fn backend_message(
             }
             drop(shared);
             let mut body = body.to_vec();
-            mask_in_place(&mut body, &context.mask);
+            mask_text(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
         }
         b'Z' => {
@@ -1361,6 +1452,7 @@ async fn stream_to_client(
     let mut out = Vec::new();
     match header.tag {
         b'D' => {
+            // NOTE: rows streamed here are not searched for hex-encoded card numbers either.
             let mut masker = RowMasker::new(state.column_formats.clone(), mask.clone())
                 .with_whole_columns(state.whole_columns.clone());
             while left > 0 {
@@ -1376,6 +1468,8 @@ async fn stream_to_client(
         }
         _ => {
             // CopyData, notices and errors larger than the hold limit: scanned as one stream.
+            // NOTE: values streamed here are not searched for hex-encoded card numbers
+            // (`bytea` output), which only messages under the hold limit get.
             let mut masker = StreamMasker::new(mask.clone());
             while left > 0 {
                 let piece = upstream.read_piece(left).await.map_err(server_error)?;
@@ -1445,6 +1539,37 @@ fn record_event(record: &Recording, event: &'static str, fields: impl Into<Field
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replication_parameter_read_as_server() {
+        for value in ["true", "ON", "1", "yes", "t", "y", "tRu"] {
+            assert_eq!(
+                Replication::from_parameter(value),
+                Replication::Physical,
+                "{value}"
+            );
+        }
+        for value in ["false", "off", "0", "no", "f", "n", "of", "o", "", "maybe"] {
+            assert_eq!(
+                Replication::from_parameter(value),
+                Replication::None,
+                "{value}"
+            );
+        }
+        assert_eq!(
+            Replication::from_parameter("database"),
+            Replication::Logical
+        );
+    }
+
+    #[test]
+    fn startup_reads_replication() {
+        let body = b"user\0app\0database\0shop\0replication\0database\0\0";
+        let info = parse_startup(body).expect("valid startup");
+        assert_eq!(info.replication, Replication::Logical);
+        let info = parse_startup(b"user\0app\0\0").expect("valid startup");
+        assert_eq!(info.replication, Replication::None);
+    }
 
     #[test]
     fn sasl_offer_loses_channel_binding() {

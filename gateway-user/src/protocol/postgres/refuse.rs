@@ -47,7 +47,8 @@ pub async fn refuse(mut client: TcpStream, message: &str) {
     }
 }
 
-fn fatal(sqlstate: &str, message: &str) -> BytesMut {
+/// Builds a FATAL ErrorResponse with `sqlstate` and `message`.
+pub(super) fn fatal(sqlstate: &str, message: &str) -> BytesMut {
     let mut body = BytesMut::new();
     for (field, value) in [
         (b'S', "FATAL"),

@@ -11,6 +11,10 @@
 //! - anything else is scanned as text, which covers `bytea` and text-like types fetched in
 //!   binary.
 //!
+//! Text values are also searched for hex-encoded bytes, the form in which PostgreSQL prints
+//! `bytea` by default (`\x` and hex digits): a card number inside is masked in its decoded form
+//! and written back in hex.
+//!
 //! Columns the policy masks whole (`masking.fields`, matched by the column name in
 //! RowDescription) are overwritten whatever their content. Each byte of a text value becomes
 //! the mask character and each byte of a binary value zero, so the width stays the same.
@@ -112,7 +116,7 @@ fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
     if binary && let Some(masked) = mask_numeric(value, policy) {
         return masked;
     }
-    mask_in_place(value, policy)
+    super::mask_text(value, policy)
 }
 
 /// Base of `numeric`'s digit groups.
