@@ -361,6 +361,49 @@ fn bytea_hex_output_masked() {
     assert!(store.contains(&hex_digits("555555******4444")), "{store}");
 }
 
+/// A binary COPY sends `bigint` and `numeric` values in their binary forms, where a card
+/// number is no run of digits. Each field follows the rule for binary result columns: the
+/// hidden digits become zeros and the value keeps its type and width.
+#[test]
+fn binary_copy_follows_binary_rule() {
+    let setup = pg_setup("binary_copy_follows_binary_rule");
+    let copy = "COPY (SELECT 4111111111111111::int8, 4111111111111111::numeric, \
+                '5555 5555 5555 4444'::text) TO STDOUT (FORMAT binary)";
+    // Binary numeric: digit count, weight, sign and scale, then base-10000 digit groups.
+    let numeric = |groups: [i16; 4]| {
+        let mut bytes = Vec::new();
+        for word in [4, 3, 0, 0].into_iter().chain(groups) {
+            bytes.extend_from_slice(&i16::to_be_bytes(word));
+        }
+        bytes
+    };
+    let run = |through_gateway: bool| {
+        let output = psql(&setup, through_gateway, "postgres", &["-c", copy]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    };
+    let contains = |haystack: &[u8], needle: &[u8]| {
+        haystack
+            .windows(needle.len())
+            .any(|window| window == needle)
+    };
+    let direct = run(false);
+    let through = run(true);
+    assert_eq!(direct.len(), through.len(), "the stream keeps its length");
+    assert!(direct.starts_with(b"PGCOPY\n\xff\r\n\0"));
+    assert!(contains(&direct, &4_111_111_111_111_111i64.to_be_bytes()));
+    assert!(!contains(&through, &4_111_111_111_111_111i64.to_be_bytes()));
+    assert!(contains(&through, &4_111_110_000_001_111i64.to_be_bytes()));
+    assert!(contains(&direct, &numeric([4111, 1111, 1111, 1111])));
+    assert!(!contains(&through, &numeric([4111, 1111, 1111, 1111])));
+    assert!(contains(&through, &numeric([4111, 1100, 0, 1111])));
+    assert!(contains(&through, b"5555 55** **** 4444"));
+}
+
 /// Builds the P1 pipeline: Close + Sync, then 200 Parse/Bind/Execute groups where group 57 is
 /// a denied DROP, then Sync, then a plain query.
 fn pipeline_script() -> Vec<String> {

@@ -1147,6 +1147,8 @@ struct Backend {
     whole_columns: Vec<bool>,
     /// Statements completed by the messages read since the last flush to the client.
     completed: Vec<Completed>,
+    /// Whether a binary COPY out is under way, from CopyOutResponse to CopyDone.
+    copy_binary: bool,
 }
 
 /// A statement whose outcome is known, waiting to be recorded. Records are written after the
@@ -1277,11 +1279,24 @@ fn backend_message(
                 rows::row_description(&body, &context.masked_columns)?;
             Ok(codec::frame(tag, &body))
         }
+        b'H' => {
+            // CopyOutResponse: the overall format comes first, 1 for binary.
+            state.copy_binary = body.first() == Some(&1);
+            Ok(codec::frame(tag, &body))
+        }
         b'd' => {
             // PostgreSQL sends one row per CopyData message, so a message is masked on its own
             // and keeps its length. Messages over the hold limit are streamed.
             let mut body = body.to_vec();
-            mask_text(&mut body, &context.mask);
+            if state.copy_binary {
+                rows::mask_copy_binary(&mut body, &context.mask);
+            } else {
+                mask_text(&mut body, &context.mask);
+            }
+            Ok(codec::frame(tag, &body))
+        }
+        b'c' => {
+            state.copy_binary = false;
             Ok(codec::frame(tag, &body))
         }
         // NoticeResponse and NotificationResponse (a NOTIFY payload) may quote data.
@@ -1297,6 +1312,7 @@ fn backend_message(
             Ok(codec::frame(tag, &body))
         }
         b'C' | b'I' | b's' | b'V' => {
+            state.copy_binary = false;
             let rows = if tag == b'C' {
                 command_rows(&body)
             } else {
@@ -1315,6 +1331,7 @@ fn backend_message(
             Ok(codec::frame(tag, &body))
         }
         b'E' => {
+            state.copy_binary = false;
             let fields = codec::error_fields(&body);
             let message = fields
                 .iter()

@@ -104,6 +104,61 @@ pub fn mask_data_row_with(
     Ok(masked)
 }
 
+/// Signature that opens a binary COPY stream, before its flags and header extension.
+const COPY_BINARY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// Masks one CopyData message of a binary COPY out in place. PostgreSQL sends one tuple per
+/// message, the first one after the stream's header and the trailer (a field count of -1) on
+/// its own. Each field follows the binary rule of DataRow columns. A message that does not
+/// parse as whole tuples is scanned as text instead, so nothing is passed unscanned.
+pub fn mask_copy_binary(body: &mut [u8], policy: &MaskPolicy) -> usize {
+    match mask_copy_tuples(body, policy) {
+        Some(masked) => masked,
+        None => super::mask_text(body, policy),
+    }
+}
+
+/// Masks the tuples of a binary COPY message, or returns `None` if it contains anything else.
+fn mask_copy_tuples(body: &mut [u8], policy: &MaskPolicy) -> Option<usize> {
+    let mut offset = 0;
+    if body.starts_with(COPY_BINARY_SIGNATURE) {
+        // The signature, 4 bytes of flags, and the extension's length and bytes.
+        let extension_at = COPY_BINARY_SIGNATURE.len() + 4;
+        let extension: [u8; 4] = body.get(extension_at..extension_at + 4)?.try_into().ok()?;
+        offset = extension_at + 4 + usize::try_from(u32::from_be_bytes(extension)).ok()?;
+    }
+    // Fields are masked only once the whole message has parsed, so a failed parse leaves the
+    // bytes for the text scan untouched.
+    let mut fields = Vec::new();
+    while offset < body.len() {
+        let count = i16::from_be_bytes(body.get(offset..offset + 2)?.try_into().ok()?);
+        offset += 2;
+        if count == -1 {
+            break;
+        }
+        for _ in 0..usize::try_from(count).ok()? {
+            let len = i32::from_be_bytes(body.get(offset..offset + 4)?.try_into().ok()?);
+            offset += 4;
+            if len < 0 {
+                continue;
+            }
+            let end = offset.checked_add(usize::try_from(len).ok()?)?;
+            body.get(offset..end)?;
+            fields.push(offset..end);
+            offset = end;
+        }
+    }
+    if offset != body.len() {
+        return None;
+    }
+    Some(
+        fields
+            .into_iter()
+            .map(|field| mask_value(&mut body[field], true, policy))
+            .sum(),
+    )
+}
+
 /// Overwrites a value masked whole: the mask character for text, zero bytes for binary.
 fn overwrite(value: &mut [u8], binary: bool, policy: &MaskPolicy) {
     value.fill(if binary { 0 } else { policy.mask_char });
@@ -383,6 +438,58 @@ mod tests {
         assert_eq!(masked, 1);
         let expected = data_row(&[Some(b"4111 11** **** 1111"), None, Some(b"1748503543012")]);
         assert_eq!(body, expected);
+    }
+
+    /// Builds binary COPY tuples of int8 and text fields, with the stream's header first.
+    fn copy_binary(header: bool, tuples: &[&[Option<&[u8]>]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if header {
+            out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+            out.extend_from_slice(&0u32.to_be_bytes());
+            out.extend_from_slice(&2u32.to_be_bytes());
+            out.extend_from_slice(b"ex");
+        }
+        for tuple in tuples {
+            out.extend_from_slice(&data_row(tuple));
+        }
+        out
+    }
+
+    #[test]
+    fn copy_binary_fields_follow_binary_rule() {
+        let pan: i64 = 4_111_111_111_111_111;
+        let masked: i64 = 4_111_110_000_001_111;
+        let fields: [Option<&[u8]>; 3] =
+            [Some(&pan.to_be_bytes()), None, Some(b"5555 5555 5555 4444")];
+        let masked_fields: [Option<&[u8]>; 3] = [
+            Some(&masked.to_be_bytes()),
+            None,
+            Some(b"5555 55** **** 4444"),
+        ];
+        let mut body = copy_binary(true, &[&fields]);
+        assert_eq!(mask_copy_binary(&mut body, &MaskPolicy::default()), 2);
+        assert_eq!(body, copy_binary(true, &[&masked_fields]));
+
+        // Later tuples come without the header, and the trailer is left alone.
+        let mut body = copy_binary(false, &[&fields, &fields]);
+        assert_eq!(mask_copy_binary(&mut body, &MaskPolicy::default()), 4);
+        assert_eq!(body, copy_binary(false, &[&masked_fields, &masked_fields]));
+        let mut trailer = (-1i16).to_be_bytes().to_vec();
+        assert_eq!(mask_copy_binary(&mut trailer, &MaskPolicy::default()), 0);
+        assert_eq!(trailer, (-1i16).to_be_bytes());
+    }
+
+    #[test]
+    fn copy_binary_torn_tuple_scanned_as_text() {
+        // A tuple cut short does not parse, so the message is scanned as text.
+        let fields: [Option<&[u8]>; 1] = [Some(b"4111111111111111 and more")];
+        let mut body = copy_binary(false, &[&fields]);
+        body.truncate(body.len() - 5);
+        assert_eq!(mask_copy_binary(&mut body, &MaskPolicy::default()), 1);
+        assert!(
+            body.windows(16).any(|window| window == b"411111******1111"),
+            "{body:?}"
+        );
     }
 
     #[test]
