@@ -25,7 +25,9 @@ pub enum CgroupError {
     #[error(
         "no cgroup2 filesystem is mounted (checked {path}); the gateway needs the unified \
          cgroup hierarchy: boot with systemd.unified_cgroup_hierarchy=1 or mount one with \
-         `mount -t cgroup2 none /sys/fs/cgroup`"
+         `mount -t cgroup2 none /sys/fs/cgroup`. Under `ip netns exec`, which mounts a new \
+         /sys without the host's cgroup mounts, enter the namespace with \
+         `nsenter --net=/run/netns/NAME` instead"
     )]
     NoCgroup2 { path: PathBuf },
     /// The configured or detected pods cgroup does not exist.

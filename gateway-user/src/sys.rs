@@ -266,6 +266,15 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// Restores the default action of SIGPIPE, which the Rust runtime ignores, so that a
+/// command-line tool whose output reader goes away (`gatewayctl ... | head`) ends quietly with
+/// the signal, as other tools do, instead of panicking in `println!`. Call it first in `main`.
+pub fn default_sigpipe() {
+    // SAFETY: `signal` with SIG_DFL installs no handler code, and SIGPIPE is a valid signal.
+    let previous = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    debug_assert_ne!(previous, libc::SIG_ERR, "SIGPIPE is a valid signal");
+}
+
 /// Returns `CLOCK_MONOTONIC` in nanoseconds, the clock `bpf_ktime_get_ns()` reads.
 pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {

@@ -885,6 +885,59 @@ fn kube_bad_input_ends_only_its_session() {
     assert_eq!(bogus_request["status"], 400);
 }
 
+/// A client that resets the connection once its response is complete, as a client closing
+/// with unread bytes does, ends a closed session, not a failed one.
+#[test]
+fn client_reset_after_response_is_closed() {
+    const TESTPEER: &str = env!("CARGO_BIN_EXE_gateway-testpeer");
+    let mut setup = kube_setup("client_reset_after_response_is_closed", "");
+    let token = bound_token(&setup.pod);
+    let request = format!(
+        "GET /version HTTP/1.1\r\nHost: {}:{API_PORT}\r\nAuthorization: Bearer {token}\r\n\r\n",
+        setup.server.addr_v4
+    );
+    let request_file = setup.node.dir.join("version.http");
+    std::fs::write(&request_file, request).expect("write request");
+    let server = SocketAddr::new(setup.server.addr_v4.into(), API_PORT);
+    let output = setup
+        .node
+        .in_pod(&setup.pod, TESTPEER)
+        .args([
+            "tls-request",
+            "--reset",
+            "--connect",
+            &server.to_string(),
+            "--ca",
+        ])
+        .arg(&setup.ca.cert)
+        .arg("--request")
+        .arg(&request_file)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tls-request");
+    let response = stdout_of(&output, "tls-request");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("v1.32.0"), "{response}");
+
+    let events = setup.stop_and_read_events();
+    let request = events
+        .iter()
+        .find(|event| event["event"] == "kube.request")
+        .expect("request recorded");
+    assert_eq!(request["status"], 200, "{request}");
+    let end = events
+        .iter()
+        .find(|event| event["event"] == "session.end")
+        .expect("session end recorded");
+    assert_eq!(end["outcome"], "closed", "{end}");
+    assert!(
+        end["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("reset the connection after its last response")),
+        "{end}"
+    );
+}
+
 #[test]
 fn kube_without_certificate_relays_tls() {
     let mut node = TestNode::new("kube_without_certificate_relays_tls");

@@ -109,28 +109,19 @@ const VERDICTS: [(Verdict, &str); 10] = [
 ];
 
 fn main() -> ExitCode {
+    // A reader of the output that goes away (`gatewayctl ... | head`) ends the process with
+    // SIGPIPE, so a pipeline under `set -o pipefail` does not take a cut-off report for a
+    // finished one.
+    gateway_user::sys::default_sigpipe();
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
-        // The reader of the output went away (`gatewayctl ... | head`). Like a tool that the
-        // SIGPIPE signal ends, stop without a message and with status 141 (128 + SIGPIPE), so
-        // a pipeline under `set -o pipefail` does not take a cut-off report for a finished one.
-        Err(error) if is_broken_pipe(&error) => ExitCode::from(141),
         Err(error) => {
             eprintln!("gatewayctl: {error:#}");
             ExitCode::from(2)
         }
     }
-}
-
-/// Checks whether `error` comes from writing to a pipe whose reader has closed it.
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }
 
 /// Runs a command; returns false when it ran but its check failed (`sessions verify`,

@@ -24,13 +24,14 @@ struct Cli {
     /// Service-account token signing key (PEM PKCS#8, P-256); tokens are verified with it.
     #[arg(long)]
     service_account_key: PathBuf,
-    /// JSON array of objects to create at start.
+    /// File holding a JSON array of objects to create at start.
     #[arg(long)]
     seed: Option<PathBuf>,
-    /// JSON array of objects to create each time the process receives SIGUSR1.
+    /// File holding a JSON array of objects to create each time the process receives SIGUSR1.
     #[arg(long)]
     late_seed: Option<PathBuf>,
-    /// JSON array of allow rules; without it every service account may do everything.
+    /// File holding a JSON array of allow rules; without it every service account may do
+    /// everything.
     #[arg(long)]
     authorization: Option<PathBuf>,
     /// Interval between watch BOOKMARK events, e.g. `60s` or `500ms`.

@@ -11,6 +11,8 @@
 //! - `connect-loop --connect ADDR --count N`: N connect-and-close rounds, timed.
 //! - `hold --connect ADDR --count N`: opens N idle connections, prints `ready`, and keeps them
 //!   open until its standard input closes.
+//! - `tls-request --connect ADDR --ca FILE --request FILE [--reset]`: one HTTP/1.1 request
+//!   over TLS, its response printed, then a close or, with `--reset`, a TCP reset.
 //! - `pg-script --connect ADDR --script FILE`: a raw PostgreSQL client for protocol tests.
 //! - `pg-driver --connect ADDR ...`: a tokio-postgres scenario (prepared statements,
 //!   pipelining, 20 MiB values, COPY both ways).
@@ -87,6 +89,20 @@ enum Command {
         connect: SocketAddr,
         #[arg(long)]
         count: usize,
+    },
+    /// Send one HTTP/1.1 request over TLS and print the response (see `tls_request`).
+    TlsRequest {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// CA certificate that signed the server's certificate.
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// File holding the request's bytes.
+        #[arg(long)]
+        request: std::path::PathBuf,
+        /// Close with a TCP reset after the response.
+        #[arg(long)]
+        reset: bool,
     },
     /// Run a script of raw PostgreSQL frontend messages (see `pg_script`) and print every
     /// backend message as a JSON line.
@@ -206,6 +222,12 @@ fn main() -> anyhow::Result<()> {
         } => client(connect, bytes, greet),
         Command::ConnectLoop { connect, count } => connect_loop(connect, count),
         Command::Hold { connect, count } => hold(connect, count),
+        Command::TlsRequest {
+            connect,
+            ca,
+            request,
+            reset,
+        } => tls_request(connect, &ca, &request, reset),
         Command::PgScript {
             connect,
             script,
@@ -470,6 +492,81 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts TLS on `tcp` with ALPN protocol `alpn`, verifying the server against `ca` and its
+/// IP address.
+#[expect(
+    deprecated,
+    reason = "the gateway uses the ring provider too; see its tls module"
+)]
+fn tls_client(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    alpn: &[u8],
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let name = ServerName::from(addr.ip());
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+    Ok(rustls::StreamOwned::new(connection, tcp))
+}
+
+/// Sends the HTTP/1.1 request in `request` over TLS (ALPN `http/1.1`), reads one response with
+/// a `Content-Length` body, prints it, and closes. With `reset` the close is a TCP reset
+/// (`SO_LINGER` of zero), as clients that close with unread data produce.
+fn tls_request(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    request: &std::path::Path,
+    reset: bool,
+) -> anyhow::Result<()> {
+    let request = std::fs::read(request)?;
+    let tcp = TcpStream::connect(addr)?;
+    let socket = tcp.try_clone()?;
+    let mut stream = tls_client(tcp, addr, ca, b"http/1.1")?;
+    stream.write_all(&request)?;
+    stream.flush()?;
+
+    let mut response = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let read = stream.read(&mut buf)?;
+        anyhow::ensure!(
+            read > 0,
+            "the connection closed before the response was complete"
+        );
+        response.extend_from_slice(&buf[..read]);
+        let Some(head_end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&response[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .ok_or_else(|| anyhow::anyhow!("the response has no Content-Length"))?
+            .trim()
+            .parse()?;
+        if response.len() >= head_end + 4 + length {
+            break;
+        }
+    }
+    std::io::stdout().write_all(&response)?;
+
+    if reset {
+        socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO))?;
+    }
+    Ok(())
+}
+
 /// A raw PostgreSQL frontend driven by a script, for tests that need exact control over the
 /// messages (pipelines, cancel requests, malformed input). Commands, one per line:
 ///
@@ -518,7 +615,7 @@ mod pg_script {
         };
         let mut background: Option<std::thread::JoinHandle<io::Result<()>>> = None;
         let mut stream: Box<dyn Stream> = match direct_tls_ca {
-            Some(ca) => Box::new(direct_tls(tcp, addr, ca)?),
+            Some(ca) => Box::new(super::tls_client(tcp, addr, ca, b"postgresql")?),
             None => Box::new(tcp),
         };
         let started = Instant::now();
@@ -687,33 +784,6 @@ mod pg_script {
             let _ = handle.join();
         }
         Ok(())
-    }
-
-    /// Starts TLS on `tcp` with ALPN `postgresql`, verifying the server against `ca` and its
-    /// IP address.
-    #[expect(
-        deprecated,
-        reason = "the gateway uses the ring provider too; see its tls module"
-    )]
-    fn direct_tls(
-        tcp: TcpStream,
-        addr: SocketAddr,
-        ca: &std::path::Path,
-    ) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
-        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca)? {
-            roots.add(cert?)?;
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"postgresql".to_vec()];
-        let name = ServerName::from(addr.ip());
-        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
-        Ok(rustls::StreamOwned::new(connection, tcp))
     }
 
     /// Expands `repeat N` ... `end` blocks.

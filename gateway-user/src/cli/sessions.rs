@@ -633,13 +633,19 @@ pub fn asciicast(records: &[Value]) -> anyhow::Result<Vec<String>> {
         .and_then(|r| r["time"].as_str())
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .map_or(0, |t| t.timestamp());
-    let first_size = frames.iter().find_map(|frame| terminal_size(frame));
+    // A terminal that reported no size (0x0) gets the usual 80x24, which players can show.
+    let first_size = frames
+        .iter()
+        .filter_map(|frame| terminal_size(frame))
+        .find(|&(width, height)| width > 0 && height > 0);
     let width = open
         .and_then(|o| o["width"].as_u64())
+        .filter(|&width| width > 0)
         .or(first_size.map(|(width, _)| width))
         .unwrap_or(80);
     let height = open
         .and_then(|o| o["height"].as_u64())
+        .filter(|&height| height > 0)
         .or(first_size.map(|(_, height)| height))
         .unwrap_or(24);
     let mut header = json!({ "version": 2, "width": width, "height": height, "timestamp": start });
@@ -862,5 +868,38 @@ mod tests {
         assert_eq!(header["command"], "sh");
         assert_eq!(header["width"], 100, "the first size sets the header's");
         assert_eq!(header["height"], 30);
+    }
+
+    /// A terminal that reported 0x0 gets 80x24 in the header, or its first real size.
+    #[test]
+    fn asciicast_zero_size_replaced() {
+        let header_of = |records: &[Value]| -> Value {
+            let cast = asciicast(records).expect("export");
+            serde_json::from_str(&cast[0]).expect("asciicast header")
+        };
+        let mut records = exec_records(&|_| json!({}));
+        records.insert(
+            1,
+            json!({
+                "event": "stream.frame",
+                "stream": "resize",
+                "offset_ms": 1100,
+                "data": r#"{"Width":0,"Height":0}"#,
+            }),
+        );
+        let header = header_of(&records);
+        assert_eq!(
+            (&header["width"], &header["height"]),
+            (&json!(100), &json!(30))
+        );
+
+        records[0]["width"] = json!(0);
+        records[0]["height"] = json!(0);
+        records.retain(|record| record["data"] != r#"{"Width":100,"Height":30}"#);
+        let header = header_of(&records);
+        assert_eq!(
+            (&header["width"], &header["height"]),
+            (&json!(80), &json!(24))
+        );
     }
 }

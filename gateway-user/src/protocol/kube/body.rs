@@ -8,11 +8,15 @@
 
 use std::{
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Instant,
 };
 
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use serde_json::{Value, json};
 
@@ -225,5 +229,155 @@ impl Body for MaskedBody {
         } else {
             SizeHint::default()
         }
+    }
+}
+
+/// Responses of one client connection: how many were started and how many reached their end.
+/// When the client resets the connection, the difference separates a cut response from a
+/// client that closed after its last one.
+#[derive(Debug, Default)]
+pub struct ResponseCounts {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl ResponseCounts {
+    /// Tells whether every response started has reached its end.
+    pub fn all_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire) == self.started.load(Ordering::Acquire)
+    }
+
+    /// Counts a request as started, before its handling begins.
+    pub fn start(&self) {
+        self.started.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that counts itself finished on its session once its last frame is out.
+pub struct CountedBody<B> {
+    inner: B,
+    counts: Arc<ResponseCounts>,
+    /// The body's exact length, if known when the response started: hyper stops polling once
+    /// that many bytes are out, without waiting for the body's end.
+    length: Option<u64>,
+    /// Data bytes passed on so far.
+    sent: u64,
+    /// Set once the end was counted, which `is_end_stream` may be the first to see.
+    counted: AtomicBool,
+}
+
+impl<B: Body> CountedBody<B> {
+    pub fn new(inner: B, counts: Arc<ResponseCounts>) -> Self {
+        let body = Self {
+            length: inner.size_hint().exact(),
+            inner,
+            counts,
+            sent: 0,
+            counted: AtomicBool::new(false),
+        };
+        // An empty body (a 101, a 204) may never be polled.
+        if body.length == Some(0) {
+            body.count_end();
+        }
+        body
+    }
+
+    fn count_end(&self) {
+        if !self.counted.swap(true, Ordering::AcqRel) {
+            self.counts.finished.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for CountedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountedBody")
+            .field("counted", &self.counted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Body + Unpin> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(data)) = frame
+            .as_ref()
+            .map(|frame| frame.as_ref().map(Frame::data_ref))
+        {
+            self.sent += data.map_or(0, |data| data.remaining() as u64);
+        }
+        // A body that ends with its last frame, or with its declared length, is not polled
+        // again.
+        if frame.is_none() || self.inner.is_end_stream() || Some(self.sent) == self.length {
+            self.count_end();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.count_end();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt as _, Full, StreamBody};
+
+    #[tokio::test]
+    async fn sized_body_finished_at_its_length() {
+        let counts = Arc::new(ResponseCounts::default());
+        counts.start();
+        let mut body = CountedBody::new(
+            Full::new(Bytes::from_static(b"0123456789")),
+            Arc::clone(&counts),
+        );
+        assert!(!counts.all_finished());
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        assert_eq!(frame.into_data().expect("data").len(), 10);
+        assert!(counts.all_finished());
+    }
+
+    #[tokio::test]
+    async fn streamed_body_finished_only_at_its_end() {
+        let counts = Arc::new(ResponseCounts::default());
+        counts.start();
+        let chunks = ["first ", "second"]
+            .map(|chunk| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(chunk))));
+        let mut body = CountedBody::new(
+            StreamBody::new(futures_util::stream::iter(chunks)),
+            Arc::clone(&counts),
+        );
+        body.frame().await.expect("a frame").expect("no error");
+        assert!(!counts.all_finished(), "one chunk of two is out");
+        body.frame().await.expect("a frame").expect("no error");
+        assert!(body.frame().await.is_none());
+        assert!(counts.all_finished());
+
+        // A body dropped before its end, as when the client resets mid-response, stays open.
+        counts.start();
+        let chunks = ["only part"]
+            .map(|chunk| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(chunk))));
+        let mut cut = CountedBody::new(
+            StreamBody::new(futures_util::stream::iter(chunks)),
+            Arc::clone(&counts),
+        );
+        cut.frame().await.expect("a frame").expect("no error");
+        drop(cut);
+        assert!(!counts.all_finished());
     }
 }

@@ -56,7 +56,7 @@ use tracing::{debug, warn};
 
 use self::{
     attribution::RequestInfo,
-    body::{MaskedBody, RequestLog},
+    body::{CountedBody, MaskedBody, RequestLog, ResponseCounts},
     status::Status,
     token::TokenSubject,
     upgrade::{Direction, Framing, StreamContext},
@@ -131,12 +131,14 @@ pub async fn run(
 
     let counters = Arc::new(ByteCounters::default());
     let tasks = TaskTracker::new();
+    let responses = Arc::new(ResponseCounts::default());
     let session = Arc::new(Session {
         upstream: Upstream::new(context.upstream.clone(), upstream, tasks.clone()),
         context,
         record,
         tasks: tasks.clone(),
         force_close: force_close.clone(),
+        responses: Arc::clone(&responses),
     });
 
     let served = tokio::select! {
@@ -153,6 +155,12 @@ pub async fn run(
     let (outcome, reason) = match served {
         Ok(()) => (Outcome::Closed, None),
         Err(SessionError::Shutdown) => (Outcome::Shutdown, None),
+        // A client that closes with unread bytes in its socket (TLS records it did not need,
+        // for one) sends a reset, which is no failure once every response was sent.
+        Err(SessionError::ClientHttp(error)) if is_reset(&error) && responses.all_finished() => (
+            Outcome::Closed,
+            Some("the client reset the connection after its last response".to_string()),
+        ),
         Err(error) => (Outcome::Error, Some(crate::error_chain(&error))),
     };
     RelayResult {
@@ -161,6 +169,23 @@ pub async fn run(
         bytes_from_client: counters.from_client.load(Ordering::Relaxed),
         bytes_from_upstream: counters.to_client.load(Ordering::Relaxed),
     }
+}
+
+/// Tells whether `error` comes from the client resetting the connection.
+fn is_reset(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<io::Error>()
+            && matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// Reason a session ended early.
@@ -183,6 +208,8 @@ struct Session {
     /// Upgraded streams and HTTP/2 tasks of the session.
     tasks: TaskTracker,
     force_close: CancellationToken,
+    /// Responses started and finished on the client connection.
+    responses: Arc<ResponseCounts>,
 }
 
 /// Terminates TLS and serves HTTP on the client connection until it closes.
@@ -212,7 +239,12 @@ async fn serve(
     let executor = TrackedExecutor(session.tasks.clone());
     let service = service_fn(move |request| {
         let session = Arc::clone(&session);
-        async move { Ok::<_, Infallible>(handle(session, request).await) }
+        async move {
+            session.responses.start();
+            let counts = Arc::clone(&session.responses);
+            let response = handle(session, request).await;
+            Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, counts).boxed_unsync()))
+        }
     });
     let result = if h2 {
         server_conn::http2::Builder::new(executor)
