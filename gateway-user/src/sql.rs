@@ -228,6 +228,20 @@ fn analyze_uncached(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
     infos
 }
 
+/// PostgreSQL's replication commands, which a walsender session takes besides SQL. Their
+/// other words are options and slot names, never tables.
+pub const REPLICATION_COMMANDS: [&str; 9] = [
+    "identify_system",
+    "timeline_history",
+    "create_replication_slot",
+    "read_replication_slot",
+    "alter_replication_slot",
+    "drop_replication_slot",
+    "start_replication",
+    "base_backup",
+    "upload_manifest",
+];
+
 /// Describes a statement the parser rejects from its tokens alone.
 fn unparsed(tokens: &[&Token]) -> StatementInfo {
     let mut words = tokens.iter().filter_map(|token| match token {
@@ -235,6 +249,13 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
         _ => None,
     });
     let kind = words.next().unwrap_or_else(|| "unparsed".to_string());
+    if REPLICATION_COMMANDS.contains(&kind.as_str()) {
+        return StatementInfo {
+            kind,
+            tables: Vec::new(),
+            has_where: None,
+        };
+    }
     let mut tables: Vec<String> = Vec::new();
     for word in words {
         if !tables.contains(&word) {
@@ -355,6 +376,28 @@ mod tests {
         assert_eq!(infos.len(), 2, "{infos:?}");
         assert_eq!(infos[0].kind, "select");
         assert_eq!(infos[0].tables, ["t"]);
+    }
+
+    #[test]
+    fn replication_commands_touch_no_table() {
+        let infos = analyze(
+            "START_REPLICATION SLOT \"cards\" LOGICAL 0/0 (proto_version '1', publication_names 'pub')",
+            SqlDialect::Postgres,
+        );
+        assert_eq!(infos[0].kind, "start_replication");
+        assert!(infos[0].tables.is_empty(), "{infos:?}");
+        let infos = analyze(
+            "CREATE_REPLICATION_SLOT s LOGICAL pgoutput",
+            SqlDialect::Postgres,
+        );
+        assert_eq!(infos[0].kind, "create_replication_slot");
+        assert!(infos[0].tables.is_empty(), "{infos:?}");
+        for command in REPLICATION_COMMANDS {
+            assert!(
+                crate::policy::STATEMENT_KINDS.contains(&command),
+                "{command} can be named in a rule"
+            );
+        }
     }
 
     #[test]

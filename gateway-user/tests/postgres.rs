@@ -1393,6 +1393,7 @@ fn logical_replication_masked() {
         .find(|line| line["kind"] == "start_replication")
         .expect("START_REPLICATION recorded");
     assert_eq!(start["outcome"], "ok", "{start}");
+    assert_eq!(start["tables"], serde_json::json!([]), "{start}");
     for path in setup.node.session_files() {
         let text = std::fs::read_to_string(&path).expect("read recording");
         assert!(!text.contains("5555 5555 5555 4444"), "{}", path.display());
