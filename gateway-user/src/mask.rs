@@ -107,10 +107,10 @@ pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
     masked
 }
 
-/// Masks the PANs inside hex-encoded bytes written the way PostgreSQL writes `bytea` values and
-/// literals: `\x`, then pairs of hex digits. Each such run is decoded and masked like text,
-/// and the bytes that changed are written back as lowercase hex, so the length and every other
-/// byte stay the same. Returns how many PANs it masked.
+/// Masks the PANs inside hex-encoded bytes: pairs of hex digits after `\x` (PostgreSQL's
+/// `bytea` values and literals), `0x` or `x'` (MySQL's hex literals). Each such run is decoded
+/// and masked like text, and the bytes that changed are written back as lowercase hex, so the
+/// length and every other byte stay the same. Returns how many PANs it masked.
 ///
 /// Run it before [`mask_in_place`] on the same bytes, which would read the hex digits as
 /// digits and could break a run up.
@@ -148,9 +148,14 @@ pub fn mask_hex_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
 /// Lowercase hex digits by value.
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
-/// Finds the next `\x` in `buf`.
+/// Finds the next `\x`, `0x` or `x'` in `buf`, in either case.
 fn find_hex_prefix(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|pair| pair == b"\\x")
+    buf.windows(2).position(|pair| {
+        matches!(
+            (pair[0], pair[1]),
+            (b'\\' | b'0', b'x' | b'X') | (b'x' | b'X', b'\'')
+        )
+    })
 }
 
 /// Decodes two hex digits, already checked to be hex digits, into their byte.
@@ -649,6 +654,20 @@ mod tests {
             "7\t\\{} {{\"b\":\"{}\"}}",
             hex_of("401288******1881"),
             hex_of("555555******4444")
+        );
+        assert_eq!(hex_masked(&input), (expected, 2));
+
+        // MySQL's hex literals.
+        let digits = |text: &str| hex_of(text)[2..].to_string();
+        let input = format!(
+            "SELECT X'{}', 0x{}",
+            digits("4111111111111111"),
+            digits("5555555555554444")
+        );
+        let expected = format!(
+            "SELECT X'{}', 0x{}",
+            digits("411111******1111"),
+            digits("555555******4444")
         );
         assert_eq!(hex_masked(&input), (expected, 2));
     }

@@ -286,10 +286,20 @@ fn pan_masking_text_and_binary() {
     assert_eq!(rows[4][2], 1748503543012i64);
     assert_eq!(rows[5][3], "paid with 378282*****0005 today");
 
-    setup.node.wait_for_sessions(2);
+    // A hex literal carries the number encoded: the value comes back masked as text, and the
+    // recorded statement has the literal's hidden digits masked in hex.
+    let pan_hex: String = "4111111111111111"
+        .bytes()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let selected = cli_ok(&setup, true, &format!("SELECT X'{pan_hex}' AS card"));
+    assert_eq!(selected.trim_end(), "card\n411111******1111");
+
+    setup.node.wait_for_sessions(3);
     for path in setup.node.session_files() {
         let text = std::fs::read_to_string(&path).expect("read recording");
         assert!(!text.contains("4111111111111111"), "{text}");
+        assert!(!text.contains(&pan_hex), "{text}");
     }
 }
 
