@@ -148,14 +148,29 @@ pub fn mask_hex_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
 /// Lowercase hex digits by value.
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
-/// Finds the next `\x`, `0x` or `x'` in `buf`, in either case.
+/// Finds the next `\x`, `0x` or `x'` in `buf`, in either case. Blocks without an `x` are
+/// skipped whole, as the scanner skips blocks without a digit.
 fn find_hex_prefix(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|pair| {
-        matches!(
-            (pair[0], pair[1]),
-            (b'\\' | b'0', b'x' | b'X') | (b'x' | b'X', b'\'')
-        )
-    })
+    let is_x = |byte: u8| byte | 0x20 == b'x';
+    let mut block_start = 0;
+    while block_start < buf.len() {
+        let block_end = (block_start + DIGIT_SEARCH_BLOCK).min(buf.len());
+        if buf[block_start..block_end].iter().any(|&byte| is_x(byte)) {
+            for at in block_start..block_end {
+                if !is_x(buf[at]) {
+                    continue;
+                }
+                if at > 0 && matches!(buf[at - 1], b'\\' | b'0') {
+                    return Some(at - 1);
+                }
+                if buf.get(at + 1) == Some(&b'\'') {
+                    return Some(at);
+                }
+            }
+        }
+        block_start = block_end;
+    }
+    None
 }
 
 /// Decodes two hex digits, already checked to be hex digits, into their byte.
@@ -656,6 +671,17 @@ mod tests {
             hex_of("555555******4444")
         );
         assert_eq!(hex_masked(&input), (expected, 2));
+
+        // At every offset around the search blocks' edges.
+        for offset in 0..70 {
+            let input = format!("{}{value}", "a".repeat(offset));
+            let expected = format!(
+                "{}{}",
+                "a".repeat(offset),
+                hex_of("card 4111 11** **** 1111 end")
+            );
+            assert_eq!(hex_masked(&input), (expected, 1), "offset {offset}");
+        }
 
         // MySQL's hex literals.
         let digits = |text: &str| hex_of(text)[2..].to_string();
