@@ -1,8 +1,10 @@
-//! Throughput of PAN masking on 64 MiB inputs: JSON and text with sparse digits, and rows
-//! dense with digits. Run with `cargo bench -p gateway-user --bench mask`.
+//! Throughput of PAN masking on 64 MiB inputs: JSON and text with sparse digits, rows dense
+//! with digits, and `bytea` rows in PostgreSQL's hex output. Besides the digit scanner, the
+//! hex pass that PostgreSQL's handler runs first is timed on each. Run with
+//! `cargo bench -p gateway-user --bench mask`.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use gateway_user::mask::{MaskPolicy, StreamMasker, mask_in_place};
+use gateway_user::mask::{MaskPolicy, StreamMasker, mask_hex_in_place, mask_in_place};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -111,13 +113,41 @@ fn dense_input() -> Vec<u8> {
     text.into_bytes()
 }
 
+/// `bytea` rows as psql prints them: an id and `\x` with the hex of 8 to 64 random bytes, or
+/// of a card number in one row of ten.
+fn hex_input() -> Vec<u8> {
+    let mut generator = Generator(0x5851_f42d_4c95_7f2d);
+    let mut text = String::with_capacity(INPUT_BYTES + 512);
+    while text.len() < INPUT_BYTES {
+        text.push_str(&generator.below(1_000_000).to_string());
+        text.push_str("\t\\x");
+        if generator.below(10) == 0 {
+            for byte in generator.pick(CARDS).bytes() {
+                text.push_str(&format!("{byte:02x}"));
+            }
+        } else {
+            for _ in 0..8 + generator.below(57) {
+                text.push_str(&format!("{:02x}", generator.below(256)));
+            }
+        }
+        text.push('\n');
+    }
+    text.truncate(INPUT_BYTES);
+    text.into_bytes()
+}
+
 fn bench_masking(criterion: &mut Criterion) {
     let policy = MaskPolicy::default();
-    for (name, input) in [("sparse", sparse_input()), ("dense", dense_input())] {
+    for (name, input) in [
+        ("sparse", sparse_input()),
+        ("dense", dense_input()),
+        ("hex", hex_input()),
+    ] {
         let digits = input.iter().filter(|byte| byte.is_ascii_digit()).count();
         let pans = mask_in_place(&mut input.clone(), &policy);
+        let hex_pans = mask_hex_in_place(&mut input.clone(), &policy);
         eprintln!(
-            "{name}: {} bytes, {:.1}% digits, {pans} PANs",
+            "{name}: {} bytes, {:.1}% digits, {pans} PANs, {hex_pans} hex-encoded",
             input.len(),
             100.0 * digits as f64 / input.len() as f64
         );
@@ -133,6 +163,14 @@ fn bench_masking(criterion: &mut Criterion) {
             bencher.iter_batched_ref(
                 || input.clone(),
                 |buf| black_box(mask_in_place(buf, &policy)),
+                BatchSize::PerIteration,
+            );
+        });
+
+        group.bench_function("hex_in_place", |bencher| {
+            bencher.iter_batched_ref(
+                || input.clone(),
+                |buf| black_box(mask_hex_in_place(buf, &policy)),
                 BatchSize::PerIteration,
             );
         });
