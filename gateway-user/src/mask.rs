@@ -27,6 +27,12 @@
 //!
 //! NOTE: letters are ordinary bytes here, so 13 to 19 digits that pass the checks are masked even
 //! inside a hex string or an identifier such as `id4111111111111111x`.
+//!
+//! # Hex-encoded bytes
+//!
+//! [`mask_hex_in_place`] and [`StreamMasker::with_hex`] also decode the hex runs that follow
+//! `\x`, `0x` or `x'` (PostgreSQL prints `bytea` so), mask the PANs in the decoded bytes, and
+//! write the masked bytes back in hex, keeping the length.
 
 use std::fmt;
 
@@ -182,6 +188,160 @@ fn hex_byte(pair: &[u8]) -> u8 {
     (value(pair[0]) << 4) | value(pair[1])
 }
 
+/// Writes `byte` as two lowercase hex digits.
+fn push_hex(byte: u8, out: &mut Vec<u8>) {
+    out.push(HEX_DIGITS[usize::from(byte >> 4)]);
+    out.push(HEX_DIGITS[usize::from(byte & 0x0f)]);
+}
+
+/// Tells whether `first` and `second` are a prefix that starts a hex run: `\x`, `0x` or `x'`.
+fn is_hex_prefix(first: u8, second: u8) -> bool {
+    matches!((first, second | 0x20), (b'\\' | b'0', b'x'))
+        || (first | 0x20 == b'x' && second == b'\'')
+}
+
+/// [`mask_hex_in_place`] for data that arrives in pieces: the bytes written over all calls equal
+/// what it makes of the whole input, wherever the input was split. Inside a hex run, the digits
+/// of up to [`MAX_CARRY`] decoded bytes are held back.
+struct HexStreamMasker {
+    policy: MaskPolicy,
+    /// The byte before the next input, for a prefix split between two inputs; 0 when none
+    /// can start there.
+    last: u8,
+    run: Option<HexRun>,
+}
+
+/// A hex run being decoded.
+struct HexRun {
+    /// Masks the decoded bytes.
+    masker: StreamMasker,
+    /// The hex digits of the decoded bytes the masker holds back, so bytes it leaves unchanged
+    /// go out as they came, in their case.
+    held: std::collections::VecDeque<[u8; 2]>,
+    /// A hex digit waiting for its pair.
+    half: Option<u8>,
+    decoded: Vec<u8>,
+    masked_out: Vec<u8>,
+}
+
+impl HexRun {
+    fn new(policy: MaskPolicy) -> Self {
+        Self {
+            masker: StreamMasker::new(policy),
+            held: std::collections::VecDeque::new(),
+            half: None,
+            decoded: Vec::new(),
+            masked_out: Vec::new(),
+        }
+    }
+
+    /// Decodes `digits` (hex digits only) and writes out what the masker settles.
+    fn push(&mut self, digits: &[u8], out: &mut Vec<u8>) -> usize {
+        self.decoded.clear();
+        for &digit in digits {
+            match self.half.take() {
+                None => self.half = Some(digit),
+                Some(first) => {
+                    let pair = [first, digit];
+                    self.decoded.push(hex_byte(&pair));
+                    self.held.push_back(pair);
+                }
+            }
+        }
+        self.masked_out.clear();
+        let masked = self.masker.feed(&self.decoded, &mut self.masked_out);
+        self.write_settled(out);
+        masked
+    }
+
+    /// Ends the run: writes out every held byte, and the unpaired digit last.
+    fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+        self.masked_out.clear();
+        let masked = self.masker.finish(&mut self.masked_out);
+        self.write_settled(out);
+        out.extend(self.half.take());
+        masked
+    }
+
+    fn write_settled(&mut self, out: &mut Vec<u8>) {
+        for &byte in &self.masked_out {
+            let pair = self.held.pop_front().expect("a held pair per settled byte");
+            if hex_byte(&pair) == byte {
+                out.extend_from_slice(&pair);
+            } else {
+                push_hex(byte, out);
+            }
+        }
+    }
+}
+
+impl HexStreamMasker {
+    fn new(policy: MaskPolicy) -> Self {
+        Self {
+            policy,
+            last: 0,
+            run: None,
+        }
+    }
+
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        let mut masked = 0;
+        let mut at = 0;
+        while at < input.len() {
+            if let Some(run) = &mut self.run {
+                let digits = input[at..]
+                    .iter()
+                    .take_while(|byte| byte.is_ascii_hexdigit())
+                    .count();
+                masked += run.push(&input[at..at + digits], out);
+                at += digits;
+                if at < input.len() {
+                    // The run ends here. As in `mask_hex_in_place`, the next search starts at
+                    // the unpaired digit, if there is one.
+                    self.last = run.half.unwrap_or(0);
+                    masked += run.finish(out);
+                    self.run = None;
+                }
+                continue;
+            }
+            let mut previous = self.last;
+            let found = input[at..].iter().position(|&byte| {
+                let prefix = is_hex_prefix(previous, byte);
+                previous = byte;
+                prefix
+            });
+            match found {
+                Some(offset) => {
+                    let end = at + offset + 1;
+                    out.extend_from_slice(&input[at..end]);
+                    self.run = Some(HexRun::new(self.policy.clone()));
+                    at = end;
+                }
+                None => {
+                    out.extend_from_slice(&input[at..]);
+                    self.last = previous;
+                    at = input.len();
+                }
+            }
+        }
+        masked
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+        self.last = 0;
+        self.run.take().map_or(0, |mut run| run.finish(out))
+    }
+}
+
+impl fmt::Debug for HexStreamMasker {
+    /// Shows whether a run is open, never the bytes held back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HexStreamMasker")
+            .field("in_run", &self.run.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Masks PANs in data that arrives in pieces: TCP reads, HTTP chunks, result rows.
 ///
 /// Each [`feed`](Self::feed) appends to the output every byte that can no longer belong to an
@@ -194,6 +354,10 @@ pub struct StreamMasker {
     context: Context,
     /// Bytes of a run that may still turn out to hold a PAN, not yet masked.
     carry: Vec<u8>,
+    /// The hex pass that runs first, with its output buffer, when made with [`with_hex`].
+    ///
+    /// [`with_hex`]: Self::with_hex
+    hex: Option<Box<(HexStreamMasker, Vec<u8>)>>,
 }
 
 impl StreamMasker {
@@ -203,21 +367,45 @@ impl StreamMasker {
             policy,
             context: Context::Clear,
             carry: Vec::with_capacity(MAX_CARRY),
+            hex: None,
         }
+    }
+
+    /// Also masks the PANs inside hex-encoded runs, as [`mask_hex_in_place`] does, before the
+    /// digits are scanned.
+    pub fn with_hex(mut self) -> Self {
+        let hex = HexStreamMasker::new(self.policy.clone());
+        self.hex = Some(Box::new((hex, Vec::new())));
+        self
     }
 
     /// Scans `input` after the bytes held back by earlier calls, appends to `out` every byte that
     /// is settled (with PAN digits masked) and holds back the rest. Returns how many PANs it
     /// masked.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
-        self.flush_into(input, false, out)
+        let Some(mut hex) = self.hex.take() else {
+            return self.flush_into(input, false, out);
+        };
+        let (hex_masker, decoded) = &mut *hex;
+        decoded.clear();
+        let masked = hex_masker.feed(input, decoded) + self.flush_into(decoded, false, out);
+        self.hex = Some(hex);
+        masked
     }
 
     /// Appends the bytes still held back to `out`, masking any PAN among them, and returns how
     /// many PANs it masked. The end of the stream counts as a boundary. Afterwards the masker is
     /// ready for a new stream.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
-        let masked = self.flush_into(&[], true, out);
+        let mut masked = 0;
+        if let Some(mut hex) = self.hex.take() {
+            let (hex_masker, rest) = &mut *hex;
+            rest.clear();
+            masked += hex_masker.finish(rest);
+            masked += self.flush_into(rest, false, out);
+            self.hex = Some(hex);
+        }
+        masked += self.flush_into(&[], true, out);
         self.context = Context::Clear;
         masked
     }
@@ -696,6 +884,101 @@ mod tests {
             digits("555555******4444")
         );
         assert_eq!(hex_masked(&input), (expected, 2));
+    }
+
+    /// Masks `input` in `pieces`-sized steps with a hex-aware stream masker.
+    fn hex_streamed(input: &[u8], piece: usize) -> (Vec<u8>, usize) {
+        let mut masker = StreamMasker::new(MaskPolicy::default()).with_hex();
+        let mut out = Vec::new();
+        let mut count = 0;
+        for chunk in input.chunks(piece.max(1)) {
+            count += masker.feed(chunk, &mut out);
+        }
+        count += masker.finish(&mut out);
+        (out, count)
+    }
+
+    #[test]
+    fn hex_streamed_equals_whole() {
+        let value = hex_of("card 4111 1111 1111 1111 end");
+        let inputs = [
+            format!(
+                "a\\{value}\n{}",
+                hex_of("5555555555554444")
+                    .to_uppercase()
+                    .replacen('X', "x", 1)
+            ),
+            format!(
+                "0x{}x'{}' 4012888888881881",
+                &hex_of("4012888888881881")[2..],
+                &hex_of("x 4111111111111111")[2..]
+            ),
+            format!("{value}0x\\x0x'x'\\x3"),
+            format!("{}1{}", &value[..value.len() - 1], value),
+        ];
+        for input in inputs {
+            let mut whole = input.as_bytes().to_vec();
+            let count = mask_hex_in_place(&mut whole, &MaskPolicy::default())
+                + mask_in_place(&mut whole, &MaskPolicy::default());
+            assert!(count > 0, "{input}");
+            for piece in 1..=input.len() {
+                let (streamed, streamed_count) = hex_streamed(input.as_bytes(), piece);
+                assert_eq!(
+                    String::from_utf8_lossy(&streamed),
+                    String::from_utf8_lossy(&whole),
+                    "pieces of {piece}"
+                );
+                assert_eq!(streamed_count, count, "pieces of {piece}");
+            }
+        }
+    }
+
+    #[test]
+    fn hex_streamed_equals_whole_on_generated_input() {
+        // Pieces of hex runs, prefixes, card numbers in hex and in digits, and other bytes,
+        // in an order from a fixed xorshift sequence.
+        let pan_hex = hex_of("4111111111111111")[2..].to_string();
+        let parts = [
+            "\\x",
+            "0x",
+            "X'",
+            "x",
+            "0",
+            "3",
+            "4",
+            "a",
+            "F",
+            " ",
+            "'",
+            "\\",
+            pan_hex.as_str(),
+            "5555555555554444",
+            "31313131",
+        ];
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..500 {
+            let mut input = String::new();
+            for _ in 0..1 + next() % 12 {
+                input.push_str(parts[(next() % parts.len() as u64) as usize]);
+            }
+            let mut whole = input.as_bytes().to_vec();
+            let count = mask_hex_in_place(&mut whole, &MaskPolicy::default())
+                + mask_in_place(&mut whole, &MaskPolicy::default());
+            let piece = 1 + (next() % input.len() as u64) as usize;
+            let (streamed, streamed_count) = hex_streamed(input.as_bytes(), piece);
+            assert_eq!(
+                String::from_utf8_lossy(&streamed),
+                String::from_utf8_lossy(&whole),
+                "{input:?} in pieces of {piece}"
+            );
+            assert_eq!(streamed_count, count, "{input:?} in pieces of {piece}");
+        }
     }
 
     #[test]

@@ -334,6 +334,21 @@ fn bytea_hex_output_masked() {
         format!("\\{}", bytea_hex("401288******1881"))
     );
 
+    // Values over the hold limit (1 MiB) are streamed through the gateway, and masked the same.
+    setup.postgres.admin_sql(
+        "INSERT INTO blobs VALUES (5, convert_to(repeat('z', 1100000) || ' 4111111111111111 ', 'UTF8'))",
+    );
+    let digits = |text: &str| bytea_hex(text)[2..].to_string();
+    for query in [
+        "SELECT data FROM blobs WHERE id = 5",
+        "COPY (SELECT data FROM blobs WHERE id = 5) TO STDOUT",
+    ] {
+        let big = psql_ok(&setup, true, "postgres", query);
+        assert!(big.len() > 2_200_000, "{query}: {} bytes", big.len());
+        assert!(!big.contains(&digits("4111111111111111")), "{query}");
+        assert!(big.contains(&digits(" 411111******1111 ")), "{query}");
+    }
+
     // A hex literal in a statement is masked in the recording.
     let literal = bytea_hex("5555555555554444");
     psql_ok(
@@ -342,12 +357,12 @@ fn bytea_hex_output_masked() {
         "postgres",
         &format!("INSERT INTO blobs VALUES (4, '{literal}')"),
     );
-    setup.node.wait_for_sessions(3);
+    setup.node.wait_for_sessions(5);
     let mut store = String::new();
     for file in setup.node.session_files() {
         store.push_str(&std::fs::read_to_string(file).expect("read recording"));
     }
-    let hex_digits = |text: &str| bytea_hex(text)[2..].to_string();
+    let hex_digits = digits;
     for pan in [
         "4111 1111 1111 1111",
         "4012888888881881",

@@ -1469,7 +1469,6 @@ async fn stream_to_client(
     let mut out = Vec::new();
     match header.tag {
         b'D' => {
-            // NOTE: rows streamed here are not searched for hex-encoded card numbers either.
             let mut masker = RowMasker::new(state.column_formats.clone(), mask.clone())
                 .with_whole_columns(state.whole_columns.clone());
             while left > 0 {
@@ -1485,9 +1484,7 @@ async fn stream_to_client(
         }
         _ => {
             // CopyData, notices and errors larger than the hold limit: scanned as one stream.
-            // NOTE: values streamed here are not searched for hex-encoded card numbers
-            // (`bytea` output), which only messages under the hold limit get.
-            let mut masker = StreamMasker::new(mask.clone());
+            let mut masker = StreamMasker::new(mask.clone()).with_hex();
             while left > 0 {
                 let piece = upstream.read_piece(left).await.map_err(server_error)?;
                 left -= piece.len();

@@ -338,7 +338,7 @@ impl RowMasker {
                 let take = self.value_left.min(input.len());
                 let masker = self
                     .value
-                    .get_or_insert_with(|| StreamMasker::new(self.policy.clone()));
+                    .get_or_insert_with(|| StreamMasker::new(self.policy.clone()).with_hex());
                 masker.feed(&input[..take], out);
                 self.value_left -= take;
                 input = &input[take..];
