@@ -242,6 +242,25 @@ pub const REPLICATION_COMMANDS: [&str; 9] = [
     "upload_manifest",
 ];
 
+/// Returns the words of `text` in lower case, as the SQL tokenizer reads them: comments,
+/// numbers, strings and punctuation left out, quoted identifiers without their quotes.
+pub fn words(text: &str, dialect: SqlDialect) -> Vec<String> {
+    let dialect: &dyn Dialect = match dialect {
+        SqlDialect::Postgres => &PostgreSqlDialect {},
+        SqlDialect::Mysql => &MySqlDialect {},
+    };
+    let Ok(tokens) = Tokenizer::new(dialect, text).tokenize() else {
+        return Vec::new();
+    };
+    tokens
+        .into_iter()
+        .filter_map(|token| match token {
+            Token::Word(word) => Some(word.value.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Describes a statement the parser rejects from its tokens alone.
 fn unparsed(tokens: &[&Token]) -> StatementInfo {
     let mut words = tokens.iter().filter_map(|token| match token {

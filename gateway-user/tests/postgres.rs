@@ -1458,4 +1458,26 @@ fn logical_replication_masked() {
         .expect("the denial is recorded");
     assert_eq!(denied["kind"], "start_replication", "{denied}");
     assert_eq!(denied["rule"], "gateway:binary-replication", "{denied}");
+
+    // A session started for logical replication may still ask for a base backup or physical
+    // streaming, which the walsender would serve: both are denied.
+    for command in ["BASE_BACKUP (LABEL 'copy')", "START_REPLICATION 0/0"] {
+        let output = pg_program(
+            &setup,
+            true,
+            "psql",
+            &[
+                &format!("host={host} user=rawuser dbname=postgres replication=database"),
+                "-X",
+                "-c",
+                command,
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains("gateway:physical-replication"),
+            "{command}: {stderr}"
+        );
+    }
 }

@@ -34,6 +34,57 @@ pub(super) struct Denial {
 /// Name under which the gateway's own denial of binary logical replication is recorded.
 pub(super) const BINARY_REPLICATION_RULE: &str = "gateway:binary-replication";
 
+/// Name under which the gateway's own denial of physical replication commands is recorded.
+pub(super) const PHYSICAL_REPLICATION_RULE: &str = "gateway:physical-replication";
+
+/// Denies the replication commands whose data cannot be masked: a base backup or a physical
+/// `START_REPLICATION`, which a walsender runs even in a session started for logical
+/// replication, and binary logical replication.
+fn replication_denial(infos: &[StatementInfo], command: &str) -> Option<Denial> {
+    let physical = infos.iter().any(|info| match info.kind.as_str() {
+        "base_backup" | "upload_manifest" => true,
+        "start_replication" => !is_logical_start(command),
+        _ => false,
+    });
+    if physical {
+        return Some(Denial {
+            rule: PHYSICAL_REPLICATION_RULE.to_string(),
+            detail: Some(
+                "base backups and physical replication copy data files and WAL in which card \
+                 numbers cannot be masked without corrupting them; connect replicas from a \
+                 cgroup listed in redirect.exclude_cgroups"
+                    .to_string(),
+            ),
+        });
+    }
+    let binary = infos.iter().any(|info| info.kind == "start_replication") && asks_binary(command);
+    binary.then(|| Denial {
+        rule: BINARY_REPLICATION_RULE.to_string(),
+        detail: Some(
+            "binary logical replication sends column values in binary formats that cannot be \
+             scanned for card numbers; subscribe with binary = false"
+                .to_string(),
+        ),
+    })
+}
+
+/// Tells whether `START_REPLICATION [SLOT name] LOGICAL ...` asks for logical replication: the
+/// word after the optional slot is `LOGICAL`, where a physical one has `PHYSICAL`, a position
+/// or nothing. Words are read as the SQL tokenizer reads them, so comments cannot pose as one.
+fn is_logical_start(command: &str) -> bool {
+    let words = crate::sql::words(command, crate::sql::SqlDialect::Postgres);
+    let Some(start) = words.iter().position(|word| word == "start_replication") else {
+        return false;
+    };
+    let mut rest = words[start + 1..].iter();
+    let mut word = rest.next();
+    if word.is_some_and(|word| word == "slot") {
+        rest.next();
+        word = rest.next();
+    }
+    word.is_some_and(|word| word == "logical")
+}
+
 /// Tells whether a `START_REPLICATION ... LOGICAL` command asks the output plugin for binary
 /// column values: an option `binary` that is true or has no value.
 fn asks_binary(command: &str) -> bool {
@@ -46,15 +97,27 @@ fn asks_binary(command: &str) -> bool {
         .trim_end();
     let options = options.strip_suffix(')').unwrap_or(options);
     split_options(options).iter().any(|option| {
-        let (name, value) = option
-            .trim()
-            .split_once(char::is_whitespace)
-            .map_or((option.trim(), ""), |(name, value)| (name, value.trim()));
-        if !name.trim_matches('"').eq_ignore_ascii_case("binary") {
+        let (name, value) = option_parts(option.trim());
+        if !name.eq_ignore_ascii_case("binary") {
             return false;
         }
         value.is_empty() || parse_bool(value.trim_matches('\'')) == Some(true)
     })
+}
+
+/// Splits one option into its name (unquoted) and its value, which may follow the name
+/// without a space (`binary'true'`).
+fn option_parts(option: &str) -> (&str, &str) {
+    if let Some(quoted) = option.strip_prefix('"') {
+        return match quoted.split_once('"') {
+            Some((name, value)) => (name, value.trim()),
+            None => (quoted, ""),
+        };
+    }
+    let end = option
+        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .unwrap_or(option.len());
+    (&option[..end], option[end..].trim())
 }
 
 /// Splits a replication command's option list at the commas outside quotes.
@@ -92,18 +155,10 @@ pub(super) async fn judge(
     pump: &PumpContext<'_>,
     upstream: &mut BufWriter<WriteHalf>,
 ) -> Result<Option<Denial>, SessionEnd> {
-    if pump.startup.replication == Replication::Logical
-        && infos.iter().any(|info| info.kind == "start_replication")
-        && asks_binary(shown)
+    if pump.startup.replication != Replication::None
+        && let Some(denial) = replication_denial(infos, shown)
     {
-        return Ok(Some(Denial {
-            rule: BINARY_REPLICATION_RULE.to_string(),
-            detail: Some(
-                "binary logical replication sends column values in binary formats that cannot be \
-                 scanned for card numbers; subscribe with binary = false"
-                    .to_string(),
-            ),
-        }));
+        return Ok(Some(denial));
     }
     let context = pump.context;
     let policy = context.policy.current();
@@ -228,7 +283,28 @@ async fn hold(
 
 #[cfg(test)]
 mod tests {
-    use super::asks_binary;
+    use super::{asks_binary, is_logical_start};
+
+    #[test]
+    fn logical_start_told_from_physical() {
+        for command in [
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1')",
+            "start_replication slot logical logical 0/0",
+            "START_REPLICATION\tSLOT s LOGICAL 1/A",
+        ] {
+            assert!(is_logical_start(command), "{command}");
+        }
+        for command in [
+            "START_REPLICATION 0/1000000",
+            "START_REPLICATION PHYSICAL 0/0 TIMELINE 1",
+            "START_REPLICATION SLOT logical PHYSICAL 0/0",
+            "START_REPLICATION SLOT s 0/0",
+            "/* LOGICAL */ START_REPLICATION 0/0",
+            "START_REPLICATION /* LOGICAL */ 0/0",
+        ] {
+            assert!(!is_logical_start(command), "{command}");
+        }
+    }
 
     #[test]
     fn binary_option_detected() {
@@ -237,6 +313,8 @@ mod tests {
             "START_REPLICATION SLOT s LOGICAL 0/0 (\"binary\" 'on')",
             "START_REPLICATION SLOT s LOGICAL 0/0 (binary)",
             "START_REPLICATION SLOT s LOGICAL 0/0 (proto_version '1', BINARY 't');",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (binary'true')",
+            "START_REPLICATION SLOT s LOGICAL 0/0 (\"binary\"'on')",
         ] {
             assert!(asks_binary(command), "{command}");
         }

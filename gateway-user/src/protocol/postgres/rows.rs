@@ -255,10 +255,8 @@ fn mask_numeric(value: &mut [u8], policy: &MaskPolicy) -> Option<usize> {
 /// hide become zeros, so the value keeps its type and width.
 fn mask_int8(value: &mut [u8], policy: &MaskPolicy) -> usize {
     let number = i64::from_be_bytes(value.try_into().expect("8 bytes"));
-    if number <= 0 {
-        return 0;
-    }
-    let mut digits = number.to_string().into_bytes();
+    // A negative number is masked on its digits, as its text form `-4111...` is.
+    let mut digits = number.unsigned_abs().to_string().into_bytes();
     let original = digits.clone();
     let masked = mask_in_place(&mut digits, policy);
     if masked == 0 {
@@ -271,10 +269,11 @@ fn mask_int8(value: &mut [u8], policy: &MaskPolicy) -> usize {
             *digit = *before;
         }
     }
-    let zeroed: i64 = std::str::from_utf8(&digits)
+    let magnitude: i64 = std::str::from_utf8(&digits)
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or(0);
+    let zeroed = if number < 0 { -magnitude } else { magnitude };
     value.copy_from_slice(&zeroed.to_be_bytes());
     masked
 }
@@ -494,11 +493,17 @@ mod tests {
 
     #[test]
     fn data_row_masks_binary_int8() {
-        let pan: i64 = 4_111_111_111_111_111;
-        let mut body = data_row(&[Some(&pan.to_be_bytes())]);
+        for sign in [1i64, -1] {
+            let pan: i64 = sign * 4_111_111_111_111_111;
+            let mut body = data_row(&[Some(&pan.to_be_bytes())]);
+            mask_data_row(&mut body, &[1], &MaskPolicy::default()).expect("valid row");
+            let expected: i64 = sign * 4_111_110_000_001_111;
+            assert_eq!(body, data_row(&[Some(&expected.to_be_bytes())]));
+        }
+        // The smallest int8 has no positive counterpart, and no card number either.
+        let mut body = data_row(&[Some(&i64::MIN.to_be_bytes())]);
         mask_data_row(&mut body, &[1], &MaskPolicy::default()).expect("valid row");
-        let expected: i64 = 4_111_110_000_001_111;
-        assert_eq!(body, data_row(&[Some(&expected.to_be_bytes())]));
+        assert_eq!(body, data_row(&[Some(&i64::MIN.to_be_bytes())]));
     }
 
     /// Encodes an integer as binary `numeric` the way PostgreSQL does: trailing zero groups
