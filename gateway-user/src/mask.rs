@@ -30,9 +30,10 @@
 //!
 //! # Hex-encoded bytes
 //!
-//! [`mask_hex_in_place`] and [`StreamMasker::with_hex`] also decode the hex runs that follow
-//! `\x`, `0x` or `x'` (PostgreSQL prints `bytea` so), mask the PANs in the decoded bytes, and
-//! write the masked bytes back in hex, keeping the length.
+//! [`mask_in_place_with_hex`] and [`StreamMasker::with_hex`] also decode the hex runs that
+//! follow `\x`, `0x` or `x'` (PostgreSQL prints `bytea` so), mask the PANs in the decoded
+//! bytes, and write the masked bytes back in hex, keeping the length. The runs' hex digits are
+//! not read as decimal digits, so masking never turns valid hex into invalid hex.
 
 use std::fmt;
 
@@ -113,41 +114,46 @@ pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
     masked
 }
 
-/// Masks the PANs inside hex-encoded bytes: pairs of hex digits after `\x` (PostgreSQL's
-/// `bytea` values and literals), `0x` or `x'` (MySQL's hex literals). Each such run is decoded
-/// and masked like text, and the bytes that changed are written back as lowercase hex, so the
-/// length and every other byte stay the same. Returns how many PANs it masked.
-///
-/// Run it before [`mask_in_place`] on the same bytes, which would read the hex digits as
-/// digits and could break a run up.
-pub fn mask_hex_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
+/// Masks every PAN in `buf` like [`mask_in_place`], and also those inside hex-encoded bytes:
+/// the pairs of hex digits after `\x` (PostgreSQL's `bytea` values and literals), `0x` or `x'`
+/// (MySQL's hex literals). Such a run is decoded and masked like text, and the bytes that
+/// changed are written back as lowercase hex, so the length and every other byte stay the same.
+/// The run's own digits are hex, not decimal, so the text scan leaves them alone: it reads
+/// the text between runs, each piece as a whole value. Returns how many PANs it masked.
+pub fn mask_in_place_with_hex(buf: &mut [u8], policy: &MaskPolicy) -> usize {
     let mut masked = 0;
     let mut from = 0;
     while let Some(found) = find_hex_prefix(&buf[from..]) {
+        // The text up to the run, prefix included.
         let start = from + found + 2;
+        masked += mask_in_place(&mut buf[from..start], policy);
         let pairs = buf[start..]
             .chunks_exact(2)
             .take_while(|pair| pair.iter().all(u8::is_ascii_hexdigit))
             .count();
         let end = start + 2 * pairs;
-        if pairs >= MIN_PAN_DIGITS {
-            let original: Vec<u8> = buf[start..end].chunks_exact(2).map(hex_byte).collect();
-            let mut decoded = original.clone();
-            let found = scan(&mut decoded, Context::Clear, true, policy).masked;
-            if found > 0 {
-                for (index, (&before, &after)) in original.iter().zip(&decoded).enumerate() {
-                    if before != after {
-                        let at = start + 2 * index;
-                        buf[at] = HEX_DIGITS[usize::from(after >> 4)];
-                        buf[at + 1] = HEX_DIGITS[usize::from(after & 0x0f)];
-                    }
-                }
-                masked += found;
-            }
-        }
+        masked += mask_hex_run(&mut buf[start..end], policy);
         from = end;
     }
-    metrics().values_masked(masked);
+    masked + mask_in_place(&mut buf[from..], policy)
+}
+
+/// Masks the PANs in one run of hex digit pairs, decoded.
+fn mask_hex_run(run: &mut [u8], policy: &MaskPolicy) -> usize {
+    if run.len() < 2 * MIN_PAN_DIGITS {
+        return 0;
+    }
+    let original: Vec<u8> = run.chunks_exact(2).map(hex_byte).collect();
+    let mut decoded = original.clone();
+    let masked = mask_in_place(&mut decoded, policy);
+    if masked > 0 {
+        for (index, (&before, &after)) in original.iter().zip(&decoded).enumerate() {
+            if before != after {
+                run[2 * index] = HEX_DIGITS[usize::from(after >> 4)];
+                run[2 * index + 1] = HEX_DIGITS[usize::from(after & 0x0f)];
+            }
+        }
+    }
     masked
 }
 
@@ -200,7 +206,7 @@ fn is_hex_prefix(first: u8, second: u8) -> bool {
         || (first | 0x20 == b'x' && second == b'\'')
 }
 
-/// [`mask_hex_in_place`] for data that arrives in pieces: the bytes written over all calls equal
+/// The hex runs of [`mask_in_place_with_hex`] for data that arrives in pieces: the bytes written over all calls equal
 /// what it makes of the whole input, wherever the input was split. Inside a hex run, the digits
 /// of up to [`MAX_CARRY`] decoded bytes are held back.
 struct HexStreamMasker {
@@ -254,13 +260,13 @@ impl HexRun {
         masked
     }
 
-    /// Ends the run: writes out every held byte, and the unpaired digit last.
-    fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+    /// Ends the run: writes out every held byte. Returns the PAN count and the unpaired digit,
+    /// which belongs to the text after the run.
+    fn finish(&mut self, out: &mut Vec<u8>) -> (usize, Option<u8>) {
         self.masked_out.clear();
         let masked = self.masker.finish(&mut self.masked_out);
         self.write_settled(out);
-        out.extend(self.half.take());
-        masked
+        (masked, self.half.take())
     }
 
     fn write_settled(&mut self, out: &mut Vec<u8>) {
@@ -284,7 +290,9 @@ impl HexStreamMasker {
         }
     }
 
-    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+    /// Masks `input`: hex runs here, the text between them through `text`, which is finished
+    /// at each run's start so that it reads each piece of text as a whole value.
+    fn feed(&mut self, input: &[u8], text: &mut StreamMasker, out: &mut Vec<u8>) -> usize {
         let mut masked = 0;
         let mut at = 0;
         while at < input.len() {
@@ -296,11 +304,7 @@ impl HexStreamMasker {
                 masked += run.push(&input[at..at + digits], out);
                 at += digits;
                 if at < input.len() {
-                    // The run ends here. As in `mask_hex_in_place`, the next search starts at
-                    // the unpaired digit, if there is one.
-                    self.last = run.half.unwrap_or(0);
-                    masked += run.finish(out);
-                    self.run = None;
+                    masked += self.end_run(text, out);
                 }
                 continue;
             }
@@ -313,12 +317,13 @@ impl HexStreamMasker {
             match found {
                 Some(offset) => {
                     let end = at + offset + 1;
-                    out.extend_from_slice(&input[at..end]);
+                    masked += text.flush_into(&input[at..end], false, out);
+                    masked += text.finish_text(out);
                     self.run = Some(HexRun::new(self.policy.clone()));
                     at = end;
                 }
                 None => {
-                    out.extend_from_slice(&input[at..]);
+                    masked += text.flush_into(&input[at..], false, out);
                     self.last = previous;
                     at = input.len();
                 }
@@ -327,9 +332,24 @@ impl HexStreamMasker {
         masked
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+    /// Ends the current run. As in [`mask_in_place_with_hex`], an unpaired digit starts the
+    /// text after the run, and the next prefix is looked for from there.
+    fn end_run(&mut self, text: &mut StreamMasker, out: &mut Vec<u8>) -> usize {
+        let Some(mut run) = self.run.take() else {
+            return 0;
+        };
+        let (mut masked, half) = run.finish(out);
+        self.last = half.unwrap_or(0);
+        if let Some(digit) = half {
+            masked += text.flush_into(&[digit], false, out);
+        }
+        masked
+    }
+
+    fn finish(&mut self, text: &mut StreamMasker, out: &mut Vec<u8>) -> usize {
+        let masked = self.end_run(text, out);
         self.last = 0;
-        self.run.take().map_or(0, |mut run| run.finish(out))
+        masked
     }
 }
 
@@ -354,10 +374,8 @@ pub struct StreamMasker {
     context: Context,
     /// Bytes of a run that may still turn out to hold a PAN, not yet masked.
     carry: Vec<u8>,
-    /// The hex pass that runs first, with its output buffer, when made with [`with_hex`].
-    ///
-    /// [`with_hex`]: Self::with_hex
-    hex: Option<Box<(HexStreamMasker, Vec<u8>)>>,
+    /// The hex runs' masker, when made with [`with_hex`](Self::with_hex).
+    hex: Option<Box<HexStreamMasker>>,
 }
 
 impl StreamMasker {
@@ -371,11 +389,9 @@ impl StreamMasker {
         }
     }
 
-    /// Also masks the PANs inside hex-encoded runs, as [`mask_hex_in_place`] does, before the
-    /// digits are scanned.
+    /// Masks like [`mask_in_place_with_hex`] instead: the PANs inside hex-encoded runs too.
     pub fn with_hex(mut self) -> Self {
-        let hex = HexStreamMasker::new(self.policy.clone());
-        self.hex = Some(Box::new((hex, Vec::new())));
+        self.hex = Some(Box::new(HexStreamMasker::new(self.policy.clone())));
         self
     }
 
@@ -386,9 +402,7 @@ impl StreamMasker {
         let Some(mut hex) = self.hex.take() else {
             return self.flush_into(input, false, out);
         };
-        let (hex_masker, decoded) = &mut *hex;
-        decoded.clear();
-        let masked = hex_masker.feed(input, decoded) + self.flush_into(decoded, false, out);
+        let masked = hex.feed(input, self, out);
         self.hex = Some(hex);
         masked
     }
@@ -399,13 +413,15 @@ impl StreamMasker {
     pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
         let mut masked = 0;
         if let Some(mut hex) = self.hex.take() {
-            let (hex_masker, rest) = &mut *hex;
-            rest.clear();
-            masked += hex_masker.finish(rest);
-            masked += self.flush_into(rest, false, out);
+            masked += hex.finish(self, out);
             self.hex = Some(hex);
         }
-        masked += self.flush_into(&[], true, out);
+        masked + self.finish_text(out)
+    }
+
+    /// Flushes the held-back text with its end as a boundary, ready for the next piece of text.
+    fn finish_text(&mut self, out: &mut Vec<u8>) -> usize {
+        let masked = self.flush_into(&[], true, out);
         self.context = Context::Clear;
         masked
     }
@@ -836,7 +852,7 @@ mod tests {
 
     fn hex_masked(input: &str) -> (String, usize) {
         let mut buf = input.as_bytes().to_vec();
-        let count = mask_hex_in_place(&mut buf, &MaskPolicy::default());
+        let count = mask_in_place_with_hex(&mut buf, &MaskPolicy::default());
         (String::from_utf8(buf).expect("hex stays ASCII"), count)
     }
 
@@ -918,8 +934,7 @@ mod tests {
         ];
         for input in inputs {
             let mut whole = input.as_bytes().to_vec();
-            let count = mask_hex_in_place(&mut whole, &MaskPolicy::default())
-                + mask_in_place(&mut whole, &MaskPolicy::default());
+            let count = mask_in_place_with_hex(&mut whole, &MaskPolicy::default());
             assert!(count > 0, "{input}");
             for piece in 1..=input.len() {
                 let (streamed, streamed_count) = hex_streamed(input.as_bytes(), piece);
@@ -968,8 +983,7 @@ mod tests {
                 input.push_str(parts[(next() % parts.len() as u64) as usize]);
             }
             let mut whole = input.as_bytes().to_vec();
-            let count = mask_hex_in_place(&mut whole, &MaskPolicy::default())
-                + mask_in_place(&mut whole, &MaskPolicy::default());
+            let count = mask_in_place_with_hex(&mut whole, &MaskPolicy::default());
             let piece = 1 + (next() % input.len() as u64) as usize;
             let (streamed, streamed_count) = hex_streamed(input.as_bytes(), piece);
             assert_eq!(
@@ -979,6 +993,24 @@ mod tests {
             );
             assert_eq!(streamed_count, count, "{input:?} in pieces of {piece}");
         }
+    }
+
+    #[test]
+    fn hex_digits_never_read_as_decimal() {
+        // Masking puts `2a` into the run, which leaves `343131312031312` before it: 15 digits
+        // that pass as an American Express number. They are hex, so they stay.
+        let value = hex_of("4111 1111 1111 1111");
+        assert_eq!(hex_masked(&value), (hex_of("4111 11** **** 1111"), 1));
+        // Bytes whose hex looks like a card number are no card number.
+        let bytes = "\\x4111111111111111".to_string();
+        assert_eq!(hex_masked(&bytes), (bytes.clone(), 0));
+        // Text around runs is still masked, each piece on its own.
+        let input = format!("4111111111111111 {value} 5555555555554444");
+        let expected = format!(
+            "411111******1111 {} 555555******4444",
+            hex_of("4111 11** **** 1111")
+        );
+        assert_eq!(hex_masked(&input), (expected, 3));
     }
 
     #[test]

@@ -275,8 +275,7 @@ fn write_masked_str(out: &mut Vec<u8>, text: &str) {
     }
     let mut bytes = text.as_bytes().to_vec();
     let policy = MaskPolicy::default();
-    mask::mask_hex_in_place(&mut bytes, &policy);
-    mask::mask_in_place(&mut bytes, &policy);
+    mask::mask_in_place_with_hex(&mut bytes, &policy);
     // Masking swaps ASCII digits for the ASCII mask byte and hex digits for hex digits, so the
     // text stays UTF-8.
     write_str(

@@ -56,7 +56,7 @@ use self::{
 use super::tcp::{Counters, RelayResult, idle};
 use crate::{
     approval::Broker,
-    mask::{MaskPolicy, StreamMasker, mask_hex_in_place, mask_in_place},
+    mask::{MaskPolicy, StreamMasker, mask_in_place_with_hex},
     policy::{PolicyStore, Subject as PolicySubject, Target as PolicyTarget},
     record::{Fields, Outcome, SessionRecord},
     sql::{SqlDialect, StatementInfo, analyze},
@@ -264,7 +264,7 @@ pub(super) fn parse_bool(value: &str) -> Option<bool> {
 /// Masks the card numbers in a whole text value or message: those written as digits, and those
 /// inside hex-encoded bytes as PostgreSQL prints `bytea` (`\x...`).
 pub(super) fn mask_text(buf: &mut [u8], mask: &MaskPolicy) -> usize {
-    mask_hex_in_place(buf, mask) + mask_in_place(buf, mask)
+    mask_in_place_with_hex(buf, mask)
 }
 
 /// Message of the FATAL error that rejects a physical replication session.
