@@ -1427,6 +1427,58 @@ fn logical_replication_masked() {
         assert!(!text.contains("5555 5555 5555 4444"), "{}", path.display());
     }
 
+    // A stream the client cuts off is still recorded, as interrupted.
+    let mut streaming = setup
+        .node
+        .in_pod(&setup.pod, setup.postgres.bin_dir.join("pg_recvlogical"))
+        .args([
+            "-h",
+            &host,
+            "-U",
+            "rawuser",
+            "-d",
+            "postgres",
+            "--slot",
+            "cards_slot",
+            "--start",
+            "--no-loop",
+            "-f",
+            "-",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pg_recvlogical");
+    gateway_user::testing::wait_until(
+        "the stream to start",
+        std::time::Duration::from_secs(20),
+        || {
+            setup
+                .node
+                .sessions()
+                .iter()
+                .flatten()
+                .filter(|line| line["event"] == "sql.startup")
+                .count()
+                >= 2
+        },
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    streaming.kill().expect("stop pg_recvlogical");
+    streaming.wait().expect("wait for pg_recvlogical");
+    let sessions = setup.node.wait_for_sessions(2);
+    let interrupted = sessions
+        .iter()
+        .flatten()
+        .find(|line| line["kind"] == "start_replication" && line["outcome"] == "interrupted")
+        .unwrap_or_else(|| panic!("the cut stream is recorded: {sessions:#?}"));
+    assert_eq!(
+        interrupted["tables"],
+        serde_json::json!([]),
+        "{interrupted}"
+    );
+
     // pgoutput's binary mode sends column values in binary formats the masker cannot read, so
     // the gateway denies it.
     setup
@@ -1463,7 +1515,7 @@ fn logical_replication_masked() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("gateway:binary-replication"), "{stderr}");
-    let sessions = setup.node.wait_for_sessions(2);
+    let sessions = setup.node.wait_for_sessions(3);
     let denied = sessions
         .iter()
         .flatten()

@@ -476,6 +476,11 @@ async fn session(
     );
 
     let shared = Arc::new(Mutex::new(Shared::default()));
+    let _unanswered = RecordUnanswered {
+        shared: &shared,
+        record,
+        startup: &startup,
+    };
     let authenticated = AtomicBool::new(false);
     let pump = PumpContext {
         context,
@@ -1177,6 +1182,33 @@ impl Completed {
             rows,
             detail,
             duration_us,
+        }
+    }
+}
+
+/// Records, when the session ends, the statements the server never answered: a streaming
+/// `START_REPLICATION` or a COPY the client broke off, or a pipeline cut by a closed
+/// connection. Declared before the pumps, so it drops after them and after their own records.
+struct RecordUnanswered<'a> {
+    shared: &'a Mutex<Shared>,
+    record: &'a Recording,
+    startup: &'a StartupInfo,
+}
+
+impl Drop for RecordUnanswered<'_> {
+    fn drop(&mut self) {
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for point in std::mem::take(&mut shared.syncs) {
+            for pending in point.statements {
+                let completed = match pending.denied_by.clone() {
+                    Some(rule) => Completed::new(pending, "denied", None, Some(rule)),
+                    None => Completed::new(pending, "interrupted", None, None),
+                };
+                record_statement(self.record, self.startup, &completed);
+            }
         }
     }
 }
