@@ -167,7 +167,11 @@ fn find_hex_prefix(buf: &[u8]) -> Option<usize> {
     let mut block_start = 0;
     while block_start < buf.len() {
         let block_end = (block_start + DIGIT_SEARCH_BLOCK).min(buf.len());
-        if buf[block_start..block_end].iter().any(|&byte| is_x(byte)) {
+        // Tested without an early exit so that the compiler vectorizes the test.
+        let has_x = buf[block_start..block_end]
+            .iter()
+            .fold(false, |found, &byte| found | is_x(byte));
+        if has_x {
             for at in block_start..block_end {
                 if !is_x(buf[at]) {
                     continue;
@@ -206,9 +210,10 @@ fn is_hex_prefix(first: u8, second: u8) -> bool {
         || (first | 0x20 == b'x' && second == b'\'')
 }
 
-/// The hex runs of [`mask_in_place_with_hex`] for data that arrives in pieces: the bytes written over all calls equal
-/// what it makes of the whole input, wherever the input was split. Inside a hex run, the digits
-/// of up to [`MAX_CARRY`] decoded bytes are held back.
+/// [`mask_in_place_with_hex`] for data that arrives in pieces: it masks the hex runs itself
+/// and passes the text between them to a [`StreamMasker`]. The bytes written over all calls
+/// equal what that function makes of the whole input, wherever the input was split. Inside a
+/// hex run, the digits of up to [`MAX_CARRY`] decoded bytes are held back.
 struct HexStreamMasker {
     policy: MaskPolicy,
     /// The byte before the next input, for a prefix split between two inputs; 0 when none
