@@ -432,46 +432,72 @@ fn binary_copy_follows_binary_rule() {
     assert!(contains(&through, b"5555 55** **** 4444"));
 }
 
-/// Builds the P1 pipeline: Close + Sync, then 200 Parse/Bind/Execute groups where group 57 is
-/// a denied DROP, then Sync, then a plain query.
-fn pipeline_script() -> Vec<String> {
-    let mut script = lines(&[
-        "startup rawuser postgres",
-        "read-ready 1",
-        "close-statement old",
-        "sync",
-    ]);
-    // Each statement carries 4 KB and each row brings 4 KB back, so both directions hold far
-    // more than the sockets buffer while the client is still writing.
-    let padding = "p".repeat(4000);
+/// Sizes of one pipelined-denial run: the comment padding each statement carries, the bytes
+/// each row brings back, and whether the client reads while it writes.
+struct PipelineShape {
+    padding: usize,
+    row_bytes: usize,
+    read_while_writing: bool,
+}
+
+/// Builds the pipeline with a denial in the middle: Close + Sync, then 200 Parse/Bind/Execute
+/// groups where group 57 is a denied DROP, then Sync, then a plain query.
+fn pipeline_script(shape: &PipelineShape) -> Vec<String> {
+    let mut script = lines(&["startup rawuser postgres", "read-ready 1"]);
+    if shape.read_while_writing {
+        script.push("read-in-background 2".to_string());
+    }
+    script.extend(lines(&["close-statement old", "sync"]));
+    let padding = "p".repeat(shape.padding);
     for group in 1..=200 {
         let sql = if group == 57 {
             "DROP TABLE keep_me".to_string()
         } else {
-            format!("SELECT {group}, repeat('x', 4000) /* {padding} */")
+            format!(
+                "SELECT {group}, repeat('x', {}) /* {padding} */",
+                shape.row_bytes
+            )
         };
         script.push(format!("parse - {sql}"));
         script.push("bind - -".to_string());
         script.push("execute -".to_string());
     }
     script.push("sync".to_string());
-    script.push("read-ready 2".to_string());
-    script.push("query SELECT 'after'".to_string());
-    script.push("read-ready 1".to_string());
-    script.push("terminate".to_string());
+    script.push(
+        if shape.read_while_writing {
+            "join"
+        } else {
+            "read-ready 2"
+        }
+        .to_string(),
+    );
+    script.extend(lines(&[
+        "query SELECT 'after'",
+        "read-ready 1",
+        "terminate",
+    ]));
     script
 }
 
-#[test]
-fn pipelined_denial_exact_replies() {
-    let setup = pg_setup("pipelined_denial_exact_replies");
+/// Runs the pipeline and checks what the client received: the replies before the denial in
+/// full, the gateway's error, nothing for the rest, one ReadyForQuery, and a working query
+/// after it. Returns the messages.
+fn run_denied_pipeline(setup: &PgSetup, name: &str, shape: &PipelineShape) -> Vec<Value> {
     setup.postgres.admin_sql("CREATE TABLE keep_me (id int)");
-    let messages = pg_script(&setup, "pipeline", &pipeline_script());
+    let output = pg_script_output(setup, name, &pipeline_script(shape), &[]);
+    assert!(
+        output.status.success(),
+        "pg-script: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let messages: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("pg-script prints JSON lines"))
+        .collect();
     let all = tags(&messages);
     // Skip authentication up to the first ReadyForQuery.
     let after_auth = &all[all.find('Z').expect("authenticated") + 1..];
-    let expected = format!("3Z{}EZTDCZ", "12DC".repeat(56));
-    assert_eq!(after_auth, expected);
+    assert_eq!(after_auth, format!("3Z{}EZTDCZ", "12DC".repeat(56)));
 
     let error = messages
         .iter()
@@ -492,11 +518,11 @@ fn pipelined_denial_exact_replies() {
     );
     for (group, row) in (1..=56).zip(&rows) {
         assert_eq!(row["values"][0], group.to_string(), "{row}");
-        assert_eq!(row["values"][1]["len"], 4000, "{row}");
+        assert_eq!(row["values"][1]["len"], shape.row_bytes, "{row}");
+        assert_eq!(row["values"][1]["all_x"], true, "{row}");
     }
-    let last_row = rows.last().expect("a row");
     assert_eq!(
-        last_row["values"][0], "after",
+        rows[56]["values"][0], "after",
         "the session is usable after the denial"
     );
     assert_eq!(
@@ -507,6 +533,20 @@ fn pipelined_denial_exact_replies() {
         "0",
         "the table still exists"
     );
+    messages
+}
+
+#[test]
+fn pipelined_denial_exact_replies() {
+    let setup = pg_setup("pipelined_denial_exact_replies");
+    // Each statement carries 4 KB and each row brings 4 KB back, about 800 KB written before
+    // the client reads anything.
+    let shape = PipelineShape {
+        padding: 4000,
+        row_bytes: 4000,
+        read_while_writing: false,
+    };
+    run_denied_pipeline(&setup, "pipeline", &shape);
 
     setup.node.wait_for_sessions(1);
     let recorded = statements(&setup.node);
@@ -533,67 +573,12 @@ fn pipelined_denial_exact_replies() {
 #[test]
 fn pipelined_denial_while_client_reads() {
     let setup = pg_setup("pipelined_denial_while_client_reads");
-    setup.postgres.admin_sql("CREATE TABLE keep_me (id int)");
-    let mut script = lines(&[
-        "startup rawuser postgres",
-        "read-ready 1",
-        "read-in-background 2",
-        "close-statement old",
-        "sync",
-    ]);
-    let padding = "p".repeat(16_000);
-    for group in 1..=200 {
-        let sql = if group == 57 {
-            "DROP TABLE keep_me".to_string()
-        } else {
-            format!("SELECT {group}, repeat('x', 262144) /* {padding} */")
-        };
-        script.push(format!("parse - {sql}"));
-        script.push("bind - -".to_string());
-        script.push("execute -".to_string());
-    }
-    script.extend(lines(&[
-        "sync",
-        "join",
-        "query SELECT 'after'",
-        "read-ready 1",
-        "terminate",
-    ]));
-
-    let output = pg_script_output(&setup, "pipeline-reading", &script, &[]);
-    assert!(
-        output.status.success(),
-        "pg-script: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let messages: Vec<Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("pg-script prints JSON lines"))
-        .collect();
-    let all = tags(&messages);
-    let after_auth = &all[all.find('Z').expect("authenticated") + 1..];
-    assert_eq!(after_auth, format!("3Z{}EZTDCZ", "12DC".repeat(56)));
-
-    let rows: Vec<&Value> = messages.iter().filter(|m| m["tag"] == "D").collect();
-    for (group, row) in (1..=56).zip(&rows) {
-        assert_eq!(row["values"][0], group.to_string(), "{row}");
-        assert_eq!(row["values"][1]["len"], 262_144, "{row}");
-        assert_eq!(row["values"][1]["all_x"], true, "{row}");
-    }
-
-    let error = messages
-        .iter()
-        .find(|m| m["tag"] == "E")
-        .expect("the denial");
-    assert_eq!(error["fields"]["C"], "42501");
-    assert_eq!(
-        setup
-            .postgres
-            .admin_sql("SELECT count(*) FROM keep_me")
-            .trim(),
-        "0",
-        "the table still exists"
-    );
+    let shape = PipelineShape {
+        padding: 16_000,
+        row_bytes: 262_144,
+        read_while_writing: true,
+    };
+    run_denied_pipeline(&setup, "pipeline-reading", &shape);
 }
 
 #[test]

@@ -105,20 +105,26 @@ pub const STATEMENT_KINDS: &[&str] = &[
     "install",
     "uninstall",
     "handler",
-    // PostgreSQL's replication commands, `sql::REPLICATION_COMMANDS`.
-    "identify_system",
-    "timeline_history",
-    "create_replication_slot",
-    "read_replication_slot",
-    "alter_replication_slot",
-    "drop_replication_slot",
-    "start_replication",
-    "base_backup",
-    "upload_manifest",
     "function_call",
     "unparsed",
     "empty",
 ];
+
+/// Tells whether a rule may name statement kind `kind` (lower case): one of
+/// [`STATEMENT_KINDS`] or a PostgreSQL replication command.
+pub fn is_statement_kind(kind: &str) -> bool {
+    STATEMENT_KINDS.contains(&kind) || crate::sql::REPLICATION_COMMANDS.contains(&kind)
+}
+
+/// Lists every statement kind a rule may name, for error messages.
+pub fn statement_kinds_list() -> String {
+    STATEMENT_KINDS
+        .iter()
+        .chain(&crate::sql::REPLICATION_COMMANDS)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 impl SqlRule {
     /// Checks the rule's fields; returns the first problem as (field, message).
@@ -129,13 +135,13 @@ impl SqlRule {
         if let Some(kind) = self
             .statement_kinds
             .iter()
-            .find(|kind| !STATEMENT_KINDS.contains(&kind.to_ascii_lowercase().as_str()))
+            .find(|kind| !is_statement_kind(&kind.to_ascii_lowercase()))
         {
             return Err((
                 "statement_kinds",
                 format!(
                     "unknown statement kind {kind:?}; known kinds: {}",
-                    STATEMENT_KINDS.join(", ")
+                    statement_kinds_list()
                 ),
             ));
         }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
-use super::STATEMENT_KINDS;
+use super::{is_statement_kind, statement_kinds_list};
 use crate::config::TargetClass;
 
 /// API group and version of every `AccessPolicy` object.
@@ -599,11 +599,11 @@ impl TryFrom<SqlFields> for SqlMatch {
         if let Some(kind) = fields
             .statement_kinds
             .iter()
-            .find(|kind| !STATEMENT_KINDS.contains(&kind.to_ascii_lowercase().as_str()))
+            .find(|kind| !is_statement_kind(&kind.to_ascii_lowercase()))
         {
             return Err(format!(
                 "unknown statement kind {kind:?}; known kinds: {}",
-                STATEMENT_KINDS.join(", ")
+                statement_kinds_list()
             ));
         }
         if fields.without_where {

@@ -439,16 +439,7 @@ async fn session(
         return Ok(());
     };
     if startup.replication == Replication::Physical {
-        record_event(
-            record,
-            "sql.startup",
-            json!({
-                "database_user": startup.user,
-                "database": startup.database,
-                "replication": "physical",
-                "client_tls": client_tls,
-            }),
-        );
+        record_startup(record, &startup, client_tls, None);
         let error = refuse::fatal("0A000", PHYSICAL_REPLICATION_REJECTED);
         client_write.write_all(&error).await.map_err(client_error)?;
         client_write.shutdown().await.map_err(client_error)?;
@@ -463,17 +454,7 @@ async fn session(
         .await
         .map_err(server_error)?;
     upstream_writer.flush().await.map_err(server_error)?;
-    record_event(
-        record,
-        "sql.startup",
-        json!({
-            "database_user": startup.user,
-            "database": startup.database,
-            "replication": startup.replication.name(),
-            "client_tls": client_tls,
-            "upstream_tls": upstream_tls,
-        }),
-    );
+    record_startup(record, &startup, client_tls, Some(upstream_tls));
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let _unanswered = RecordUnanswered {
@@ -498,6 +479,26 @@ async fn session(
         &pump,
     );
     tokio::try_join!(frontend, backend).map(|_| ())
+}
+
+/// Records the `sql.startup` event. `upstream_tls` is `None` when no server leg was opened.
+fn record_startup(
+    record: &Recording,
+    startup: &StartupInfo,
+    client_tls: bool,
+    upstream_tls: Option<bool>,
+) {
+    record_event(
+        record,
+        "sql.startup",
+        json!({
+            "database_user": startup.user,
+            "database": startup.database,
+            "replication": startup.replication.name(),
+            "client_tls": client_tls,
+            "upstream_tls": upstream_tls,
+        }),
+    );
 }
 
 /// Outcome of the plain-text start of a connection.
