@@ -7,7 +7,7 @@
 //! mysql-sha2-server`, which implements the plugins' server side and prints what it received.
 //! The clients are real: mysql_async (`gateway-testpeer mysql-login`) and the `mariadb` CLI,
 //! whose client library has all three plugins. Every pod connection goes through the eBPF
-//! redirect. The test server also answers a multi-statement query in one write, which MariaDB
+//! redirect. The test server also replies to a multi-statement query in one write, which MariaDB
 //! cannot be made to do. Needs root; run with `cargo xtask test`.
 
 use std::{

@@ -405,6 +405,7 @@ fn binary_copy_follows_binary_rule() {
         }
         bytes
     };
+
     let run = |through_gateway: bool| {
         let output = psql(&setup, through_gateway, "postgres", &["-c", copy]);
         assert!(
@@ -419,10 +420,12 @@ fn binary_copy_follows_binary_rule() {
             .windows(needle.len())
             .any(|window| window == needle)
     };
+
     let direct = run(false);
     let through = run(true);
     assert_eq!(direct.len(), through.len(), "the stream keeps its length");
     assert!(direct.starts_with(b"PGCOPY\n\xff\r\n\0"));
+
     assert!(contains(&direct, &4_111_111_111_111_111i64.to_be_bytes()));
     assert!(!contains(&through, &4_111_111_111_111_111i64.to_be_bytes()));
     assert!(contains(&through, &4_111_110_000_001_111i64.to_be_bytes()));
@@ -1284,8 +1287,8 @@ fn pg_program(setup: &PgSetup, through_gateway: bool, program: &str, args: &[&st
 }
 
 /// A base backup copies data files in which card numbers cannot be masked without corrupting
-/// them, so the gateway rejects physical replication at startup with a FATAL error that says
-/// so. The same backup taken directly works, and the rejected session is recorded.
+/// them, so the gateway rejects physical replication at startup with a FATAL error naming the
+/// reason. The same backup taken directly works, and the rejected session is recorded.
 #[test]
 fn physical_replication_rejected() {
     let setup = pg_setup("physical_replication_rejected");

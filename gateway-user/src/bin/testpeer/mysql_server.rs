@@ -34,8 +34,8 @@
 //! drivers read at connect), `SELECT CURRENT_USER()` and `SELECT card` (one row containing the
 //! test card number 4111 1111 1111 1111), plus `COM_PING` and `COM_QUIT`. A `COM_QUERY` of
 //! several of those statements, separated by `;`, gets one result set each, flagged
-//! `SERVER_MORE_RESULTS_EXISTS` on all but the last, and all of them go out in a single write,
-//! so that they reach the gateway in one read; the server then prints
+//! `SERVER_MORE_RESULTS_EXISTS` on all but the last. All of them go out in a single write, so
+//! that they reach the gateway in one read, and the server then prints
 //! `{"statements": N, "bytes": B}` on standard output.
 //!
 //! Where it differs from MySQL 8: full authentication compares `SHA256(SHA256(password))`
@@ -575,9 +575,9 @@ fn scramble_matches(scramble: &[u8], digest: &[u8; 32], nonce: &[u8]) -> bool {
     sha256(&candidate) == *digest
 }
 
-/// Answers the statements of one `COM_QUERY`. A text of several statements is answered in one
-/// write and reported on standard output; an unsupported statement ends it with an ERR, as a
-/// failing statement ends a multi-statement query in MySQL.
+/// Replies to the statements of one `COM_QUERY`. A text of several statements gets its replies
+/// in one write, reported on standard output. An unsupported statement ends it with an ERR, as
+/// a failing statement ends a multi-statement query in MySQL.
 fn query(io: &mut Packets, sql: &str, user: &str, deprecate_eof: bool) -> anyhow::Result<()> {
     let statements: Vec<&str> = sql
         .split(';')
@@ -640,7 +640,7 @@ fn answer_query(sql: &str, user: &str) -> Option<(Vec<String>, Vec<Option<String
     Some((columns, row))
 }
 
-/// Writes a text result set of VARCHAR columns with one row. With `more`, its end says that
+/// Writes a text result set of VARCHAR columns with one row. With `more`, its end marks that
 /// another result set follows.
 fn write_result(
     io: &mut Packets,

@@ -68,7 +68,7 @@ fn replication_denial(infos: &[StatementInfo], command: &str) -> Option<Denial> 
     })
 }
 
-/// Tells whether `START_REPLICATION [SLOT name] LOGICAL ...` asks for logical replication: the
+/// Tells whether `START_REPLICATION [SLOT name] LOGICAL ...` requests logical replication: the
 /// word after the optional slot is `LOGICAL`, where a physical one has `PHYSICAL`, a position
 /// or nothing. Words are read as the SQL tokenizer reads them, so comments cannot pose as one.
 fn is_logical_start(command: &str) -> bool {

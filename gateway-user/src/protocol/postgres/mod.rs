@@ -1187,7 +1187,7 @@ impl Completed {
     }
 }
 
-/// Records, when the session ends, the statements the server never answered: a streaming
+/// Records, when the session ends, the statements the server never completed: a streaming
 /// `START_REPLICATION` or a COPY the client broke off, or a pipeline cut by a closed
 /// connection. Declared before the pumps, so it drops after them and after their own records.
 struct RecordUnanswered<'a> {
