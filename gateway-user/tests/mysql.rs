@@ -428,6 +428,29 @@ fn procedure_results_then_query() {
     assert!(single.get("part").is_none(), "{single}");
 }
 
+/// A client that resets the connection while its result is still arriving ends the session,
+/// and the query is recorded as interrupted rather than lost.
+#[test]
+fn abandoned_query_recorded_interrupted() {
+    let setup = my_setup("abandoned_query_recorded_interrupted");
+    let result = raw(&setup, "abandon", &[]);
+    assert!(result["first_packet_bytes"].is_number(), "{result}");
+
+    let sessions = setup.node.wait_for_sessions(1);
+    let statement = sessions
+        .iter()
+        .flatten()
+        .find(|line| line["statement"] == "SELECT REPEAT('x', 8000000) AS big")
+        .unwrap_or_else(|| panic!("the query is recorded: {sessions:#?}"));
+    assert_eq!(statement["outcome"], "interrupted", "{statement}");
+    let end = sessions
+        .iter()
+        .flatten()
+        .find(|line| line["event"] == "session.end")
+        .expect("session end");
+    assert_eq!(end["outcome"], "error", "{end}");
+}
+
 #[test]
 fn denied_drop_keeps_connection() {
     let setup = my_setup("denied_drop_keeps_connection");

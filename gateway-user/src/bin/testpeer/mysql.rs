@@ -551,12 +551,26 @@ pub fn run(
         }
         "eof-mid-packet" => bad_handshake(addr, &[100, 0, 0, 1, 1, 2, 3, 4, 5], true)?,
         "session-commands" => session_commands(addr, user, database, deprecate_eof)?,
+        "abandon" => {
+            // Asks for an 8 MB row, reads the start of the answer, then resets the connection
+            // while the rest is still on its way.
+            let mut client = Client::login(addr, user, database, deprecate_eof)?;
+            let mut payload = vec![COM_QUERY];
+            payload.extend_from_slice(ABANDONED_QUERY.as_bytes());
+            client.command(&payload)?;
+            let first = client.read_packet()?;
+            socket2::SockRef::from(&client.stream).set_linger(Some(Duration::ZERO))?;
+            json!({ "first_packet_bytes": first.body.len() })
+        }
         "point-select" => point_select(addr, user, database, seconds)?,
         other => anyhow::bail!("unknown scenario {other:?}"),
     };
     println!("{result}");
     Ok(())
 }
+
+/// The query of the `abandon` scenario.
+const ABANDONED_QUERY: &str = "SELECT REPEAT('x', 8000000) AS big";
 
 /// Payload sizes of the issue both ways. Client to server: a COM_QUERY whose payload is
 /// exactly N bytes. Server to client: a row whose payload is exactly N bytes.

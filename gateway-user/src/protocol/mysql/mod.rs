@@ -1140,6 +1140,28 @@ impl Session<'_> {
         mut pending: VecDeque<Pending>,
         statement_id: Option<u32>,
     ) -> Result<bool, SessionEnd> {
+        let result = self
+            .relay_results_of(last_seq, binary, &mut pending, statement_id)
+            .await;
+        if result.is_err() {
+            // The session ends here. Statements still waiting for their results are recorded
+            // as interrupted, so a query whose client went away is not lost.
+            for statement in pending {
+                self.record_statement(&statement, "interrupted", None);
+            }
+        }
+        result
+    }
+
+    /// Relays the results for [`relay_results`](Self::relay_results), taking each statement
+    /// from `pending` as its result completes.
+    async fn relay_results_of(
+        &mut self,
+        last_seq: u8,
+        binary: bool,
+        pending: &mut VecDeque<Pending>,
+        statement_id: Option<u32>,
+    ) -> Result<bool, SessionEnd> {
         let mut expected = last_seq.wrapping_add(1);
         loop {
             let first = self.read_server(CONTROL_LIMIT, &mut expected).await?;
@@ -1161,7 +1183,8 @@ impl Session<'_> {
                 }
                 Some(ERR_HEADER) => {
                     let failed = pending.pop_front();
-                    self.forward_error(first, failed, Some(pending)).await?;
+                    self.forward_error(first, failed, Some(std::mem::take(pending)))
+                        .await?;
                     return Ok(false);
                 }
                 Some(NULL_MARKER) => {
@@ -1225,7 +1248,7 @@ impl Session<'_> {
                                     let code = code.map(|code| code.to_string());
                                     self.record_statement(&failed, "error", code.as_deref());
                                 }
-                                for rest in pending {
+                                for rest in pending.drain(..) {
                                     self.record_statement(&rest, "not_executed", None);
                                 }
                                 return Ok(false);
@@ -1240,7 +1263,7 @@ impl Session<'_> {
                 }
             };
             if status.flags & SERVER_MORE_RESULTS_EXISTS == 0 {
-                for statement in pending {
+                for statement in pending.drain(..) {
                     self.record_statement(&statement, "not_executed", None);
                 }
                 return Ok(true);
