@@ -374,7 +374,7 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
                 fields["request_body"] = if info.group.is_empty() && info.resource == "secrets" {
                     recorded_secret_body(&bytes, &session.context.mask)
                 } else {
-                    recorded_body(&bytes, &session.context.mask)
+                    recorded_write_body(&bytes, &session.context.mask)
                 };
                 Full::new(bytes)
                     .map_err(|never: Infallible| match never {})
@@ -1028,6 +1028,32 @@ fn recorded_secret_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
     recorded
 }
 
+/// Annotation in which `kubectl apply` keeps a copy of the whole object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Returns the recorded form of a write's body. A JSON object with `binaryData` (a ConfigMap,
+/// or a patch of one) has those values withheld, and the copy `kubectl apply` keeps in an
+/// annotation: base64 hides a card number from the masker.
+fn recorded_write_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
+    if !bytes.windows(12).any(|window| window == b"\"binaryData\"") {
+        return recorded_body(bytes, mask);
+    }
+    let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(bytes) else {
+        return recorded_body(bytes, mask);
+    };
+    withhold_values(object.get_mut("binaryData"));
+    if let Some(copy) = object
+        .get_mut("metadata")
+        .and_then(|metadata| metadata.get_mut("annotations"))
+        .and_then(|annotations| annotations.get_mut(LAST_APPLIED))
+    {
+        *copy = json!(WITHHELD);
+    }
+    let mut recorded = recorded_body(Value::Object(object).to_string().as_bytes(), mask);
+    recorded["bytes"] = json!(bytes.len());
+    recorded
+}
+
 /// Replaces every value of a JSON object, or the whole value when it is not an object.
 fn withhold_values(value: Option<&mut Value>) {
     match value {
@@ -1230,6 +1256,35 @@ mod tests {
         );
         assert_eq!(recorded_json["metadata"]["name"], "db");
         assert_eq!(recorded["bytes"], body.to_string().len());
+    }
+
+    #[test]
+    fn binary_data_withheld_from_recorded_writes() {
+        let body = json!({
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "blobs",
+                "annotations": {LAST_APPLIED: "{\"binaryData\":{\"card\":\"NDExMTExMTExMTExMTExMQ==\"}}"},
+            },
+            "data": {"note": "plain"},
+            "binaryData": {"card": "NDExMTExMTExMTExMTExMQ=="},
+        });
+        let recorded = recorded_write_body(body.to_string().as_bytes(), &MaskPolicy::default());
+        let text = recorded["text"].as_str().expect("recorded text");
+        assert!(!text.contains("NDExMTExMTExMTExMTExMQ=="), "{text}");
+        let recorded_json: Value = serde_json::from_str(text).expect("recorded JSON");
+        assert_eq!(recorded_json["binaryData"]["card"], WITHHELD);
+        assert_eq!(
+            recorded_json["metadata"]["annotations"][LAST_APPLIED],
+            WITHHELD
+        );
+        assert_eq!(recorded_json["data"]["note"], "plain");
+        assert_eq!(recorded["bytes"], body.to_string().len());
+
+        // A body without binaryData is recorded as it came, masked.
+        let plain = br#"{"data":{"card":"4111111111111111"}}"#;
+        let recorded = recorded_write_body(plain, &MaskPolicy::default());
+        assert_eq!(recorded["text"], r#"{"data":{"card":"411111******1111"}}"#);
     }
 
     #[test]
