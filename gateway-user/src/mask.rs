@@ -228,7 +228,7 @@ struct HexRun {
     masker: StreamMasker,
     /// The hex digits of the decoded bytes the masker holds back, so bytes it leaves unchanged
     /// go out as they came, in their case.
-    held: std::collections::VecDeque<[u8; 2]>,
+    unsettled_pairs: std::collections::VecDeque<[u8; 2]>,
     /// A hex digit waiting for its pair.
     half: Option<u8>,
     decoded: Vec<u8>,
@@ -239,7 +239,7 @@ impl HexRun {
     fn new(policy: MaskPolicy) -> Self {
         Self {
             masker: StreamMasker::new(policy),
-            held: std::collections::VecDeque::new(),
+            unsettled_pairs: std::collections::VecDeque::new(),
             half: None,
             decoded: Vec::new(),
             masked_out: Vec::new(),
@@ -255,7 +255,7 @@ impl HexRun {
                 Some(first) => {
                     let pair = [first, digit];
                     self.decoded.push(hex_byte(&pair));
-                    self.held.push_back(pair);
+                    self.unsettled_pairs.push_back(pair);
                 }
             }
         }
@@ -265,7 +265,7 @@ impl HexRun {
         masked
     }
 
-    /// Ends the run: writes out every held byte. Returns the PAN count and the unpaired digit,
+    /// Ends the run: writes out every byte held back. Returns the PAN count and the unpaired digit,
     /// which belongs to the text after the run.
     fn finish(&mut self, out: &mut Vec<u8>) -> (usize, Option<u8>) {
         self.masked_out.clear();
@@ -276,7 +276,10 @@ impl HexRun {
 
     fn write_settled(&mut self, out: &mut Vec<u8>) {
         for &byte in &self.masked_out {
-            let pair = self.held.pop_front().expect("a held pair per settled byte");
+            let pair = self
+                .unsettled_pairs
+                .pop_front()
+                .expect("an unsettled pair per settled byte");
             if hex_byte(&pair) == byte {
                 out.extend_from_slice(&pair);
             } else {
@@ -919,6 +922,21 @@ mod tests {
         (out, count)
     }
 
+    /// Checks that masking `input` in `piece`-sized steps gives what masking it whole gives,
+    /// and returns the whole result's PAN count.
+    fn assert_streamed_like_whole(input: &str, piece: usize) -> usize {
+        let mut whole = input.as_bytes().to_vec();
+        let count = mask_in_place_with_hex(&mut whole, &MaskPolicy::default());
+        let (streamed, streamed_count) = hex_streamed(input.as_bytes(), piece);
+        assert_eq!(
+            String::from_utf8_lossy(&streamed),
+            String::from_utf8_lossy(&whole),
+            "{input:?} in pieces of {piece}"
+        );
+        assert_eq!(streamed_count, count, "{input:?} in pieces of {piece}");
+        count
+    }
+
     #[test]
     fn hex_streamed_equals_whole() {
         let value = hex_of("card 4111 1111 1111 1111 end");
@@ -938,17 +956,9 @@ mod tests {
             format!("{}1{}", &value[..value.len() - 1], value),
         ];
         for input in inputs {
-            let mut whole = input.as_bytes().to_vec();
-            let count = mask_in_place_with_hex(&mut whole, &MaskPolicy::default());
-            assert!(count > 0, "{input}");
             for piece in 1..=input.len() {
-                let (streamed, streamed_count) = hex_streamed(input.as_bytes(), piece);
-                assert_eq!(
-                    String::from_utf8_lossy(&streamed),
-                    String::from_utf8_lossy(&whole),
-                    "pieces of {piece}"
-                );
-                assert_eq!(streamed_count, count, "pieces of {piece}");
+                let count = assert_streamed_like_whole(&input, piece);
+                assert!(count > 0, "{input}");
             }
         }
     }
@@ -987,16 +997,8 @@ mod tests {
             for _ in 0..1 + next() % 12 {
                 input.push_str(parts[(next() % parts.len() as u64) as usize]);
             }
-            let mut whole = input.as_bytes().to_vec();
-            let count = mask_in_place_with_hex(&mut whole, &MaskPolicy::default());
             let piece = 1 + (next() % input.len() as u64) as usize;
-            let (streamed, streamed_count) = hex_streamed(input.as_bytes(), piece);
-            assert_eq!(
-                String::from_utf8_lossy(&streamed),
-                String::from_utf8_lossy(&whole),
-                "{input:?} in pieces of {piece}"
-            );
-            assert_eq!(streamed_count, count, "{input:?} in pieces of {piece}");
+            assert_streamed_like_whole(&input, piece);
         }
     }
 

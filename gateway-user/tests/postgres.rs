@@ -1347,6 +1347,27 @@ fn physical_replication_rejected() {
     assert_eq!(end["bytes"]["from_upstream"], 0, "{end}");
 }
 
+/// Arguments of `pg_recvlogical --start` on `slot` as rawuser, writing to standard output,
+/// followed by `extra`.
+fn recvlogical_args<'a>(host: &'a str, slot: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "-h",
+        host,
+        "-U",
+        "rawuser",
+        "-d",
+        "postgres",
+        "--slot",
+        slot,
+        "--start",
+        "--no-loop",
+        "-f",
+        "-",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Logical decoding passes: its changes arrive as text the masker scans, so a card number
 /// inserted into a table comes out of `pg_recvlogical` masked, and the replication commands are
 /// recorded.
@@ -1368,22 +1389,7 @@ fn logical_replication_masked() {
         &setup,
         true,
         "pg_recvlogical",
-        &[
-            "-h",
-            &host,
-            "-U",
-            "rawuser",
-            "-d",
-            "postgres",
-            "--slot",
-            "cards_slot",
-            "--start",
-            "--no-loop",
-            "--endpos",
-            end_position.trim(),
-            "-f",
-            "-",
-        ],
+        &recvlogical_args(&host, "cards_slot", &["--endpos", end_position.trim()]),
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -1419,20 +1425,7 @@ fn logical_replication_masked() {
     let mut streaming = setup
         .node
         .in_pod(&setup.pod, setup.postgres.bin_dir.join("pg_recvlogical"))
-        .args([
-            "-h",
-            &host,
-            "-U",
-            "rawuser",
-            "-d",
-            "postgres",
-            "--slot",
-            "cards_slot",
-            "--start",
-            "--no-loop",
-            "-f",
-            "-",
-        ])
+        .args(recvlogical_args(&host, "cards_slot", &[]))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1479,26 +1472,18 @@ fn logical_replication_masked() {
         &setup,
         true,
         "pg_recvlogical",
-        &[
-            "-h",
+        &recvlogical_args(
             &host,
-            "-U",
-            "rawuser",
-            "-d",
-            "postgres",
-            "--slot",
             "binary_slot",
-            "--start",
-            "--no-loop",
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=cards_pub",
-            "-o",
-            "binary=true",
-            "-f",
-            "-",
-        ],
+            &[
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=cards_pub",
+                "-o",
+                "binary=true",
+            ],
+        ),
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");

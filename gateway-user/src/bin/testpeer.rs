@@ -746,7 +746,7 @@ mod pg_script {
                     }
                 }
                 "read-in-background" => {
-                    let wanted: usize = rest.parse()?;
+                    let expected_ready: usize = rest.parse()?;
                     let mut socket = reader_socket
                         .as_ref()
                         .ok_or_else(|| anyhow::anyhow!("read-in-background needs plain TCP"))?
@@ -755,7 +755,7 @@ mod pg_script {
                     socket.set_write_timeout(Some(STALL_LIMIT))?;
                     background = Some(std::thread::spawn(move || {
                         let mut seen = 0;
-                        while seen < wanted {
+                        while seen < expected_ready {
                             let Some((tag, body)) = read_message(&mut socket, Duration::ZERO)?
                             else {
                                 println!("{}", json!({ "eof": true }));

@@ -552,7 +552,7 @@ pub fn run(
         "eof-mid-packet" => bad_handshake(addr, &[100, 0, 0, 1, 1, 2, 3, 4, 5], true)?,
         "session-commands" => session_commands(addr, user, database, deprecate_eof)?,
         "abandon" => {
-            // Asks for an 8 MB row, reads the start of the answer, then resets the connection
+            // Requests an 8 MB row, reads the first packet of the result, then resets the connection
             // while the rest is still on its way.
             let mut client = Client::login(addr, user, database, deprecate_eof)?;
             let mut payload = vec![COM_QUERY];

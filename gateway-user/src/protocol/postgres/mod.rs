@@ -261,12 +261,6 @@ pub(super) fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
-/// Masks the card numbers in a whole text value or message: those written as digits, and those
-/// inside hex-encoded bytes as PostgreSQL prints `bytea` (`\x...`).
-pub(super) fn mask_text(buf: &mut [u8], mask: &MaskPolicy) -> usize {
-    mask_in_place_with_hex(buf, mask)
-}
-
 /// Message of the FATAL error that rejects a physical replication session.
 const PHYSICAL_REPLICATION_REJECTED: &str = "gateway: physical replication (pg_basebackup, \
     pg_receivewal, standbys) is rejected, because it copies data files and WAL in which card \
@@ -1076,10 +1070,10 @@ fn recorded_prefix(prefix: &[u8], total: usize, mask: &MaskPolicy) -> String {
     if total > RECORDED_TEXT_LIMIT {
         // Mask with the digits after the cut in view, so a number across it is still caught.
         let mut window = prefix.to_vec();
-        mask_text(&mut window, mask);
+        mask_in_place_with_hex(&mut window, mask);
         copy.copy_from_slice(&window[..RECORDED_TEXT_LIMIT]);
     } else {
-        mask_text(&mut copy, mask);
+        mask_in_place_with_hex(&mut copy, mask);
     }
     let mut shown = super::utf8_text(copy);
     if total > RECORDED_TEXT_LIMIT {
@@ -1324,7 +1318,7 @@ fn backend_message(
             if state.copy_binary {
                 rows::mask_copy_binary(&mut body, &context.mask);
             } else {
-                mask_text(&mut body, &context.mask);
+                mask_in_place_with_hex(&mut body, &context.mask);
             }
             Ok(codec::frame(tag, &body))
         }
@@ -1335,7 +1329,7 @@ fn backend_message(
         // NoticeResponse and NotificationResponse (a NOTIFY payload) may quote data.
         b'N' | b'A' => {
             let mut body = body.to_vec();
-            mask_text(&mut body, &context.mask);
+            mask_in_place_with_hex(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
         }
         b'K' => {
@@ -1406,7 +1400,7 @@ fn backend_message(
             }
             drop(shared);
             let mut body = body.to_vec();
-            mask_text(&mut body, &context.mask);
+            mask_in_place_with_hex(&mut body, &context.mask);
             Ok(codec::frame(tag, &body))
         }
         b'Z' => {

@@ -19,7 +19,7 @@
 //! RowDescription) are overwritten whatever their content. Each byte of a text value becomes
 //! the mask character and each byte of a binary value zero, so the width stays the same.
 
-use crate::mask::{MaskPolicy, StreamMasker, mask_in_place};
+use crate::mask::{MaskPolicy, StreamMasker, mask_in_place, mask_in_place_with_hex};
 
 use super::codec::{BodyReader, CodecError};
 
@@ -114,7 +114,7 @@ const COPY_BINARY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 pub fn mask_copy_binary(body: &mut [u8], policy: &MaskPolicy) -> usize {
     match mask_copy_tuples(body, policy) {
         Some(masked) => masked,
-        None => super::mask_text(body, policy),
+        None => mask_in_place_with_hex(body, policy),
     }
 }
 
@@ -171,7 +171,7 @@ fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
     if binary && let Some(masked) = mask_numeric(value, policy) {
         return masked;
     }
-    super::mask_text(value, policy)
+    mask_in_place_with_hex(value, policy)
 }
 
 /// Base of `numeric`'s digit groups.
