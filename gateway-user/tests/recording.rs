@@ -809,3 +809,62 @@ fn short_retention_needs_force() {
     assert!(stderr.contains("recording.retention_days"), "{stderr}");
     assert!(stderr.contains("force_short_retention"), "{stderr}");
 }
+
+/// Runs gatewayctl on `store` mounted read-only, in a mount namespace of its own.
+fn gatewayctl_read_only(store: &Path, args: &[&str]) -> Output {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-ec"])
+        .arg(r#"mount --bind "$1" "$1"; mount -o remount,bind,ro "$1"; store=$1; shift; exec "$@""#)
+        .arg("sh")
+        .arg(store)
+        .arg(GATEWAYCTL)
+        .arg("sessions")
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .expect("run gatewayctl in a mount namespace")
+}
+
+/// An archived copy on read-only media can be verified: the read that cannot be recorded is
+/// named on stderr. Reads that show recorded content still refuse such a store.
+#[test]
+fn read_only_store_verified_not_shown() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = dir.path().join("store");
+    let (sql_id, _) = write_store(&store);
+    let journal_before: Vec<Vec<u8>> = journal_segments(&store)
+        .iter()
+        .map(|path| fs::read(path).expect("journal segment"))
+        .collect();
+
+    let output = gatewayctl_read_only(&store, &["verify", "--all"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout(&output).contains("PASS: 2 sessions"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(
+        stderr.contains("not recorded") && stderr.contains("Read-only file system"),
+        "{stderr}"
+    );
+
+    let output = gatewayctl_read_only(&store, &["show", &sql_id]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("must be recorded"), "{stderr}");
+    assert!(!contains(&output.stdout, "SELECT"), "nothing shown");
+
+    let journal_after: Vec<Vec<u8>> = journal_segments(&store)
+        .iter()
+        .map(|path| fs::read(path).expect("journal segment"))
+        .collect();
+    assert_eq!(journal_before, journal_after, "the journal is unchanged");
+
+    // The same store, writable again, records the verify.
+    let (code, text) = verify(&store);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("not recorded"), "{text}");
+}

@@ -206,14 +206,25 @@ pub fn run(args: SessionsArgs) -> anyhow::Result<bool> {
                 );
             }
             let key = PublicKey::from_file(&key_path)?;
-            record_access(
+            let recorded = record_access(
                 &store,
                 "verify",
                 json!({
                     "sessions": session.as_ref().map_or_else(|| json!("all"), |s| json!([s.id])),
                     "public_key": key.id(),
                 }),
-            )?;
+            );
+            // An archived copy is often on read-only media. Verifying shows no recorded content,
+            // only whether the chains hold, so it goes on there; the reads that show content do not.
+            if let Err(error) = recorded {
+                if !cannot_write(&error) {
+                    return Err(error);
+                }
+                eprintln!(
+                    "note: this verify is not recorded in the store's journal, which cannot be written here ({}); verifying anyway",
+                    error.root_cause()
+                );
+            }
             let report = verify::verify_store(
                 &store,
                 session.as_ref(),
@@ -257,6 +268,20 @@ fn record_access(store: &Path, command: &str, what: Value) -> anyhow::Result<()>
         .and_then(|_| journal.sync())
         .with_context(|| format!("cannot record this read in the journal under {}; reads of recordings must be recorded", store.display()))?;
     Ok(())
+}
+
+/// Tells whether `error` comes from a store this process may not write: a read-only file system
+/// or missing write permission.
+fn cannot_write(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+            )
+        })
 }
 
 /// Looks the user name of `uid` up in `/etc/passwd`.
