@@ -215,7 +215,7 @@ pub fn run(args: SessionsArgs) -> anyhow::Result<bool> {
                 }),
             );
             // An archived copy is often on read-only media. Verifying shows no recorded content,
-            // only whether the chains hold, so it goes on there; the reads that show content do not.
+            // only whether the chains hold, so it runs there. Reads that show content do not.
             if let Err(error) = recorded {
                 if !cannot_write(&error) {
                     return Err(error);
