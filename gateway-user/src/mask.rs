@@ -34,10 +34,20 @@
 //! follow `\x`, `0x` or `x'` (PostgreSQL prints `bytea` so), mask the PANs in the decoded
 //! bytes, and write the masked bytes back in hex, keeping the length. The runs' hex digits are
 //! not read as decimal digits, so masking never turns valid hex into invalid hex.
+//!
+//! # Base64 strings
+//!
+//! [`mask_base64_strings`] and [`StreamMasker::with_base64`] decode the base64 strings of JSON
+//! text, where the Kubernetes API puts byte fields, and mask them the same way (see the
+//! `base64` submodule).
 
 use std::fmt;
 
 use crate::operations::metrics::metrics;
+
+mod base64;
+
+pub use base64::mask_base64_strings;
 
 /// Minimum digits in a PAN: the shortest numbers these schemes issue (older Visa cards) have 13.
 const MIN_PAN_DIGITS: usize = 13;
@@ -384,6 +394,9 @@ pub struct StreamMasker {
     carry: Vec<u8>,
     /// The hex runs' masker, when made with [`with_hex`](Self::with_hex).
     hex: Option<Box<HexStreamMasker>>,
+    /// The base64 strings' pass, when made with [`with_base64`](Self::with_base64). It reads
+    /// what the digit scan settled.
+    base64: Option<Box<base64::Base64Strings>>,
 }
 
 impl StreamMasker {
@@ -394,7 +407,16 @@ impl StreamMasker {
             context: Context::Clear,
             carry: Vec::with_capacity(MAX_CARRY),
             hex: None,
+            base64: None,
         }
+    }
+
+    /// Also masks the PANs inside base64 strings of JSON text, like [`mask_base64_strings`]
+    /// after [`mask_in_place`]: the form the Kubernetes API gives byte fields such as a
+    /// Secret's `data`.
+    pub fn with_base64(mut self) -> Self {
+        self.base64 = Some(Box::new(base64::Base64Strings::new(self.policy.clone())));
+        self
     }
 
     /// Masks like [`mask_in_place_with_hex`] instead: the PANs inside hex-encoded runs too.
@@ -407,6 +429,37 @@ impl StreamMasker {
     /// is settled (with PAN digits masked) and holds back the rest. Returns how many PANs it
     /// masked.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        let Some(mut strings) = self.base64.take() else {
+            return self.feed_digits(input, out);
+        };
+        let mut text = std::mem::take(&mut strings.text);
+        text.clear();
+        let mut masked = self.feed_digits(input, &mut text);
+        masked += strings.feed(&text, out);
+        strings.text = text;
+        self.base64 = Some(strings);
+        masked
+    }
+
+    /// Appends the bytes still held back to `out`, masking any PAN among them, and returns how
+    /// many PANs it masked. The end of the stream counts as a boundary. Afterwards the masker is
+    /// ready for a new stream.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+        let Some(mut strings) = self.base64.take() else {
+            return self.finish_digits(out);
+        };
+        let mut text = std::mem::take(&mut strings.text);
+        text.clear();
+        let mut masked = self.finish_digits(&mut text);
+        masked += strings.feed(&text, out);
+        masked += strings.finish(out);
+        strings.text = text;
+        self.base64 = Some(strings);
+        masked
+    }
+
+    /// [`feed`](Self::feed) before the base64 pass: digits and hex runs.
+    fn feed_digits(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
         let Some(mut hex) = self.hex.take() else {
             return self.flush_into(input, false, out);
         };
@@ -415,10 +468,8 @@ impl StreamMasker {
         masked
     }
 
-    /// Appends the bytes still held back to `out`, masking any PAN among them, and returns how
-    /// many PANs it masked. The end of the stream counts as a boundary. Afterwards the masker is
-    /// ready for a new stream.
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+    /// [`finish`](Self::finish) before the base64 pass.
+    fn finish_digits(&mut self, out: &mut Vec<u8>) -> usize {
         let mut masked = 0;
         if let Some(mut hex) = self.hex.take() {
             masked += hex.finish(self, out);

@@ -2432,3 +2432,79 @@ spec:
         "{log}"
     );
 }
+
+/// A card number in a Secret's `data` or a ConfigMap's `binaryData` is base64 in JSON. It comes
+/// back masked, still valid base64 of the same length, and the rest of each value unchanged.
+#[test]
+fn kubectl_sees_base64_values_masked() {
+    const POLICY: &str = "\
+apiVersion: gateway.example.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: cluster
+spec:
+  defaults:
+    kube_api:
+      action: allow
+";
+    let cluster = InCluster::with_policy("kubectl_sees_base64_values_masked", "", Some(POLICY));
+    let engine = base64::engine::general_purpose::STANDARD;
+    let run = |args: &[&str]| {
+        let output = cluster.kubectl(args).output().expect("run kubectl");
+        assert!(output.status.success(), "{args:?}: {}", stderr_of(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    run(&[
+        "create",
+        "secret",
+        "generic",
+        "card",
+        &format!("--from-literal=pan={PAN}"),
+        "--from-literal=user=ada",
+    ]);
+    // Bytes that are not UTF-8 make kubectl put the file into `binaryData`.
+    let blob = cluster.home.join("blob.bin");
+    let mut content = b"\xff\xfe card ".to_vec();
+    content.extend_from_slice(PAN.as_bytes());
+    content.extend_from_slice(b" end\n");
+    std::fs::write(&blob, &content).expect("write blob");
+    run(&[
+        "create",
+        "configmap",
+        "blob",
+        &format!("--from-file=blob={}", blob.display()),
+    ]);
+
+    let secret: Value =
+        serde_json::from_str(&run(&["get", "secret", "card", "-o", "json"])).expect("secret JSON");
+    let pan = secret["data"]["pan"].as_str().expect("pan is a string");
+    assert_eq!(pan.len(), engine.encode(PAN).len());
+    assert_eq!(
+        engine.decode(pan).expect("still base64"),
+        MASKED_PAN.as_bytes()
+    );
+    assert_eq!(secret["data"]["user"], engine.encode("ada"));
+
+    let shown = run(&[
+        "get",
+        "configmap",
+        "blob",
+        "-o",
+        "jsonpath={.binaryData.blob}",
+    ]);
+    let decoded = engine.decode(shown.trim()).expect("still base64");
+    let mut expected = b"\xff\xfe card ".to_vec();
+    expected.extend_from_slice(MASKED_PAN.as_bytes());
+    expected.extend_from_slice(b" end\n");
+    assert_eq!(decoded, expected);
+
+    // The writes reached the API server unmasked: masking applies to what flows back.
+    let log = cluster.api.log();
+    assert_eq!(
+        log.matches("method=POST path=/api/v1/namespaces/default/secrets status=201")
+            .count(),
+        1,
+        "{log}"
+    );
+}

@@ -21,7 +21,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use serde_json::{Value, json};
 
 use super::Recording;
-use crate::mask::{MaskPolicy, StreamMasker};
+use crate::mask::StreamMasker;
 
 /// The record of one request, written once: when its response body ends, fails or is dropped
 /// (the client went away), or at once for answers the gateway makes itself.
@@ -122,10 +122,11 @@ pub struct MaskedBody {
 }
 
 impl MaskedBody {
-    pub fn new(inner: Incoming, policy: MaskPolicy, log: RequestLog) -> Self {
+    /// Wraps `inner`, masked with `masker`.
+    pub fn new(inner: Incoming, masker: StreamMasker, log: RequestLog) -> Self {
         Self {
             inner,
-            masker: StreamMasker::new(policy),
+            masker,
             fields: None,
             pending_trailers: None,
             done: false,

@@ -64,7 +64,7 @@ use self::{
 };
 use crate::{
     identity::Subject,
-    mask::{MaskPolicy, mask_in_place},
+    mask::{MaskPolicy, StreamMasker, mask_in_place},
     policy::{Decision, KubeRequestFacts, KubeRule, judge_kube},
     protocol::tcp::RelayResult,
     record::{Fields, Outcome, SessionRecord},
@@ -663,7 +663,13 @@ fn client_response(
             session.context.mask.mask_char,
         )
     });
-    let body = MaskedBody::new(body, session.context.mask.clone(), log).with_fields(fields);
+    // JSON carries byte fields (a Secret's `data`, a ConfigMap's `binaryData`) in base64, so
+    // a card number there is decoded to be found. Protobuf carries them as they are.
+    let mut masker = StreamMasker::new(session.context.mask.clone());
+    if json {
+        masker = masker.with_base64();
+    }
+    let body = MaskedBody::new(body, masker, log).with_fields(fields);
     Response::from_parts(parts, body.boxed_unsync())
 }
 
