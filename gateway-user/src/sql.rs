@@ -23,7 +23,7 @@ use std::{
 
 use serde::Serialize;
 use sqlparser::{
-    ast::{Statement, visit_relations},
+    ast::{ObjectName, Statement, visit_relations},
     dialect::{Dialect, MySqlDialect, PostgreSqlDialect},
     parser::Parser,
     tokenizer::{Token, Tokenizer},
@@ -61,6 +61,12 @@ static SHAPES: LazyLock<Mutex<ShapeCache>> = LazyLock::new(|| Mutex::new(HashMap
 
 /// Analyses every statement in `text`.
 pub fn analyze(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
+    // MariaDB runs the text of `/*M! ... */` comments as it runs MySQL's `/*! ... */`, which
+    // the parser reads as SQL.
+    if dialect == SqlDialect::Mysql && (text.contains("/*M!") || text.contains("/*m!")) {
+        let rewritten = text.replace("/*M!", "/*!").replace("/*m!", "/*!");
+        return analyze(&rewritten, dialect);
+    }
     let Some(key) = shape(text, dialect) else {
         return analyze_uncached(text, dialect);
     };
@@ -290,10 +296,23 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
     }
 }
 
+/// Returns `name` as the tables of a rule are written: its parts joined by dots, quoted
+/// identifiers without their quotes (`` `payments`.`cards` `` gives `payments.cards`).
+fn table_name(name: &ObjectName) -> String {
+    name.0
+        .iter()
+        .map(|part| match part.as_ident() {
+            Some(ident) => ident.value.clone(),
+            None => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 fn describe(statement: &Statement) -> StatementInfo {
     let mut tables = Vec::new();
     let _ = visit_relations(statement, |name| {
-        let name = name.to_string();
+        let name = table_name(name);
         if !tables.contains(&name) {
             tables.push(name);
         }
@@ -306,11 +325,11 @@ fn describe(statement: &Statement) -> StatementInfo {
         }
     };
     match statement {
-        Statement::Drop { names, .. } => names.iter().for_each(|name| add(name.to_string())),
+        Statement::Drop { names, .. } => names.iter().for_each(|name| add(table_name(name))),
         Statement::Truncate(truncate) => truncate
             .table_names
             .iter()
-            .for_each(|target| add(target.name.to_string())),
+            .for_each(|target| add(table_name(&target.name))),
         _ => {}
     }
     let (kind, has_where) = match statement {
@@ -359,6 +378,33 @@ mod tests {
         assert_eq!(infos[2].has_where, Some(false));
         assert_eq!(infos[3].kind, "update");
         assert_eq!(infos[3].has_where, Some(true));
+    }
+
+    #[test]
+    fn mariadb_executable_comments_read() {
+        for text in ["/*M! DROP TABLE v14 */", "/*M!100000 DROP TABLE v2 */"] {
+            let infos = analyze(text, SqlDialect::Mysql);
+            assert_eq!(infos[0].kind, "drop", "{text}");
+        }
+    }
+
+    #[test]
+    fn quoted_table_names_unquoted() {
+        let mysql = analyze(
+            "DELETE FROM `cards` WHERE id = 1; UPDATE `payments`.`cards` SET note = 'x' WHERE id = 2; \
+             DROP TABLE `audit`; TRUNCATE TABLE `log`",
+            SqlDialect::Mysql,
+        );
+        let tables: Vec<&[String]> = mysql.iter().map(|info| info.tables.as_slice()).collect();
+        assert_eq!(
+            tables,
+            [&["cards"][..], &["payments.cards"], &["audit"], &["log"]]
+        );
+        let postgres = analyze(
+            r#"DELETE FROM "public"."cards" WHERE id = 1"#,
+            SqlDialect::Postgres,
+        );
+        assert_eq!(postgres[0].tables, ["public.cards"]);
     }
 
     #[test]

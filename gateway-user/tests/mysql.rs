@@ -926,3 +926,61 @@ spec:
         "{output}"
     );
 }
+
+/// Card numbers in the server's other packets (a column name, an ERR message that starts with
+/// the number) come back masked, a MariaDB executable comment is judged as SQL, and quoted table
+/// names are recorded without their quotes.
+#[test]
+fn server_text_fields_and_comments() {
+    let setup = my_setup("server_text_fields_and_comments");
+    card_table(&setup.mariadb);
+
+    let header = cli_ok(&setup, true, "SELECT 7 AS `4111111111111111`");
+    assert_eq!(header.trim_end(), "411111******1111\n7");
+
+    let output = cli(
+        &setup,
+        true,
+        "gateway",
+        &[
+            "-e",
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '4111111111111111'",
+        ],
+    );
+    // The CLI echoes the failed statement itself before the server's error line.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error = stderr
+        .lines()
+        .find(|line| line.starts_with("ERROR"))
+        .unwrap_or_default();
+    assert_eq!(
+        error, "ERROR 1644 (45000) at line 1: 411111******1111",
+        "{stderr}"
+    );
+
+    for comment in ["/*M! DROP TABLE cards */", "/*M!100000 DROP TABLE cards */"] {
+        let output = cli(&setup, true, "gateway", &["-e", comment]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("ERROR 1142 (42000)"), "{comment}: {stderr}");
+    }
+    assert_eq!(
+        setup
+            .mariadb
+            .admin_sql("SELECT COUNT(*) FROM payments.cards")
+            .trim(),
+        "6"
+    );
+
+    cli_ok(&setup, true, "DELETE FROM `payments`.`cards` WHERE id = 99");
+    setup.node.wait_for_sessions(5);
+    let recorded = statements(&setup.node);
+    let delete = recorded
+        .iter()
+        .find(|statement| statement["kind"] == "delete")
+        .expect("the DELETE is recorded");
+    assert_eq!(delete["tables"], json!(["payments.cards"]), "{delete}");
+    for path in setup.node.session_files() {
+        let text = std::fs::read_to_string(&path).expect("read recording");
+        assert!(!text.contains("4111111111111111"), "{text}");
+    }
+}

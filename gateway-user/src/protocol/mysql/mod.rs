@@ -17,6 +17,7 @@ mod auth;
 pub mod handshake;
 mod judge;
 pub mod packet;
+mod replies;
 pub mod rows;
 
 use std::{
@@ -414,6 +415,7 @@ async fn session(
         client_tls,
         upstream_tls: context.upstream_tls.is_some(),
         statements: HashMap::new(),
+        last_prepared: None,
         approvals: judge::SessionApprovals::default(),
     };
     // The client's sequence ids run ahead of the server's by the SSL request each leg sent.
@@ -517,11 +519,27 @@ struct Session<'a> {
     client_tls: bool,
     upstream_tls: bool,
     statements: HashMap<u32, Prepared>,
+    /// Id of the statement prepared last, which MariaDB lets commands name as `0xffffffff`.
+    last_prepared: Option<u32>,
     /// Rules approved for the rest of the session.
     approvals: judge::SessionApprovals,
 }
 
 impl Session<'_> {
+    /// Tells whether OK packets carry their info and session state as length-encoded strings.
+    fn session_track(&self) -> bool {
+        self.capabilities & handshake::CLIENT_SESSION_TRACK != 0
+    }
+
+    /// Returns the prepared statement a command names: `0xffffffff` stands for the one
+    /// prepared last, as MariaDB reads it.
+    fn statement_id(&self, id: u32) -> u32 {
+        match (id, self.last_prepared) {
+            (u32::MAX, Some(last)) => last,
+            _ => id,
+        }
+    }
+
     /// Reads a whole client payload under `limit`; `None` when the client closed cleanly.
     async fn read_client(&mut self, limit: Limit) -> Result<Option<Payload>, SessionEnd> {
         let payload = self
@@ -607,14 +625,16 @@ impl Session<'_> {
             let data = &reply.data;
             match data.first() {
                 Some(&OK_HEADER) => {
-                    self.send_client(client_seq, data).await?;
+                    let mut masked = data.to_vec();
+                    replies::mask_ok(&mut masked, self.session_track(), &self.context.mask);
+                    self.send_client(client_seq, &masked).await?;
                     self.to_client.flush().await.map_err(client_error)?;
                     return Ok(AuthOutcome::Accepted);
                 }
                 Some(&ERR_HEADER) => {
                     let summary = err_summary(data, &self.context.mask);
                     let mut masked = data.to_vec();
-                    mask_in_place(&mut masked, &self.context.mask);
+                    replies::mask_err(&mut masked, &self.context.mask);
                     self.send_client(client_seq, &masked).await?;
                     self.to_client.flush().await.map_err(client_error)?;
                     return Ok(AuthOutcome::Rejected(format!(
@@ -723,6 +743,7 @@ impl Session<'_> {
                 COM_STMT_EXECUTE => self.execute(payload).await?,
                 COM_STMT_CLOSE => {
                     if let Ok(id) = FieldReader::new(&payload.data[1..], "COM_STMT_CLOSE").u32() {
+                        let id = self.statement_id(id);
                         self.statements.remove(&id);
                     }
                     // No answer comes for COM_STMT_CLOSE.
@@ -731,7 +752,7 @@ impl Session<'_> {
                 }
                 COM_STMT_RESET => {
                     if let Ok(id) = FieldReader::new(&payload.data[1..], "COM_STMT_RESET").u32()
-                        && let Some(statement) = self.statements.get_mut(&id)
+                        && let Some(statement) = self.statements.get_mut(&self.statement_id(id))
                     {
                         statement.long_data.clear();
                     }
@@ -742,6 +763,7 @@ impl Session<'_> {
                 COM_CHANGE_USER => self.change_user(payload).await?,
                 COM_RESET_CONNECTION => {
                     self.statements.clear();
+                    self.last_prepared = None;
                     self.forward_simple(payload).await?;
                 }
                 COM_PING | COM_STATISTICS | COM_PROCESS_KILL | COM_DEBUG | COM_REFRESH
@@ -862,14 +884,16 @@ impl Session<'_> {
             }
             for _ in 0..count {
                 let definition = self.read_server(CONTROL_LIMIT, &mut expected).await?;
-                self.send_client(definition.first_seq, &definition.data)
-                    .await?;
+                let mut masked = definition.data.to_vec();
+                replies::mask_column_definition(&mut masked, &self.context.mask);
+                self.send_client(definition.first_seq, &masked).await?;
             }
             if !self.deprecate_eof {
                 let eof = self.read_server(CONTROL_LIMIT, &mut expected).await?;
                 self.send_client(eof.first_seq, &eof.data).await?;
             }
         }
+        self.last_prepared = Some(id);
         self.statements.insert(
             id,
             Prepared {
@@ -887,6 +911,7 @@ impl Session<'_> {
         let id = FieldReader::new(body, "COM_STMT_EXECUTE")
             .u32()
             .map_err(client_error)?;
+        let id = self.statement_id(id);
         let mask = self.context.mask.clone();
         let pending = match self.statements.get_mut(&id) {
             Some(statement) => {
@@ -956,7 +981,7 @@ impl Session<'_> {
         self.count(true, total);
         if prefix.len() == PREFIX {
             let mut reader = FieldReader::new(&prefix[1..], "COM_STMT_SEND_LONG_DATA");
-            let id = reader.u32().map_err(client_error)?;
+            let id = self.statement_id(reader.u32().map_err(client_error)?);
             let param = reader.u16().map_err(client_error)?;
             if let Some(statement) = self.statements.get_mut(&id) {
                 let bytes = (total - PREFIX) as u64;
@@ -976,6 +1001,7 @@ impl Session<'_> {
         let id = FieldReader::new(&payload.data[1..], "COM_STMT_FETCH")
             .u32()
             .map_err(client_error)?;
+        let id = self.statement_id(id);
         let columns = self
             .statements
             .get(&id)
@@ -1058,6 +1084,7 @@ impl Session<'_> {
         }
         // The server forgets prepared statements on COM_CHANGE_USER whatever the outcome.
         self.statements.clear();
+        self.last_prepared = None;
         Ok(())
     }
 
@@ -1071,10 +1098,13 @@ impl Session<'_> {
             if first == ERR_HEADER {
                 return self.forward_error(reply, None, None).await;
             }
-            self.send_client(reply.first_seq, &reply.data).await?;
             if is_eof(first, reply.data.len()) {
+                self.send_client(reply.first_seq, &reply.data).await?;
                 return Ok(());
             }
+            let mut masked = reply.data.to_vec();
+            replies::mask_column_definition(&mut masked, &self.context.mask);
+            self.send_client(reply.first_seq, &masked).await?;
         }
     }
 
@@ -1100,7 +1130,11 @@ impl Session<'_> {
         }
         // COM_STATISTICS answers with a bare text, which may quote anything.
         let mut data = reply.data.to_vec();
-        mask_in_place(&mut data, &self.context.mask);
+        if data.first() == Some(&OK_HEADER) && data.len() >= 7 {
+            replies::mask_ok(&mut data, self.session_track(), &self.context.mask);
+        } else {
+            mask_in_place(&mut data, &self.context.mask);
+        }
         self.send_client(reply.first_seq, &data).await?;
         if let Some(pending) = pending {
             self.record_statement(&pending, "ok", None);
@@ -1124,7 +1158,7 @@ impl Session<'_> {
             self.record_statement(&pending, "not_executed", None);
         }
         let mut data = reply.data.to_vec();
-        mask_in_place(&mut data, &self.context.mask);
+        replies::mask_err(&mut data, &self.context.mask);
         self.send_client(reply.first_seq, &data).await
     }
 
@@ -1174,7 +1208,9 @@ impl Session<'_> {
                 }
                 Some(OK_HEADER) => {
                     let status = parse_ok(&first.data).map_err(server_error)?;
-                    self.send_client(first.first_seq, &first.data).await?;
+                    let mut masked = first.data.to_vec();
+                    replies::mask_ok(&mut masked, self.session_track(), &self.context.mask);
+                    self.send_client(first.first_seq, &masked).await?;
                     if let Some(mut statement) = pending.pop_front() {
                         statement.rows += status.affected_rows;
                         self.record_statement(&statement, "ok", None);
@@ -1206,8 +1242,9 @@ impl Session<'_> {
                             rows::parse_column(&definition.data, &self.context.masked_columns)
                                 .map_err(server_error)?,
                         );
-                        self.send_client(definition.first_seq, &definition.data)
-                            .await?;
+                        let mut masked = definition.data.to_vec();
+                        replies::mask_column_definition(&mut masked, &self.context.mask);
+                        self.send_client(definition.first_seq, &masked).await?;
                     }
                     if let Some(id) = statement_id
                         && let Some(statement) = self.statements.get_mut(&id)
@@ -1323,6 +1360,10 @@ impl Session<'_> {
                         parse_eof(&body)
                     }
                     .map_err(server_error)?;
+                    let mut body = body.to_vec();
+                    if self.deprecate_eof {
+                        replies::mask_ok(&mut body, self.session_track(), &self.context.mask);
+                    }
                     self.send_client(header.seq, &body).await?;
                     return Ok(Ok(status));
                 }

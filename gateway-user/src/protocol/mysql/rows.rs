@@ -138,7 +138,7 @@ fn mask_fixed(value: &mut [u8], column: Column, policy: &MaskPolicy) -> usize {
 
 /// Masks the decimal form of `number`; returns the value with the hidden digits set to zero
 /// and the PAN count, or `None` when nothing was masked.
-fn mask_integer(number: i128, policy: &MaskPolicy) -> Option<(i128, usize)> {
+pub(super) fn mask_integer(number: i128, policy: &MaskPolicy) -> Option<(i128, usize)> {
     let negative = number < 0;
     let original = number.unsigned_abs().to_string().into_bytes();
     let mut digits = original.clone();
