@@ -12,8 +12,10 @@
 //! at a group of digits, uses one separator kind, and has 13 to 19 digits. A candidate is a PAN
 //! when all of these hold:
 //!
-//! - its run has at most 19 digits, because a PAN inside a longer run (an IBAN, a reference
-//!   number, a timestamp joined to it by a space) is indistinguishable from that longer number;
+//! - its run has at most 19 digits, or it starts or ends its longer run. A PAN followed by an
+//!   expiry date and a CVV (`4111111111111111 0926 123`) or after an order number is masked,
+//!   while one in the middle of a longer grouped number (an IBAN, a list of numbers) cannot be
+//!   told from a part of it and is not;
 //! - it is not the fraction of a decimal number (a run that starts after a digit and a dot,
 //!   `3.4111111111111111`) or its integer part (a run followed by a dot and a digit);
 //! - its leading digits fall in an issuer range of Visa, Mastercard, American Express, Discover,
@@ -58,8 +60,10 @@ const MAX_PAN_DIGITS: usize = 19;
 /// Maximum bytes a [`StreamMasker`] holds back between calls. A run that may still contain a PAN
 /// has at most 19 digits and the 18 single separators between them, and the space, dash or dot
 /// after its last digit is held too, because only the byte after it decides whether the run goes
-/// on or is the integer part of a decimal number.
-pub const MAX_CARRY: usize = 2 * MAX_PAN_DIGITS;
+/// on or is the integer part of a decimal number. A longer run is held back whole while a PAN
+/// that starts it could share digits with one that ends it: up to 38 digits, their separators
+/// and the byte after them.
+pub const MAX_CARRY: usize = 4 * MAX_PAN_DIGITS;
 
 /// Bytes tested at once while skipping text without digits. 32 bytes fill two SSE2 registers, so
 /// on the baseline x86-64 target each step compiles to two vector compares and one branch.
@@ -610,10 +614,11 @@ enum Context {
     /// The bytes before are a digit and a dot, so a run starting here is the fraction of a
     /// decimal number.
     AfterDecimalPoint,
-    /// The byte before is a digit of a run longer than 19 digits, which contains no PAN.
+    /// The byte before is a digit of a group of more than 19 digits in a run longer than 19
+    /// digits, so no PAN ends in that group.
     InLongRun,
     /// The bytes before are a digit of such a run and one space or dash, so a digit here
-    /// continues the long run.
+    /// starts a group of the long run.
     AfterLongRunSeparator,
 }
 
@@ -667,7 +672,32 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
         let decimal_before = start == pos && context == Context::AfterDecimalPoint;
 
         run.clear(continues_long_run);
-        match read_run(buf, start, at_end, &mut run) {
+        // Resumed inside a group: the group began before `buf`, longer than 19 digits.
+        run.partial_group = continues_long_run && context == Context::InLongRun;
+        let end = read_run(buf, start, at_end, &mut run);
+        if let RunEnd::Open { .. } = end
+            && run.head_len > 0
+            && run.len > 0
+            && run.offsets[0] <= run.head_offsets[run.head_len - 1]
+        {
+            // The last groups, which may still end a PAN, share digits with the head: hold the
+            // run back whole, unmasked, and read it again with more input.
+            let context = if decimal_before {
+                Context::AfterDecimalPoint
+            } else {
+                Context::Clear
+            };
+            return Scan {
+                settled: start,
+                context,
+                masked,
+            };
+        }
+        // The run became long here: the PANs that start it are known now.
+        if run.head_len > 0 && !decimal_before {
+            masked += mask_head(buf, &run, policy);
+        }
+        match end {
             RunEnd::Finished {
                 next,
                 next_context,
@@ -675,15 +705,27 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
             } => {
                 if !run.long {
                     masked += mask_run(buf, &run, decimal_before, decimal_after, policy);
+                } else if !decimal_after {
+                    masked += mask_tail(buf, &run, policy);
                 }
                 pos = next;
                 context = next_context;
             }
             RunEnd::Open { context_at_end } if run.long => {
-                return Scan {
-                    settled: buf.len(),
-                    context: context_at_end,
-                    masked,
+                // The last groups may still end in a PAN when the run ends, so they are held
+                // back from their first digit, which a separator of the run precedes.
+                return if run.len > 0 {
+                    Scan {
+                        settled: run.offsets[0],
+                        context: Context::AfterLongRunSeparator,
+                        masked,
+                    }
+                } else {
+                    Scan {
+                        settled: buf.len(),
+                        context: context_at_end,
+                        masked,
+                    }
                 };
             }
             RunEnd::Open { .. } => {
@@ -725,27 +767,58 @@ fn find_digit(buf: &[u8], from: usize) -> Option<usize> {
         .map(|offset| from + skipped + offset)
 }
 
-/// Digits of one run: the first 19 as values 0-9 with their positions in the buffer.
+/// Digits of one run as values 0-9 with their positions in the buffer: all of them while the
+/// run has at most 19, and once it is longer, its last whole groups that fit in 19 digits.
 #[derive(Default)]
 struct Run {
     digits: [u8; MAX_PAN_DIGITS],
     offsets: [usize; MAX_PAN_DIGITS],
     len: usize,
-    /// The run has more than 19 digits, so it contains no PAN.
+    /// The run has more than 19 digits. Only a PAN that starts or ends it counts, because
+    /// one in the middle of a long grouped number is indistinguishable from a part of it.
     long: bool,
+    /// The first group pushed continues a group that began before the buffer.
+    partial_group: bool,
+    /// When the run became long in this buffer, its first digits (`head_len` of them) before
+    /// the group that made it long. Zero otherwise.
+    head_digits: [u8; MAX_PAN_DIGITS],
+    head_offsets: [usize; MAX_PAN_DIGITS],
+    head_len: usize,
 }
 
 impl Run {
     fn clear(&mut self, long: bool) {
         self.len = 0;
         self.long = long;
+        self.partial_group = false;
+        self.head_len = 0;
     }
 
-    /// Adds the digits `buf[start..end]`, or marks the run long when they do not fit.
+    /// Adds the digits `buf[start..end]`, a whole group or the rest of one. A run that grows
+    /// past 19 digits becomes long: its digits so far become the head, and from then on it
+    /// keeps its last groups that fit in 19 digits.
     fn push_group(&mut self, buf: &[u8], start: usize, end: usize) {
-        if self.long || end - start > MAX_PAN_DIGITS - self.len {
+        let group = end - start;
+        if !self.long && group > MAX_PAN_DIGITS - self.len {
             self.long = true;
-            return;
+            self.head_digits = self.digits;
+            self.head_offsets = self.offsets;
+            self.head_len = self.len;
+        }
+        if self.long {
+            if std::mem::take(&mut self.partial_group) || group > MAX_PAN_DIGITS {
+                self.len = 0;
+                return;
+            }
+            // Drop whole groups from the front until this one fits.
+            while self.len + group > MAX_PAN_DIGITS {
+                let first_group = (1..self.len)
+                    .find(|&index| self.starts_group(index))
+                    .unwrap_or(self.len);
+                self.digits.copy_within(first_group..self.len, 0);
+                self.offsets.copy_within(first_group..self.len, 0);
+                self.len -= first_group;
+            }
         }
         for (offset, &byte) in (start..end).zip(&buf[start..end]) {
             self.digits[self.len] = byte - b'0';
@@ -866,6 +939,58 @@ fn mask_run(
         }
     }
     masked
+}
+
+/// Masks the PANs that start a long run: those among its first digits (the head) that end
+/// where a group ends.
+fn mask_head(buf: &mut [u8], run: &Run, policy: &MaskPolicy) -> usize {
+    let offsets = &run.head_offsets[..run.head_len];
+    let starts_group = |index: usize| index > 0 && offsets[index] != offsets[index - 1] + 1;
+    let mut masked = 0;
+    for end in MIN_PAN_DIGITS..=run.head_len {
+        // The group that made the run long starts after the head, past a separator.
+        if end < run.head_len && !starts_group(end) {
+            continue;
+        }
+        masked += mask_candidate(buf, &run.head_digits[..end], &offsets[..end], policy);
+    }
+    masked
+}
+
+/// Masks the PANs that end a finished long run: those among its last groups that start where
+/// a group starts.
+fn mask_tail(buf: &mut [u8], run: &Run, policy: &MaskPolicy) -> usize {
+    let mut masked = 0;
+    for first in 0..=run.len.saturating_sub(MIN_PAN_DIGITS) {
+        if run.len < MIN_PAN_DIGITS || (first > 0 && !run.starts_group(first)) {
+            continue;
+        }
+        masked += mask_candidate(
+            buf,
+            &run.digits[first..run.len],
+            &run.offsets[first..run.len],
+            policy,
+        );
+    }
+    masked
+}
+
+/// Masks one candidate, given by its digits and their offsets, when it is a PAN: one kind of
+/// separator, the Luhn check and an issuer prefix. Returns 1 when it masked it.
+fn mask_candidate(buf: &mut [u8], digits: &[u8], offsets: &[usize], policy: &MaskPolicy) -> usize {
+    let mut separators = (1..offsets.len())
+        .filter(|&index| offsets[index] != offsets[index - 1] + 1)
+        .map(|index| buf[offsets[index] - 1]);
+    if let Some(kind) = separators.next()
+        && !separators.all(|separator| separator == kind)
+    {
+        return 0;
+    }
+    if !passes_luhn(digits) || issuer(digits).is_none() {
+        return 0;
+    }
+    mask_digits(buf, offsets, policy);
+    1
 }
 
 /// Checks whether the separators between digits `first..end` of the run are all the same byte.
@@ -1228,13 +1353,41 @@ mod tests {
 
         assert_eq!(masked("41111111111111115"), "41111111111111115");
         assert_eq!(masked("041111111111111111"), "041111111111111111");
-        // 16 + 4 digits joined by a separator make a 20-digit run.
-        assert_eq!(masked("4111111111111111 1234"), "4111111111111111 1234");
-        assert_eq!(masked("1234-4111111111111111"), "1234-4111111111111111");
+        // In the middle of a longer grouped number, a PAN is indistinguishable from a part of it.
+        assert_eq!(
+            masked("1234 4111 1111 1111 1111 5678"),
+            "1234 4111 1111 1111 1111 5678"
+        );
+    }
+
+    #[test]
+    fn masks_pan_at_either_end_of_longer_run() {
+        // A card number with its expiry and CVV, or after an order number: 20 digits or more
+        // joined by separators, with the PAN at the start or the end.
+        assert_eq!(masked("4111111111111111 1234"), "411111******1111 1234");
+        assert_eq!(
+            masked("4111111111111111 0926 123"),
+            "411111******1111 0926 123"
+        );
+        assert_eq!(masked("1234-4111111111111111"), "1234-411111******1111");
+        assert_eq!(
+            masked("order 20241206 4111111111111111"),
+            "order 20241206 411111******1111"
+        );
+        assert_eq!(
+            masked("12345-4111-1111-1111-1111"),
+            "12345-4111-11**-****-1111"
+        );
         assert_eq!(
             masked("4111 1111 1111 1111 1111"),
-            "4111 1111 1111 1111 1111"
+            "4111 11** **** 1111 1111"
         );
+        // The end of the run is a decimal's integer part, so only the start counts.
+        assert_eq!(
+            masked("4111111111111111 0926 123.5"),
+            "411111******1111 0926 123.5"
+        );
+        assert_eq!(masked("0926 4111111111111111.5"), "0926 4111111111111111.5");
     }
 
     #[test]
@@ -1477,9 +1630,9 @@ mod tests {
         masker.feed(b" 4111111111111111 end", &mut out);
         masker.finish(&mut out);
 
-        // The PAN joins the long run through one space, so it stays as it is.
+        // The PAN ends the long run it joins through one space, so it is masked.
         assert_eq!(out.len(), 100_000 + 21);
-        assert!(out.ends_with(b"7 4111111111111111 end"));
+        assert!(out.ends_with(b"7 411111******1111 end"));
     }
 
     #[test]
@@ -1660,7 +1813,8 @@ mod tests {
                     continue;
                 }
 
-                // Not part of more than 19 digits joined by single separators of any kind.
+                // Part of more than 19 digits joined by single separators of any kind only at
+                // the start or the end of them.
                 let mut left = start;
                 while left >= 2 && is_separator(left - 1) && is_digit(left - 2) {
                     left -= 2;
@@ -1679,7 +1833,7 @@ mod tests {
                     .iter()
                     .filter(|byte| byte.is_ascii_digit())
                     .count();
-                if joined > 19 {
+                if joined > 19 && start != left && end != right {
                     continue;
                 }
 
