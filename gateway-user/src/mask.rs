@@ -14,8 +14,8 @@
 //!
 //! - its run has at most 19 digits, or it starts or ends its longer run. A PAN followed by an
 //!   expiry date and a CVV (`4111111111111111 0926 123`) or after an order number is masked,
-//!   while one in the middle of a longer grouped number (an IBAN, a list of numbers) cannot be
-//!   told from a part of it and is not;
+//!   while one in the middle of a longer grouped number (an IBAN, a list of numbers) is
+//!   indistinguishable from a part of it and is not;
 //! - it is not the fraction of a decimal number (a run that starts after a digit and a dot,
 //!   `3.4111111111111111`) or its integer part (a run followed by a dot and a digit);
 //! - its leading digits fall in an issuer range of Visa, Mastercard, American Express, Discover,
