@@ -971,8 +971,35 @@ fn server_text_fields_and_comments() {
         "6"
     );
 
+    // Results in a character set whose characters take 2 or 4 bytes.
+    for (charset, width) in [("utf16", 2), ("ucs2", 2), ("utf32", 4)] {
+        let sql = format!(
+            "SET character_set_results = {charset}; SELECT card_text FROM cards WHERE id = 1"
+        );
+        let output = cli(
+            &setup,
+            true,
+            "gateway",
+            &["--raw", "--skip-column-names", "-e", &sql],
+        );
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let value: String = output
+            .stdout
+            .chunks(width)
+            .filter(|unit| unit.len() == width)
+            .filter_map(|unit| {
+                char::from_u32(unit.iter().fold(0, |acc, &b| acc << 8 | u32::from(b)))
+            })
+            .collect();
+        assert_eq!(value, "411111******1111", "{charset}: {:?}", output.stdout);
+    }
+
     cli_ok(&setup, true, "DELETE FROM `payments`.`cards` WHERE id = 99");
-    setup.node.wait_for_sessions(5);
+    setup.node.wait_for_sessions(8);
     let recorded = statements(&setup.node);
     let delete = recorded
         .iter()

@@ -12,9 +12,42 @@ pub(crate) fn statement_parts(count: usize) -> impl Iterator<Item = Option<(u64,
     (1..=total).map(move |part| (total > 1).then_some((part, total)))
 }
 
+/// Maximum length of a text that each part of a text of several statements records in full. The parts after
+/// the first of a longer text refer to the first instead, so that a text of thousands of short
+/// statements is not held and recorded once per statement.
+const PART_TEXT_LIMIT: usize = 256;
+
+/// Returns the text to record with `part` of a text of several statements: `text` itself for
+/// the first part and for short texts, else a reference to the first part.
+pub(crate) fn part_text(text: &str, part: Option<(u64, u64)>) -> String {
+    match part {
+        Some((number, count)) if number > 1 && text.len() > PART_TEXT_LIMIT => {
+            format!("(statement {number} of {count}; the text is recorded with statement 1)")
+        }
+        _ => text.to_string(),
+    }
+}
+
 /// Makes text of bytes, with U+FFFD for invalid UTF-8 such as a value cut inside a character.
 /// Valid bytes are taken without a copy.
 pub(crate) fn utf8_text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes)
         .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_text_recorded_with_first_part() {
+        let long = "DO 1;".repeat(100);
+        assert_eq!(part_text(&long, Some((1, 100))), long);
+        assert_eq!(
+            part_text(&long, Some((2, 100))),
+            "(statement 2 of 100; the text is recorded with statement 1)"
+        );
+        assert_eq!(part_text("DO 1; DO 2", Some((2, 2))), "DO 1; DO 2");
+        assert_eq!(part_text(&long, None), long);
+    }
 }

@@ -836,7 +836,7 @@ impl Session<'_> {
             .zip(parts)
             .map(|(info, part)| Pending {
                 part,
-                ..Pending::new(masked_text.clone(), info, Vec::new())
+                ..Pending::new(super::part_text(&masked_text, part), info, Vec::new())
             })
             .collect();
         self.send_server(0, &payload.data).await?;

@@ -5,7 +5,10 @@
 //! and masking never touches a length prefix. Text-protocol rows hold each value as a
 //! length-encoded string (`0xfb` for NULL), which is scanned as text. Binary-protocol rows start
 //! with `0x00` and a NULL bitmap, then each non-NULL value in a layout fixed by its column type:
-//! - string, decimal, JSON, blob and bit types are length-encoded and scanned as text;
+//! - string, decimal, JSON, blob and bit types are length-encoded and scanned as text. Text
+//!   in `ucs2`, `utf16`, `utf16le` or `utf32` (a column's own character set, or the
+//!   session's `character_set_results`) is read one code unit per character, so its digits
+//!   are found and masked in that encoding;
 //! - `BIGINT` (8 bytes, little-endian, signed or unsigned by the column flag) and `DOUBLE`
 //!   holding an integer: when the decimal form is a card number, the digits text masking would
 //!   hide are set to zero, so the value keeps its type and width. This is the rule the
@@ -43,6 +46,146 @@ pub struct Column {
     /// Whether the column is masked whole, because its name is in the policy's
     /// `masking.fields`. Text bytes become the mask character, binary bytes zero.
     pub whole: bool,
+    /// The encoding of text values whose characters take 2 or 4 bytes, from the column's
+    /// character set. `None` for the others, which keep ASCII digits as single bytes.
+    pub wide: Option<Wide>,
+}
+
+/// A character encoding whose ASCII characters take more than one byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wide {
+    /// `ucs2` and `utf16`: 2-byte big-endian code units.
+    Utf16Be,
+    /// `utf16le`.
+    Utf16Le,
+    /// `utf32`: 4-byte big-endian code units.
+    Utf32Be,
+}
+
+impl Wide {
+    /// Returns the wide encoding of a collation id, as MariaDB 10.11 and MySQL number them.
+    pub fn of_collation(id: u16) -> Option<Self> {
+        match id {
+            // ucs2
+            35 | 90 | 128..=151 | 159 | 640..=642 | 1059 | 1114 | 1152 | 1174 | 2560..=2815 => {
+                Some(Wide::Utf16Be)
+            }
+            // utf16
+            54 | 55 | 101..=124 | 672..=674 | 1078 | 1079 | 1125 | 1147 | 2816..=3071 => {
+                Some(Wide::Utf16Be)
+            }
+            // utf16le
+            56 | 62 | 1080 | 1086 => Some(Wide::Utf16Le),
+            // utf32
+            60 | 61 | 160..=183 | 736..=738 | 1084 | 1085 | 1184 | 1206 | 3072..=3327 => {
+                Some(Wide::Utf32Be)
+            }
+            _ => None,
+        }
+    }
+
+    fn unit_len(self) -> usize {
+        match self {
+            Wide::Utf16Be | Wide::Utf16Le => 2,
+            Wide::Utf32Be => 4,
+        }
+    }
+
+    /// Returns the ASCII character a code unit encodes, or `0x80` (an ordinary byte to the
+    /// scanner) for any other character.
+    fn ascii(self, unit: &[u8]) -> u8 {
+        let value = match self {
+            Wide::Utf16Be => u32::from(u16::from_be_bytes([unit[0], unit[1]])),
+            Wide::Utf16Le => u32::from(u16::from_le_bytes([unit[0], unit[1]])),
+            Wide::Utf32Be => u32::from_be_bytes([unit[0], unit[1], unit[2], unit[3]]),
+        };
+        u8::try_from(value)
+            .ok()
+            .filter(u8::is_ascii)
+            .unwrap_or(0x80)
+    }
+
+    /// Appends the code unit of the ASCII character `byte`.
+    fn encode(self, byte: u8, out: &mut Vec<u8>) {
+        match self {
+            Wide::Utf16Be => out.extend_from_slice(&[0, byte]),
+            Wide::Utf16Le => out.extend_from_slice(&[byte, 0]),
+            Wide::Utf32Be => out.extend_from_slice(&[0, 0, 0, byte]),
+        }
+    }
+}
+
+/// Masks a text value in a wide encoding as it streams: each code unit is read as the ASCII
+/// character it encodes, the scanner masks those, and a masked digit goes back as the code
+/// unit of the mask character. The output has the input's length.
+struct WideText {
+    wide: Wide,
+    masker: StreamMasker,
+    /// Bytes of a code unit cut by the end of the input.
+    partial: Vec<u8>,
+    /// Code units the masker has not settled yet.
+    units: std::collections::VecDeque<u8>,
+    projected: Vec<u8>,
+    settled: Vec<u8>,
+}
+
+impl WideText {
+    fn new(wide: Wide, policy: MaskPolicy) -> Self {
+        Self {
+            wide,
+            masker: StreamMasker::new(policy),
+            partial: Vec::new(),
+            units: std::collections::VecDeque::new(),
+            projected: Vec::new(),
+            settled: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        let unit = self.wide.unit_len();
+        self.projected.clear();
+        for &byte in input {
+            self.partial.push(byte);
+            if self.partial.len() == unit {
+                self.projected.push(self.wide.ascii(&self.partial));
+                self.units.extend(self.partial.drain(..));
+            }
+        }
+        self.settled.clear();
+        let masked = self.masker.feed(&self.projected, &mut self.settled);
+        self.write_settled(out);
+        masked
+    }
+
+    /// Writes out what is held back, and a cut-off code unit as it came.
+    fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+        self.settled.clear();
+        let masked = self.masker.finish(&mut self.settled);
+        self.write_settled(out);
+        out.append(&mut self.partial);
+        masked
+    }
+
+    fn write_settled(&mut self, out: &mut Vec<u8>) {
+        let unit = self.wide.unit_len();
+        for index in 0..self.settled.len() {
+            let original: Vec<u8> = self.units.drain(..unit).collect();
+            if self.wide.ascii(&original) == self.settled[index] {
+                out.extend_from_slice(&original);
+            } else {
+                self.wide.encode(self.settled[index], out);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for WideText {
+    /// Shows the encoding, never the bytes held back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WideText")
+            .field("wide", &self.wide)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Reads the type and flags from a column definition (protocol 4.1), and whether its name or
@@ -64,13 +207,15 @@ pub fn parse_column(payload: &[u8], whole_fields: &[String]) -> Result<Column, P
         }
     }
     reader.lenenc()?;
-    reader.bytes(2 + 4)?;
+    let collation = reader.u16()?;
+    reader.bytes(4)?;
     let column_type = reader.u8()?;
     let flags = reader.u16()?;
     Ok(Column {
         column_type,
         unsigned: flags & UNSIGNED_FLAG != 0,
         whole,
+        wide: Wide::of_collation(collation),
     })
 }
 
@@ -195,6 +340,8 @@ pub struct RowMasker {
     gathered: Vec<u8>,
     bitmap: Vec<u8>,
     text: StreamMasker,
+    /// The masker of the current value when its column has a wide encoding.
+    wide_text: Option<WideText>,
     /// PANs masked so far.
     pub masked: usize,
 }
@@ -218,6 +365,7 @@ impl RowMasker {
             gathered: Vec::with_capacity(9),
             bitmap: Vec::new(),
             text,
+            wide_text: None,
             masked: 0,
         }
     }
@@ -355,22 +503,28 @@ impl RowMasker {
                 }
                 State::Text { left } => {
                     let take = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
-                    let whole = self
-                        .columns
-                        .get(self.column)
-                        .is_some_and(|column| column.whole);
-                    if whole {
+                    let column = self.columns.get(self.column).copied().unwrap_or_default();
+                    if column.whole {
                         out.extend(std::iter::repeat_n(self.policy.mask_char, take));
+                    } else if let Some(wide) = column.wide {
+                        let policy = &self.policy;
+                        let text = self
+                            .wide_text
+                            .get_or_insert_with(|| WideText::new(wide, policy.clone()));
+                        self.masked += text.feed(&input[..take], out);
                     } else {
                         self.masked += self.text.feed(&input[..take], out);
                     }
                     input = &input[take..];
                     let left = left - take as u64;
                     if left == 0 {
-                        if whole {
+                        if column.whole {
                             self.masked += 1;
                         }
                         self.masked += self.text.finish(out);
+                        if let Some(mut text) = self.wide_text.take() {
+                            self.masked += text.finish(out);
+                        }
                         self.column += 1;
                         self.state = self.next_column();
                     } else {
@@ -389,6 +543,9 @@ impl RowMasker {
     /// masker for the next row.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         self.masked += self.text.finish(out);
+        if let Some(mut text) = self.wide_text.take() {
+            self.masked += text.finish(out);
+        }
         // Prefix bytes were written as they came; only a fixed-size value is held back whole.
         if matches!(self.state, State::Fixed { .. }) {
             out.extend_from_slice(&self.gathered);
@@ -440,7 +597,7 @@ pub fn execute_params(
             bound.push(Column {
                 column_type,
                 unsigned: flags & 0x80 != 0,
-                whole: false,
+                ..Column::default()
             });
         }
         types.0 = bound;
@@ -508,16 +665,19 @@ mod tests {
         column_type: 253,
         unsigned: false,
         whole: false,
+        wide: None,
     };
     const BIGINT: Column = Column {
         column_type: TYPE_LONGLONG,
         unsigned: false,
         whole: false,
+        wide: None,
     };
     const INT: Column = Column {
         column_type: TYPE_LONG,
         unsigned: false,
         whole: false,
+        wide: None,
     };
 
     fn text_row(values: &[Option<&[u8]>]) -> Vec<u8> {
@@ -653,6 +813,7 @@ mod tests {
             column_type: TYPE_DOUBLE,
             unsigned: false,
             whole: false,
+            wide: None,
         };
         let masked = mask_all_splits(&[double], true, &row);
         let value = f64::from_le_bytes(masked[2..10].try_into().expect("8 bytes"));
@@ -694,5 +855,41 @@ mod tests {
             .expect("valid execute");
         assert_eq!(params[0], "abc");
         assert_eq!(params[1], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn wide_text_values_masked_per_code_unit() {
+        let pan = "4111 1111 1111 1111";
+        type Encode = fn(&str) -> Vec<u8>;
+        let encodings: [(u16, Encode); 3] = [
+            (54, |text| {
+                text.encode_utf16().flat_map(u16::to_be_bytes).collect()
+            }),
+            (56, |text| {
+                text.encode_utf16().flat_map(u16::to_le_bytes).collect()
+            }),
+            (60, |text| {
+                text.chars()
+                    .flat_map(|c| u32::from(c).to_be_bytes())
+                    .collect()
+            }),
+        ];
+        for (collation, encode) in encodings {
+            let column = Column {
+                column_type: 253,
+                wide: Wide::of_collation(collation),
+                ..Column::default()
+            };
+            let value = encode(&format!("card {pan} é"));
+            let row = text_row(&[Some(&value)]);
+            let expected = text_row(&[Some(&encode("card 4111 11** **** 1111 é"))]);
+            assert_eq!(
+                mask_all_splits(&[column], false, &row),
+                expected,
+                "{collation}"
+            );
+        }
+        // A UTF-8 column is not read as a wide one.
+        assert_eq!(Wide::of_collation(45), None);
     }
 }

@@ -850,7 +850,7 @@ async fn frontend_message(
             for (info, part) in infos.into_iter().zip(parts) {
                 point.statements.push_back(Pending {
                     part,
-                    ..Pending::new(shown.clone(), info, Vec::new(), Vec::new())
+                    ..Pending::new(super::part_text(&shown, part), info, Vec::new(), Vec::new())
                 });
             }
             shared.close();
