@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default time allowed for the upstream TCP handshake.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client gets to log in, half of pgbouncer's `client_login_timeout`.
+pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time open connections get to finish after SIGTERM before they are closed.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time exec and attach output that may start a card number is held back. A terminal
@@ -181,6 +183,12 @@ pub struct ProxyConfig {
     /// Time allowed for the upstream TCP handshake.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Time a client gets to finish connecting: the startup and authentication of PostgreSQL
+    /// and MySQL sessions, and the TLS handshake of Kubernetes API sessions. A connection
+    /// still short of that is closed, so silent connections cannot pile up until
+    /// `idle_timeout`.
+    #[serde(default = "default_login_timeout", with = "humantime_serde")]
+    pub login_timeout: Duration,
     /// Time open connections get to finish after SIGTERM.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -679,6 +687,9 @@ fn default_idle_timeout() -> Duration {
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
+fn default_login_timeout() -> Duration {
+    DEFAULT_LOGIN_TIMEOUT
+}
 fn default_drain_timeout() -> Duration {
     DEFAULT_DRAIN_TIMEOUT
 }
@@ -805,6 +816,7 @@ impl Config {
         for (field, value) in [
             ("proxy.idle_timeout", proxy.idle_timeout),
             ("proxy.connect_timeout", proxy.connect_timeout),
+            ("proxy.login_timeout", proxy.login_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(field, "must be longer than zero".into()));

@@ -466,6 +466,7 @@ impl Proxy {
                     upstream_addr: destination,
                     mark: self.config.redirect.mark,
                     idle_timeout: self.config.proxy.idle_timeout,
+                    login_timeout: self.config.proxy.login_timeout,
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream_tls: tls.and_then(|tls| tls.upstream.clone()),
                 };
@@ -504,6 +505,7 @@ impl Proxy {
                     },
                     subject: subject.clone(),
                     idle_timeout: self.config.proxy.idle_timeout,
+                    login_timeout: self.config.proxy.login_timeout,
                     exec_output_hold: self.config.proxy.exec_output_hold,
                 };
                 protocol::kube::run(
@@ -530,6 +532,7 @@ impl Proxy {
                     mask,
                     masked_columns: masked_names,
                     idle_timeout: self.config.proxy.idle_timeout,
+                    login_timeout: self.config.proxy.login_timeout,
                     server_tls: tls.and_then(|tls| tls.server.clone()),
                     upstream_tls: tls.and_then(|tls| tls.upstream.clone()),
                 };

@@ -40,6 +40,16 @@ fn pg_setup(test_name: &str) -> PgSetup {
 /// address from a gateway CA) and on the server leg (PostgreSQL with `ssl=on` and a
 /// certificate from a database CA, verified by the gateway). Returns the gateway CA's file.
 fn pg_setup_tls(test_name: &str, client_tls: bool, upstream_tls: bool) -> (PgSetup, PathBuf) {
+    pg_setup_with(test_name, client_tls, upstream_tls, "")
+}
+
+/// Like `pg_setup_tls`, with `proxy_settings` (YAML lines) added to the daemon's `proxy`.
+fn pg_setup_with(
+    test_name: &str,
+    client_tls: bool,
+    upstream_tls: bool,
+    proxy_settings: &str,
+) -> (PgSetup, PathBuf) {
     let mut node = TestNode::new(test_name);
     let pod = node.add_pod("app");
     let server = node.add_server("db", &[]);
@@ -65,6 +75,7 @@ fn pg_setup_tls(test_name: &str, client_tls: bool, upstream_tls: bool) -> (PgSet
     ));
     let config = node.daemon_config("gatewayd.yaml", "", &targets);
     let mut text = std::fs::read_to_string(&config).expect("read config");
+    text = text.replacen("proxy:\n", &format!("proxy:\n{proxy_settings}"), 1);
     text.push_str(SQL_RULES);
     std::fs::write(&config, text).expect("write config");
     let daemon = node.start_daemon(Path::new(GATEWAYD), &config, None);
@@ -808,6 +819,56 @@ fn big_values_pass_byte_identical() {
     assert!(
         growth_mib < 14,
         "proxy memory grew by {growth_mib} MiB for a slowly read 20 MiB row"
+    );
+}
+
+/// A client that connects and never finishes its startup is closed after
+/// `proxy.login_timeout`, with the reason recorded, and does not wait for `idle_timeout`.
+#[test]
+fn silent_client_closed_at_login_timeout() {
+    let (setup, _) = pg_setup_with(
+        "silent_client_closed_at_login_timeout",
+        false,
+        false,
+        "  login_timeout: 2s\n",
+    );
+    let started = std::time::Instant::now();
+    // Half of a startup packet's length, then nothing.
+    let silent = pg_script(&setup, "silent", &lines(&["raw 0000", "read-ready 30"]));
+    assert!(silent.iter().any(|m| m["eof"] == true), "{silent:#?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(25),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // A client that logs in within the limit keeps its session past it.
+    let slow = pg_script(
+        &setup,
+        "slow",
+        &lines(&[
+            "startup rawuser postgres",
+            "read-ready 1",
+            "sleep 3",
+            "query SELECT 7",
+            "read-ready 1",
+        ]),
+    );
+    assert!(
+        tags(&slow).contains('D'),
+        "the query after the limit ran: {slow:#?}"
+    );
+
+    let sessions = setup.node.wait_for_sessions(2);
+    let reasons: Vec<String> = sessions
+        .iter()
+        .filter_map(|lines| lines.iter().find(|line| line["event"] == "session.end"))
+        .filter(|end| end["outcome"] == "idle_timeout")
+        .map(|end| end["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["the client did not finish logging in within 2s (proxy.login_timeout)"],
+        "{sessions:#?}"
     );
 }
 

@@ -28,6 +28,18 @@ pub(crate) fn part_text(text: &str, part: Option<(u64, u64)>) -> String {
     }
 }
 
+/// Completes once `limit` has passed unless `logged_in` is set by then; never completes after
+/// that.
+pub(crate) async fn login_deadline(
+    logged_in: &std::sync::atomic::AtomicBool,
+    limit: std::time::Duration,
+) {
+    tokio::time::sleep(limit).await;
+    if logged_in.load(std::sync::atomic::Ordering::Acquire) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Makes text of bytes, with U+FFFD for invalid UTF-8 such as a value cut inside a character.
 /// Valid bytes are taken without a copy.
 pub(crate) fn utf8_text(bytes: Vec<u8>) -> String {

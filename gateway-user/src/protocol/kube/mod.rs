@@ -103,6 +103,8 @@ pub struct KubeContext {
     pub subject: Subject,
     /// Idle timeout of the TCP relay used without a serving certificate.
     pub idle_timeout: Duration,
+    /// Time the client gets to finish the TLS handshake (`proxy.login_timeout`).
+    pub login_timeout: Duration,
     /// Maximum time exec and attach output that may start a PAN is held back
     /// (`proxy.exec_output_hold`).
     pub exec_output_hold: Duration,
@@ -223,9 +225,18 @@ async fn serve(
         inner: client,
         counters: Arc::clone(counters),
     };
-    let stream = TlsAcceptor::from(server_tls)
-        .accept(client)
+    let limit = session.context.login_timeout;
+    let stream = tokio::time::timeout(limit, TlsAcceptor::from(server_tls).accept(client))
         .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client did not finish the TLS handshake within {} (proxy.login_timeout)",
+                    humantime::format_duration(limit)
+                ),
+            ))
+        })
         .map_err(SessionError::ClientTls)?;
     let h2 = stream.get_ref().1.alpn_protocol() == Some(upstream::ALPN_H2);
     let server_name = stream.get_ref().1.server_name().map(str::to_string);

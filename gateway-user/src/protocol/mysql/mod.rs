@@ -123,6 +123,9 @@ pub struct MysqlContext {
     /// Result columns masked whole, by lowercase name (the policy's `masking.fields`).
     pub masked_columns: Vec<String>,
     pub idle_timeout: Duration,
+    /// Time the client gets to finish its handshake and authentication
+    /// (`proxy.login_timeout`).
+    pub login_timeout: Duration,
     /// Serving certificate for client TLS; without one, `CLIENT_SSL` is not offered.
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS for the server leg, with the name to verify; `None` for plain text.
@@ -145,6 +148,9 @@ type Writer = BufWriter<tokio::io::WriteHalf<BoxStream>>;
 #[derive(Debug)]
 enum SessionEnd {
     Idle,
+    /// The client had not finished its handshake and authentication in
+    /// `proxy.login_timeout`.
+    LoginTimeout,
     Shutdown,
     /// Ended by the protocol itself: failed authentication, or a case the gateway refuses.
     Closed(String),
@@ -177,9 +183,11 @@ pub async fn run(
     force_close: CancellationToken,
 ) -> RelayResult {
     let counters = Arc::new(Counters::new());
+    let logged_in = std::sync::atomic::AtomicBool::new(false);
     let result = tokio::select! {
-        result = session(client, upstream, &context, &record, &counters) => result,
+        result = session(client, upstream, &context, &record, &counters, &logged_in) => result,
         () = idle(&counters, context.idle_timeout) => Err(SessionEnd::Idle),
+        () = super::login_deadline(&logged_in, context.login_timeout) => Err(SessionEnd::LoginTimeout),
         () = force_close.cancelled() => Err(SessionEnd::Shutdown),
     };
 
@@ -195,6 +203,13 @@ pub async fn run(
         Err(SessionEnd::Shutdown) => (
             Outcome::Shutdown,
             Some("closed by the proxy: drain deadline passed during shutdown".to_string()),
+        ),
+        Err(SessionEnd::LoginTimeout) => (
+            Outcome::IdleTimeout,
+            Some(format!(
+                "the client did not finish logging in within {} (proxy.login_timeout)",
+                humantime::format_duration(context.login_timeout)
+            )),
         ),
         Err(SessionEnd::Closed(reason)) => (Outcome::Closed, Some(reason)),
         Err(SessionEnd::Failed { side, error }) => {
@@ -260,6 +275,7 @@ async fn session(
     context: &MysqlContext,
     record: &Recording,
     counters: &Counters,
+    logged_in: &std::sync::atomic::AtomicBool,
 ) -> Result<(), SessionEnd> {
     // The server speaks first.
     let Some(greeting) = read_exact_packet(&mut upstream, &counters.from_upstream)
@@ -426,6 +442,7 @@ async fn session(
     if let Some(reason) = authenticated.failure() {
         return Err(SessionEnd::Closed(reason));
     }
+    logged_in.store(true, std::sync::atomic::Ordering::Release);
     session.commands().await
 }
 

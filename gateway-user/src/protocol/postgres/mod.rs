@@ -89,6 +89,8 @@ pub struct PostgresContext {
     /// Socket mark for connections the handler opens itself (cancel forwarding).
     pub mark: u32,
     pub idle_timeout: Duration,
+    /// Time the client gets to finish its startup and authentication (`proxy.login_timeout`).
+    pub login_timeout: Duration,
     /// Serving certificate for client TLS; without one, SSLRequest is declined.
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS for the server leg, with the name to verify; `None` for plain text.
@@ -279,9 +281,11 @@ pub async fn run(
 ) -> RelayResult {
     let counters = Arc::new(Counters::new());
     let session_token = uuid::Uuid::now_v7().simple().to_string();
+    let authenticated = AtomicBool::new(false);
     let result = tokio::select! {
-        result = session(client, upstream, &context, &record, &counters, &session_token) => result,
+        result = session(client, upstream, &context, &record, &counters, &session_token, &authenticated) => result,
         () = idle(&counters, context.idle_timeout) => Err(SessionEnd::Idle),
+        () = super::login_deadline(&authenticated, context.login_timeout) => Err(SessionEnd::LoginTimeout),
         () = force_close.cancelled() => Err(SessionEnd::Shutdown),
     };
     context.cancels.forget_session(&session_token);
@@ -298,6 +302,13 @@ pub async fn run(
         Err(SessionEnd::Shutdown) => (
             Outcome::Shutdown,
             Some("closed by the proxy: drain deadline passed during shutdown".to_string()),
+        ),
+        Err(SessionEnd::LoginTimeout) => (
+            Outcome::IdleTimeout,
+            Some(format!(
+                "the client did not finish logging in within {} (proxy.login_timeout)",
+                humantime::format_duration(context.login_timeout)
+            )),
         ),
         Err(SessionEnd::Failed { side, error }) => {
             warn!(%error, side, "postgres session ended on an error");
@@ -321,6 +332,8 @@ pub async fn run(
 #[derive(Debug)]
 enum SessionEnd {
     Idle,
+    /// The client had not finished its startup and authentication in `proxy.login_timeout`.
+    LoginTimeout,
     Shutdown,
     /// A cancel-request connection, which ends after forwarding (or dropping) its request.
     Cancel(String),
@@ -362,6 +375,7 @@ async fn session(
     record: &Recording,
     counters: &Counters,
     session_token: &str,
+    authenticated: &AtomicBool,
 ) -> Result<(), SessionEnd> {
     let mut first = [0u8; 1];
     let peeked = client.peek(&mut first).await.map_err(client_error)?;
@@ -456,13 +470,12 @@ async fn session(
         record,
         startup: &startup,
     };
-    let authenticated = AtomicBool::new(false);
     let pump = PumpContext {
         context,
         record,
         counters,
         shared: &shared,
-        authenticated: &authenticated,
+        authenticated,
         startup: &startup,
         session_token,
     };
