@@ -866,3 +866,108 @@ fn read_only_store_verified_not_shown() {
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains("not recorded"), "{text}");
 }
+
+/// Sessions whose files could not be created have their records counted as lost in the
+/// journal. `verify` notes them and does not report deleted files.
+#[test]
+fn sessions_never_written_are_noted() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    // 2026-01-15: a fixed day, so that the day directory's name is fixed too.
+    let day = SystemTime::UNIX_EPOCH + Duration::from_secs(1_768_435_200);
+    // With fail_mode open, sessions go on while their records are lost.
+    let settings = RecordingConfig {
+        fail_mode: gateway_user::config::FailMode::Open,
+        ..config(dir.path())
+    };
+    let recorder = Recorder::open_with_clock(&settings, "node-a".into(), Arc::new(move || day))
+        .expect("open store");
+    // A file where the day's directory belongs makes every session file of that day fail.
+    let blocker = dir.path().join("sessions").join("2026-01-15");
+    fs::write(&blocker, b"").expect("block the day");
+    // Past 1,024 sessions waiting for their files, the writer closes the others as they are.
+    let mut ids = Vec::new();
+    for _ in 0..1100 {
+        let mut session = recorder
+            .start(
+                &Subject::default(),
+                "10.1.0.2:40000".parse().expect("address"),
+                &target("tcp"),
+            )
+            .expect("start");
+        let _ = session.event("note", json!({ "text": "never written" }));
+        ids.push(session.id.clone());
+        let _ = session.finish(&end());
+    }
+    let _ = recorder.flush();
+    recorder.shutdown();
+    fs::remove_file(&blocker).expect("unblock the day");
+
+    let journal: String = journal_segments(dir.path())
+        .iter()
+        .map(|path| fs::read_to_string(path).expect("journal segment"))
+        .collect();
+    let closed_lost = journal
+        .lines()
+        .filter(|line| line.contains("\"session.closed\"") && line.contains("\"lost\""))
+        .count();
+    assert!(closed_lost > 0, "no session closed with lost records");
+    let (code, report) = verify(dir.path());
+    assert_eq!(code, Some(0), "{report}");
+    let noted = ids
+        .iter()
+        .filter(|id| report.contains(&format!("session {id} has no file")))
+        .count();
+    assert_eq!(noted, closed_lost);
+    assert!(!report.contains("was deleted"));
+}
+
+/// With `fail_mode: closed`, a session file that cannot be created keeps the store failing,
+/// although journal writes still succeed: the session's next event and new sessions are
+/// refused until files can be created again.
+#[test]
+fn closed_mode_refuses_while_files_fail() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let day = SystemTime::UNIX_EPOCH + Duration::from_secs(1_768_435_200);
+    let recorder =
+        Recorder::open_with_clock(&config(dir.path()), "node-a".into(), Arc::new(move || day))
+            .expect("open store");
+    let blocker = dir.path().join("sessions").join("2026-01-15");
+    fs::write(&blocker, b"").expect("block the day");
+    let client = "10.1.0.2:40000".parse().expect("address");
+
+    let mut first = recorder
+        .start(&Subject::default(), client, &target("tcp"))
+        .expect("the store is healthy until a write fails");
+    let _ = recorder.flush();
+    // Journal records (the session's `session.opened`, alerts) were written meanwhile.
+    assert!(recorder.health().is_failing());
+    assert!(first.event("note", json!({ "text": "x" })).is_err());
+    assert!(
+        recorder
+            .start(&Subject::default(), client, &target("tcp"))
+            .is_err()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = recorder.flush();
+    assert!(
+        recorder.health().is_failing(),
+        "still failing while files fail"
+    );
+
+    fs::remove_file(&blocker).expect("unblock the day");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while recorder.health().is_failing() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = recorder.flush();
+    }
+    assert!(
+        !recorder.health().is_failing(),
+        "healthy once files can be created"
+    );
+    assert!(
+        recorder
+            .start(&Subject::default(), client, &target("tcp"))
+            .is_ok()
+    );
+    recorder.shutdown();
+}

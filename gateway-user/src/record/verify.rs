@@ -662,6 +662,24 @@ pub fn verify_store(
                 );
                 continue;
             }
+            // The journal's own chain states that nothing was written to the file: its records
+            // were lost (the file could not be created), so there is nothing to delete.
+            if account.lost > 0
+                && account
+                    .end
+                    .as_ref()
+                    .is_some_and(|(records, _, _)| *records == 0)
+            {
+                report.note(
+                    &account.file,
+                    None,
+                    format!(
+                        "session {id} has no file: its {} records were lost while the store could not be written",
+                        account.lost
+                    ),
+                );
+                continue;
+            }
             report.fail(
                 &account.file,
                 None,

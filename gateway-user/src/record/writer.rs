@@ -17,7 +17,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs::{self, File},
     io::Write as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::Ordering,
@@ -163,7 +163,15 @@ struct Writer {
     last_sync: Instant,
     last_disk_check: Instant,
     last_retention: Option<Instant>,
+    /// The last failure to create or write a session file, until one is written again.
     write_error: Option<String>,
+    /// The last failure to write the journal, until it is written again. Kept apart, so that
+    /// journal writes that succeed do not hide session files that cannot be created.
+    journal_error: Option<String>,
+    /// When session file creation was last tried on its own while `write_error` is set.
+    last_probe: Instant,
+    /// Directory of the session file that failed last, where the probe tries.
+    probe_dir: Option<PathBuf>,
     low_disk: Option<String>,
     stats: WriterStats,
     /// Queue time of the oldest entry taken since the last batch was written.
@@ -214,6 +222,9 @@ pub(super) fn spawn(
         last_disk_check: Instant::now() - DISK_CHECK_INTERVAL,
         last_retention: Some(Instant::now()),
         write_error: None,
+        journal_error: None,
+        last_probe: Instant::now(),
+        probe_dir: None,
         low_disk: None,
         stats: WriterStats::default(),
         oldest_taken: None,
@@ -259,6 +270,7 @@ impl Writer {
             }
 
             self.check_disk();
+            self.probe_session_files();
             self.queue_due_checkpoints();
             // The journal's `session.opened` goes to disk before the session's file is
             // created, so a crash never leaves a file the journal does not know.
@@ -418,6 +430,7 @@ impl Writer {
         match result {
             Ok(file) => Some(file),
             Err(error) => {
+                self.probe_dir = path.parent().map(Path::to_path_buf);
                 self.write_failed(&format!("create {}: {error}", path.display()));
                 None
             }
@@ -586,6 +599,7 @@ impl Writer {
                 let _ = file.set_len(session.len);
                 session.lost += count;
                 self.stats.lost += count;
+                self.probe_dir = session.path.parent().map(Path::to_path_buf);
                 let message = format!("write {}: {error}", session.path.display());
                 self.write_failed(&message);
             }
@@ -622,11 +636,19 @@ impl Writer {
                 if checkpoint_written {
                     self.journal_last_checkpoint = Instant::now();
                 }
-                self.write_succeeded();
+                if self.journal_error.take().is_some() {
+                    info!("journal writes succeed again");
+                }
+                self.update_health();
             }
             Err(error) => {
                 let message = format!("write journal in {}: {error}", self.journal.dir().display());
-                self.write_failed(&message);
+                crate::operations::metrics::metrics().error(ErrorKind::RecordingWrite);
+                if self.journal_error.replace(message.clone()).is_none() {
+                    error!(error = message, fail_mode = ?self.config.fail_mode, "recording write failed");
+                    self.raise_alert("recording_failed", &message);
+                }
+                self.update_health();
             }
         }
     }
@@ -687,7 +709,11 @@ impl Writer {
     }
 
     fn update_health(&mut self) {
-        let reason = self.write_error.clone().or_else(|| self.low_disk.clone());
+        let reason = self
+            .write_error
+            .clone()
+            .or_else(|| self.journal_error.clone())
+            .or_else(|| self.low_disk.clone());
         match reason {
             Some(reason) => {
                 self.health.set_failing(reason);
@@ -700,6 +726,31 @@ impl Writer {
                     self.queue_journal("alert", &fields);
                 }
             }
+        }
+    }
+
+    /// Tries once a second, while session files fail, to create a file where the last one
+    /// failed. The store is then healthy again once files can be created, even when no
+    /// session is left to try, as with `fail_mode: closed`, which refuses new sessions.
+    fn probe_session_files(&mut self) {
+        if self.write_error.is_none() || self.last_probe.elapsed() < DISK_CHECK_INTERVAL {
+            return;
+        }
+        self.last_probe = Instant::now();
+        let Some(dir) = self.probe_dir.clone() else {
+            return;
+        };
+        let probe = dir.join(".probe");
+        let created = super::create_store_dir(&dir).and_then(|()| {
+            super::store_file_options()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&probe)
+        });
+        if created.is_ok() {
+            let _ = std::fs::remove_file(&probe);
+            self.write_succeeded();
         }
     }
 
