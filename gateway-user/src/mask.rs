@@ -12,9 +12,9 @@
 //! at a group of digits, uses one separator kind, and has 13 to 19 digits. A candidate is a PAN
 //! when all of these hold:
 //!
-//! - its run has at most 19 digits, or it starts or ends its longer run. A PAN followed by an
-//!   expiry date and a CVV (`4111111111111111 0926 123`) or after an order number is masked,
-//!   while one in the middle of a longer grouped number (an IBAN, a list of numbers) is
+//! - its run has at most 19 digits, or it starts or ends its longer run. So a PAN followed by
+//!   an expiry date and a CVV (`4111111111111111 0926 123`) or after an order number is
+//!   masked. One in the middle of a longer grouped number (an IBAN, a list of numbers) is
 //!   indistinguishable from a part of it and is not;
 //! - it is not the fraction of a decimal number (a run that starts after a digit and a dot,
 //!   `3.4111111111111111`) or its integer part (a run followed by a dot and a digit);
@@ -150,6 +150,64 @@ pub fn mask_in_place_with_hex(buf: &mut [u8], policy: &MaskPolicy) -> usize {
         from = end;
     }
     masked + mask_in_place(&mut buf[from..], policy)
+}
+
+/// Masks a value that is a whole number written in exponent notation (`4.111111111111111e15`,
+/// `4.111111111111111e+15`), as MySQL and PostgreSQL print large `DOUBLE` and `float8` values,
+/// when the number it stands for is a PAN. The mantissa's digits are masked as the number's
+/// digits would be, in place. Returns how many PANs it masked: 0 or 1.
+pub fn mask_exponent_number(value: &mut [u8], policy: &MaskPolicy) -> usize {
+    let Some(e) = value.iter().position(|&byte| byte | 0x20 == b'e') else {
+        return 0;
+    };
+
+    let (mantissa, exponent) = value.split_at(e);
+    let exponent = &exponent[1..];
+    let exponent_digits = exponent.strip_prefix(b"+").unwrap_or(exponent);
+    if exponent_digits.is_empty()
+        || exponent_digits.len() > 2
+        || !exponent_digits.iter().all(u8::is_ascii_digit)
+    {
+        return 0;
+    }
+    let exponent: usize = exponent_digits
+        .iter()
+        .fold(0, |value, &digit| value * 10 + usize::from(digit - b'0'));
+    let unsigned = mantissa.strip_prefix(b"-").unwrap_or(mantissa);
+    let (whole, fraction) = match unsigned.iter().position(|&byte| byte == b'.') {
+        Some(dot) => (&unsigned[..dot], &unsigned[dot + 1..]),
+        None => (unsigned, &[][..]),
+    };
+    let all_digits = |part: &[u8]| part.iter().all(u8::is_ascii_digit);
+    if whole.is_empty() || !all_digits(whole) || !all_digits(fraction) || whole[0] == b'0' {
+        return 0;
+    }
+    // A whole number needs every fraction digit inside the exponent's shift.
+    let Some(zeros) = exponent.checked_sub(fraction.len()) else {
+        return 0;
+    };
+    let length = whole.len() + exponent;
+    if !(MIN_PAN_DIGITS..=MAX_PAN_DIGITS).contains(&length) {
+        return 0;
+    }
+
+    let mut digits: Vec<u8> = whole.iter().chain(fraction).copied().collect();
+    digits.extend(std::iter::repeat_n(b'0', zeros));
+    let original = digits.clone();
+    let masked = mask_in_place(&mut digits, policy);
+    if masked == 0 {
+        return 0;
+    }
+    // Write the mantissa's digits back, skipping the sign and the point.
+    let positions: Vec<usize> = (0..e)
+        .filter(|&index| value[index].is_ascii_digit())
+        .collect();
+    for (index, (before, after)) in positions.into_iter().zip(original.iter().zip(&digits)) {
+        if before != after {
+            value[index] = *after;
+        }
+    }
+    masked
 }
 
 /// Masks the PANs in one run of hex digit pairs, decoded.
@@ -1345,6 +1403,31 @@ mod tests {
     #[test]
     fn masks_dashed_mastercard() {
         assert_eq!(masked("5555-5555-5555-4444"), "5555-55**-****-4444");
+    }
+
+    #[test]
+    fn exponent_notation_masked() {
+        let cases = [
+            ("4.111111111111111e15", "4.11111******1111e15", 1),
+            ("4.111111111111111e+15", "4.11111******1111e+15", 1),
+            ("-4.111111111111111E15", "-4.11111******1111E15", 1),
+            ("5.555555555554444e15", "5.55555******4444e15", 1),
+            // Not whole numbers, not card numbers, or not exponent notation.
+            ("4.1111111111111115e15", "4.1111111111111115e15", 0),
+            ("1.748503543012e12", "1.748503543012e12", 0),
+            ("4.111111111111111e-15", "4.111111111111111e-15", 0),
+            ("4111111111111111", "4111111111111111", 0),
+            ("4.5e15", "4.5e15", 0),
+        ];
+        for (input, expected, count) in cases {
+            let mut value = input.as_bytes().to_vec();
+            assert_eq!(
+                mask_exponent_number(&mut value, &MaskPolicy::default()),
+                count,
+                "{input}"
+            );
+            assert_eq!(String::from_utf8_lossy(&value), expected, "{input}");
+        }
     }
 
     #[test]

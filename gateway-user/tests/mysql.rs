@@ -998,8 +998,30 @@ fn server_text_fields_and_comments() {
         assert_eq!(value, "411111******1111", "{charset}: {:?}", output.stdout);
     }
 
+    // A large DOUBLE prints in exponent notation, and a BIT value is a big-endian number.
+    let double = cli_ok(&setup, true, "SELECT CAST(4111111111111111 AS DOUBLE) AS d");
+    assert_eq!(double.trim_end(), "d\n4.11111******1111e15");
+    setup.mariadb.admin_sql(
+        "CREATE TABLE payments.bits (b BIT(64)); INSERT INTO payments.bits VALUES (4111111111111111)",
+    );
+    let bits = cli(
+        &setup,
+        true,
+        "gateway",
+        &[
+            "--binary-as-hex",
+            "--skip-column-names",
+            "-e",
+            "SELECT b FROM bits",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&bits.stdout).trim_end(),
+        format!("0x{:016X}", 4_111_110_000_001_111_u64)
+    );
+
     cli_ok(&setup, true, "DELETE FROM `payments`.`cards` WHERE id = 99");
-    setup.node.wait_for_sessions(8);
+    setup.node.wait_for_sessions(10);
     let recorded = statements(&setup.node);
     let delete = recorded
         .iter()

@@ -35,6 +35,7 @@ pub const TYPE_TIME: u8 = 11;
 pub const TYPE_DATETIME: u8 = 12;
 pub const TYPE_YEAR: u8 = 13;
 pub const TYPE_NEWDATE: u8 = 14;
+pub const TYPE_BIT: u8 = 16;
 /// Column flag of unsigned integers.
 pub const UNSIGNED_FLAG: u16 = 0x20;
 
@@ -323,6 +324,9 @@ enum State {
     Raw { left: usize },
     /// Streaming `left` bytes of a string value through the text masker.
     Text { left: u64 },
+    /// Gathering a short value of `need` bytes that is masked whole: a `BIT` value, or a
+    /// `FLOAT` or `DOUBLE` in the text protocol.
+    Short { need: usize },
     /// Bytes after the last column, which a well-formed row does not have: scanned as text.
     Trailing,
 }
@@ -459,7 +463,13 @@ impl RowMasker {
                         let mut reader = FieldReader::new(&self.gathered, "row");
                         let len = reader.lenenc().ok().flatten().unwrap_or(0);
                         self.gathered.clear();
-                        self.state = State::Text { left: len };
+                        let column = self.columns.get(self.column).copied().unwrap_or_default();
+                        self.state = match usize::try_from(len) {
+                            Ok(need) if need <= SHORT_VALUE_LIMIT && is_short_value(column) => {
+                                State::Short { need }
+                            }
+                            _ => State::Text { left: len },
+                        };
                         if len == 0 {
                             self.column += 1;
                             self.state = self.next_column();
@@ -481,6 +491,19 @@ impl RowMasker {
                         }
                         out.extend_from_slice(&value);
                         self.gathered = value;
+                        self.gathered.clear();
+                        self.column += 1;
+                        self.state = self.next_column();
+                    }
+                }
+                State::Short { need } => {
+                    let take = (need - self.gathered.len()).min(input.len());
+                    self.gathered.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if self.gathered.len() == need {
+                        let column = self.columns[self.column];
+                        self.masked += mask_short(&mut self.gathered, column, &self.policy);
+                        out.extend_from_slice(&self.gathered);
                         self.gathered.clear();
                         self.column += 1;
                         self.state = self.next_column();
@@ -546,8 +569,9 @@ impl RowMasker {
         if let Some(mut text) = self.wide_text.take() {
             self.masked += text.finish(out);
         }
-        // Prefix bytes were written as they came; only a fixed-size value is held back whole.
-        if matches!(self.state, State::Fixed { .. }) {
+        // Prefix bytes were written as they came; only fixed-size and short values are held
+        // back whole.
+        if matches!(self.state, State::Fixed { .. } | State::Short { .. }) {
             out.extend_from_slice(&self.gathered);
         }
         self.gathered.clear();
@@ -558,6 +582,38 @@ impl RowMasker {
             State::NextColumn
         };
     }
+}
+
+/// Maximum length of a value gathered whole for [`mask_short`]: a `DOUBLE` printed in full takes 23 bytes.
+const SHORT_VALUE_LIMIT: usize = 64;
+
+/// Tells whether values of `column` are masked whole by [`mask_short`].
+fn is_short_value(column: Column) -> bool {
+    !column.whole
+        && column.wide.is_none()
+        && matches!(column.column_type, TYPE_BIT | TYPE_FLOAT | TYPE_DOUBLE)
+}
+
+/// Masks a short value whole. A `BIT` value holds a big-endian unsigned number, which follows
+/// the rule for binary numbers. A `FLOAT` or `DOUBLE` in text may be in exponent notation
+/// (`4.111111111111111e15`); it is masked as the number it stands for and as text.
+fn mask_short(value: &mut [u8], column: Column, policy: &MaskPolicy) -> usize {
+    if column.column_type == TYPE_BIT {
+        if value.is_empty() || value.len() > 8 {
+            return 0;
+        }
+        let number = value
+            .iter()
+            .fold(0u64, |number, &byte| number << 8 | u64::from(byte));
+        let Some((zeroed, masked)) = mask_integer(i128::from(number), policy) else {
+            return 0;
+        };
+        let bytes = (zeroed as u64).to_be_bytes();
+        let width = value.len();
+        value.copy_from_slice(&bytes[8 - width..]);
+        return masked;
+    }
+    crate::mask::mask_exponent_number(value, policy) + mask_in_place(value, policy)
 }
 
 /// Types of a prepared statement's parameters, as the last COM_STMT_EXECUTE that sent them set.
@@ -891,5 +947,29 @@ mod tests {
         }
         // A UTF-8 column is not read as a wide one.
         assert_eq!(Wide::of_collation(45), None);
+    }
+
+    #[test]
+    fn bit_and_exponent_values_masked_whole() {
+        let bit = Column {
+            column_type: TYPE_BIT,
+            ..Column::default()
+        };
+        let double = Column {
+            column_type: TYPE_DOUBLE,
+            ..Column::default()
+        };
+        let pan = 4_111_111_111_111_111_u64.to_be_bytes();
+        let masked = 4_111_110_000_001_111_u64.to_be_bytes();
+        let row = text_row(&[Some(&pan), Some(b"4.111111111111111e15")]);
+        let expected = text_row(&[Some(&masked), Some(b"4.11111******1111e15")]);
+        assert_eq!(mask_all_splits(&[bit, double], false, &row), expected);
+        // In a binary row, BIT is length-encoded as well.
+        let mut binary = vec![0x00, 0x00];
+        binary.push(8);
+        binary.extend_from_slice(&pan);
+        let mut expected = vec![0x00, 0x00, 8];
+        expected.extend_from_slice(&masked);
+        assert_eq!(mask_all_splits(&[bit], true, &binary), expected);
     }
 }

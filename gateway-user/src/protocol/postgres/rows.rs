@@ -19,7 +19,9 @@
 //! RowDescription) are overwritten whatever their content. Each byte of a text value becomes
 //! the mask character and each byte of a binary value zero, so the width stays the same.
 
-use crate::mask::{MaskPolicy, StreamMasker, mask_in_place, mask_in_place_with_hex};
+use crate::mask::{
+    MaskPolicy, StreamMasker, mask_exponent_number, mask_in_place, mask_in_place_with_hex,
+};
 
 use super::codec::{BodyReader, CodecError};
 
@@ -171,7 +173,8 @@ fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
     if binary && let Some(masked) = mask_numeric(value, policy) {
         return masked;
     }
-    mask_in_place_with_hex(value, policy)
+    // `float8` prints large whole numbers in exponent notation.
+    mask_exponent_number(value, policy) + mask_in_place_with_hex(value, policy)
 }
 
 /// Base of `numeric`'s digit groups.
