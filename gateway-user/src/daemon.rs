@@ -37,11 +37,28 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
 }
 
+/// Returns the open files `max_connections` sessions need: a client socket, an upstream socket
+/// and a recording file each, and a reserve for the daemon's own files.
+pub fn open_files_needed(max_connections: usize) -> u64 {
+    (max_connections as u64).saturating_mul(3).saturating_add(1024)
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let config = Arc::new(config);
     match crate::sys::raise_nofile_limit() {
-        Ok(limit) => info!(open_files_limit = limit, "raised the open files limit"),
+        Ok(limit) => {
+            info!(open_files_limit = limit, "raised the open files limit");
+            let needed = open_files_needed(config.proxy.max_connections);
+            if limit < needed {
+                warn!(
+                    open_files_limit = limit,
+                    max_connections = config.proxy.max_connections,
+                    needed,
+                    "the open files limit is below what proxy.max_connections sessions need (about 3 each: two sockets and a recording file); once it is reached, new connections and recordings fail. Lower proxy.max_connections or raise the limit (LimitNOFILE, the container runtime's nofile ulimit)"
+                );
+            }
+        }
         Err(error) => warn!(%error, "failed to raise the open files limit"),
     }
     // A DaemonSet passes the node's name through the downward API as NODE_NAME.

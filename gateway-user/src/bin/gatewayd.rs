@@ -115,6 +115,15 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             println!("attach cgroup: {}", cgroup.display());
+            let needed = daemon::open_files_needed(config.proxy.max_connections);
+            if let Ok(limit) = gateway_user::sys::nofile_hard_limit()
+                && limit < needed
+            {
+                println!(
+                    "warning: the open files limit here is {limit}, below the {needed} that proxy.max_connections ({}) sessions need; lower proxy.max_connections or raise the limit",
+                    config.proxy.max_connections
+                );
+            }
             println!("kernel: all needed eBPF program types, maps and helpers are available");
             let follows_services = config.targets.iter().any(|target| target.service.is_some());
             let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();

@@ -85,7 +85,6 @@ pub const SSL_REQUEST_LEN: usize = 32;
 const RESPONSE_EXT_CAPS: usize = 28;
 
 /// The server greeting, with the offsets the proxy rewrites.
-#[derive(Debug)]
 pub struct Greeting {
     /// The payload as the server sent it.
     pub payload: Vec<u8>,
@@ -97,6 +96,17 @@ pub struct Greeting {
     /// Offset of MariaDB's extended capabilities, when the greeting has them.
     ext_caps: Option<usize>,
     pub auth_plugin: String,
+}
+
+impl std::fmt::Debug for Greeting {
+    /// Shows the capabilities and the plugin, and the payload by length only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Greeting")
+            .field("payload_len", &self.payload.len())
+            .field("capabilities", &self.capabilities)
+            .field("auth_plugin", &self.auth_plugin)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Greeting {
@@ -197,11 +207,27 @@ pub fn response_capabilities(payload: &[u8]) -> Result<u32, PacketError> {
 }
 
 /// Facts from a handshake response, for the recording.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ClientLogin {
     pub user: String,
     pub database: String,
     pub auth_plugin: String,
+}
+
+impl std::fmt::Debug for ClientLogin {
+    /// Shows the user and database with card numbers masked, as recordings show them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = |text: &str| {
+            let mut bytes = text.as_bytes().to_vec();
+            crate::mask::mask_in_place(&mut bytes, &crate::mask::MaskPolicy::default());
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        f.debug_struct("ClientLogin")
+            .field("user", &masked(&self.user))
+            .field("database", &masked(&self.database))
+            .field("auth_plugin", &self.auth_plugin)
+            .finish()
+    }
 }
 
 /// A parsed handshake response or COM_CHANGE_USER.
@@ -471,5 +497,18 @@ mod tests {
         assert_eq!(request.login.auth_plugin, "");
 
         assert!(parse_change_user(b"erin\0\x09short", caps).is_err());
+    }
+
+    #[test]
+    fn login_debug_masks_card_numbers() {
+        let login = ClientLogin {
+            user: "4111111111111111".into(),
+            database: "5555555555554444".into(),
+            auth_plugin: "mysql_native_password".into(),
+        };
+        let shown = format!("{login:?}");
+        assert!(shown.contains("411111******1111"), "{shown}");
+        assert!(!shown.contains("4111111111111111"), "{shown}");
+        assert!(!shown.contains("5555555555554444"), "{shown}");
     }
 }
