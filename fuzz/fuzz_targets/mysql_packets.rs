@@ -8,7 +8,7 @@ use gateway_user::{
     mask::MaskPolicy,
     protocol::mysql::{
         packet::{AUTH_LIMIT, COMMAND_LIMIT, PacketReader},
-        rows::{Column, RowMasker},
+        rows::{Column, RowMasker, Wide},
     },
 };
 use libfuzzer_sys::fuzz_target;
@@ -29,12 +29,14 @@ fuzz_target!(|data: &[u8]| {
     };
     // The selector picks the phase limit and the column types of the rows.
     let limit = if selector % 2 == 0 { AUTH_LIMIT } else { COMMAND_LIMIT };
-    let types = [253, 8, 5, 3, 10, 1, 246, 252];
+    let types = [253, 8, 5, 3, 10, 1, 246, 252, 16, 4];
+    let wide = [None, Some(Wide::Utf16Be), Some(Wide::Utf16Le), Some(Wide::Utf32Be)];
     let columns: Vec<Column> = (0..usize::from(selector % 7) + 1)
         .map(|index| Column {
             column_type: types[(usize::from(selector) + index) % types.len()],
             unsigned: selector & 0x80 != 0,
             whole: selector & 0x40 != 0 && index == 0,
+            wide: wide[(usize::from(selector >> 4) + index) % wide.len()],
         })
         .collect();
 
