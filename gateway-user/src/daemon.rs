@@ -40,7 +40,9 @@ pub struct RunOptions {
 /// Returns the open files `max_connections` sessions need: a client socket, an upstream socket
 /// and a recording file each, and a reserve for the daemon's own files.
 pub fn open_files_needed(max_connections: usize) -> u64 {
-    (max_connections as u64).saturating_mul(3).saturating_add(1024)
+    (max_connections as u64)
+        .saturating_mul(3)
+        .saturating_add(1024)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

@@ -23,7 +23,7 @@ use std::{
 
 use serde::Serialize;
 use sqlparser::{
-    ast::{ObjectName, Statement, visit_relations},
+    ast::{ObjectName, OnConflictAction, OnInsert, Statement, visit_relations},
     dialect::{Dialect, MySqlDialect, PostgreSqlDialect},
     parser::Parser,
     tokenizer::{Token, Tokenizer},
@@ -47,6 +47,22 @@ pub struct StatementInfo {
     /// For DELETE and UPDATE: whether a WHERE clause limits the rows. `None` for other kinds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub has_where: Option<bool>,
+    /// Other kinds whose effect the statement has, which rules on those kinds match too:
+    /// `update` for an upsert (`ON DUPLICATE KEY UPDATE`, `ON CONFLICT ... DO UPDATE`) and
+    /// `delete` for MySQL's `REPLACE`, which deletes the row it replaces.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also_kinds: Vec<String>,
+}
+
+impl StatementInfo {
+    /// Tells whether the statement is of `kind` or has its effect, ignoring ASCII case.
+    pub fn has_kind(&self, kind: &str) -> bool {
+        self.kind.eq_ignore_ascii_case(kind)
+            || self
+                .also_kinds
+                .iter()
+                .any(|also| also.eq_ignore_ascii_case(kind))
+    }
 }
 
 /// Longest statement text the cache keeps. Longer texts are parsed every time, so a few huge
@@ -279,6 +295,7 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
             kind,
             tables: Vec::new(),
             has_where: None,
+            also_kinds: Vec::new(),
         };
     }
     let mut tables: Vec<String> = Vec::new();
@@ -293,6 +310,7 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
         kind,
         tables,
         has_where,
+        also_kinds: Vec::new(),
     }
 }
 
@@ -341,10 +359,31 @@ fn describe(statement: &Statement) -> StatementInfo {
         Statement::Truncate(_) => ("truncate".to_string(), None),
         other => (first_keyword(other), None),
     };
+    let also_kinds = match statement {
+        Statement::Insert(insert) => {
+            let mut also = Vec::new();
+            let upsert = match &insert.on {
+                Some(OnInsert::DuplicateKeyUpdate(_)) => true,
+                Some(OnInsert::OnConflict(conflict)) => {
+                    matches!(conflict.action, OnConflictAction::DoUpdate(_))
+                }
+                _ => false,
+            };
+            if upsert {
+                also.push("update".to_string());
+            }
+            if insert.replace_into {
+                also.push("delete".to_string());
+            }
+            also
+        }
+        _ => Vec::new(),
+    };
     StatementInfo {
         kind,
         tables,
         has_where,
+        also_kinds,
     }
 }
 
@@ -378,6 +417,36 @@ mod tests {
         assert_eq!(infos[2].has_where, Some(false));
         assert_eq!(infos[3].kind, "update");
         assert_eq!(infos[3].has_where, Some(true));
+    }
+
+    #[test]
+    fn upserts_have_update_and_replace_delete() {
+        let mysql = analyze(
+            "INSERT INTO cards (id) VALUES (2) ON DUPLICATE KEY UPDATE note = 'x'; \
+             REPLACE INTO cards (id) VALUES (2); INSERT INTO cards (id) VALUES (3)",
+            SqlDialect::Mysql,
+        );
+        let kinds: Vec<(&str, &[String])> = mysql
+            .iter()
+            .map(|info| (info.kind.as_str(), info.also_kinds.as_slice()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("insert", &["update".to_string()][..]),
+                ("insert", &["delete".to_string()]),
+                ("insert", &[]),
+            ]
+        );
+        assert!(mysql[0].has_kind("UPDATE"));
+        assert!(!mysql[2].has_kind("update"));
+        let postgres = analyze(
+            "INSERT INTO cards (id) VALUES (2) ON CONFLICT (id) DO UPDATE SET note = 'x'; \
+             INSERT INTO cards (id) VALUES (2) ON CONFLICT DO NOTHING",
+            SqlDialect::Postgres,
+        );
+        assert!(postgres[0].has_kind("update"));
+        assert!(!postgres[1].has_kind("update"));
     }
 
     #[test]

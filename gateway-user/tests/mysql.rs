@@ -21,6 +21,12 @@ const SQL_RULES: &str = "sql_rules:
   - name: no-unbounded-delete
     statement_kinds: [delete, update]
     without_where: true
+  - name: no-truncate-cards
+    statement_kinds: [truncate]
+    tables: [payments.cards]
+  - name: guarded-rows-stay
+    statement_kinds: [update, delete]
+    tables: [guarded]
 ";
 
 struct MySetup {
@@ -928,8 +934,9 @@ spec:
 }
 
 /// Card numbers in the server's other packets (a column name, an ERR message that starts with
-/// the number) come back masked, a MariaDB executable comment is judged as SQL, and quoted table
-/// names are recorded without their quotes.
+/// the number), in wide character sets, in exponent notation and in BIT values come back
+/// masked. A MariaDB executable comment is judged as SQL, quoted and bare table names match
+/// rules on `database.table`, and upserts and REPLACE match rules on `update` and `delete`.
 #[test]
 fn server_text_fields_and_comments() {
     let setup = my_setup("server_text_fields_and_comments");
@@ -998,6 +1005,42 @@ fn server_text_fields_and_comments() {
         assert_eq!(value, "411111******1111", "{charset}: {:?}", output.stdout);
     }
 
+    // A rule on `payments.cards` holds for the bare and the quoted name while `payments` is
+    // the current database.
+    for statement in ["TRUNCATE TABLE cards", "TRUNCATE TABLE `payments`.`cards`"] {
+        let output = cli(&setup, true, "gateway", &["-e", statement]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("no-truncate-cards"),
+            "{statement}: {stderr}"
+        );
+    }
+
+    // An upsert changes rows as an UPDATE does, and REPLACE deletes the row it replaces.
+    setup.mariadb.admin_sql(
+        "CREATE TABLE payments.guarded (id INT PRIMARY KEY, note TEXT); \
+         INSERT INTO payments.guarded VALUES (1, 'kept')",
+    );
+    for statement in [
+        "INSERT INTO guarded VALUES (1, 'changed') ON DUPLICATE KEY UPDATE note = 'changed'",
+        "REPLACE INTO guarded VALUES (1, 'replaced')",
+    ] {
+        let output = cli(&setup, true, "gateway", &["-e", statement]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("guarded-rows-stay"),
+            "{statement}: {stderr}"
+        );
+    }
+    cli_ok(&setup, true, "INSERT INTO guarded VALUES (2, 'new')");
+    assert_eq!(
+        setup
+            .mariadb
+            .admin_sql("SELECT note FROM payments.guarded ORDER BY id")
+            .trim(),
+        "kept\nnew"
+    );
+
     // A large DOUBLE prints in exponent notation, and a BIT value is a big-endian number.
     let double = cli_ok(&setup, true, "SELECT CAST(4111111111111111 AS DOUBLE) AS d");
     assert_eq!(double.trim_end(), "d\n4.11111******1111e15");
@@ -1021,7 +1064,7 @@ fn server_text_fields_and_comments() {
     );
 
     cli_ok(&setup, true, "DELETE FROM `payments`.`cards` WHERE id = 99");
-    setup.node.wait_for_sessions(10);
+    setup.node.wait_for_sessions(15);
     let recorded = statements(&setup.node);
     let delete = recorded
         .iter()

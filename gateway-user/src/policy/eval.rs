@@ -533,7 +533,7 @@ fn sql_matches(wanted: &SqlMatch, statement: &StatementInfo) -> bool {
         || wanted
             .statement_kinds
             .iter()
-            .any(|kind| kind.eq_ignore_ascii_case(&statement.kind));
+            .any(|kind| statement.has_kind(kind));
     let table_matches = wanted.tables.is_empty()
         || statement.tables.iter().any(|table| {
             wanted
@@ -646,6 +646,8 @@ mod tests {
             "UPDATE users SET a = 1",
             "SELECT * FROM other.users",
             "INSERT INTO t VALUES (1)",
+            // An upsert also matches rules on `update`, through the index too.
+            "INSERT INTO cards (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET id = 2",
         ]
         .iter()
         .map(|sql| analyze(sql, SqlDialect::Postgres).remove(0))
@@ -692,6 +694,6 @@ mod tests {
                 compared += 1;
             }
         }
-        assert_eq!(compared, subjects.len() * 10);
+        assert_eq!(compared, subjects.len() * 11);
     }
 }

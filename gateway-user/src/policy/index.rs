@@ -154,11 +154,11 @@ impl RuleIndex {
         }
         match request {
             Request::Sql(statement) => {
-                if let Some(list) = self
-                    .statement_kinds
-                    .get(statement.kind.to_ascii_lowercase().as_str())
-                {
-                    lists.push(list);
+                for kind in std::iter::once(&statement.kind).chain(&statement.also_kinds) {
+                    if let Some(list) = self.statement_kinds.get(kind.to_ascii_lowercase().as_str())
+                    {
+                        lists.push(list);
+                    }
                 }
                 if !self.tables.is_empty() {
                     for table in &statement.tables {

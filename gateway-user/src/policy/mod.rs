@@ -168,7 +168,7 @@ impl SqlRule {
             || self
                 .statement_kinds
                 .iter()
-                .any(|kind| kind.eq_ignore_ascii_case(&statement.kind));
+                .any(|kind| statement.has_kind(kind));
         let table_matches = self.tables.is_empty()
             || statement.tables.iter().any(|table| {
                 self.tables

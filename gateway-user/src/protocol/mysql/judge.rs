@@ -48,7 +48,8 @@ impl Session<'_> {
         let policy = context.policy.current();
         let mut reviews: Vec<(PolicyDecision, &StatementInfo)> = Vec::new();
         for info in infos {
-            let decision = policy.decide(&context.subject, &context.target, Request::Sql(info));
+            let judged = with_database(info, &self.login.database);
+            let decision = policy.decide(&context.subject, &context.target, Request::Sql(&judged));
             metrics().request_decided(context.target.class, &decision);
             if decision.audit_only() {
                 record_event(
@@ -162,5 +163,39 @@ impl Session<'_> {
             }
             Some(detail) => Some((decision.rule, detail)),
         }
+    }
+}
+
+/// Returns `info` for the policy to judge: each table named without a database is also named
+/// in `database`, the session's current one, so that a rule on `payments.cards` matches
+/// `cards` while `payments` is in use. Rules on the bare name match either way.
+fn with_database(info: &StatementInfo, database: &str) -> StatementInfo {
+    let mut judged = info.clone();
+    if database.is_empty() {
+        return judged;
+    }
+    for table in &info.tables {
+        if !table.contains('.') {
+            judged.tables.push(format!("{database}.{table}"));
+        }
+    }
+    judged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_tables_named_in_current_database() {
+        let info = StatementInfo {
+            kind: "select".into(),
+            tables: vec!["cards".into(), "audit.log".into()],
+            has_where: None,
+            also_kinds: Vec::new(),
+        };
+        let judged = with_database(&info, "payments");
+        assert_eq!(judged.tables, ["cards", "audit.log", "payments.cards"]);
+        assert_eq!(with_database(&info, "").tables, info.tables);
     }
 }

@@ -1039,6 +1039,7 @@ impl Session<'_> {
             kind: "use".to_string(),
             tables: Vec::new(),
             has_where: None,
+            also_kinds: Vec::new(),
         };
         let pending = Pending::new(format!("USE {database}"), info.clone(), Vec::new());
         if let Some(denial) = self.judge(std::slice::from_ref(&info), &pending.text).await {
@@ -1524,6 +1525,9 @@ impl Session<'_> {
             .u64("duration_us", pending.started.elapsed().as_micros() as u64);
         if let Some((part, parts)) = pending.part {
             fields.u64("part", part).u64("parts", parts);
+        }
+        if !pending.info.also_kinds.is_empty() {
+            fields.strs("also_kinds", &pending.info.also_kinds);
         }
         match outcome {
             "ok" => {

@@ -1561,6 +1561,9 @@ fn record_statement(record: &Recording, startup: &StartupInfo, completed: &Compl
     if let Some((part, parts)) = pending.part {
         fields.u64("part", part).u64("parts", parts);
     }
+    if !pending.info.also_kinds.is_empty() {
+        fields.strs("also_kinds", &pending.info.also_kinds);
+    }
     if let Some(rows) = rows {
         fields.u64("rows", *rows);
     }
