@@ -388,8 +388,10 @@ fn run_example(name: &str, release: bool, args: &[String]) -> anyhow::Result<()>
     run(cargo()
         .args(["build", "--features", "gateway-user/testing", "--bins"])
         .args(profile))?;
+    // Not quiet either: the example itself compiles for a minute or more the first time.
+    eprintln!("xtask: building and starting the {name} example");
     run(cargo()
-        .args(["run", "--quiet", "--features", "gateway-user/testing"])
+        .args(["run", "--features", "gateway-user/testing"])
         .args(["--package", "gateway-user", "--example", name])
         .args(profile)
         .arg("--")
