@@ -37,11 +37,11 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
 }
 
-/// Returns the open files `max_connections` sessions need: a client socket, an upstream socket
-/// and a recording file each, and a reserve for the daemon's own files.
+/// Returns the open files `max_connections` sessions may need: two sockets, two pipes of the
+/// byte relay and a recording file each, and a reserve for the daemon's own files.
 pub fn open_files_needed(max_connections: usize) -> u64 {
     (max_connections as u64)
-        .saturating_mul(3)
+        .saturating_mul(5)
         .saturating_add(1024)
 }
 
@@ -57,7 +57,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
                     open_files_limit = limit,
                     max_connections = config.proxy.max_connections,
                     needed,
-                    "the open files limit is below what proxy.max_connections sessions need (about 3 each: two sockets and a recording file); once it is reached, new connections and recordings fail. Lower proxy.max_connections or raise the limit (LimitNOFILE, the container runtime's nofile ulimit)"
+                    "the open files limit is below what proxy.max_connections sessions may need (up to 5 each: two sockets, two relay pipes, a recording file); once it is reached, new connections and recordings fail. Lower proxy.max_connections or raise the limit (LimitNOFILE, the container runtime's nofile ulimit)"
                 );
             }
         }

@@ -740,16 +740,7 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
         {
             // The last groups, which may still end a PAN, share digits with the head: hold the
             // run back whole, unmasked, and read it again with more input.
-            let context = if decimal_before {
-                Context::AfterDecimalPoint
-            } else {
-                Context::Clear
-            };
-            return Scan {
-                settled: start,
-                context,
-                masked,
-            };
+            return held_from(start, decimal_before, masked);
         }
         // The run became long here: the PANs that start it are known now.
         if run.head_len > 0 && !decimal_before {
@@ -788,18 +779,23 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
             }
             RunEnd::Open { .. } => {
                 // The run can still become a PAN, so hold it back from its first digit.
-                let context = if decimal_before {
-                    Context::AfterDecimalPoint
-                } else {
-                    Context::Clear
-                };
-                return Scan {
-                    settled: start,
-                    context,
-                    masked,
-                };
+                return held_from(start, decimal_before, masked);
             }
         }
+    }
+}
+
+/// Returns the outcome of a scan that holds everything back from the run starting at `start`.
+fn held_from(start: usize, decimal_before: bool, masked: usize) -> Scan {
+    let context = if decimal_before {
+        Context::AfterDecimalPoint
+    } else {
+        Context::Clear
+    };
+    Scan {
+        settled: start,
+        context,
+        masked,
     }
 }
 

@@ -462,8 +462,8 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
     Ok(ret as usize)
 }
 
-/// Returns the hard limit on open files, which the daemon raises its soft limit to.
-pub fn nofile_hard_limit() -> io::Result<u64> {
+/// Returns the soft and hard limits on open files.
+fn nofile_limits() -> io::Result<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -472,20 +472,18 @@ pub fn nofile_hard_limit() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(limit.rlim_max)
+    Ok(limit)
+}
+
+/// Returns the hard limit on open files, which the daemon raises its soft limit to.
+pub fn nofile_hard_limit() -> io::Result<u64> {
+    Ok(nofile_limits()?.rlim_max)
 }
 
 /// Raises the soft limit on open files to the hard limit: each proxied session uses two
 /// sockets, up to two pipes and a recording file.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a live, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut limit = nofile_limits()?;
     limit.rlim_cur = limit.rlim_max;
     // SAFETY: `limit` is a live rlimit with the soft limit not above the hard one.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {

@@ -649,12 +649,12 @@ pub fn verify_store(
             if journal.pruned_days.contains(day) {
                 continue;
             }
-            if account.abandoned
-                && account
-                    .end
-                    .as_ref()
-                    .is_some_and(|(records, _, _)| *records == 0)
-            {
+            // The journal's own chain states that nothing was written to the file.
+            let never_written = account
+                .end
+                .as_ref()
+                .is_some_and(|(records, _, _)| *records == 0);
+            if never_written && account.abandoned {
                 report.note(
                     &account.file,
                     None,
@@ -662,14 +662,8 @@ pub fn verify_store(
                 );
                 continue;
             }
-            // The journal's own chain states that nothing was written to the file: its records
-            // were lost (the file could not be created), so there is nothing to delete.
-            if account.lost > 0
-                && account
-                    .end
-                    .as_ref()
-                    .is_some_and(|(records, _, _)| *records == 0)
-            {
+            // Its records were lost (the file could not be created), so nothing was deleted.
+            if never_written && account.lost > 0 {
                 report.note(
                     &account.file,
                     None,
