@@ -1076,3 +1076,29 @@ fn server_text_fields_and_comments() {
         assert!(!text.contains("4111111111111111"), "{text}");
     }
 }
+
+/// Large statements being read share one memory budget across sessions. While it is held,
+/// another large statement is read and dropped with an ERR, recorded with the gateway's rule,
+/// and its session goes on.
+#[test]
+fn large_statements_share_memory_budget() {
+    let setup = my_setup("large_statements_share_memory_budget");
+    let result = raw(&setup, "statement-budget", &[]);
+    let refused = &result["refused"][0];
+    assert_eq!(refused["error"], 1041, "{result}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("retry later")),
+        "{result}"
+    );
+    assert_eq!(result["after"][0]["rows"], json!([["2097152"]]), "{result}");
+
+    setup.node.wait_for_sessions(5);
+    let refused: Vec<Value> = statements(&setup.node)
+        .into_iter()
+        .filter(|statement| statement["rule"] == "gateway:statement-memory")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert_eq!(refused[0]["outcome"], "denied");
+}

@@ -563,6 +563,27 @@ pub fn run(
             json!({ "first_packet_bytes": first.body.len() })
         }
         "point-select" => point_select(addr, user, database, seconds)?,
+        "statement-budget" => {
+            // Four clients each start a statement of several 16 MiB packets and stop sending,
+            // so the gateway's whole budget for large statements is in use. A 2 MiB query is
+            // then rejected, and it runs once the four leave.
+            let mut holders = Vec::new();
+            for _ in 0..4 {
+                let mut holder = Client::login(addr, user, database, deprecate_eof)?;
+                let mut start = vec![0xff, 0xff, 0xff, 0, COM_QUERY];
+                start.extend_from_slice(&[b' '; 4096]);
+                holder.stream.write_all(&start)?;
+                holders.push(holder);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let mut client = Client::login(addr, user, database, deprecate_eof)?;
+            let query = format!("SELECT LENGTH('{}') AS n", "x".repeat(2 * 1024 * 1024));
+            let refused = client.query(query.as_bytes())?;
+            drop(holders);
+            std::thread::sleep(Duration::from_millis(1000));
+            let after = client.query(query.as_bytes())?;
+            json!({ "refused": answers_json(&refused), "after": answers_json(&after) })
+        }
         other => anyhow::bail!("unknown scenario {other:?}"),
     };
     println!("{result}");

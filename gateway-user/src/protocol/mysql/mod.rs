@@ -64,6 +64,23 @@ const STATEMENT_LIMIT: Limit = Limit {
     max: STATEMENT_HOLD_LIMIT,
     phase: "statement inspection",
 };
+/// Memory all sessions together may hold in large statements being read whole: those of a
+/// packet of 1 MiB or more. Four statements at the 64 MiB limit fit at once. Past it, a
+/// statement is read and dropped, and the client gets an ERR, so a few pods cannot make the
+/// daemon hold gigabytes.
+const LARGE_STATEMENT_BUDGET: usize = 256 * 1024 * 1024;
+/// Packet length from which a statement counts against [`LARGE_STATEMENT_BUDGET`].
+const LARGE_STATEMENT: usize = 1024 * 1024;
+
+/// The bytes of [`LARGE_STATEMENT_BUDGET`] still free, as semaphore permits.
+static LARGE_STATEMENTS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(LARGE_STATEMENT_BUDGET));
+
+/// Error code of the ERR for a statement over the budget: `ER_OUT_OF_RESOURCES`.
+const OUT_OF_RESOURCES: u16 = 1041;
+/// The rule recorded for such a statement.
+const LARGE_STATEMENT_RULE: &str = "gateway:statement-memory";
+
 /// Largest server payload other than a row that the proxy reads whole: OK, ERR and EOF
 /// packets, column definitions, column counts. 16 MiB leaves room for a long error message or
 /// session state list while bounding memory.
@@ -740,6 +757,24 @@ impl Session<'_> {
                 self.send_long_data(header).await?;
                 continue;
             }
+            // A statement of several packets may reach the 64 MiB limit, so it takes that much
+            // from the budget. A single packet takes its length.
+            let _budget = if header.len < LARGE_STATEMENT {
+                None
+            } else {
+                let bytes = if header.continues() {
+                    STATEMENT_HOLD_LIMIT
+                } else {
+                    header.len
+                };
+                match LARGE_STATEMENTS.try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX)) {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        self.reject_large_statement(header).await?;
+                        continue;
+                    }
+                }
+            };
             // NOTE: a COM_STMT_EXECUTE whose inline parameters pass 64 MiB ends the session,
             // because it is read whole to record its parameters. Clients send larger values
             // with COM_STMT_SEND_LONG_DATA, which streams.
@@ -812,6 +847,53 @@ impl Session<'_> {
     }
 
     /// Replies to a denied command with the gateway's ERR packet and records it.
+    /// Reads a large command that does not fit the memory budget in pieces, dropping them,
+    /// then replies with an ERR and records it. The session goes on.
+    async fn reject_large_statement(&mut self, first: Header) -> Result<(), SessionEnd> {
+        let mut header = first;
+        let mut total = 0usize;
+        loop {
+            let mut left = header.len;
+            while left > 0 {
+                let piece = self.client.read_piece(left).await.map_err(client_error)?;
+                left -= piece.len();
+            }
+            total += header.len;
+            if !header.continues() {
+                break;
+            }
+            header = self
+                .client
+                .read_continuation(header, STATEMENT_LIMIT, total)
+                .await
+                .map_err(client_error)?;
+        }
+        self.count(true, total);
+
+        let in_use = LARGE_STATEMENT_BUDGET - LARGE_STATEMENTS.available_permits();
+        let message = format!(
+            "gateway: a statement of {total} bytes was not run: statements being read hold {} MiB of the gateway's {} MiB for large statements; retry later",
+            in_use / (1024 * 1024),
+            LARGE_STATEMENT_BUDGET / (1024 * 1024)
+        );
+        warn!(
+            bytes = total,
+            in_use, "large statement refused: memory budget in use"
+        );
+        let error = packet::err_payload(OUT_OF_RESOURCES, "HY000", &message);
+        self.send_client(header.seq.wrapping_add(1), &error).await?;
+        let pending = Pending::new(
+            format!("(a statement of {total} bytes, not read)"),
+            StatementInfo {
+                kind: "unknown".to_string(),
+                ..StatementInfo::default()
+            },
+            Vec::new(),
+        );
+        self.record_statement(&pending, "denied", Some(LARGE_STATEMENT_RULE));
+        Ok(())
+    }
+
     async fn deny(
         &mut self,
         payload: &Payload,
