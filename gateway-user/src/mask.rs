@@ -210,6 +210,35 @@ pub fn mask_exponent_number(value: &mut [u8], policy: &MaskPolicy) -> usize {
     masked
 }
 
+/// Masks every number in exponent notation inside `text`, as [`mask_exponent_number`] does for
+/// a whole value: the elements of an array (`{4.111111111111111e+15}`) or of a JSON document
+/// (`[4.111111111111111e15]`). Returns how many PANs it masked.
+pub fn mask_exponent_numbers(text: &mut [u8], policy: &MaskPolicy) -> usize {
+    let in_number =
+        |byte: u8| byte.is_ascii_digit() || matches!(byte, b'.' | b'e' | b'E' | b'+' | b'-');
+    let mut masked = 0;
+    let mut at = 0;
+    while let Some(offset) = text[at..].iter().position(|&byte| byte | 0x20 == b'e') {
+        let e = at + offset;
+        // Only an `e` right after a digit can be an exponent's.
+        if e == 0 || !text[e - 1].is_ascii_digit() {
+            at = e + 1;
+            continue;
+        }
+        let start = text[..e]
+            .iter()
+            .rposition(|&byte| !in_number(byte))
+            .map_or(0, |before| before + 1);
+        let end = text[e + 1..]
+            .iter()
+            .position(|&byte| !in_number(byte))
+            .map_or(text.len(), |after| e + 1 + after);
+        masked += mask_exponent_number(&mut text[start..end], policy);
+        at = end.max(e + 1);
+    }
+    masked
+}
+
 /// Masks the PANs in one run of hex digit pairs, decoded.
 fn mask_hex_run(run: &mut [u8], policy: &MaskPolicy) -> usize {
     if run.len() < 2 * MIN_PAN_DIGITS {
@@ -785,7 +814,7 @@ fn scan(buf: &mut [u8], mut context: Context, at_end: bool, policy: &MaskPolicy)
     }
 }
 
-/// Returns the outcome of a scan that holds everything back from the run starting at `start`.
+/// Returns the outcome of a scan that keeps everything from the run starting at `start` back.
 fn held_from(start: usize, decimal_before: bool, masked: usize) -> Scan {
     let context = if decimal_before {
         Context::AfterDecimalPoint
@@ -1424,6 +1453,16 @@ mod tests {
             );
             assert_eq!(String::from_utf8_lossy(&value), expected, "{input}");
         }
+    }
+
+    #[test]
+    fn exponent_numbers_inside_text_masked() {
+        let mut text = b"{4.111111111111111e+15,1.5e3} [4.111111111111111e15] e 4e".to_vec();
+        assert_eq!(mask_exponent_numbers(&mut text, &MaskPolicy::default()), 2);
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            "{4.11111******1111e+15,1.5e3} [4.11111******1111e15] e 4e"
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ use std::{
 
 use serde::Serialize;
 use sqlparser::{
-    ast::{ObjectName, OnConflictAction, OnInsert, Statement, visit_relations},
+    ast::{
+        ObjectName, OnConflictAction, OnInsert, Query, SetExpr, Statement, Use, visit_relations,
+    },
     dialect::{Dialect, MySqlDialect, PostgreSqlDialect},
     parser::Parser,
     tokenizer::{Token, Tokenizer},
@@ -306,11 +308,28 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
     }
     let has_where = matches!(kind.as_str(), "delete" | "update")
         .then(|| tables.iter().any(|word| word == "where"));
+    // Any word that names a change of rows may be one, as in an upsert the parser rejects:
+    // rules on those kinds match too.
+    let mut also_kinds: Vec<String> = Vec::new();
+    for (word, changed) in [
+        ("insert", "insert"),
+        ("update", "update"),
+        ("delete", "delete"),
+        ("merge", "merge"),
+        ("replace", "delete"),
+    ] {
+        if tables.iter().any(|table| table == word)
+            && changed != kind
+            && !also_kinds.iter().any(|k| k == changed)
+        {
+            also_kinds.push(changed.to_string());
+        }
+    }
     StatementInfo {
         kind,
         tables,
         has_where,
-        also_kinds: Vec::new(),
+        also_kinds,
     }
 }
 
@@ -343,6 +362,10 @@ fn describe(statement: &Statement) -> StatementInfo {
         }
     };
     match statement {
+        // A `USE` lists the database it switches to as its table.
+        Statement::Use(Use::Object(name) | Use::Database(name) | Use::Schema(name)) => {
+            add(table_name(name));
+        }
         Statement::Drop { names, .. } => names.iter().for_each(|name| add(table_name(name))),
         Statement::Truncate(truncate) => truncate
             .table_names
@@ -359,7 +382,9 @@ fn describe(statement: &Statement) -> StatementInfo {
         Statement::Truncate(_) => ("truncate".to_string(), None),
         other => (first_keyword(other), None),
     };
-    let also_kinds = match statement {
+    let mut also_kinds = match statement {
+        // MERGE may insert, update and delete, by its clauses: all three are assumed.
+        Statement::Merge(_) => vec!["insert".into(), "update".into(), "delete".into()],
         Statement::Insert(insert) => {
             let mut also = Vec::new();
             let upsert = match &insert.on {
@@ -379,12 +404,50 @@ fn describe(statement: &Statement) -> StatementInfo {
         }
         _ => Vec::new(),
     };
+    // A query whose WITH clause or body changes rows (`WITH d AS (DELETE ... RETURNING *)
+    // SELECT ...`) has those kinds too.
+    if let Statement::Query(query) = statement {
+        for changed in query_changes(query) {
+            if changed != kind && !also_kinds.contains(&changed) {
+                also_kinds.push(changed);
+            }
+        }
+    }
     StatementInfo {
         kind,
         tables,
         has_where,
         also_kinds,
     }
+}
+
+/// Returns the kinds of the statements that change rows inside `query`: its body and the
+/// queries of its WITH clause.
+fn query_changes(query: &Query) -> Vec<String> {
+    let mut kinds = Vec::new();
+    let mut bodies: Vec<&SetExpr> = vec![&query.body];
+    if let Some(with) = &query.with {
+        bodies.extend(with.cte_tables.iter().map(|cte| cte.query.body.as_ref()));
+    }
+    while let Some(body) = bodies.pop() {
+        match body {
+            SetExpr::Insert(inner)
+            | SetExpr::Update(inner)
+            | SetExpr::Delete(inner)
+            | SetExpr::Merge(inner) => {
+                let info = describe(inner);
+                kinds.push(info.kind);
+                kinds.extend(info.also_kinds);
+            }
+            SetExpr::Query(inner) => kinds.extend(query_changes(inner)),
+            SetExpr::SetOperation { left, right, .. } => {
+                bodies.push(left);
+                bodies.push(right);
+            }
+            _ => {}
+        }
+    }
+    kinds
 }
 
 /// Lower-case first keyword of the statement as sqlparser prints it (`CREATE TABLE ...` gives
@@ -447,6 +510,36 @@ mod tests {
         );
         assert!(postgres[0].has_kind("update"));
         assert!(!postgres[1].has_kind("update"));
+    }
+
+    #[test]
+    fn changes_inside_queries_and_unparsed_text_have_kinds() {
+        let cases = [
+            (
+                SqlDialect::Postgres,
+                "WITH d AS (DELETE FROM cards WHERE id = 2 RETURNING id) SELECT * FROM d",
+                "delete",
+            ),
+            (
+                SqlDialect::Postgres,
+                "WITH x AS (SELECT 1) DELETE FROM cards WHERE id = 1",
+                "delete",
+            ),
+            (
+                SqlDialect::Postgres,
+                "MERGE INTO cards c USING (SELECT 3 AS id) s ON c.id = s.id WHEN MATCHED THEN DELETE",
+                "delete",
+            ),
+            (
+                SqlDialect::Mysql,
+                "INSERT INTO cards PARTITION (p0) (id) VALUES (1) ON DUPLICATE KEY UPDATE note = 'x'",
+                "update",
+            ),
+        ];
+        for (dialect, text, kind) in cases {
+            let infos = analyze(text, dialect);
+            assert!(infos[0].has_kind(kind), "{text}: {infos:?}");
+        }
     }
 
     #[test]

@@ -47,8 +47,15 @@ impl Session<'_> {
         let context = self.context;
         let policy = context.policy.current();
         let mut reviews: Vec<(PolicyDecision, &StatementInfo)> = Vec::new();
+        // A `USE` in a text of several statements changes the database for those after it.
+        let mut database = self.login.database.clone();
         for info in infos {
-            let judged = with_database(info, &self.login.database);
+            if info.kind == "use"
+                && let Some(used) = info.tables.first()
+            {
+                database.clone_from(used);
+            }
+            let judged = with_database(info, &database);
             let decision = policy.decide(&context.subject, &context.target, Request::Sql(&judged));
             metrics().request_decided(context.target.class, &decision);
             if decision.audit_only() {

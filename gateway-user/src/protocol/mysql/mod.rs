@@ -924,10 +924,7 @@ impl Session<'_> {
             return self.deny(&payload, pending, &denial).await;
         }
         // `USE db` as a statement changes the database like COM_INIT_DB does.
-        let used_database = match &infos[..] {
-            [info] if info.kind == "use" => used_database(text),
-            _ => None,
-        };
+        let used_database = used_database(&infos);
         let infos = statements_or_empty(infos);
         let parts = super::statement_parts(infos.len());
         let pending = infos
@@ -1648,17 +1645,13 @@ fn statements_or_empty(infos: Vec<StatementInfo>) -> Vec<StatementInfo> {
     }
 }
 
-/// Reads the database name of a `USE name` statement, unquoted.
-fn used_database(text: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(text);
-    let rest = text.trim().get(3..)?;
-    let name = rest.trim().trim_end_matches(';').trim();
-    let name = name
-        .strip_prefix('`')
-        .and_then(|quoted| quoted.strip_suffix('`'))
-        .map(|quoted| quoted.replace("``", "`"))
-        .unwrap_or_else(|| name.to_string());
-    (!name.is_empty()).then_some(name)
+/// Returns the database the last `USE` among `infos` switches to.
+fn used_database(infos: &[StatementInfo]) -> Option<String> {
+    infos
+        .iter()
+        .rev()
+        .find(|info| info.kind == "use")
+        .and_then(|info| info.tables.first().cloned())
 }
 
 /// Reads the status of an OK packet (also the `0xfe` OK that ends a result set under
@@ -1768,12 +1761,15 @@ mod tests {
 
     #[test]
     fn use_statement_database_read() {
-        assert_eq!(used_database(b"USE payments").as_deref(), Some("payments"));
+        let used = |text: &str| used_database(&analyze(text, SqlDialect::Mysql));
+        assert_eq!(used("USE payments").as_deref(), Some("payments"));
+        assert_eq!(used(" use `odd``name` ;").as_deref(), Some("odd`name"));
+        assert_eq!(used("/* x */ USE payments").as_deref(), Some("payments"));
         assert_eq!(
-            used_database(b" use `odd``name` ;").as_deref(),
-            Some("odd`name")
+            used("SELECT 1; USE payments; SELECT 2").as_deref(),
+            Some("payments")
         );
-        assert_eq!(used_database(b"USE"), None);
+        assert_eq!(used("SELECT 1"), None);
     }
 
     #[test]

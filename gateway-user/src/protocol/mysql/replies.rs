@@ -2,7 +2,7 @@
 //! definitions. Each text field is masked as a value of its own, so a length prefix or an
 //! SQLSTATE next to it is never read as digits of a card number, and every length stays.
 
-use crate::mask::{MaskPolicy, mask_in_place};
+use crate::mask::MaskPolicy;
 
 use super::packet::FieldReader;
 
@@ -11,6 +11,12 @@ const SERVER_SESSION_STATE_CHANGED: u16 = 0x4000;
 
 /// Session state entry type whose data starts with a one-byte encoding specification.
 const SESSION_TRACK_GTIDS: u8 = 3;
+
+/// Masks one text field as a whole value, in the session's result character set, which may be
+/// a wide one.
+fn mask_in_place(field: &mut [u8], policy: &MaskPolicy) -> usize {
+    crate::mask::mask_in_place(field, policy) + super::rows::mask_wide_text(field, policy)
+}
 
 /// Returns the range of the length-encoded string at `at`, or `None` when `data` is too short.
 fn lenenc_string(data: &[u8], at: usize) -> Option<(usize, usize)> {
@@ -219,5 +225,25 @@ mod tests {
         let text = String::from_utf8_lossy(&data);
         assert!(!text.contains("4111111111111111"), "{text}");
         assert_eq!(&data[data.len() - 30..data.len() - 17], &fixed[..]);
+    }
+
+    #[test]
+    fn wide_column_name_masked() {
+        let wide =
+            |text: &str| -> Vec<u8> { text.encode_utf16().flat_map(u16::to_be_bytes).collect() };
+        let mut data = Vec::new();
+        for field in [wide("def"), wide("payments"), wide("t"), wide("t")] {
+            data.extend(lenenc(&field));
+        }
+        data.extend(lenenc(&wide("4111111111111111")));
+        data.extend(lenenc(&wide("c")));
+        data.push(0x0c);
+        data.extend_from_slice(&[0x36, 0x00, 0x28, 0, 0, 0, 0xfd, 0, 0, 0, 0, 0]);
+        assert_eq!(mask_column_definition(&mut data, &MaskPolicy::default()), 1);
+        let name = wide("411111******1111");
+        assert!(
+            data.windows(name.len())
+                .any(|window| window == name.as_slice())
+        );
     }
 }

@@ -180,6 +180,26 @@ impl WideText {
     }
 }
 
+/// Masks `value`, text whose character set is not known, in each wide encoding in turn, when
+/// it has a NUL byte: the names and messages of a session whose `character_set_results` is a
+/// wide one. A pass changes only code units that are ASCII digits in its own encoding.
+pub(super) fn mask_wide_text(value: &mut [u8], policy: &MaskPolicy) -> usize {
+    if !value.contains(&0) {
+        return 0;
+    }
+    let mut masked = 0;
+    for wide in [Wide::Utf16Be, Wide::Utf16Le, Wide::Utf32Be] {
+        let mut text = WideText::new(wide, policy.clone());
+        let mut out = Vec::with_capacity(value.len());
+        let found = text.feed(value, &mut out) + text.finish(&mut out);
+        if found > 0 && out.len() == value.len() {
+            value.copy_from_slice(&out);
+            masked += found;
+        }
+    }
+    masked
+}
+
 impl std::fmt::Debug for WideText {
     /// Shows the encoding, never the bytes held back.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -584,19 +604,18 @@ impl RowMasker {
     }
 }
 
-/// Maximum length of a value gathered whole for [`mask_short`]: a `DOUBLE` printed in full takes 23 bytes.
-const SHORT_VALUE_LIMIT: usize = 64;
+/// Maximum length of a value gathered and masked whole by [`mask_short`]. Longer values stream.
+const SHORT_VALUE_LIMIT: usize = 4096;
 
-/// Tells whether values of `column` are masked whole by [`mask_short`].
+/// Tells whether values of `column` are masked whole by [`mask_short`] when short enough.
 fn is_short_value(column: Column) -> bool {
-    !column.whole
-        && column.wide.is_none()
-        && matches!(column.column_type, TYPE_BIT | TYPE_FLOAT | TYPE_DOUBLE)
+    !column.whole && column.wide.is_none()
 }
 
 /// Masks a short value whole. A `BIT` value holds a big-endian unsigned number, which follows
-/// the rule for binary numbers. A `FLOAT` or `DOUBLE` in text may be in exponent notation
-/// (`4.111111111111111e15`); it is masked as the number it stands for and as text.
+/// the rule for binary numbers. Text may hold numbers in exponent notation (a `DOUBLE`
+/// printed as `4.111111111111111e15`, alone or in JSON); they are masked as the numbers they
+/// stand for, and the value as text.
 fn mask_short(value: &mut [u8], column: Column, policy: &MaskPolicy) -> usize {
     if column.column_type == TYPE_BIT {
         if value.is_empty() || value.len() > 8 {
@@ -613,7 +632,7 @@ fn mask_short(value: &mut [u8], column: Column, policy: &MaskPolicy) -> usize {
         value.copy_from_slice(&bytes[8 - width..]);
         return masked;
     }
-    crate::mask::mask_exponent_number(value, policy) + mask_in_place(value, policy)
+    crate::mask::mask_exponent_numbers(value, policy) + mask_in_place(value, policy)
 }
 
 /// Types of a prepared statement's parameters, as the last COM_STMT_EXECUTE that sent them set.

@@ -20,7 +20,7 @@
 //! the mask character and each byte of a binary value zero, so the width stays the same.
 
 use crate::mask::{
-    MaskPolicy, StreamMasker, mask_exponent_number, mask_in_place, mask_in_place_with_hex,
+    MaskPolicy, StreamMasker, mask_exponent_numbers, mask_in_place, mask_in_place_with_hex,
 };
 
 use super::codec::{BodyReader, CodecError};
@@ -173,8 +173,8 @@ fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
     if binary && let Some(masked) = mask_numeric(value, policy) {
         return masked;
     }
-    // `float8` prints large whole numbers in exponent notation.
-    mask_exponent_number(value, policy) + mask_in_place_with_hex(value, policy)
+    // `float8` prints large whole numbers in exponent notation, alone or in arrays.
+    mask_exponent_numbers(value, policy) + mask_in_place_with_hex(value, policy)
 }
 
 /// Base of `numeric`'s digit groups.
@@ -257,6 +257,35 @@ fn mask_numeric(value: &mut [u8], policy: &MaskPolicy) -> Option<usize> {
 /// Masks a binary `int8` whose decimal form is a card number: the digits text masking would
 /// hide become zeros, so the value keeps its type and width.
 fn mask_int8(value: &mut [u8], policy: &MaskPolicy) -> usize {
+    let masked = mask_int8_only(value, policy);
+    if masked > 0 {
+        return masked;
+    }
+    mask_float8(value, policy)
+}
+
+/// Masks a binary `float8` holding a whole number that is a card number: the hidden digits
+/// become zero, as for `int8`. Only integers below 2^63 are exact enough to read as digits.
+fn mask_float8(value: &mut [u8], policy: &MaskPolicy) -> usize {
+    let number = f64::from_be_bytes(value.try_into().expect("8 bytes"));
+    if !(number.is_finite()
+        && number.fract() == 0.0
+        && number.abs() >= 1e12
+        && number.abs() < 9.2e18)
+    {
+        return 0;
+    }
+    let mut bytes = (number as i64).to_be_bytes();
+    let masked = mask_int8_only(&mut bytes, policy);
+    if masked > 0 {
+        let zeroed = i64::from_be_bytes(bytes) as f64;
+        value.copy_from_slice(&zeroed.to_be_bytes());
+    }
+    masked
+}
+
+/// Masks a binary `int8` whose decimal form is a card number.
+fn mask_int8_only(value: &mut [u8], policy: &MaskPolicy) -> usize {
     let number = i64::from_be_bytes(value.try_into().expect("8 bytes"));
     // A negative number is masked on its digits, as its text form `-4111...` is.
     let mut digits = number.unsigned_abs().to_string().into_bytes();
@@ -646,5 +675,18 @@ mod tests {
         let mut body = data_row(&[Some(b"abc")]);
         body.truncate(body.len() - 1);
         assert!(mask_data_row(&mut body, &[], &MaskPolicy::default()).is_err());
+    }
+
+    #[test]
+    fn binary_float8_card_number_masked() {
+        let mut value = 4_111_111_111_111_111.0f64.to_be_bytes().to_vec();
+        assert_eq!(mask_value(&mut value, true, &MaskPolicy::default()), 1);
+        let masked = f64::from_be_bytes(value.as_slice().try_into().expect("8 bytes"));
+        assert_eq!(masked, 4_111_110_000_001_111.0);
+        // A fraction or a small number stays.
+        for number in [4_111_111_111_111_111.5f64, 12.0, 1.0e-300] {
+            let mut value = number.to_be_bytes().to_vec();
+            assert_eq!(mask_value(&mut value, true, &MaskPolicy::default()), 0);
+        }
     }
 }
