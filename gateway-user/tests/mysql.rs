@@ -1084,10 +1084,10 @@ fn server_text_fields_and_comments() {
 fn large_statements_share_memory_budget() {
     let setup = my_setup("large_statements_share_memory_budget");
     let result = raw(&setup, "statement-budget", &[]);
-    let refused = &result["refused"][0];
-    assert_eq!(refused["error"], 1041, "{result}");
+    let rejected = &result["rejected"][0];
+    assert_eq!(rejected["error"], 1041, "{result}");
     assert!(
-        refused["message"]
+        rejected["message"]
             .as_str()
             .is_some_and(|message| message.contains("retry later")),
         "{result}"
@@ -1095,10 +1095,10 @@ fn large_statements_share_memory_budget() {
     assert_eq!(result["after"][0]["rows"], json!([["2097152"]]), "{result}");
 
     setup.node.wait_for_sessions(5);
-    let refused: Vec<Value> = statements(&setup.node)
+    let recorded: Vec<Value> = statements(&setup.node)
         .into_iter()
         .filter(|statement| statement["rule"] == "gateway:statement-memory")
         .collect();
-    assert_eq!(refused.len(), 1, "{refused:#?}");
-    assert_eq!(refused[0]["outcome"], "denied");
+    assert_eq!(recorded.len(), 1, "{recorded:#?}");
+    assert_eq!(recorded[0]["outcome"], "denied");
 }

@@ -578,11 +578,11 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(500));
             let mut client = Client::login(addr, user, database, deprecate_eof)?;
             let query = format!("SELECT LENGTH('{}') AS n", "x".repeat(2 * 1024 * 1024));
-            let refused = client.query(query.as_bytes())?;
+            let rejected = client.query(query.as_bytes())?;
             drop(holders);
             std::thread::sleep(Duration::from_millis(1000));
             let after = client.query(query.as_bytes())?;
-            json!({ "refused": answers_json(&refused), "after": answers_json(&after) })
+            json!({ "rejected": answers_json(&rejected), "after": answers_json(&after) })
         }
         other => anyhow::bail!("unknown scenario {other:?}"),
     };

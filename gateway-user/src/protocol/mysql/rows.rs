@@ -612,8 +612,8 @@ fn is_short_value(column: Column) -> bool {
     !column.whole && column.wide.is_none()
 }
 
-/// Masks a short value whole. A `BIT` value holds a big-endian unsigned number, which follows
-/// the rule for binary numbers. Text may hold numbers in exponent notation (a `DOUBLE`
+/// Masks a short value whole. A `BIT` value is a big-endian unsigned number, which follows
+/// the rule for binary numbers. Text may contain numbers in exponent notation (a `DOUBLE`
 /// printed as `4.111111111111111e15`, alone or in JSON); they are masked as the numbers they
 /// stand for, and the value as text.
 fn mask_short(value: &mut [u8], column: Column, policy: &MaskPolicy) -> usize {
