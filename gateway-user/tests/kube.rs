@@ -2499,6 +2499,34 @@ spec:
     expected.extend_from_slice(b" end\n");
     assert_eq!(decoded, expected);
 
+    // YAML's base64 values are not quoted, so a request that accepts only YAML is refused,
+    // and one that also accepts JSON gets JSON.
+    let token = std::fs::read_to_string(cluster.service_account.join("token")).expect("read token");
+    let bearer = format!("Authorization: Bearer {token}");
+    let url = format!("https://{SERVICE_IP}:{API_PORT}/api/v1/namespaces/default/secrets/card");
+    let get = |accept: &str| {
+        let output = cluster
+            .curl(&[
+                "-H",
+                &bearer,
+                "-H",
+                &format!("Accept: {accept}"),
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let yaml_only = get("application/yaml");
+    assert!(yaml_only.ends_with("\n406"), "{yaml_only}");
+    assert!(yaml_only.contains("YAML"), "{yaml_only}");
+    let either = get("application/yaml, application/json");
+    assert!(either.ends_with("\n200"), "{either}");
+    assert!(either.contains("\"kind\":\"Secret\""), "{either}");
+
     // The writes reached the API server unmasked: masking applies to what flows back.
     let log = cluster.api.log();
     assert_eq!(

@@ -196,18 +196,22 @@ impl FieldMasker {
     }
 }
 
-/// Tells whether a media range names a format whose structure the masker cannot follow:
-/// protobuf, YAML or CBOR.
-fn unreadable_media(media_range: &str) -> bool {
+/// Tells whether a media range names a format the maskers cannot read: YAML, whose base64
+/// values are not quoted, and with `named_fields` also protobuf and CBOR, whose fields the
+/// field masker cannot find.
+fn unreadable_media(media_range: &str, named_fields: bool) -> bool {
     let media_type = media_range
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    ["protobuf", "yaml", "cbor"]
-        .iter()
-        .any(|format| media_type.contains(format))
+    let formats: &[&str] = if named_fields {
+        &["protobuf", "yaml", "cbor"]
+    } else {
+        &["yaml"]
+    };
+    formats.iter().any(|format| media_type.contains(format))
 }
 
 /// The handling of a request's `Accept` header when named fields are masked.
@@ -225,19 +229,22 @@ pub enum AcceptChoice {
 /// Named fields are found in JSON only, so a client that would take a protobuf, YAML or CBOR
 /// response gets the JSON one instead, when its `Accept` allows one (client-go sends
 /// `application/vnd.kubernetes.protobuf,application/json`). A missing header means JSON.
-pub fn json_accept(accept: &[&str]) -> AcceptChoice {
+pub fn json_accept(accept: &[&str], named_fields: bool) -> AcceptChoice {
     let ranges: Vec<&str> = accept
         .iter()
         .flat_map(|value| value.split(','))
         .map(str::trim)
         .filter(|range| !range.is_empty())
         .collect();
-    if !ranges.iter().any(|range| unreadable_media(range)) {
+    if !ranges
+        .iter()
+        .any(|range| unreadable_media(range, named_fields))
+    {
         return AcceptChoice::Unchanged;
     }
     let json_ranges: Vec<&str> = ranges
         .into_iter()
-        .filter(|range| !unreadable_media(range))
+        .filter(|range| !unreadable_media(range, named_fields))
         .collect();
     if json_ranges.is_empty() {
         AcceptChoice::Unacceptable
@@ -247,8 +254,8 @@ pub fn json_accept(accept: &[&str]) -> AcceptChoice {
 }
 
 /// Tells whether a response of `content_type` is in a format the masker cannot read.
-pub fn unreadable_response(content_type: &str) -> bool {
-    unreadable_media(content_type)
+pub fn unreadable_response(content_type: &str, named_fields: bool) -> bool {
+    unreadable_media(content_type, named_fields)
 }
 
 #[cfg(test)]
@@ -340,18 +347,27 @@ mod tests {
     #[test]
     fn accept_keeps_json_entries_only() {
         assert_eq!(
-            json_accept(&["application/vnd.kubernetes.protobuf,application/json"]),
+            json_accept(
+                &["application/vnd.kubernetes.protobuf,application/json"],
+                true
+            ),
             AcceptChoice::Rewritten("application/json".into())
         );
         assert_eq!(
-            json_accept(&[
-                "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io",
-                "application/json;as=Table;v=v1;g=meta.k8s.io, application/yaml, */*"
-            ]),
+            json_accept(
+                &[
+                    "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io",
+                    "application/json;as=Table;v=v1;g=meta.k8s.io, application/yaml, */*"
+                ],
+                true
+            ),
             AcceptChoice::Rewritten("application/json;as=Table;v=v1;g=meta.k8s.io, */*".into())
         );
         assert_eq!(
-            json_accept(&["application/vnd.kubernetes.protobuf;stream=watch, application/json"]),
+            json_accept(
+                &["application/vnd.kubernetes.protobuf;stream=watch, application/json"],
+                true
+            ),
             AcceptChoice::Rewritten("application/json".into())
         );
     }
@@ -359,24 +375,50 @@ mod tests {
     #[test]
     fn accept_without_json_is_refused() {
         assert_eq!(
-            json_accept(&["application/vnd.kubernetes.protobuf"]),
+            json_accept(&["application/vnd.kubernetes.protobuf"], true),
             AcceptChoice::Unacceptable
         );
         assert_eq!(
-            json_accept(&["application/cbor", "Application/YAML"]),
+            json_accept(&["application/cbor", "Application/YAML"], true),
             AcceptChoice::Unacceptable
         );
     }
 
     #[test]
     fn accept_of_json_unchanged() {
-        assert_eq!(json_accept(&[]), AcceptChoice::Unchanged);
+        assert_eq!(json_accept(&[], true), AcceptChoice::Unchanged);
         assert_eq!(
-            json_accept(&["application/json, */*"]),
+            json_accept(&["application/json, */*"], true),
             AcceptChoice::Unchanged
         );
-        assert!(unreadable_response("application/vnd.kubernetes.protobuf"));
-        assert!(!unreadable_response("application/json; charset=utf-8"));
-        assert!(!unreadable_response("text/plain"));
+        assert!(unreadable_response(
+            "application/vnd.kubernetes.protobuf",
+            true
+        ));
+        assert!(!unreadable_response(
+            "application/json; charset=utf-8",
+            true
+        ));
+        assert!(!unreadable_response("text/plain", true));
+    }
+
+    #[test]
+    fn yaml_accept_rewritten_without_named_fields() {
+        // Protobuf carries byte fields as they are, so it stays; YAML's base64 is unquoted.
+        let protobuf = "application/vnd.kubernetes.protobuf,application/json";
+        assert_eq!(json_accept(&[protobuf], false), AcceptChoice::Unchanged);
+        assert_eq!(
+            json_accept(&["application/yaml, application/json"], false),
+            AcceptChoice::Rewritten("application/json".into())
+        );
+        assert_eq!(
+            json_accept(&["application/yaml"], false),
+            AcceptChoice::Unacceptable
+        );
+        assert!(unreadable_response("application/yaml", false));
+        assert!(!unreadable_response(
+            "application/vnd.kubernetes.protobuf",
+            false
+        ));
     }
 }

@@ -424,14 +424,15 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
 
     let h2 = session.upstream.uses_h2().await;
     let mut upstream_request = upstream_request(&parts, upstream_body, h2, false, &session);
-    if !session.context.masked_fields.is_empty() {
+    let named_fields = !session.context.masked_fields.is_empty();
+    {
         let accept: Vec<&str> = parts
             .headers
             .get_all(header::ACCEPT)
             .iter()
             .filter_map(|value| value.to_str().ok())
             .collect();
-        match fields::json_accept(&accept) {
+        match fields::json_accept(&accept, named_fields) {
             fields::AcceptChoice::Unchanged => {}
             fields::AcceptChoice::Rewritten(json) => {
                 let headers = upstream_request.headers_mut();
@@ -446,10 +447,17 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
                 let status = Status {
                     code: StatusCode::NOT_ACCEPTABLE,
                     reason: "NotAcceptable",
-                    message: format!(
-                        "gateway: the policy masks named fields, which it finds in JSON only, and the request accepts none of {}; add application/json to Accept",
-                        accept.join(", ")
-                    ),
+                    message: if named_fields {
+                        format!(
+                            "gateway: the policy masks named fields, which it finds in JSON only, and the request accepts none of {}; add application/json to Accept",
+                            accept.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "gateway: base64 values in YAML cannot be scanned for card numbers, and the request accepts none of {}; add application/json to Accept",
+                            accept.join(", ")
+                        )
+                    },
                     name: info.name.clone(),
                     group: info.group.clone(),
                     kind: info.resource.clone(),
@@ -644,25 +652,26 @@ fn client_response(
     }
 
     strip_hop_by_hop(&mut parts.headers);
-    // Named fields are masked in JSON bodies. The request accepts JSON only (see
-    // `fields::json_accept`), so a protobuf, YAML or CBOR body comes from a server that
-    // ignored `Accept`, and is withheld like a compressed one.
+    // Named fields are masked in JSON bodies, and base64 values in JSON or protobuf. The request
+    // accepts those only (see `fields::json_accept`), so a body in another format comes from a
+    // server that ignored `Accept`, and is withheld like a compressed one.
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if !session.context.masked_fields.is_empty() && fields::unreadable_response(&content_type) {
+    let named_fields = !session.context.masked_fields.is_empty();
+    if fields::unreadable_response(&content_type, named_fields) {
         log.outcome = "upstream_failed";
         log.error = Some(format!(
-            "the API server responded in {content_type}, where named fields cannot be masked"
+            "the API server responded in {content_type}, which cannot be masked"
         ));
         let status = Status::new(
             StatusCode::BAD_GATEWAY,
             "InternalError",
             format!(
-                "gateway: the API server responded in {content_type} although JSON was requested; it was withheld because the policy's named fields could not be masked in it"
+                "gateway: the API server responded in {content_type} although it was not requested; it was withheld because card numbers could not be masked in it"
             ),
         );
         return status_response(&status, request, log);
