@@ -2486,14 +2486,14 @@ spec:
     );
     assert_eq!(secret["data"]["user"], engine.encode("ada"));
 
-    let shown = run(&[
+    let binary_data = run(&[
         "get",
         "configmap",
         "blob",
         "-o",
         "jsonpath={.binaryData.blob}",
     ]);
-    let decoded = engine.decode(shown.trim()).expect("still base64");
+    let decoded = engine.decode(binary_data.trim()).expect("still base64");
     let mut expected = b"\xff\xfe card ".to_vec();
     expected.extend_from_slice(MASKED_PAN.as_bytes());
     expected.extend_from_slice(b" end\n");

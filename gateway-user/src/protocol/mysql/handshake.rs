@@ -506,9 +506,9 @@ mod tests {
             database: "5555555555554444".into(),
             auth_plugin: "mysql_native_password".into(),
         };
-        let shown = format!("{login:?}");
-        assert!(shown.contains("411111******1111"), "{shown}");
-        assert!(!shown.contains("4111111111111111"), "{shown}");
-        assert!(!shown.contains("5555555555554444"), "{shown}");
+        let debug = format!("{login:?}");
+        assert!(debug.contains("411111******1111"), "{debug}");
+        assert!(!debug.contains("4111111111111111"), "{debug}");
+        assert!(!debug.contains("5555555555554444"), "{debug}");
     }
 }

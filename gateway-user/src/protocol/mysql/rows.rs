@@ -613,9 +613,9 @@ fn is_short_value(column: Column) -> bool {
 }
 
 /// Masks a short value whole. A `BIT` value is a big-endian unsigned number, which follows
-/// the rule for binary numbers. Text may contain numbers in exponent notation (a `DOUBLE`
-/// printed as `4.111111111111111e15`, alone or in JSON); they are masked as the numbers they
-/// stand for, and the value as text.
+/// the rule for binary numbers. Text may contain numbers in exponent notation, such as a
+/// `DOUBLE` printed as `4.111111111111111e15`, alone or in JSON. Those are masked as the
+/// numbers they stand for, and then the whole value is masked as text.
 fn mask_short(value: &mut [u8], column: Column, policy: &MaskPolicy) -> usize {
     if column.column_type == TYPE_BIT {
         if value.is_empty() || value.len() > 8 {
