@@ -239,6 +239,72 @@ pub fn mask_exponent_numbers(text: &mut [u8], policy: &MaskPolicy) -> usize {
     masked
 }
 
+/// Masks every number whose digits are grouped in thousands when its whole digits are a PAN:
+/// `4,111,111,111,111,111` as MySQL's `FORMAT()` prints it, `$4,111,111,111,111,111.00` as
+/// PostgreSQL prints `money`, and the same with `.` or `'` between the groups. Every group after
+/// the first has exactly 3 digits, all behind the same separator, and a fraction after the last
+/// one is allowed. The other digit rules do not see such numbers, because a comma ends a digit
+/// run there. Returns how many PANs it masked.
+pub fn mask_grouped_numbers(text: &mut [u8], policy: &MaskPolicy) -> usize {
+    let is_separator = |byte: u8| matches!(byte, b',' | b'.' | b'\'');
+    let mut masked = 0;
+    let mut at = 0;
+    while let Some(offset) = text[at..].iter().position(u8::is_ascii_digit) {
+        let start = at + offset;
+        let lead = text[start..]
+            .iter()
+            .take_while(|byte| byte.is_ascii_digit())
+            .count();
+        at = start + lead;
+        // The first group has 1 to 3 digits and starts the number: a separator with a digit
+        // before it would make this group a later one of a number already read.
+        let continues =
+            start >= 2 && is_separator(text[start - 1]) && text[start - 2].is_ascii_digit();
+        let Some(&separator) = text.get(at) else {
+            break;
+        };
+        if lead > 3 || continues || !is_separator(separator) {
+            continue;
+        }
+        let mut end = at;
+        let mut groups = 0;
+        while text.get(end) == Some(&separator)
+            && text
+                .get(end + 1..end + 4)
+                .is_some_and(|group| group.iter().all(u8::is_ascii_digit))
+            && !text.get(end + 4).is_some_and(u8::is_ascii_digit)
+        {
+            end += 4;
+            groups += 1;
+        }
+        at = at.max(end);
+        // A shorter group after the same separator is not a grouping in thousands (`1,234,56`).
+        let broken =
+            text.get(end) == Some(&separator) && text.get(end + 1).is_some_and(u8::is_ascii_digit);
+        let length = lead + 3 * groups;
+        if broken || !(MIN_PAN_DIGITS..=MAX_PAN_DIGITS).contains(&length) {
+            continue;
+        }
+        let offsets: Vec<usize> = (start..end)
+            .filter(|&index| text[index].is_ascii_digit())
+            .collect();
+        let digits: Vec<u8> = offsets.iter().map(|&index| text[index] - b'0').collect();
+        if passes_luhn(&digits) && issuer(&digits).is_some() {
+            mask_digits(text, &offsets, policy);
+            masked += 1;
+        }
+    }
+    metrics().values_masked(masked);
+    masked
+}
+
+/// Masks the numbers of a database value that the text scan cannot read as one digit run:
+/// exponent notation ([`mask_exponent_numbers`]) and thousands grouping
+/// ([`mask_grouped_numbers`]). Returns how many PANs it masked.
+pub fn mask_formatted_numbers(text: &mut [u8], policy: &MaskPolicy) -> usize {
+    mask_exponent_numbers(text, policy) + mask_grouped_numbers(text, policy)
+}
+
 /// Masks the PANs in one run of hex digit pairs, decoded.
 fn mask_hex_run(run: &mut [u8], policy: &MaskPolicy) -> usize {
     if run.len() < 2 * MIN_PAN_DIGITS {
@@ -1463,6 +1529,44 @@ mod tests {
             String::from_utf8_lossy(&text),
             "{4.11111******1111e+15,1.5e3} [4.11111******1111e15] e 4e"
         );
+    }
+
+    #[test]
+    fn numbers_grouped_in_thousands_masked() {
+        let cases = [
+            ("4,111,111,111,111,111", "4,111,11*,***,**1,111", 1),
+            ("$4,111,111,111,111,111.00", "$4,111,11*,***,**1,111.00", 1),
+            (
+                "-$5,555,555,555,554,444.00",
+                "-$5,555,55*,***,**4,444.00",
+                1,
+            ),
+            (
+                "4.111.111.111.111.111,00 EUR",
+                "4.111.11*.***.**1.111,00 EUR",
+                1,
+            ),
+            ("CHF 4'111'111'111'111'111", "CHF 4'111'11*'***'**1'111", 1),
+            ("[4,111,111,111,111,111]", "[4,111,11*,***,**1,111]", 1),
+            // Amounts, not card numbers: too few digits, not Luhn-valid, broken groups,
+            // mixed separators, or part of a longer grouping.
+            ("$1,234,567.89", "$1,234,567.89", 0),
+            ("4,111,111,111,111,112", "4,111,111,111,111,112", 0),
+            ("4,111,111,111,111,11", "4,111,111,111,111,11", 0),
+            ("4,111,111.111,111,111", "4,111,111.111,111,111", 0),
+            ("1,4,111,111,111,111,111", "1,4,111,111,111,111,111", 0),
+            ("4,111,111,111,111,111,000", "4,111,111,111,111,111,000", 0),
+            ("4,111,111,111,111,1111", "4,111,111,111,111,1111", 0),
+        ];
+        for (input, expected, count) in cases {
+            let mut value = input.as_bytes().to_vec();
+            assert_eq!(
+                mask_grouped_numbers(&mut value, &MaskPolicy::default()),
+                count,
+                "{input}"
+            );
+            assert_eq!(String::from_utf8_lossy(&value), expected, "{input}");
+        }
     }
 
     #[test]

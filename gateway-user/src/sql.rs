@@ -27,8 +27,9 @@ use sqlparser::{
         ObjectName, OnConflictAction, OnInsert, Query, SetExpr, Statement, Use, visit_relations,
     },
     dialect::{Dialect, MySqlDialect, PostgreSqlDialect},
+    keywords::Keyword,
     parser::Parser,
-    tokenizer::{Token, Tokenizer},
+    tokenizer::{Token, Tokenizer, Word},
 };
 
 /// Database dialect to parse with.
@@ -85,6 +86,17 @@ pub fn analyze(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
         let rewritten = text.replace("/*M!", "/*!").replace("/*m!", "/*!");
         return analyze(&rewritten, dialect);
     }
+    if dialect == SqlDialect::Postgres
+        && text.contains("&\"")
+        && let Some(decoded) = decode_unicode_identifiers(text)
+    {
+        return analyze_shaped(&decoded, dialect);
+    }
+    analyze_shaped(text, dialect)
+}
+
+/// Analyses `text` through the cache of statement shapes.
+fn analyze_shaped(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
     let Some(key) = shape(text, dialect) else {
         return analyze_uncached(text, dialect);
     };
@@ -252,6 +264,117 @@ fn analyze_uncached(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
     infos
 }
 
+/// Rewrites PostgreSQL's Unicode-escaped identifiers as the plain quoted identifiers the server
+/// reads: `U&"c\0061rds"` becomes `"cards"`, and `U&"c!0061rds" UESCAPE '!'` too. Returns
+/// `None` when the text contains none, or when one of them does not decode, which the server
+/// rejects as well.
+///
+/// The rewrite works on tokens, so a `U&"` inside a string literal or a comment is left as it
+/// is.
+fn decode_unicode_identifiers(text: &str) -> Option<String> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, text)
+        .tokenize()
+        .ok()?;
+    let skip_space = |mut at: usize| {
+        while matches!(tokens.get(at), Some(Token::Whitespace(_))) {
+            at += 1;
+        }
+        at
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut decoded_any = false;
+    let mut at = 0;
+    while at < tokens.len() {
+        // The tokenizer reads `U&"..."` as the word `U`, an ampersand and a quoted word, with
+        // nothing between them.
+        if let (Token::Word(prefix), Some(Token::Ampersand), Some(Token::Word(ident))) =
+            (&tokens[at], tokens.get(at + 1), tokens.get(at + 2))
+            && prefix.quote_style.is_none()
+            && prefix.value.eq_ignore_ascii_case("u")
+            && ident.quote_style == Some('"')
+        {
+            let mut next = at + 3;
+            let mut escape = '\\';
+            let clause = skip_space(next);
+            if let Some(Token::Word(word)) = tokens.get(clause)
+                && word.quote_style.is_none()
+                && word.value.eq_ignore_ascii_case("uescape")
+            {
+                let Some(Token::SingleQuotedString(chosen)) = tokens.get(skip_space(clause + 1))
+                else {
+                    return None;
+                };
+                let mut chars = chosen.chars();
+                let (Some(chosen), None) = (chars.next(), chars.next()) else {
+                    return None;
+                };
+                escape = chosen;
+                next = skip_space(clause + 1) + 1;
+            }
+            let value = unescape_unicode(&ident.value, escape)?;
+            let plain = Token::Word(Word {
+                value,
+                quote_style: Some('"'),
+                keyword: Keyword::NoKeyword,
+            });
+            out.push_str(&plain.to_string());
+            decoded_any = true;
+            at = next;
+            continue;
+        }
+        out.push_str(&tokens[at].to_string());
+        at += 1;
+    }
+    decoded_any.then_some(out)
+}
+
+/// Decodes the escapes of a Unicode-escaped identifier's text: the escape character followed by
+/// 4 hex digits, by `+` and 6 hex digits, or by itself. A UTF-16 surrogate pair written as two
+/// escapes gives one character. `None` for anything else, as the server rejects it.
+fn unescape_unicode(text: &str, escape: char) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let mut high_surrogate: Option<u32> = None;
+    while let Some(c) = chars.next() {
+        if c != escape {
+            if high_surrogate.is_some() {
+                return None;
+            }
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&escape) {
+            chars.next();
+            if high_surrogate.is_some() {
+                return None;
+            }
+            out.push(escape);
+            continue;
+        }
+        let width = if chars.peek() == Some(&'+') {
+            chars.next();
+            6
+        } else {
+            4
+        };
+        let mut code = 0u32;
+        for _ in 0..width {
+            code = code * 16 + chars.next()?.to_digit(16)?;
+        }
+        match (high_surrogate.take(), code) {
+            (None, 0xD800..=0xDBFF) => high_surrogate = Some(code),
+            (Some(high), 0xDC00..=0xDFFF) => {
+                out.push(char::from_u32(
+                    0x10000 + ((high - 0xD800) << 10) + (code - 0xDC00),
+                )?);
+            }
+            (None, code) if code != 0 => out.push(char::from_u32(code)?),
+            _ => return None,
+        }
+    }
+    high_surrogate.is_none().then_some(out)
+}
+
 /// PostgreSQL's replication commands, which a walsender session takes besides SQL. Their
 /// other words are options and slot names, never tables.
 pub const REPLICATION_COMMANDS: [&str; 9] = [
@@ -287,11 +410,13 @@ pub fn words(text: &str, dialect: SqlDialect) -> Vec<String> {
 
 /// Describes a statement the parser rejects from its tokens alone.
 fn unparsed(tokens: &[&Token]) -> StatementInfo {
-    let mut words = tokens.iter().filter_map(|token| match token {
-        Token::Word(word) => Some(word.value.to_ascii_lowercase()),
-        _ => None,
-    });
-    let kind = words.next().unwrap_or_else(|| "unparsed".to_string());
+    let kind = tokens
+        .iter()
+        .find_map(|token| match token {
+            Token::Word(word) => Some(word.value.to_ascii_lowercase()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "unparsed".to_string());
     if REPLICATION_COMMANDS.contains(&kind.as_str()) {
         return StatementInfo {
             kind,
@@ -300,10 +425,40 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
             also_kinds: Vec::new(),
         };
     }
+    // Every word after the kind, and every dotted name (`payments.cards`) whole too, so that
+    // rules on qualified tables match.
     let mut tables: Vec<String> = Vec::new();
-    for word in words {
-        if !tables.contains(&word) {
-            tables.push(word);
+    let mut add = |name: String| {
+        if !tables.contains(&name) {
+            tables.push(name);
+        }
+    };
+    let mut name: Option<String> = None;
+    let mut after_dot = false;
+    for token in tokens
+        .iter()
+        .skip_while(|token| !matches!(token, Token::Word(_)))
+        .skip(1)
+    {
+        match token {
+            Token::Word(word) => {
+                let word = word.value.to_ascii_lowercase();
+                name = match name.take() {
+                    Some(head) if after_dot => {
+                        let dotted = format!("{head}.{word}");
+                        add(dotted.clone());
+                        Some(dotted)
+                    }
+                    _ => Some(word.clone()),
+                };
+                add(word);
+                after_dot = false;
+            }
+            Token::Period if !after_dot && name.is_some() => after_dot = true,
+            _ => {
+                name = None;
+                after_dot = false;
+            }
         }
     }
     let has_where = matches!(kind.as_str(), "delete" | "update")
@@ -311,6 +466,11 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
     // Any word that names a change of rows may be one, as in an upsert the parser rejects:
     // rules on those kinds match too.
     let mut also_kinds: Vec<String> = Vec::new();
+    // MySQL's `LOAD DATA` and `LOAD XML` insert rows, and with `REPLACE` delete the rows they
+    // replace.
+    if kind == "load" {
+        also_kinds.push("insert".to_string());
+    }
     for (word, changed) in [
         ("insert", "insert"),
         ("update", "update"),
@@ -570,6 +730,69 @@ mod tests {
     }
 
     #[test]
+    fn unicode_escaped_identifiers_decoded() {
+        for text in [
+            r#"DELETE FROM U&"c\0061rds" WHERE id = 1"#,
+            r#"DELETE FROM u&"c!0061rds" UESCAPE '!'"#,
+            r#"DELETE FROM "public".U&"\+000063ards""#,
+            r#"SELECT 1; DELETE FROM U&"c\0061rds""#,
+        ] {
+            let infos = analyze(text, SqlDialect::Postgres);
+            let delete = infos.last().expect("a statement");
+            assert_eq!(delete.kind, "delete", "{text}: {infos:?}");
+            assert!(
+                delete
+                    .tables
+                    .iter()
+                    .any(|table| table == "cards" || table == "public.cards"),
+                "{text}: {infos:?}"
+            );
+        }
+        // In a string literal the same characters are text: the statements after it are read.
+        let infos = analyze(
+            r#"SELECT 'U&"\0027'; DROP TABLE cards; --"'"#,
+            SqlDialect::Postgres,
+        );
+        assert!(infos.iter().any(|info| info.kind == "drop"), "{infos:?}");
+        assert_eq!(
+            unescape_unicode(r"d\0061t\\a", '\\').as_deref(),
+            Some(r"dat\a")
+        );
+        assert_eq!(
+            unescape_unicode(r"\D83D\DE00", '\\').as_deref(),
+            Some("\u{1F600}")
+        );
+        for bad in [r"\00zz", r"\D83D", r"\D83Dx", r"\0000", r"\+11FFFF"] {
+            assert_eq!(unescape_unicode(bad, '\\'), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn load_data_inserts_and_names_qualified_tables() {
+        let infos = analyze(
+            "LOAD DATA LOCAL INFILE '/tmp/rows.csv' REPLACE INTO TABLE payments.cards",
+            SqlDialect::Mysql,
+        );
+        assert_eq!(infos[0].kind, "load", "{infos:?}");
+        assert!(infos[0].has_kind("insert"), "{infos:?}");
+        assert!(infos[0].has_kind("delete"), "{infos:?}");
+        assert!(
+            infos[0].tables.contains(&"payments.cards".to_string()),
+            "{infos:?}"
+        );
+        let infos = analyze(
+            "LOAD XML INFILE '/tmp/rows.xml' INTO TABLE `payments`.`cards`",
+            SqlDialect::Mysql,
+        );
+        assert!(infos[0].has_kind("insert"), "{infos:?}");
+        assert!(!infos[0].has_kind("delete"), "{infos:?}");
+        assert!(
+            infos[0].tables.contains(&"payments.cards".to_string()),
+            "{infos:?}"
+        );
+    }
+
+    #[test]
     fn analyze_create_keyword() {
         let infos = analyze(
             "CREATE TABLE t (id int); TRUNCATE cards",
@@ -629,12 +852,14 @@ mod tests {
 
     #[test]
     fn analyze_unparsed_words_count_as_tables() {
-        let infos = analyze("REINDEX TABLE secrets; CHECKPOINT", SqlDialect::Postgres);
-        assert_eq!(infos[0].kind, "reindex");
-        assert!(
-            infos[0].tables.contains(&"secrets".to_string()),
-            "{infos:?}"
+        let infos = analyze(
+            "REINDEX TABLE vault.secrets; CHECKPOINT",
+            SqlDialect::Postgres,
         );
+        assert_eq!(infos[0].kind, "reindex");
+        for table in ["secrets", "vault", "vault.secrets"] {
+            assert!(infos[0].tables.contains(&table.to_string()), "{infos:?}");
+        }
     }
 
     #[test]

@@ -1024,6 +1024,7 @@ fn server_text_fields_and_comments() {
     for statement in [
         "INSERT INTO guarded VALUES (1, 'changed') ON DUPLICATE KEY UPDATE note = 'changed'",
         "REPLACE INTO guarded VALUES (1, 'replaced')",
+        "LOAD DATA LOCAL INFILE '/nonexistent/rows.csv' REPLACE INTO TABLE payments.guarded",
     ] {
         let output = cli(&setup, true, "gateway", &["-e", statement]);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -1042,8 +1043,16 @@ fn server_text_fields_and_comments() {
     );
 
     // A large DOUBLE prints in exponent notation, and a BIT value is a big-endian number.
-    let double = cli_ok(&setup, true, "SELECT CAST(4111111111111111 AS DOUBLE) AS d");
-    assert_eq!(double.trim_end(), "d\n4.11111******1111e15");
+    // `FORMAT()` groups digits in thousands.
+    let numbers = cli_ok(
+        &setup,
+        true,
+        "SELECT CAST(4111111111111111 AS DOUBLE) AS d, FORMAT(4111111111111111, 0) AS f",
+    );
+    assert_eq!(
+        numbers.trim_end(),
+        "d\tf\n4.11111******1111e15\t4,111,11*,***,**1,111"
+    );
     setup.mariadb.admin_sql(
         "CREATE TABLE payments.bits (b BIT(64)); INSERT INTO payments.bits VALUES (4111111111111111)",
     );
@@ -1064,7 +1073,7 @@ fn server_text_fields_and_comments() {
     );
 
     cli_ok(&setup, true, "DELETE FROM `payments`.`cards` WHERE id = 99");
-    setup.node.wait_for_sessions(15);
+    setup.node.wait_for_sessions(16);
     let recorded = statements(&setup.node);
     let delete = recorded
         .iter()

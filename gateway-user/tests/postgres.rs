@@ -23,6 +23,9 @@ const SQL_RULES: &str = "sql_rules:
     without_where: true
   - name: no-fast-path
     statement_kinds: [function_call]
+  - name: no-vault-writes
+    statement_kinds: [insert, update, delete]
+    tables: [vault]
 ";
 
 struct PgSetup {
@@ -272,11 +275,24 @@ fn pan_columns_masked_recording_clean() {
         &setup,
         true,
         "postgres",
-        "SELECT 4111111111111111::float8, '4111111111111111 0926 123'",
+        "SELECT 4111111111111111::float8, '4111111111111111 0926 123', \
+         to_char(4111111111111111, 'FM9,999,999,999,999,999')",
     );
     assert_eq!(
         float.trim_end(),
-        "4.11111******1111e+15|411111******1111 0926 123"
+        "4.11111******1111e+15|411111******1111 0926 123|4,111,11*,***,**1,111"
+    );
+    // `money` groups its digits in thousands, with the currency sign and cents of the
+    // server's locale around them.
+    let money = psql_ok(
+        &setup,
+        true,
+        "postgres",
+        "SELECT 4111111111111111::numeric::money",
+    );
+    assert!(
+        money.contains("4,111,11*,***,**1,111") || money.contains("4.111.11*.***.**1.111"),
+        "{money}"
     );
 
     // A PAN sent by the client in a statement is masked in the recording too.
@@ -286,7 +302,7 @@ fn pan_columns_masked_recording_clean() {
         "postgres",
         "INSERT INTO cards VALUES (6, '4012888888881881')",
     );
-    setup.node.wait_for_sessions(3);
+    setup.node.wait_for_sessions(4);
     let mut store = String::new();
     for file in setup.node.session_files() {
         store.push_str(&std::fs::read_to_string(file).expect("read recording"));
@@ -1338,6 +1354,30 @@ fn denied_statement_beside_unparsable_one() {
             .trim(),
         "0",
         "the table still exists"
+    );
+
+    // A Unicode-escaped name is the table it spells, with the default escape or another.
+    setup
+        .postgres
+        .admin_sql("CREATE TABLE vault (id int); INSERT INTO vault VALUES (1)");
+    for statement in [
+        r#"DELETE FROM U&"v\0061ult" WHERE id = 1"#,
+        r#"DELETE FROM public.u&"v!0061ult" UESCAPE '!' WHERE id = 1"#,
+    ] {
+        let output = psql(&setup, true, "postgres", &["-c", statement]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains("no-vault-writes"),
+            "{statement}: {stderr}"
+        );
+    }
+    assert_eq!(
+        setup
+            .postgres
+            .admin_sql("SELECT count(*) FROM vault")
+            .trim(),
+        "1",
+        "the row is still there"
     );
 }
 

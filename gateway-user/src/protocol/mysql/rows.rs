@@ -632,7 +632,7 @@ fn mask_short(value: &mut [u8], column: Column, policy: &MaskPolicy) -> usize {
         value.copy_from_slice(&bytes[8 - width..]);
         return masked;
     }
-    crate::mask::mask_exponent_numbers(value, policy) + mask_in_place(value, policy)
+    crate::mask::mask_formatted_numbers(value, policy) + mask_in_place(value, policy)
 }
 
 /// Types of a prepared statement's parameters, as the last COM_STMT_EXECUTE that sent them set.

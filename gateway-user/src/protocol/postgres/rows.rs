@@ -20,7 +20,7 @@
 //! the mask character and each byte of a binary value zero, so the width stays the same.
 
 use crate::mask::{
-    MaskPolicy, StreamMasker, mask_exponent_numbers, mask_in_place, mask_in_place_with_hex,
+    MaskPolicy, StreamMasker, mask_formatted_numbers, mask_in_place, mask_in_place_with_hex,
 };
 
 use super::codec::{BodyReader, CodecError};
@@ -174,7 +174,7 @@ fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
         return masked;
     }
     // `float8` prints large whole numbers in exponent notation, alone or in arrays.
-    mask_exponent_numbers(value, policy) + mask_in_place_with_hex(value, policy)
+    mask_formatted_numbers(value, policy) + mask_in_place_with_hex(value, policy)
 }
 
 /// Base of `numeric`'s digit groups.
