@@ -850,25 +850,9 @@ impl Session<'_> {
     /// Reads a large command that does not fit the memory budget in pieces, dropping them,
     /// then replies with an ERR and records it. The session goes on.
     async fn reject_large_statement(&mut self, first: Header) -> Result<(), SessionEnd> {
-        let mut header = first;
-        let mut total = 0usize;
-        loop {
-            let mut left = header.len;
-            while left > 0 {
-                let piece = self.client.read_piece(left).await.map_err(client_error)?;
-                left -= piece.len();
-            }
-            total += header.len;
-            if !header.continues() {
-                break;
-            }
-            header = self
-                .client
-                .read_continuation(header, STATEMENT_LIMIT, total)
-                .await
-                .map_err(client_error)?;
-        }
-        self.count(true, total);
+        let (total, header) = self
+            .read_command_pieces(first, STATEMENT_LIMIT, false)
+            .await?;
 
         let in_use = LARGE_STATEMENT_BUDGET - LARGE_STATEMENTS.available_permits();
         let message = format!(
@@ -1040,6 +1024,49 @@ impl Session<'_> {
 
     /// Streams COM_STMT_SEND_LONG_DATA to the server. It has no answer, and its data is
     /// recorded by size on the execute that uses it.
+    /// Reads a command from the client piece by piece, through its continuation packets up to
+    /// `limit` bytes, without holding it whole. Each packet is written to the server when
+    /// `forward` is set, else dropped. Returns the command's length and its last header.
+    async fn read_command_pieces(
+        &mut self,
+        first: Header,
+        limit: Limit,
+        forward: bool,
+    ) -> Result<(usize, Header), SessionEnd> {
+        let mut header = first;
+        let mut total = 0usize;
+        loop {
+            if forward {
+                self.to_server
+                    .write_all(&header.encode())
+                    .await
+                    .map_err(server_error)?;
+            }
+            let mut left = header.len;
+            while left > 0 {
+                let piece = self.client.read_piece(left).await.map_err(client_error)?;
+                left -= piece.len();
+                if forward {
+                    self.to_server
+                        .write_all(&piece)
+                        .await
+                        .map_err(server_error)?;
+                }
+            }
+            total += header.len;
+            if !header.continues() {
+                break;
+            }
+            header = self
+                .client
+                .read_continuation(header, limit, total)
+                .await
+                .map_err(client_error)?;
+        }
+        self.count(true, total);
+        Ok((total, header))
+    }
+
     async fn send_long_data(&mut self, first: Header) -> Result<(), SessionEnd> {
         // Command byte, statement id u32, parameter id u16.
         const PREFIX: usize = 7;
@@ -1048,33 +1075,7 @@ impl Session<'_> {
             .peek(PREFIX.min(first.len))
             .await
             .map_err(client_error)?;
-        let mut header = first;
-        let mut total = 0usize;
-        loop {
-            self.to_server
-                .write_all(&header.encode())
-                .await
-                .map_err(server_error)?;
-            let mut left = header.len;
-            while left > 0 {
-                let piece = self.client.read_piece(left).await.map_err(client_error)?;
-                left -= piece.len();
-                self.to_server
-                    .write_all(&piece)
-                    .await
-                    .map_err(server_error)?;
-            }
-            total += header.len;
-            if !header.continues() {
-                break;
-            }
-            header = self
-                .client
-                .read_continuation(header, COMMAND_LIMIT, total)
-                .await
-                .map_err(client_error)?;
-        }
-        self.count(true, total);
+        let (total, _) = self.read_command_pieces(first, COMMAND_LIMIT, true).await?;
         if prefix.len() == PREFIX {
             let mut reader = FieldReader::new(&prefix[1..], "COM_STMT_SEND_LONG_DATA");
             let id = self.statement_id(reader.u32().map_err(client_error)?);
