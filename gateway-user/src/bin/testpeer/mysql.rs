@@ -537,6 +537,15 @@ pub fn run(
                 "last": answers_json(&last),
             })
         }
+        "mode-hidden-drop" => {
+            // With ANSI_QUOTES a backslash ends a double-quoted name, so the server runs the
+            // DROP that the default mode reads as part of a string. The mysql client would
+            // split the text as the server does, but a driver sends it whole.
+            let mut client = Client::login(addr, user, database, deprecate_eof)?;
+            let set = client.query(b"SET sql_mode = 'ANSI_QUOTES'")?;
+            let hidden = client.query(br#"SELECT 1 AS "a\"; DROP TABLE scratch; -- ""#)?;
+            json!({ "set": answers_json(&set), "hidden": answers_json(&hidden) })
+        }
         "garbage-handshake" => {
             // A packet whose payload is no handshake response: no protocol 4.1 flag.
             bad_handshake(

@@ -104,6 +104,10 @@ const HANDSHAKE_ERROR_CODE: u16 = 1043;
 
 /// Server status flags in OK and EOF packets.
 const SERVER_MORE_RESULTS_EXISTS: u16 = 0x0008;
+/// Status flags: the session's `sql_mode` has `NO_BACKSLASH_ESCAPES`, or `ANSI_QUOTES` (this
+/// one MariaDB's only).
+const SERVER_STATUS_NO_BACKSLASH_ESCAPES: u16 = 0x0200;
+const SERVER_STATUS_ANSI_QUOTES: u16 = 0x8000;
 const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
 
 /// Command bytes (`enum_server_command`).
@@ -450,6 +454,7 @@ async fn session(
         statements: HashMap::new(),
         last_prepared: None,
         approvals: judge::SessionApprovals::default(),
+        mode_readings: false,
     };
     // The client's sequence ids run ahead of the server's by the SSL request each leg sent.
     let seq_offset = response.first_seq.wrapping_sub(server_seq);
@@ -557,6 +562,9 @@ struct Session<'a> {
     last_prepared: Option<u32>,
     /// Rules approved for the rest of the session.
     approvals: judge::SessionApprovals,
+    /// Whether rules judge each text in every reading `sql_mode` allows: set once a statement
+    /// names `sql_mode` or the server reports one of those modes, and kept.
+    mode_readings: bool,
 }
 
 impl Session<'_> {
@@ -899,11 +907,40 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Returns the statements rules judge for `text`: `infos`, and once `mode_readings` is set,
+    /// those of the text's other readings (see [`crate::sql::mysql_mode_readings`]).
+    fn judged_statements<'i>(
+        &mut self,
+        text: &str,
+        infos: &'i [StatementInfo],
+    ) -> std::borrow::Cow<'i, [StatementInfo]> {
+        const SQL_MODE: &[u8] = b"sql_mode";
+        let bytes = text.as_bytes();
+        // Only the underscores are compared with their neighbours: memchr finds them fast.
+        self.mode_readings = self.mode_readings
+            || memchr::memchr_iter(b'_', bytes).any(|underscore| {
+                underscore >= 3
+                    && bytes
+                        .get(underscore - 3..underscore + 5)
+                        .is_some_and(|word| word.eq_ignore_ascii_case(SQL_MODE))
+            });
+        if !self.mode_readings {
+            return std::borrow::Cow::Borrowed(infos);
+        }
+        let extra = crate::sql::mysql_mode_readings(text, infos);
+        if extra.is_empty() {
+            return std::borrow::Cow::Borrowed(infos);
+        }
+        std::borrow::Cow::Owned(infos.iter().cloned().chain(extra).collect())
+    }
+
     async fn query(&mut self, payload: Payload) -> Result<(), SessionEnd> {
         let text = &payload.data[1..];
-        let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Mysql);
+        let text_read = String::from_utf8_lossy(text);
+        let infos = analyze(&text_read, SqlDialect::Mysql);
         let masked_text = recorded_text(text, &self.context.mask);
-        if let Some(denial) = self.judge(&infos, &masked_text).await {
+        let judged = self.judged_statements(&text_read, &infos);
+        if let Some(denial) = self.judge(&judged, &masked_text).await {
             let pending = Pending::new(masked_text, denial.statement.clone(), Vec::new());
             return self.deny(&payload, pending, &denial).await;
         }
@@ -932,13 +969,15 @@ impl Session<'_> {
 
     async fn prepare(&mut self, payload: Payload) -> Result<(), SessionEnd> {
         let text = &payload.data[1..];
-        let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Mysql);
+        let text_read = String::from_utf8_lossy(text);
+        let infos = analyze(&text_read, SqlDialect::Mysql);
         let masked_text = recorded_text(text, &self.context.mask);
         let info = statements_or_empty(infos.clone())
             .into_iter()
             .next()
             .unwrap_or_default();
-        if let Some(denial) = self.judge(&infos, &masked_text).await {
+        let judged = self.judged_statements(&text_read, &infos);
+        if let Some(denial) = self.judge(&judged, &masked_text).await {
             let pending = Pending::new(masked_text, denial.statement.clone(), Vec::new());
             return self.deny(&payload, pending, &denial).await;
         }
@@ -1397,6 +1436,10 @@ impl Session<'_> {
                     status
                 }
             };
+            if status.flags & (SERVER_STATUS_NO_BACKSLASH_ESCAPES | SERVER_STATUS_ANSI_QUOTES) != 0
+            {
+                self.mode_readings = true;
+            }
             if status.flags & SERVER_MORE_RESULTS_EXISTS == 0 {
                 for statement in pending.drain(..) {
                     self.record_statement(&statement, "not_executed", None);
