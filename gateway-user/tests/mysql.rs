@@ -531,13 +531,27 @@ fn session_commands_pass_through() {
     );
     assert_eq!(result["change_user_then"][0]["rows"][0][0], "payments");
 
-    setup.node.wait_for_sessions(1);
+    setup.node.wait_for_sessions(2);
     let lines = setup.node.sessions().concat();
     let change = lines
         .iter()
         .find(|line| line["event"] == "sql.change_user")
         .expect("change user recorded");
     assert_eq!(change["outcome"], "ok");
+
+    // A client that leaves while the server waits for its answer ends its session with that
+    // reason: the server leg is still in the exchange.
+    assert_eq!(result["change_user_left_after"], "0xfe", "{result}");
+    let left = lines
+        .iter()
+        .find(|line| {
+            line["event"] == "session.end"
+                && line["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("left during authentication"))
+        })
+        .map(|line| line.to_string());
+    assert!(left.is_some(), "{lines:#?}");
 }
 
 #[test]

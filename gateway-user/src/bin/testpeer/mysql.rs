@@ -784,6 +784,24 @@ fn session_commands(
     steps.insert("change_user".to_string(), json!(outcome));
     let check = client.query(b"SELECT DATABASE(), CURRENT_USER()")?;
     steps.insert("change_user_then".to_string(), answers_json(&check));
+
+    // A second client names a plugin the account does not use, so the server asks it to
+    // switch, and leaves instead of answering.
+    let mut leaver = Client::login(addr, user, database, deprecate_eof)?;
+    let mut change = vec![0x11];
+    change.extend_from_slice(user.as_bytes());
+    change.extend_from_slice(&[0, 0]);
+    change.extend_from_slice(database.as_bytes());
+    change.push(0);
+    change.extend_from_slice(&45u16.to_le_bytes());
+    change.extend_from_slice(b"client_ed25519\0");
+    leaver.command(&change)?;
+    let reply = leaver.read_payload()?;
+    steps.insert(
+        "change_user_left_after".to_string(),
+        json!(format!("{:#04x}", reply.body.first().copied().unwrap_or(0))),
+    );
+    drop(leaver);
     Ok(Value::Object(steps))
 }
 

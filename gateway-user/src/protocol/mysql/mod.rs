@@ -472,11 +472,10 @@ async fn session(
 #[derive(Debug)]
 enum AuthOutcome {
     Accepted,
-    /// The server sent ERR, or the client left. Both legs are back in the command phase, or
-    /// closing.
+    /// The server sent ERR. Both legs are back in the command phase, or closing.
     Rejected(String),
-    /// The gateway ended the exchange with its own ERR while the server still waits for the
-    /// client, so the server leg cannot be used again.
+    /// The gateway ended the exchange with its own ERR, or the client left, while the server
+    /// still waits for the client, so the server leg cannot be used again.
     Aborted(String),
 }
 
@@ -716,7 +715,7 @@ impl Session<'_> {
             self.send_client(client_seq, data).await?;
             self.to_client.flush().await.map_err(client_error)?;
             let Some(answer) = self.read_client(AUTH_LIMIT).await? else {
-                return Ok(AuthOutcome::Rejected(
+                return Ok(AuthOutcome::Aborted(
                     "the client left during authentication".to_string(),
                 ));
             };
