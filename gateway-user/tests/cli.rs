@@ -226,3 +226,35 @@ fn check_warns_service_target_without_cluster() {
         "{stdout}"
     );
 }
+
+#[test]
+fn check_warns_open_files_limit_too_low() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("gatewayd.yaml");
+    std::fs::write(
+        &path,
+        "proxy:\n  listen_v4: 10.0.0.1:15001\n  max_connections: 1000\nredirect:\n  cgroup: /\n\
+         targets:\n  - address: 10.96.0.1\n    port: 5432\n    class: postgres\n",
+    )
+    .expect("write config");
+    // 1,000 sessions need 5 files each and 1,024 for the daemon itself: 6,024.
+    let check_with_limit = |limit: u64| {
+        let output = Command::new("prlimit")
+            .arg(format!("--nofile={limit}:{limit}"))
+            .args([GATEWAYD, "check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run gatewayd check under prlimit");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let low = check_with_limit(4096);
+    assert!(
+        low.contains("warning: the open files limit here is 4096, below the 6024"),
+        "{low}"
+    );
+    let enough = check_with_limit(8192);
+    assert!(enough.contains("configuration valid"), "{enough}");
+    assert!(!enough.contains("open files limit"), "{enough}");
+}

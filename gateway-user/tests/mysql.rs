@@ -539,8 +539,8 @@ fn session_commands_pass_through() {
         .expect("change user recorded");
     assert_eq!(change["outcome"], "ok");
 
-    // A client that leaves while the server waits for its answer ends its session with that
-    // reason: the server leg is still in the exchange.
+    // A client that leaves while the server waits for its response ends its session with
+    // that reason, because the server leg is still in the exchange.
     assert_eq!(result["change_user_left_after"], "0xfe", "{result}");
     let left = lines
         .iter()

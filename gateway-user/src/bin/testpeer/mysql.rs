@@ -785,8 +785,8 @@ fn session_commands(
     let check = client.query(b"SELECT DATABASE(), CURRENT_USER()")?;
     steps.insert("change_user_then".to_string(), answers_json(&check));
 
-    // A second client names a plugin the account does not use, so the server asks it to
-    // switch, and leaves instead of answering.
+    // A second client names a plugin the account does not use, so the server sends an auth
+    // switch request, and the client leaves instead of responding.
     let mut leaver = Client::login(addr, user, database, deprecate_eof)?;
     let mut change = vec![0x11];
     change.extend_from_slice(user.as_bytes());
