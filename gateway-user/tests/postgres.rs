@@ -1631,3 +1631,121 @@ fn logical_replication_masked() {
         );
     }
 }
+
+/// Four clients start a Query of 64 MiB, the most the gateway reads whole, and stall, so the
+/// 256 MiB that large statements of all sessions share are in use. A 2 MiB Query and a 2 MiB
+/// Parse are then read and dropped with an error, the session goes on, and once the four leave
+/// the same Query runs.
+#[test]
+fn large_statements_share_memory_budget() {
+    let setup = pg_setup("large_statements_share_memory_budget");
+    // A Query header declaring a 64 MiB body, and the body's first bytes.
+    let mut start = String::from("raw 5104000004");
+    for byte in b"SELECT 1 -- " {
+        start.push_str(&format!("{byte:02x}"));
+    }
+    let holder_script = setup.node.dir.join("holder.script");
+    std::fs::write(
+        &holder_script,
+        lines(&[
+            "startup rawuser postgres",
+            "read-ready 1",
+            &start,
+            "sleep 6000",
+        ])
+        .join("\n"),
+    )
+    .expect("write script");
+    let mut holders: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            setup
+                .node
+                .in_pod(&setup.pod, TESTPEER)
+                .args(["pg-script", "--connect", &setup.postgres.addr.to_string()])
+                .arg("--script")
+                .arg(&holder_script)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start a holder")
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+
+    let big = format!("SELECT length('{}')", "x".repeat(2 * 1024 * 1024));
+    let query = format!("query {big}");
+    let parse = format!("parse - {big}");
+    let rejected = pg_script(
+        &setup,
+        "rejected",
+        &lines(&[
+            "startup rawuser postgres",
+            "read-ready 1",
+            &query,
+            "read-ready 1",
+            &parse,
+            "bind - -",
+            "execute -",
+            "sync",
+            "read-ready 1",
+            "query SELECT 7",
+            "read-ready 1",
+        ]),
+    );
+    let errors: Vec<&Value> = rejected
+        .iter()
+        .filter(|message| message["tag"] == "E")
+        .collect();
+    assert_eq!(errors.len(), 2, "{rejected:#?}");
+    for error in &errors {
+        assert_eq!(error["fields"]["C"], "53200", "{error}");
+        let text = error["fields"]["M"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("statements being read hold 256 MiB"),
+            "{text}"
+        );
+    }
+    assert!(tags(&rejected).ends_with("EZEZTDCZ"), "{rejected:#?}");
+
+    for holder in &mut holders {
+        holder.kill().expect("stop a holder");
+        holder.wait().expect("reap a holder");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = pg_script(
+        &setup,
+        "after",
+        &lines(&[
+            "startup rawuser postgres",
+            "read-ready 1",
+            &query,
+            "read-ready 1",
+        ]),
+    );
+    let row = after
+        .iter()
+        .find(|message| message["tag"] == "D")
+        .unwrap_or_else(|| panic!("no row: {after:#?}"));
+    assert_eq!(row["values"][0], "2097152");
+
+    setup.node.wait_for_sessions(6);
+    let dropped: Vec<Value> = statements(&setup.node)
+        .into_iter()
+        .filter(|statement| statement["rule"] == "gateway:statement-memory")
+        .collect();
+    assert_eq!(dropped.len(), 2, "{dropped:#?}");
+    for statement in &dropped {
+        assert_eq!(statement["outcome"], "denied", "{statement}");
+    }
+    // The Query body is the text and its NUL. The Parse body adds a NUL for the name and a count.
+    let texts: Vec<&str> = dropped
+        .iter()
+        .filter_map(|statement| statement["statement"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            format!("(a statement of {} bytes, not read)", big.len() + 1),
+            format!("(a statement of {} bytes, not read)", big.len() + 4),
+        ]
+    );
+}

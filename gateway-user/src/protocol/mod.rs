@@ -40,6 +40,49 @@ pub(crate) async fn login_deadline(
     }
 }
 
+/// Memory all sessions of both SQL handlers together may hold in large statements being read
+/// whole: those of 1 MiB or more. Four statements at the 64 MiB limit fit at once. Past it, a
+/// statement is read and dropped, and the client gets an error, so a few pods cannot make the
+/// daemon hold gigabytes.
+pub(crate) const LARGE_STATEMENT_BUDGET: usize = 256 * 1024 * 1024;
+/// Length from which a statement counts against [`LARGE_STATEMENT_BUDGET`].
+pub(crate) const LARGE_STATEMENT: usize = 1024 * 1024;
+/// The rule recorded for a statement dropped because the budget was in use.
+pub(crate) const LARGE_STATEMENT_RULE: &str = "gateway:statement-memory";
+
+/// The bytes of [`LARGE_STATEMENT_BUDGET`] still free, as semaphore permits.
+static LARGE_STATEMENTS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(LARGE_STATEMENT_BUDGET));
+
+/// Reserves `bytes` of the budget for large statements while a statement of that length is
+/// read and judged. The returned permit gives them back when dropped.
+///
+/// Returns `Ok(None)` for a statement under [`LARGE_STATEMENT`], which needs no reservation.
+/// When the budget cannot spare the bytes, logs the rejection and returns the message for the
+/// client.
+pub(crate) fn reserve_statement_memory(
+    bytes: usize,
+) -> Result<Option<tokio::sync::SemaphorePermit<'static>>, String> {
+    if bytes < LARGE_STATEMENT {
+        return Ok(None);
+    }
+    let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
+    if let Ok(permit) = LARGE_STATEMENTS.try_acquire_many(permits) {
+        return Ok(Some(permit));
+    }
+    let in_use = LARGE_STATEMENT_BUDGET - LARGE_STATEMENTS.available_permits();
+    tracing::warn!(
+        bytes,
+        in_use,
+        "large statement rejected: memory budget in use"
+    );
+    Err(format!(
+        "gateway: a statement of {bytes} bytes was not run: statements being read hold {} MiB of the gateway's {} MiB for large statements; retry later",
+        in_use / (1024 * 1024),
+        LARGE_STATEMENT_BUDGET / (1024 * 1024)
+    ))
+}
+
 /// Makes text of bytes, with U+FFFD for invalid UTF-8 such as a value cut inside a character.
 /// Valid bytes are taken without a copy.
 pub(crate) fn utf8_text(bytes: Vec<u8>) -> String {

@@ -64,22 +64,8 @@ const STATEMENT_LIMIT: Limit = Limit {
     max: STATEMENT_HOLD_LIMIT,
     phase: "statement inspection",
 };
-/// Memory all sessions together may hold in large statements being read whole: those of a
-/// packet of 1 MiB or more. Four statements at the 64 MiB limit fit at once. Past it, a
-/// statement is read and dropped, and the client gets an ERR, so a few pods cannot make the
-/// daemon hold gigabytes.
-const LARGE_STATEMENT_BUDGET: usize = 256 * 1024 * 1024;
-/// Packet length from which a statement counts against [`LARGE_STATEMENT_BUDGET`].
-const LARGE_STATEMENT: usize = 1024 * 1024;
-
-/// The bytes of [`LARGE_STATEMENT_BUDGET`] still free, as semaphore permits.
-static LARGE_STATEMENTS: std::sync::LazyLock<tokio::sync::Semaphore> =
-    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(LARGE_STATEMENT_BUDGET));
-
 /// Error code of the ERR for a statement over the budget: `ER_OUT_OF_RESOURCES`.
 const OUT_OF_RESOURCES: u16 = 1041;
-/// The rule recorded for such a statement.
-const LARGE_STATEMENT_RULE: &str = "gateway:statement-memory";
 
 /// Largest server payload other than a row that the proxy reads whole: OK, ERR and EOF
 /// packets, column definitions, column counts. 16 MiB leaves room for a long error message or
@@ -766,20 +752,16 @@ impl Session<'_> {
             }
             // A statement of several packets may reach the 64 MiB limit, so it takes that much
             // from the budget. A single packet takes its length.
-            let _budget = if header.len < LARGE_STATEMENT {
-                None
+            let bytes = if header.continues() {
+                STATEMENT_HOLD_LIMIT
             } else {
-                let bytes = if header.continues() {
-                    STATEMENT_HOLD_LIMIT
-                } else {
-                    header.len
-                };
-                match LARGE_STATEMENTS.try_acquire_many(u32::try_from(bytes).unwrap_or(u32::MAX)) {
-                    Ok(permit) => Some(permit),
-                    Err(_) => {
-                        self.reject_large_statement(header).await?;
-                        continue;
-                    }
+                header.len
+            };
+            let _budget = match super::reserve_statement_memory(bytes) {
+                Ok(permit) => permit,
+                Err(message) => {
+                    self.reject_large_statement(header, &message).await?;
+                    continue;
                 }
             };
             // NOTE: a COM_STMT_EXECUTE whose inline parameters pass 64 MiB ends the session,
@@ -853,25 +835,17 @@ impl Session<'_> {
         }
     }
 
-    /// Replies to a denied command with the gateway's ERR packet and records it.
     /// Reads a large command that does not fit the memory budget in pieces, dropping them,
-    /// then replies with an ERR and records it. The session goes on.
-    async fn reject_large_statement(&mut self, first: Header) -> Result<(), SessionEnd> {
+    /// then replies with an ERR carrying `message` and records it. The session goes on.
+    async fn reject_large_statement(
+        &mut self,
+        first: Header,
+        message: &str,
+    ) -> Result<(), SessionEnd> {
         let (total, header) = self
             .read_command_pieces(first, STATEMENT_LIMIT, false)
             .await?;
-
-        let in_use = LARGE_STATEMENT_BUDGET - LARGE_STATEMENTS.available_permits();
-        let message = format!(
-            "gateway: a statement of {total} bytes was not run: statements being read hold {} MiB of the gateway's {} MiB for large statements; retry later",
-            in_use / (1024 * 1024),
-            LARGE_STATEMENT_BUDGET / (1024 * 1024)
-        );
-        warn!(
-            bytes = total,
-            in_use, "large statement refused: memory budget in use"
-        );
-        let error = packet::err_payload(OUT_OF_RESOURCES, "HY000", &message);
+        let error = packet::err_payload(OUT_OF_RESOURCES, "HY000", message);
         self.send_client(header.seq.wrapping_add(1), &error).await?;
         let pending = Pending::new(
             format!("(a statement of {total} bytes, not read)"),
@@ -881,10 +855,11 @@ impl Session<'_> {
             },
             Vec::new(),
         );
-        self.record_statement(&pending, "denied", Some(LARGE_STATEMENT_RULE));
+        self.record_statement(&pending, "denied", Some(super::LARGE_STATEMENT_RULE));
         Ok(())
     }
 
+    /// Replies to a denied command with the gateway's ERR packet and records it.
     async fn deny(
         &mut self,
         payload: &Payload,

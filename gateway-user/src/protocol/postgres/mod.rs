@@ -71,6 +71,8 @@ pub const STATEMENT_HOLD_LIMIT: usize = 64 * 1024 * 1024;
 const RECORDED_TEXT_LIMIT: usize = 4096;
 /// SQLSTATE of the gateway's denials: `insufficient_privilege`.
 const DENIED_SQLSTATE: &str = "42501";
+/// SQLSTATE of the error for a statement the gateway had no memory to read: `out_of_memory`.
+const OUT_OF_MEMORY_SQLSTATE: &str = "53200";
 
 /// Inputs of a PostgreSQL session from the rest of the daemon.
 #[derive(Clone, Debug)]
@@ -166,11 +168,17 @@ impl Shared {
     /// Queues a denied statement at the open synchronization point and returns the stand-in
     /// text to send the server in its place.
     fn deny(&mut self, pending: Pending, denial: &judge::Denial, session_token: &str) -> String {
+        let error = denial_error(&denial.rule, denial.detail.as_deref());
+        self.deny_with(pending, error, session_token)
+    }
+
+    /// Like [`Shared::deny`], with `error` as the ErrorResponse the client gets.
+    fn deny_with(&mut self, pending: Pending, error: Bytes, session_token: &str) -> String {
         let marker = denial_marker(session_token);
         let point = self.open();
         point.statements.push_back(pending);
         point.denial_marker = Some(marker.clone());
-        point.denial_error = Some(denial_error(&denial.rule, denial.detail.as_deref()));
+        point.denial_error = Some(error);
         marker
     }
 
@@ -786,9 +794,21 @@ async fn frontend(
                     reason: "statement longer than the 64 MiB the gateway inspects",
                 }));
             }
-            let body = client.read_body(header).await.map_err(client_error)?;
-            let forward =
-                frontend_message(&mut state, header.tag, body, pump, &mut upstream).await?;
+            let (forward, _budget) = match super::reserve_statement_memory(header.body_len) {
+                Ok(budget) => {
+                    let body = client.read_body(header).await.map_err(client_error)?;
+                    let forward =
+                        frontend_message(&mut state, header.tag, body, pump, &mut upstream).await?;
+                    (forward, budget)
+                }
+                Err(message) => {
+                    skip_body(&mut client, header).await?;
+                    (
+                        reject_large_statement(&mut state, header, &message, pump),
+                        None,
+                    )
+                }
+            };
             if let Some(message) = forward {
                 upstream.write_all(&message).await.map_err(server_error)?;
             }
@@ -817,6 +837,46 @@ async fn frontend(
             upstream.flush().await.map_err(server_error)?;
         }
     }
+}
+
+/// Rejects a Query or Parse whose body was dropped because the budget for large statements
+/// could not hold it. The client gets `message` (SQLSTATE 53200, out of memory) as for a
+/// denial, and the recording shows it denied by the budget's rule. Returns what to send
+/// upstream in its place.
+fn reject_large_statement(
+    state: &mut Frontend,
+    header: Header,
+    message: &str,
+    pump: &PumpContext<'_>,
+) -> Option<Bytes> {
+    // After an error in a pipeline, everything up to Sync is dropped anyway.
+    if state.discarding {
+        return None;
+    }
+    let pending = Pending::denied(
+        format!("(a statement of {} bytes, not read)", header.body_len),
+        StatementInfo {
+            kind: "unknown".to_string(),
+            ..StatementInfo::default()
+        },
+        super::LARGE_STATEMENT_RULE,
+    );
+    let error = codec::error_response(OUT_OF_MEMORY_SQLSTATE, message);
+    let mut shared = pump.shared.lock().expect("session state lock poisoned");
+    let marker = shared.deny_with(pending, error, pump.session_token);
+    if header.tag == b'Q' {
+        shared.close();
+        return Some(marker_query(&marker));
+    }
+    // A Parse: the unnamed statement of the marker, which the server rejects, then nothing
+    // until Sync.
+    state.discarding = true;
+    let mut replacement = BytesMut::new();
+    replacement.put_u8(0);
+    replacement.put_slice(marker.as_bytes());
+    replacement.put_u8(0);
+    replacement.put_i16(0);
+    Some(codec::frame(b'P', &replacement))
 }
 
 /// Judges and tracks one inspected client message and returns what to send upstream instead:
