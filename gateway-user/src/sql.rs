@@ -479,7 +479,9 @@ fn reread_mysql(text: &str, ansi_quotes: bool, no_backslash_escapes: bool) -> Op
                 at = end;
             }
             b'/' if bytes.get(at + 1) == Some(&b'*')
-                && !matches!(bytes.get(at + 2), Some(b'!' | b'M' | b'm')) =>
+                && bytes.get(at + 2) != Some(&b'!')
+                && !(matches!(bytes.get(at + 2), Some(b'M' | b'm'))
+                    && bytes.get(at + 3) == Some(&b'!')) =>
             {
                 // A plain comment. `/*!` and `/*M!` ones contain SQL and are read on.
                 let close = at + 2 + bytes[at + 2..].windows(2).position(|pair| pair == b"*/")?;
@@ -939,6 +941,11 @@ mod tests {
             Some(r#"SELECT `x"y`, `a``b` FROM t"#)
         );
         assert_eq!(reread_mysql(r"SELECT 'a\'", false, false), None);
+        // A plain comment that starts with an M is still a comment, quotes and all.
+        assert_eq!(
+            reread_mysql("/*More ' */ SELECT 1", true, false).as_deref(),
+            Some("/*More ' */ SELECT 1")
+        );
         assert_eq!(reread_mysql("SELECT 1 /* open", false, false), None);
     }
 

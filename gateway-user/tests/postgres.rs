@@ -294,6 +294,18 @@ fn pan_columns_masked_recording_clean() {
         money.contains("4,111,11*,***,**1,111") || money.contains("4.111.11*.***.**1.111"),
         "{money}"
     );
+    // COPY prints the same values in its text rows.
+    let copied = psql_ok(
+        &setup,
+        true,
+        "postgres",
+        "COPY (SELECT 4111111111111111::float8, \
+         to_char(4111111111111111, 'FM9,999,999,999,999,999')) TO STDOUT",
+    );
+    assert_eq!(
+        copied.trim_end(),
+        "4.11111******1111e+15\t4,111,11*,***,**1,111"
+    );
 
     // A PAN sent by the client in a statement is masked in the recording too.
     psql_ok(
@@ -302,7 +314,7 @@ fn pan_columns_masked_recording_clean() {
         "postgres",
         "INSERT INTO cards VALUES (6, '4012888888881881')",
     );
-    setup.node.wait_for_sessions(4);
+    setup.node.wait_for_sessions(5);
     let mut store = String::new();
     for file in setup.node.session_files() {
         store.push_str(&std::fs::read_to_string(file).expect("read recording"));

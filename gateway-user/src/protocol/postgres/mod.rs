@@ -1391,6 +1391,8 @@ fn backend_message(
             if state.copy_binary {
                 rows::mask_copy_binary(&mut body, &context.mask);
             } else {
+                // Text and CSV rows print values as result rows do, exponents and money too.
+                crate::mask::mask_formatted_numbers(&mut body, &context.mask);
                 mask_in_place_with_hex(&mut body, &context.mask);
             }
             Ok(codec::frame(tag, &body))
