@@ -41,12 +41,14 @@ pub(crate) async fn login_deadline(
 }
 
 /// Memory all sessions of both SQL handlers together may hold in large statements being read
-/// whole: those of 1 MiB or more. Four statements at the 64 MiB limit fit at once. Past it, a
+/// whole: those of 64 KiB or more. Four statements at the 64 MiB limit fit at once. Past it, a
 /// statement is read and dropped, and the client gets an error, so a few pods cannot make the
 /// daemon hold gigabytes.
 pub(crate) const LARGE_STATEMENT_BUDGET: usize = 256 * 1024 * 1024;
-/// Length from which a statement counts against [`LARGE_STATEMENT_BUDGET`].
-pub(crate) const LARGE_STATEMENT: usize = 1024 * 1024;
+/// Length from which a statement counts against [`LARGE_STATEMENT_BUDGET`]. Shorter ones are
+/// outside it: 16,384 sessions (the default `proxy.max_connections`) each holding one just
+/// under this length take 1 GiB.
+pub(crate) const LARGE_STATEMENT: usize = 64 * 1024;
 /// The rule recorded for a statement dropped because the budget was in use.
 pub(crate) const LARGE_STATEMENT_RULE: &str = "gateway:statement-memory";
 

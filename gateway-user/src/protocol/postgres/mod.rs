@@ -794,7 +794,14 @@ async fn frontend(
                     reason: "statement longer than the 64 MiB the gateway inspects",
                 }));
             }
-            let (forward, _budget) = match super::reserve_statement_memory(header.body_len) {
+            // Query and Parse draw on the budget for large statements. Other messages read
+            // whole here are at most the 1 MiB hold limit, and larger ones stream.
+            let statement_bytes = if matches!(header.tag, b'Q' | b'P') {
+                header.body_len
+            } else {
+                0
+            };
+            let (forward, _budget) = match super::reserve_statement_memory(statement_bytes) {
                 Ok(budget) => {
                     let body = client.read_body(header).await.map_err(client_error)?;
                     let forward =
