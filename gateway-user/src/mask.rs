@@ -48,6 +48,7 @@ use std::fmt;
 use crate::operations::metrics::metrics;
 
 mod base64;
+pub mod wide;
 
 pub use base64::mask_base64_strings;
 
@@ -312,7 +313,11 @@ fn mask_hex_run(run: &mut [u8], policy: &MaskPolicy) -> usize {
     }
     let original: Vec<u8> = run.chunks_exact(2).map(hex_byte).collect();
     let mut decoded = original.clone();
-    let masked = mask_in_place(&mut decoded, policy);
+    let mut masked = mask_in_place(&mut decoded, policy);
+    // Bytes a client or an application encoded from UTF-16 or UTF-32 text.
+    if has_wide_digits(&decoded) {
+        masked += wide::mask_wide_text(&mut decoded, policy);
+    }
     if masked > 0 {
         for (index, (&before, &after)) in original.iter().zip(&decoded).enumerate() {
             if before != after {
@@ -322,6 +327,18 @@ fn mask_hex_run(run: &mut [u8], policy: &MaskPolicy) -> usize {
         }
     }
     masked
+}
+
+/// Tells whether `bytes` has two ASCII digits in a row as UTF-16 (either byte order) or
+/// UTF-32 code units: a cheap test that random binary data rarely passes.
+fn has_wide_digits(bytes: &[u8]) -> bool {
+    let digit = |byte: u8| byte.is_ascii_digit();
+    bytes.windows(4).any(|w| {
+        (w[0] == 0 && digit(w[1]) && w[2] == 0 && digit(w[3]))
+            || (digit(w[0]) && w[1] == 0 && digit(w[2]) && w[3] == 0)
+    }) || bytes
+        .windows(8)
+        .any(|w| w[..3] == [0, 0, 0] && digit(w[3]) && w[4..7] == [0, 0, 0] && digit(w[7]))
 }
 
 /// Lowercase hex digits by value.
@@ -1529,6 +1546,52 @@ mod tests {
             String::from_utf8_lossy(&text),
             "{4.11111******1111e+15,1.5e3} [4.11111******1111e15] e 4e"
         );
+    }
+
+    #[test]
+    fn wide_text_inside_hex_masked() {
+        let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+        let encode = |text: &str, wide: wide::Wide| -> Vec<u8> {
+            let mut out = Vec::new();
+            for byte in text.bytes() {
+                wide.encode(byte, &mut out);
+            }
+            out
+        };
+        let encodings = [
+            wide::Wide::Utf16Be,
+            wide::Wide::Utf16Le,
+            wide::Wide::Utf32Be,
+        ];
+        for unit in encodings {
+            let name = format!("{unit:?}");
+            let input = format!(
+                "INSERT INTO t VALUES (X'{}')",
+                hex(&encode("4111111111111111", unit))
+            );
+            let expected = format!(
+                "INSERT INTO t VALUES (X'{}')",
+                hex(&encode("411111******1111", unit))
+            );
+            let mut buf = input.into_bytes();
+            assert_eq!(
+                mask_in_place_with_hex(&mut buf, &MaskPolicy::default()),
+                1,
+                "{name}"
+            );
+            assert_eq!(String::from_utf8_lossy(&buf), expected, "{name}");
+        }
+        // Binary data with digits and NUL bytes that are not wide text stays.
+        let mut buf = format!(
+            "\\x{}",
+            hex(&[
+                0, 4, 1, 1, 0x31, 0, 0x32, 7, 0, 0x33, 9, 0, 0x34, 0, 0x35, 1
+            ])
+        )
+        .into_bytes();
+        let before = buf.clone();
+        assert_eq!(mask_in_place_with_hex(&mut buf, &MaskPolicy::default()), 0);
+        assert_eq!(buf, before);
     }
 
     #[test]

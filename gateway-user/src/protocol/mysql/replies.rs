@@ -15,7 +15,7 @@ const SESSION_TRACK_GTIDS: u8 = 3;
 /// Masks one text field as a whole value, in the session's result character set, which may be
 /// a wide one.
 fn mask_in_place(field: &mut [u8], policy: &MaskPolicy) -> usize {
-    crate::mask::mask_in_place(field, policy) + super::rows::mask_wide_text(field, policy)
+    crate::mask::mask_in_place(field, policy) + crate::mask::wide::mask_wide_text(field, policy)
 }
 
 /// Returns the range of the length-encoded string at `at`, or `None` when `data` is too short.
