@@ -87,6 +87,7 @@ pub fn analyze(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
         return analyze(&rewritten, dialect);
     }
     if dialect == SqlDialect::Postgres
+        && text.len() <= FULL_PARSE_LIMIT
         && text.contains("&\"")
         && let Some(decoded) = decode_unicode_identifiers(text)
     {
@@ -95,8 +96,12 @@ pub fn analyze(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
     analyze_shaped(text, dialect)
 }
 
-/// Analyses `text` through the cache of statement shapes.
+/// Analyses `text` through the cache of statement shapes, or from its words alone when it is
+/// longer than the parser reads.
 fn analyze_shaped(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
+    if text.len() > FULL_PARSE_LIMIT {
+        return analyze_large(text, dialect);
+    }
     let Some(key) = shape(text, dialect) else {
         return analyze_uncached(text, dialect);
     };
@@ -167,6 +172,11 @@ fn shape(text: &str, dialect: SqlDialect) -> Option<String> {
                     .iter()
                     .position(|&b| b == b'\n')
                     .map_or(bytes.len(), |offset| at + offset);
+                // PostgreSQL also ends the comment at a carriage return, MySQL does not: the
+                // parser reads such a text every time.
+                if bytes[at..end].contains(&b'\r') {
+                    return None;
+                }
                 out.push(b' ');
                 at = end;
             }
@@ -497,6 +507,364 @@ fn reread_mysql(text: &str, ansi_quotes: bool, no_backslash_escapes: bool) -> Op
     String::from_utf8(out).ok()
 }
 
+/// Runs `work`, the analysis of a text of `len` bytes. A long text is analysed with
+/// [`tokio::task::block_in_place`] on a multi-thread runtime, so the runtime hands this
+/// thread's other tasks (the heartbeat among them) to another thread meanwhile.
+pub fn off_runtime<T>(len: usize, work: impl FnOnce() -> T) -> T {
+    const LONG: usize = 1024 * 1024;
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if len >= LONG && multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
+/// Maximum length of a text the SQL parser reads. Its syntax tree can take hundreds of bytes per byte of
+/// text (a list of a million `1,`) and seconds per megabyte, time in which the daemon's worker
+/// threads serve nothing else. Longer texts are analysed by [`analyze_large`].
+pub const FULL_PARSE_LIMIT: usize = 16 * 1024;
+
+/// Maximum count of distinct words [`analyze_large`] keeps per statement. A statement with more also gets
+/// the kind `unparsed`, so a rule on that kind can deny what was not read whole.
+const LARGE_WORD_LIMIT: usize = 4096;
+
+/// Analyses a text too long for the parser from its words, as a statement the parser rejects
+/// is analysed (see [`unparsed`]), in one pass and in bounded memory. Strings, numbers and
+/// comments are skipped the way the dialect reads them, and statements end at the semicolons
+/// outside them.
+fn analyze_large(text: &str, dialect: SqlDialect) -> Vec<StatementInfo> {
+    let mut lexer = LargeLexer {
+        bytes: text.as_bytes(),
+        at: 0,
+        mysql: dialect == SqlDialect::Mysql,
+    };
+    let mut infos = Vec::new();
+    let mut statement = WordSet::default();
+    while let Some(item) = lexer.next_item() {
+        match item {
+            Lexed::Word(word) => statement.word(word),
+            Lexed::Dot => statement.dot(),
+            Lexed::Space => {}
+            Lexed::Other => statement.break_name(),
+            Lexed::End => {
+                if let Some(info) = std::mem::take(&mut statement).finish() {
+                    infos.push(info);
+                }
+            }
+        }
+    }
+    if let Some(info) = statement.finish() {
+        infos.push(info);
+    }
+    if infos.is_empty() {
+        infos.push(unparsed(&[]));
+    }
+    infos
+}
+
+/// Words of one statement as [`analyze_large`] collects them.
+#[derive(Default)]
+struct WordSet {
+    kind: Option<String>,
+    tables: Vec<String>,
+    seen: std::collections::HashSet<String>,
+    /// The name being read, for dotted names (`payments.cards`), and whether a dot followed it.
+    name: Option<String>,
+    after_dot: bool,
+    capped: bool,
+}
+
+impl WordSet {
+    fn word(&mut self, word: String) {
+        if self.kind.is_none() {
+            self.kind = Some(word);
+            return;
+        }
+        let dotted = match self.name.take() {
+            Some(head) if self.after_dot => format!("{head}.{word}"),
+            _ => word.clone(),
+        };
+        self.after_dot = false;
+        if dotted != word {
+            self.add(dotted.clone());
+        }
+        self.add(word);
+        self.name = Some(dotted);
+    }
+
+    fn dot(&mut self) {
+        if self.after_dot || self.name.is_none() {
+            self.break_name();
+        } else {
+            self.after_dot = true;
+        }
+    }
+
+    fn break_name(&mut self) {
+        self.name = None;
+        self.after_dot = false;
+    }
+
+    fn add(&mut self, name: String) {
+        if self.seen.contains(&name) {
+            return;
+        }
+        if self.seen.len() >= LARGE_WORD_LIMIT {
+            self.capped = true;
+            return;
+        }
+        self.seen.insert(name.clone());
+        self.tables.push(name);
+    }
+
+    fn finish(self) -> Option<StatementInfo> {
+        let mut info = from_words(self.kind?, self.tables);
+        if self.capped && !info.has_kind("unparsed") {
+            info.also_kinds.push("unparsed".to_string());
+        }
+        Some(info)
+    }
+}
+
+/// One item of SQL text as [`LargeLexer`] reads it.
+enum Lexed {
+    /// A name or keyword, lower case, quotes removed.
+    Word(String),
+    Dot,
+    /// Whitespace or a comment.
+    Space,
+    /// A string, a number or another character.
+    Other,
+    /// A semicolon.
+    End,
+}
+
+/// Reads SQL text item by item without building tokens for strings and numbers.
+struct LargeLexer<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    mysql: bool,
+}
+
+impl LargeLexer<'_> {
+    fn next_item(&mut self) -> Option<Lexed> {
+        let bytes = self.bytes;
+        let start = self.at;
+        let byte = *bytes.get(start)?;
+        let next = bytes.get(start + 1).copied();
+        let word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+        let item = match byte {
+            b';' => {
+                self.at += 1;
+                Lexed::End
+            }
+            b'.' if !next.is_some_and(|b| b.is_ascii_digit()) => {
+                self.at += 1;
+                Lexed::Dot
+            }
+            _ if byte.is_ascii_whitespace() => {
+                self.at += 1;
+                Lexed::Space
+            }
+            b'-' if next == Some(b'-')
+                && (!self.mysql
+                    || bytes
+                        .get(start + 2)
+                        .is_none_or(|b| b.is_ascii_whitespace() || b.is_ascii_control())) =>
+            {
+                // PostgreSQL ends the comment at either line break. MySQL is read the same
+                // way: reading on where it stops would hide what follows.
+                self.skip_until_any(start + 2, b"\n\r");
+                Lexed::Space
+            }
+            b'#' if self.mysql => {
+                self.skip_until_any(start + 1, b"\n");
+                Lexed::Space
+            }
+            b'/' if next == Some(b'*') => {
+                let third = bytes.get(start + 2).copied();
+                let executable = self.mysql
+                    && (third == Some(b'!')
+                        || (matches!(third, Some(b'M' | b'm'))
+                            && bytes.get(start + 3) == Some(&b'!')));
+                if executable {
+                    // MySQL runs the text of `/*!` and `/*M!` comments: read on inside.
+                    self.at = start + if third == Some(b'!') { 3 } else { 4 };
+                } else {
+                    self.skip_block_comment(start + 2);
+                }
+                Lexed::Space
+            }
+            b'\'' => {
+                // PostgreSQL reads backslash escapes only in E'...' strings.
+                let escapes = self.mysql
+                    || (start > 0
+                        && bytes[start - 1] | 0x20 == b'e'
+                        && !(start > 1 && word_byte(bytes[start - 2])));
+                self.skip_string(start + 1, b'\'', escapes);
+                Lexed::Other
+            }
+            b'"' if self.mysql => {
+                self.skip_string(start + 1, b'"', true);
+                Lexed::Other
+            }
+            b'"' | b'`' => {
+                let value = self.quoted_name(start + 1, byte);
+                // PostgreSQL's U&"..." names spell characters with escapes.
+                let escaped = !self.mysql
+                    && start >= 2
+                    && bytes[start - 1] == b'&'
+                    && bytes[start - 2] | 0x20 == b'u';
+                let value = if escaped {
+                    unescape_unicode(&value, '\\').unwrap_or(value)
+                } else {
+                    value
+                };
+                Lexed::Word(value.to_lowercase())
+            }
+            b'$' if !self.mysql && (start == 0 || !word_byte(bytes[start - 1])) => {
+                self.dollar_quoted(start)
+            }
+            _ if word_byte(byte) => {
+                let length = bytes[start..].iter().take_while(|&&b| word_byte(b)).count();
+                self.at = start + length;
+                let word = &bytes[start..start + length];
+                if is_number(word) {
+                    Lexed::Other
+                } else {
+                    Lexed::Word(String::from_utf8_lossy(word).to_lowercase())
+                }
+            }
+            _ => {
+                self.at += 1;
+                Lexed::Other
+            }
+        };
+        Some(item)
+    }
+
+    /// Moves past the first of `stops` at or after `from`, or to the end.
+    fn skip_until_any(&mut self, from: usize, stops: &[u8]) {
+        self.at = self.bytes[from..]
+            .iter()
+            .position(|b| stops.contains(b))
+            .map_or(self.bytes.len(), |offset| from + offset + 1);
+    }
+
+    /// Moves past a block comment whose text starts at `from`. PostgreSQL nests them.
+    fn skip_block_comment(&mut self, from: usize) {
+        let bytes = self.bytes;
+        let mut depth = 1;
+        let mut at = from;
+        while at + 1 < bytes.len() {
+            if bytes[at] == b'*' && bytes[at + 1] == b'/' {
+                depth -= 1;
+                at += 2;
+                if depth == 0 {
+                    self.at = at;
+                    return;
+                }
+            } else if !self.mysql && bytes[at] == b'/' && bytes[at + 1] == b'*' {
+                depth += 1;
+                at += 2;
+            } else {
+                at += 1;
+            }
+        }
+        self.at = bytes.len();
+    }
+
+    /// Moves past a string whose text starts at `from`: a doubled quote stands for one, and
+    /// with `escapes` a backslash takes the next byte with it.
+    fn skip_string(&mut self, from: usize, quote: u8, escapes: bool) {
+        let bytes = self.bytes;
+        let mut at = from;
+        while at < bytes.len() {
+            let byte = bytes[at];
+            let escaped = escapes && byte == b'\\';
+            let doubled = byte == quote && bytes.get(at + 1) == Some(&quote);
+            if escaped || doubled {
+                at += 2;
+            } else if byte == quote {
+                self.at = at + 1;
+                return;
+            } else {
+                at += 1;
+            }
+        }
+        self.at = bytes.len();
+    }
+
+    /// Reads a quoted name whose text starts at `from`; a doubled quote stands for one.
+    fn quoted_name(&mut self, from: usize, quote: u8) -> String {
+        let bytes = self.bytes;
+        let mut value = Vec::new();
+        let mut at = from;
+        while at < bytes.len() {
+            if bytes[at] == quote && bytes.get(at + 1) == Some(&quote) {
+                value.push(quote);
+                at += 2;
+            } else if bytes[at] == quote {
+                at += 1;
+                break;
+            } else {
+                value.push(bytes[at]);
+                at += 1;
+            }
+        }
+        self.at = at;
+        String::from_utf8_lossy(&value).into_owned()
+    }
+
+    /// Reads a `$` at `start`: a parameter (`$1`), or a dollar-quoted string (`$$...$$`,
+    /// `$tag$...$tag$`) skipped whole.
+    fn dollar_quoted(&mut self, start: usize) -> Lexed {
+        let bytes = self.bytes;
+        let tag_len = bytes[start + 1..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+            .count();
+        let tag_end = start + 1 + tag_len;
+        let opens = bytes.get(tag_end) == Some(&b'$')
+            && !bytes.get(start + 1).is_some_and(u8::is_ascii_digit);
+        if !opens {
+            self.at = tag_end.max(start + 1);
+            return Lexed::Other;
+        }
+        let tag = &bytes[start..=tag_end];
+        let body = tag_end + 1;
+        self.at = memchr::memmem::find(&bytes[body..], tag)
+            .map_or(bytes.len(), |offset| body + offset + tag.len());
+        Lexed::Other
+    }
+}
+
+/// Tells whether a word-like run of bytes is a number: digits with an optional fraction or
+/// exponent, or MySQL's `0x...` and `0b...` literals.
+fn is_number(word: &[u8]) -> bool {
+    if !word[0].is_ascii_digit() {
+        return false;
+    }
+    if let Some(hex) = word
+        .strip_prefix(b"0x")
+        .or_else(|| word.strip_prefix(b"0X"))
+    {
+        return !hex.is_empty() && hex.iter().all(u8::is_ascii_hexdigit);
+    }
+    if let Some(bits) = word.strip_prefix(b"0b") {
+        return !bits.is_empty() && bits.iter().all(|b| matches!(b, b'0' | b'1'));
+    }
+    let digits = word.iter().take_while(|b| b.is_ascii_digit()).count();
+    let rest = &word[digits..];
+    match rest.first() {
+        None => true,
+        Some(b'e' | b'E') => rest[1..].iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
+}
+
 /// PostgreSQL's replication commands, which a walsender session takes besides SQL. Their
 /// other words are options and slot names, never tables.
 pub const REPLICATION_COMMANDS: [&str; 9] = [
@@ -583,6 +951,12 @@ fn unparsed(tokens: &[&Token]) -> StatementInfo {
             }
         }
     }
+    from_words(kind, tables)
+}
+
+/// Describes a statement by its kind (its first word) and its other words and dotted names,
+/// all lower case, each a possible table name.
+fn from_words(kind: String, tables: Vec<String>) -> StatementInfo {
     let has_where = matches!(kind.as_str(), "delete" | "update")
         .then(|| tables.iter().any(|word| word == "where"));
     // Any word that names a change of rows may be one, as in an upsert the parser rejects:
@@ -949,6 +1323,99 @@ mod tests {
         assert_eq!(reread_mysql("SELECT 1 /* open", false, false), None);
     }
 
+    /// Pads `statement` past the parser's limit with a list of numbers, so it is read by
+    /// `analyze_large`.
+    fn long(statement: &str) -> String {
+        let numbers = "1,".repeat(FULL_PARSE_LIMIT);
+        format!("SELECT {numbers}2; {statement}")
+    }
+
+    #[test]
+    fn long_texts_read_from_words() {
+        let infos = analyze(&long("DELETE FROM payments.cards"), SqlDialect::Postgres);
+        assert_eq!(infos.len(), 2, "{infos:?}");
+        assert_eq!(infos[0].kind, "select");
+        assert_eq!(infos[1].kind, "delete");
+        assert_eq!(infos[1].has_where, Some(false));
+        for table in ["payments", "cards", "payments.cards"] {
+            assert!(infos[1].tables.contains(&table.to_string()), "{infos:?}");
+        }
+
+        // Semicolons and words inside strings, comments and quoted names are not statements.
+        let hidden = [
+            (
+                SqlDialect::Postgres,
+                "SELECT 'a; DROP TABLE x', $q$; DROP TABLE y$q$ -- ; DROP TABLE z",
+            ),
+            (
+                SqlDialect::Postgres,
+                "SELECT E'\\'; DROP TABLE x; --', /* /* */ ; DROP TABLE y */ 1",
+            ),
+            (
+                SqlDialect::Mysql,
+                "SELECT 'a\\'; DROP TABLE x; --', \"; DROP TABLE y\" # ; DROP TABLE z",
+            ),
+        ];
+        for (dialect, text) in hidden {
+            let infos = analyze(&long(text), dialect);
+            assert!(
+                infos.iter().all(|info| info.kind != "drop"),
+                "{text}: {infos:?}"
+            );
+        }
+
+        // What the server reads as SQL is read: a statement after a comment that ends at a
+        // carriage return, MySQL's executable comments, and quoted and escaped names.
+        let seen = [
+            (
+                SqlDialect::Postgres,
+                "SELECT 1 -- x\r; DROP TABLE cards",
+                "cards",
+            ),
+            (SqlDialect::Mysql, "/*!40101 DROP TABLE cards */", "cards"),
+            (SqlDialect::Mysql, "/*M! DROP TABLE `cards` */", "cards"),
+            (SqlDialect::Postgres, r#"DROP TABLE U&"c\0061rds""#, "cards"),
+            (
+                SqlDialect::Postgres,
+                r#"DROP TABLE "Payments"."Cards""#,
+                "payments.cards",
+            ),
+        ];
+        for (dialect, text, table) in seen {
+            let infos = analyze(&long(text), dialect);
+            let drop = infos.iter().find(|info| info.kind == "drop");
+            assert!(
+                drop.is_some_and(|info| info.tables.contains(&table.to_string())),
+                "{text}: {infos:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_texts_bounded_by_word_limit() {
+        let columns: Vec<String> = (0..LARGE_WORD_LIMIT + 10)
+            .map(|n| format!("c{n}"))
+            .collect();
+        let text = format!("SELECT {} FROM cards", columns.join(", "));
+        assert!(text.len() > FULL_PARSE_LIMIT);
+        let infos = analyze(&text, SqlDialect::Postgres);
+        assert_eq!(infos[0].kind, "select");
+        assert!(infos[0].has_kind("unparsed"), "{:?}", infos[0].also_kinds);
+        assert!(infos[0].tables.len() <= LARGE_WORD_LIMIT);
+
+        let numbers = [
+            ("1", true),
+            ("1e5", true),
+            ("0x1F", true),
+            ("0b101", true),
+            ("1table", false),
+            ("0xZZ", false),
+        ];
+        for (word, number) in numbers {
+            assert_eq!(is_number(word.as_bytes()), number, "{word}");
+        }
+    }
+
     #[test]
     fn load_data_inserts_and_names_qualified_tables() {
         let infos = analyze(
@@ -1042,6 +1509,21 @@ mod tests {
         for table in ["secrets", "vault", "vault.secrets"] {
             assert!(infos[0].tables.contains(&table.to_string()), "{infos:?}");
         }
+    }
+
+    #[test]
+    fn shape_ends_comments_at_carriage_return() {
+        // A cached shape must not hide a statement that follows a comment ended by `\r`.
+        let first = analyze("SELECT 2 -- hello", SqlDialect::Postgres);
+        assert_eq!(first.len(), 1);
+        let hidden = analyze(
+            "SELECT 1 -- x\r; DELETE FROM cards WHERE id = 1",
+            SqlDialect::Postgres,
+        );
+        assert!(
+            hidden.iter().any(|info| info.kind == "delete"),
+            "{hidden:?}"
+        );
     }
 
     #[test]

@@ -1761,3 +1761,36 @@ fn large_statements_share_memory_budget() {
         ]
     );
 }
+
+/// Texts longer than the SQL parser reads are judged from their words: a DELETE after a long
+/// SELECT is denied, and a long list the parser would take seconds and gigabytes for passes to
+/// the server, which rejects it.
+#[test]
+fn long_texts_judged_from_words() {
+    let setup = pg_setup("long_texts_judged_from_words");
+    setup
+        .postgres
+        .admin_sql("CREATE TABLE vault (id int); INSERT INTO vault VALUES (1)");
+    let padding = "x".repeat(100 * 1024);
+    let select = format!("SELECT length('{padding}') AS n");
+    assert_eq!(psql_ok(&setup, true, "postgres", &select).trim(), "102400");
+
+    let with_delete = format!("{select}; DELETE FROM vault");
+    let output = psql(&setup, true, "postgres", &["-c", &with_delete]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-unbounded-delete"), "{stderr}");
+    assert_eq!(
+        setup
+            .postgres
+            .admin_sql("SELECT count(*) FROM vault")
+            .trim(),
+        "1",
+        "the DELETE did not run"
+    );
+
+    let list = format!("SELECT {}1", "1,".repeat(50 * 1024));
+    let output = psql(&setup, true, "postgres", &["-c", &list]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("at most 1664 entries"), "{stderr}");
+    assert_eq!(psql_ok(&setup, true, "postgres", "SELECT 7").trim(), "7");
+}

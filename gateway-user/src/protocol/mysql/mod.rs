@@ -901,7 +901,8 @@ impl Session<'_> {
         if !self.mode_readings {
             return std::borrow::Cow::Borrowed(infos);
         }
-        let extra = crate::sql::mysql_mode_readings(text, infos);
+        let extra =
+            crate::sql::off_runtime(text.len(), || crate::sql::mysql_mode_readings(text, infos));
         if extra.is_empty() {
             return std::borrow::Cow::Borrowed(infos);
         }
@@ -911,7 +912,7 @@ impl Session<'_> {
     async fn query(&mut self, payload: Payload) -> Result<(), SessionEnd> {
         let text = &payload.data[1..];
         let text_read = String::from_utf8_lossy(text);
-        let infos = analyze(&text_read, SqlDialect::Mysql);
+        let infos = crate::sql::off_runtime(text.len(), || analyze(&text_read, SqlDialect::Mysql));
         let masked_text = recorded_text(text, &self.context.mask);
         let judged = self.judged_statements(&text_read, &infos);
         if let Some(denial) = self.judge(&judged, &masked_text).await {
@@ -944,7 +945,7 @@ impl Session<'_> {
     async fn prepare(&mut self, payload: Payload) -> Result<(), SessionEnd> {
         let text = &payload.data[1..];
         let text_read = String::from_utf8_lossy(text);
-        let infos = analyze(&text_read, SqlDialect::Mysql);
+        let infos = crate::sql::off_runtime(text.len(), || analyze(&text_read, SqlDialect::Mysql));
         let masked_text = recorded_text(text, &self.context.mask);
         let info = statements_or_empty(infos.clone())
             .into_iter()

@@ -910,7 +910,8 @@ async fn frontend_message(
         b'Q' => {
             let mut reader = BodyReader::new(&body, "Query");
             let text = String::from_utf8_lossy(reader.cstr().map_err(client_error)?);
-            let infos = analyze(&text, SqlDialect::Postgres);
+            let infos =
+                crate::sql::off_runtime(text.len(), || analyze(&text, SqlDialect::Postgres));
             let shown = recorded_text(text.as_bytes(), &context.mask);
             let denial = judge::judge(&mut state.review, &infos, &shown, pump, upstream).await?;
             let mut shared = shared.lock().expect("session state lock poisoned");
@@ -940,7 +941,9 @@ async fn frontend_message(
             let mut reader = BodyReader::new(&body, "Parse");
             let name = reader.cstr().map_err(client_error)?.to_vec();
             let text = reader.cstr().map_err(client_error)?;
-            let infos = analyze(&String::from_utf8_lossy(text), SqlDialect::Postgres);
+            let infos = crate::sql::off_runtime(text.len(), || {
+                analyze(&String::from_utf8_lossy(text), SqlDialect::Postgres)
+            });
             let shown = recorded_text(text, &context.mask);
             let info = statements_or_unparsed(infos.clone())
                 .into_iter()
