@@ -24,7 +24,8 @@ use std::{
 use serde::Serialize;
 use sqlparser::{
     ast::{
-        ObjectName, OnConflictAction, OnInsert, Query, SetExpr, Statement, Use, visit_relations,
+        CopySource, ObjectName, OnConflictAction, OnInsert, Query, SetExpr, Statement, Use,
+        visit_relations,
     },
     dialect::{Dialect, MySqlDialect, PostgreSqlDialect},
     keywords::Keyword,
@@ -1027,9 +1028,15 @@ fn describe(statement: &Statement) -> StatementInfo {
             .table_names
             .iter()
             .for_each(|target| add(table_name(&target.name))),
+        Statement::Copy {
+            source: CopySource::Table {
+                table_name: name, ..
+            },
+            ..
+        } => add(table_name(name)),
         _ => {}
     }
-    let (kind, has_where) = match statement {
+    let (kind, mut has_where) = match statement {
         Statement::Query(_) => ("select".to_string(), None),
         Statement::Insert(_) => ("insert".to_string(), None),
         Statement::Update(update) => ("update".to_string(), Some(update.selection.is_some())),
@@ -1061,9 +1068,44 @@ fn describe(statement: &Statement) -> StatementInfo {
         _ => Vec::new(),
     };
     // A query whose WITH clause or body changes rows (`WITH d AS (DELETE ... RETURNING *)
-    // SELECT ...`) has those kinds too.
-    if let Statement::Query(query) = statement {
-        for changed in query_changes(query) {
+    // SELECT ...`) has those kinds too, and so does a COPY of such a query.
+    let changes = match statement {
+        Statement::Query(query)
+        | Statement::Copy {
+            source: CopySource::Query(query),
+            ..
+        } => query_changes(query),
+        _ => Vec::new(),
+    };
+    for changed in changes {
+        if changed != kind && !also_kinds.contains(&changed) {
+            also_kinds.push(changed);
+        }
+    }
+    // `EXPLAIN ANALYZE` runs the statement it explains, and `PREPARE ... AS` holds one that
+    // `EXECUTE` runs later: both have its kinds and its WHERE test.
+    let inner = match statement {
+        Statement::Explain {
+            analyze,
+            options,
+            statement: inner,
+            ..
+        } if *analyze
+            || options
+                .iter()
+                .flatten()
+                .any(|option| option.name.value.eq_ignore_ascii_case("analyze")) =>
+        {
+            Some(describe(inner))
+        }
+        Statement::Prepare {
+            statement: inner, ..
+        } => Some(describe(inner)),
+        _ => None,
+    };
+    if let Some(inner) = inner {
+        has_where = has_where.or(inner.has_where);
+        for changed in std::iter::once(inner.kind).chain(inner.also_kinds) {
             if changed != kind && !also_kinds.contains(&changed) {
                 also_kinds.push(changed);
             }
@@ -1195,6 +1237,48 @@ mod tests {
         for (dialect, text, kind) in cases {
             let infos = analyze(text, dialect);
             assert!(infos[0].has_kind(kind), "{text}: {infos:?}");
+        }
+    }
+
+    #[test]
+    fn statements_that_run_others_have_their_kinds() {
+        let cases = [
+            ("EXPLAIN ANALYZE DELETE FROM cards", "delete", Some(false)),
+            (
+                "EXPLAIN (ANALYZE, COSTS OFF) UPDATE cards SET pan = '' WHERE id = 1",
+                "update",
+                Some(true),
+            ),
+            ("PREPARE p AS DELETE FROM cards", "delete", Some(false)),
+            (
+                "COPY (DELETE FROM cards RETURNING *) TO STDOUT",
+                "delete",
+                None,
+            ),
+        ];
+        for (text, kind, has_where) in cases {
+            let infos = analyze(text, SqlDialect::Postgres);
+            assert!(infos[0].has_kind(kind), "{text}: {infos:?}");
+            assert!(
+                infos[0].tables.contains(&"cards".to_string()),
+                "{text}: {infos:?}"
+            );
+            if has_where.is_some() {
+                assert_eq!(infos[0].has_where, has_where, "{text}");
+            }
+        }
+        // Without ANALYZE, EXPLAIN only plans.
+        let infos = analyze("EXPLAIN DELETE FROM cards", SqlDialect::Postgres);
+        assert!(!infos[0].has_kind("delete"), "{infos:?}");
+        // COPY of a table names it.
+        for text in ["COPY secrets TO STDOUT", "COPY cards (id, pan) FROM STDIN"] {
+            let infos = analyze(text, SqlDialect::Postgres);
+            assert_eq!(infos[0].kind, "copy", "{text}");
+            assert_eq!(
+                infos[0].tables,
+                [text.split(' ').nth(1).unwrap_or_default()],
+                "{text}"
+            );
         }
     }
 
