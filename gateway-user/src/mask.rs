@@ -129,6 +129,13 @@ pub fn mask_in_place(buf: &mut [u8], policy: &MaskPolicy) -> usize {
     masked
 }
 
+/// Returns `text` with its PANs masked, as [`mask_in_place`] masks them.
+pub fn masked_text(text: String, policy: &MaskPolicy) -> String {
+    let mut bytes = text.into_bytes();
+    mask_in_place(&mut bytes, policy);
+    crate::protocol::utf8_text(bytes)
+}
+
 /// Masks every PAN in `buf` like [`mask_in_place`], and also those inside hex-encoded bytes:
 /// the pairs of hex digits after `\x` (PostgreSQL's `bytea` values and literals), `0x` or `x'`
 /// (MySQL's hex literals). Such a run is decoded and masked like text, and the bytes that

@@ -413,6 +413,136 @@ pub fn mysql_mode_readings(text: &str, infos: &[StatementInfo]) -> Vec<Statement
     extra
 }
 
+/// Returns the statements of PostgreSQL `text` as read with `standard_conforming_strings` off,
+/// where a backslash escapes the next character in every string, those not already in `infos`
+/// (the analysis with the setting on). Empty when the text has no backslash.
+pub fn postgres_escape_readings(text: &str, infos: &[StatementInfo]) -> Vec<StatementInfo> {
+    if !text.contains('\\') {
+        return Vec::new();
+    }
+    let Some(reread) = reread_postgres_escapes(text) else {
+        return Vec::new();
+    };
+    let mut extra: Vec<StatementInfo> = Vec::new();
+    for info in analyze(&reread, SqlDialect::Postgres) {
+        if info.kind != "unparsed" && !infos.contains(&info) && !extra.contains(&info) {
+            extra.push(info);
+        }
+    }
+    extra
+}
+
+/// Rewrites PostgreSQL `text` as read with `standard_conforming_strings` off into text that
+/// reads the same way with it on: in each string whose backslashes escape, `\'` becomes `''`.
+/// `E'...'` strings read escapes either way, and bit strings (`B'...'`, `X'...'`) and
+/// `U&'...'` never do. `None` when a literal does not end.
+fn reread_postgres_escapes(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+    let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        let next = bytes.get(at + 1).copied();
+        match byte {
+            b'-' if next == Some(b'-') => {
+                let end = bytes[at..]
+                    .iter()
+                    .position(|&b| b == b'\n' || b == b'\r')
+                    .map_or(bytes.len(), |offset| at + offset);
+                out.extend_from_slice(&bytes[at..end]);
+                at = end;
+            }
+            b'/' if next == Some(b'*') => {
+                let start = at;
+                let mut depth = 0;
+                loop {
+                    let pair = bytes.get(at..at + 2)?;
+                    if pair == b"/*" {
+                        depth += 1;
+                        at += 2;
+                    } else if pair == b"*/" {
+                        depth -= 1;
+                        at += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        at += 1;
+                    }
+                }
+                out.extend_from_slice(&bytes[start..at]);
+            }
+            b'"' => {
+                let close = at + 1 + bytes[at + 1..].iter().position(|&b| b == b'"')?;
+                out.extend_from_slice(&bytes[at..=close]);
+                at = close + 1;
+            }
+            b'$' if at == 0 || !word_byte(bytes[at - 1]) => {
+                let tag_len = bytes[at + 1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                    .count();
+                let tag_end = at + 1 + tag_len;
+                let opens = bytes.get(tag_end) == Some(&b'$')
+                    && !bytes.get(at + 1).is_some_and(u8::is_ascii_digit);
+                if opens {
+                    let tag = &bytes[at..=tag_end];
+                    let body = tag_end + 1;
+                    let end = body + memchr::memmem::find(&bytes[body..], tag)? + tag.len();
+                    out.extend_from_slice(&bytes[at..end]);
+                    at = end;
+                } else {
+                    out.push(byte);
+                    at += 1;
+                }
+            }
+            b'\'' => {
+                let prefix_start = bytes[..at]
+                    .iter()
+                    .rposition(|&b| !word_byte(b))
+                    .map_or(0, |before| before + 1);
+                let prefix = bytes[prefix_start..at].to_ascii_lowercase();
+                let unicode = prefix.is_empty()
+                    && at >= 2
+                    && bytes[at - 1] == b'&'
+                    && bytes[at - 2] | 0x20 == b'u';
+                let escapes = !(unicode || prefix == b"b" || prefix == b"x");
+                let rewrite = escapes && prefix != b"e";
+                out.push(byte);
+                at += 1;
+                loop {
+                    let current = *bytes.get(at)?;
+                    if escapes && current == b'\\' {
+                        let escaped = *bytes.get(at + 1)?;
+                        if rewrite && escaped == b'\'' {
+                            out.extend_from_slice(b"''");
+                        } else {
+                            out.extend_from_slice(&[current, escaped]);
+                        }
+                        at += 2;
+                    } else if current == b'\'' && bytes.get(at + 1) == Some(&b'\'') {
+                        out.extend_from_slice(b"''");
+                        at += 2;
+                    } else if current == b'\'' {
+                        out.push(current);
+                        at += 1;
+                        break;
+                    } else {
+                        out.push(current);
+                        at += 1;
+                    }
+                }
+            }
+            _ => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Rewrites MySQL `text` as read under `ANSI_QUOTES` and `NO_BACKSLASH_ESCAPES` into text the
 /// default mode reads the same way: double-quoted names become backquoted, and backslashes in
 /// strings are doubled. `None` when a literal does not end.
@@ -1386,6 +1516,34 @@ mod tests {
             let (_, extra) = read(text);
             assert!(extra.is_empty(), "{text}: {extra:?}");
         }
+    }
+
+    #[test]
+    fn postgres_escape_readings_find_hidden_statements() {
+        let text = r"SELECT 'x\' AS a, ' ; DELETE FROM cards WHERE id = 3; -- '";
+        let infos = analyze(text, SqlDialect::Postgres);
+        assert!(infos.iter().all(|info| info.kind != "delete"), "{infos:?}");
+        let extra = postgres_escape_readings(text, &infos);
+        assert!(
+            extra
+                .iter()
+                .any(|info| info.kind == "delete" && info.tables == ["cards"]),
+            "{extra:?}"
+        );
+        // Strings whose backslashes never escape, and text without any, read the same.
+        for text in [
+            r"SELECT E'a\'b', B'101', $$a\$$ FROM t",
+            "SELECT 'plain' FROM t",
+            r"SELECT U&'\0041' FROM t",
+        ] {
+            let infos = analyze(text, SqlDialect::Postgres);
+            assert!(postgres_escape_readings(text, &infos).is_empty(), "{text}");
+        }
+        assert_eq!(
+            reread_postgres_escapes(r"SELECT 'it\'s', n'\'', E'\'' -- \'").as_deref(),
+            Some(r"SELECT 'it''s', n'''', E'\'' -- \'")
+        );
+        assert_eq!(reread_postgres_escapes(r"SELECT 'a\'"), None);
     }
 
     #[test]

@@ -1794,3 +1794,58 @@ fn long_texts_judged_from_words() {
     assert!(stderr.contains("at most 1664 entries"), "{stderr}");
     assert_eq!(psql_ok(&setup, true, "postgres", "SELECT 7").trim(), "7");
 }
+
+/// With `standard_conforming_strings` off, a backslash ends a string where the default
+/// reading goes on, so a DELETE can hide in what reads as one string. psql splits such text as
+/// the server does; a driver sends it whole. Column aliases are masked like values.
+#[test]
+fn escape_strings_reading_judged() {
+    let setup = pg_setup("escape_strings_reading_judged");
+    setup
+        .postgres
+        .admin_sql("CREATE TABLE vault (id int); INSERT INTO vault VALUES (1)");
+    let hidden = r"query SELECT 'x\' AS a, ' ; DELETE FROM vault WHERE id = 1; -- '";
+    let messages = pg_script(
+        &setup,
+        "escape-strings",
+        &lines(&[
+            "startup rawuser postgres",
+            "read-ready 1",
+            "query SET standard_conforming_strings = off",
+            "read-ready 1",
+            hidden,
+            "read-ready 1",
+        ]),
+    );
+    let denied = messages.iter().any(|message| {
+        message["tag"] == "E"
+            && message["fields"]["M"]
+                .as_str()
+                .is_some_and(|text| text.contains("no-vault-writes"))
+    });
+    assert!(denied, "{messages:#?}");
+    assert_eq!(
+        setup
+            .postgres
+            .admin_sql("SELECT count(*) FROM vault")
+            .trim(),
+        "1",
+        "the hidden DELETE did not run"
+    );
+
+    // With the header on, psql prints the column's name.
+    let output = psql(
+        &setup,
+        true,
+        "postgres",
+        &[
+            "-P",
+            "tuples_only=off",
+            "-c",
+            "SELECT 1 AS \"4111111111111111\"",
+        ],
+    );
+    let header = String::from_utf8_lossy(&output.stdout);
+    assert!(header.contains("411111******1111"), "{header}");
+    assert!(!header.contains("4111111111111111"), "{header}");
+}

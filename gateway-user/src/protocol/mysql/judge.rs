@@ -161,7 +161,10 @@ impl Session<'_> {
             "approval.answered",
             answer.event_fields(&decision.rule),
         );
-        match answer.denial_reason(review.deadline) {
+        match answer
+            .denial_reason(review.deadline)
+            .map(|reason| crate::mask::masked_text(reason, &context.mask))
+        {
             None => {
                 if review.scope == ReviewScope::Session {
                     self.approvals.rules.insert(decision.rule);

@@ -267,18 +267,23 @@ async fn hold(
         "approval.answered",
         answer.event_fields(&decision.rule),
     );
-    Ok(match answer.denial_reason(review.deadline) {
-        None => {
-            if review.scope == ReviewScope::Session {
-                approvals.rules.insert(decision.rule);
+    Ok(
+        match answer
+            .denial_reason(review.deadline)
+            .map(|reason| crate::mask::masked_text(reason, &pump.context.mask))
+        {
+            None => {
+                if review.scope == ReviewScope::Session {
+                    approvals.rules.insert(decision.rule);
+                }
+                None
             }
-            None
-        }
-        Some(detail) => Some(Denial {
-            rule: decision.rule,
-            detail: Some(detail),
-        }),
-    })
+            Some(detail) => Some(Denial {
+                rule: decision.rule,
+                detail: Some(detail),
+            }),
+        },
+    )
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ use self::{
 use super::tcp::{Counters, RelayResult, idle};
 use crate::{
     approval::Broker,
-    mask::{MaskPolicy, StreamMasker, mask_in_place_with_hex},
+    mask::{MaskPolicy, StreamMasker, mask_in_place, mask_in_place_with_hex},
     policy::{PolicyStore, Subject as PolicySubject, Target as PolicyTarget},
     record::{Fields, Outcome, SessionRecord},
     sql::{SqlDialect, StatementInfo, analyze},
@@ -206,6 +206,9 @@ struct PumpContext<'a> {
     /// Set by the backend pump at the first ReadyForQuery; until then client messages are
     /// held to the authentication size limit.
     authenticated: &'a AtomicBool,
+    /// Set once the server reports `standard_conforming_strings` off or a statement names that
+    /// setting: rules then also judge each text as read with backslash escapes in strings.
+    escape_readings: &'a AtomicBool,
     startup: &'a StartupInfo,
     session_token: &'a str,
 }
@@ -473,6 +476,7 @@ async fn session(
     record_startup(record, &startup, client_tls, Some(upstream_tls));
 
     let shared = Arc::new(Mutex::new(Shared::default()));
+    let escape_readings = AtomicBool::new(false);
     let _unanswered = RecordUnanswered {
         shared: &shared,
         record,
@@ -484,6 +488,7 @@ async fn session(
         counters,
         shared: &shared,
         authenticated,
+        escape_readings: &escape_readings,
         startup: &startup,
         session_token,
     };
@@ -846,6 +851,37 @@ async fn frontend(
     }
 }
 
+/// Returns the statements rules judge for `text`: `infos`, and once the session may read
+/// strings with backslash escapes, those of that reading too (see
+/// [`crate::sql::postgres_escape_readings`]).
+fn judged_statements<'i>(
+    text: &str,
+    infos: &'i [StatementInfo],
+    pump: &PumpContext<'_>,
+) -> std::borrow::Cow<'i, [StatementInfo]> {
+    const SETTING: &[u8] = b"standard_conforming_strings";
+    let bytes = text.as_bytes();
+    let names_setting = memchr::memchr_iter(b'_', bytes).any(|underscore| {
+        underscore >= 8
+            && bytes
+                .get(underscore - 8..underscore - 8 + SETTING.len())
+                .is_some_and(|word| word.eq_ignore_ascii_case(SETTING))
+    });
+    if names_setting {
+        pump.escape_readings.store(true, Ordering::Release);
+    }
+    if !pump.escape_readings.load(Ordering::Acquire) {
+        return std::borrow::Cow::Borrowed(infos);
+    }
+    let extra = crate::sql::off_runtime(text.len(), || {
+        crate::sql::postgres_escape_readings(text, infos)
+    });
+    if extra.is_empty() {
+        return std::borrow::Cow::Borrowed(infos);
+    }
+    std::borrow::Cow::Owned(infos.iter().cloned().chain(extra).collect())
+}
+
 /// Rejects a Query or Parse whose body was dropped because the budget for large statements
 /// could not hold it. The client gets `message` (SQLSTATE 53200, out of memory) as for a
 /// denial, and the recording shows it denied by the budget's rule. Returns what to send
@@ -913,7 +949,8 @@ async fn frontend_message(
             let infos =
                 crate::sql::off_runtime(text.len(), || analyze(&text, SqlDialect::Postgres));
             let shown = recorded_text(text.as_bytes(), &context.mask);
-            let denial = judge::judge(&mut state.review, &infos, &shown, pump, upstream).await?;
+            let judged = judged_statements(&text, &infos, pump);
+            let denial = judge::judge(&mut state.review, &judged, &shown, pump, upstream).await?;
             let mut shared = shared.lock().expect("session state lock poisoned");
             if let Some(denial) = denial {
                 let info = infos.first().cloned().unwrap_or_default();
@@ -941,16 +978,17 @@ async fn frontend_message(
             let mut reader = BodyReader::new(&body, "Parse");
             let name = reader.cstr().map_err(client_error)?.to_vec();
             let text = reader.cstr().map_err(client_error)?;
-            let infos = crate::sql::off_runtime(text.len(), || {
-                analyze(&String::from_utf8_lossy(text), SqlDialect::Postgres)
-            });
+            let text_read = String::from_utf8_lossy(text);
+            let infos =
+                crate::sql::off_runtime(text.len(), || analyze(&text_read, SqlDialect::Postgres));
             let shown = recorded_text(text, &context.mask);
             let info = statements_or_unparsed(infos.clone())
                 .into_iter()
                 .next()
                 .unwrap_or_default();
+            let judged = judged_statements(&text_read, &infos, pump);
             if let Some(denial) =
-                judge::judge(&mut state.review, &infos, &shown, pump, upstream).await?
+                judge::judge(&mut state.review, &judged, &shown, pump, upstream).await?
             {
                 let mut shared = shared.lock().expect("session state lock poisoned");
                 let marker = shared.deny(
@@ -1387,6 +1425,21 @@ fn backend_message(
         b'T' => {
             (state.column_formats, state.whole_columns) =
                 rows::row_description(&body, &context.masked_columns)?;
+            let mut body = body.to_vec();
+            rows::mask_column_names(&mut body, &context.mask)?;
+            Ok(codec::frame(tag, &body))
+        }
+        b'S' => {
+            // ParameterStatus: a setting's name and value, each ending in NUL. The value may
+            // echo what a client set (`application_name`).
+            let mut body = body.to_vec();
+            if let Some(end) = body.iter().position(|&byte| byte == 0) {
+                let (name, value) = body.split_at_mut(end);
+                if name == b"standard_conforming_strings" && value.starts_with(b"\0off") {
+                    pump.escape_readings.store(true, Ordering::Release);
+                }
+                mask_in_place(value, &context.mask);
+            }
             Ok(codec::frame(tag, &body))
         }
         b'H' => {
@@ -1425,6 +1478,15 @@ fn backend_message(
         }
         b'C' | b'I' | b's' | b'V' => {
             state.copy_binary = false;
+            // FunctionCallResponse: the result's length and value, in the format the call
+            // asked for, which the binary rules cover as well as text.
+            let body = if tag == b'V' && body.len() > 4 {
+                let mut body = body.to_vec();
+                rows::mask_value(&mut body[4..], true, &context.mask);
+                Bytes::from(body)
+            } else {
+                body
+            };
             let rows = if tag == b'C' {
                 command_rows(&body)
             } else {

@@ -49,6 +49,36 @@ pub fn row_description(
     Ok((formats, whole))
 }
 
+/// Masks the column names of a RowDescription body in place, each on its own, so an alias
+/// (`SELECT pan AS "4111111111111111"`) is masked like a value. The other fields are binary
+/// and stay as they are.
+pub fn mask_column_names(body: &mut [u8], policy: &MaskPolicy) -> Result<(), CodecError> {
+    let malformed = || CodecError::Malformed {
+        message: "RowDescription",
+        reason: "body shorter than its columns",
+    };
+    let count = i16::from_be_bytes(
+        body.get(..2)
+            .ok_or_else(malformed)?
+            .try_into()
+            .expect("2 bytes"),
+    );
+    let mut offset = 2;
+    for _ in 0..count.max(0) {
+        let name_len = body[offset..]
+            .iter()
+            .position(|&byte| byte == 0)
+            .ok_or_else(malformed)?;
+        mask_in_place(&mut body[offset..offset + name_len], policy);
+        // The NUL, then table OID, column number, type OID, size, modifier and format.
+        offset += name_len + 1 + 18;
+        if offset > body.len() {
+            return Err(malformed());
+        }
+    }
+    Ok(())
+}
+
 /// Masks every value of a DataRow body in place.
 pub fn mask_data_row(
     body: &mut [u8],
@@ -166,7 +196,8 @@ fn overwrite(value: &mut [u8], binary: bool, policy: &MaskPolicy) {
     value.fill(if binary { 0 } else { policy.mask_char });
 }
 
-fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
+/// Masks one value of a row, as binary or as text.
+pub(crate) fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
     if binary && value.len() == 8 {
         return mask_int8(value, policy);
     }
