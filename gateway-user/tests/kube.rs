@@ -747,6 +747,25 @@ fn kube_denies_by_rule_and_stolen_token() {
     assert!(body.ends_with("\n403"), "{body}");
     assert!(body.contains("no-stolen-tokens"), "{body}");
 
+    // The same token as a WebSocket client sends it, in a subprotocol.
+    let protocol = format!(
+        "Sec-WebSocket-Protocol: base64.binary.k8s.io, base64url.bearer.authorization.k8s.io.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&stolen)
+    );
+    let in_protocol = setup.curl(
+        &setup.pod,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &protocol,
+            &setup.url("/api/v1/namespaces/default/configmaps/cards"),
+        ],
+    );
+    let body = stdout_of(&in_protocol, "curl with a stolen token in a subprotocol");
+    assert!(body.ends_with("\n403"), "{body}");
+    assert!(body.contains("no-stolen-tokens"), "{body}");
+
     // The same token from its own pod passes.
     let own = setup.curl(
         &setup.other_pod,
@@ -771,20 +790,20 @@ fn kube_denies_by_rule_and_stolen_token() {
         .iter()
         .filter(|event| event["event"] == "token_pod_mismatch")
         .collect();
-    assert_eq!(mismatches.len(), 1, "{mismatches:#?}");
-    assert_eq!(
-        mismatches[0]["token"]["pod_uid"],
-        setup.other_pod.uid.as_str()
-    );
+    assert_eq!(mismatches.len(), 2, "{mismatches:#?}");
+    for mismatch in &mismatches {
+        assert_eq!(mismatch["token"]["pod_uid"], setup.other_pod.uid.as_str());
+    }
     assert_eq!(mismatches[0]["caller_pod_uid"], setup.pod.uid.as_str());
     let denied: Vec<&Value> = events
         .iter()
         .filter(|event| event["event"] == "kube.request" && event["outcome"] == "denied")
         .collect();
-    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert_eq!(denied.len(), 4, "{denied:#?}");
     assert_eq!(denied[0]["rule"], "no-secret-reads");
     assert_eq!(denied[0]["status"], 403);
     assert_eq!(denied[2]["rule"], "no-stolen-tokens");
+    assert_eq!(denied[3]["rule"], "no-stolen-tokens");
 }
 
 #[test]

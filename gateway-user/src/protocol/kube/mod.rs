@@ -289,11 +289,37 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let info = attribution::attribute(&parts.method, parts.uri.path(), parts.uri.query());
-    let token = parts
+    // Every token the request carries is checked: the API server may authenticate it by any
+    // of them, the WebSocket subprotocol's included.
+    let mut tokens: Vec<TokenSubject> = parts
         .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| token::decode_bearer(value.as_bytes()));
-    let mismatch = token_pod_mismatch(token.as_ref(), &session.context.subject);
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|value| token::decode_bearer(value.as_bytes()))
+        .collect();
+    tokens.extend(
+        parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .flat_map(|value| token::decode_websocket_bearer(value.as_bytes())),
+    );
+    let checks: Vec<Option<bool>> = tokens
+        .iter()
+        .map(|token| token_pod_mismatch(Some(token), &session.context.subject))
+        .collect();
+    let mismatch = if checks.contains(&Some(true)) {
+        Some(true)
+    } else if checks.contains(&Some(false)) {
+        Some(false)
+    } else {
+        None
+    };
+    let token = checks
+        .iter()
+        .position(|check| *check == mismatch)
+        .or((!tokens.is_empty()).then_some(0))
+        .map(|index| tokens.swap_remove(index));
     if mismatch == Some(true) {
         record_event(
             &session.record,

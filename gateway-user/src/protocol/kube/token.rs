@@ -64,6 +64,29 @@ pub fn decode_bearer(authorization: &[u8]) -> Option<TokenSubject> {
     decode_token(token.trim())
 }
 
+/// Prefix of a bearer token sent as a WebSocket subprotocol (`Sec-WebSocket-Protocol`),
+/// base64url-encoded, as clients that cannot set `Authorization` send it. The API server
+/// authenticates WebSocket requests by it.
+const WEBSOCKET_BEARER_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
+
+/// Reads the claims of the bearer tokens in a `Sec-WebSocket-Protocol` header value, a
+/// comma-separated list of subprotocols.
+pub fn decode_websocket_bearer(protocols: &[u8]) -> Vec<TokenSubject> {
+    let Ok(value) = std::str::from_utf8(protocols) else {
+        return Vec::new();
+    };
+    value
+        .split(',')
+        .filter_map(|protocol| protocol.trim().strip_prefix(WEBSOCKET_BEARER_PREFIX))
+        .filter_map(|encoded| {
+            let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(encoded.trim_end_matches('='))
+                .ok()?;
+            decode_token(std::str::from_utf8(&token).ok()?.trim())
+        })
+        .collect()
+}
+
 fn decode_token(token: &str) -> Option<TokenSubject> {
     if token.len() > MAX_TOKEN_LEN {
         return None;
