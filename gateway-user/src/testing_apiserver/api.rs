@@ -68,16 +68,13 @@ impl Query {
             .collect()
     }
 
-    /// Reads a boolean parameter the way the real server's converter does: `true`/`1` and
-    /// `false`/`0`, anything else is an error.
+    /// Reads a boolean parameter the way the real server's converter does: a missing one is
+    /// false, and so are `0` and `false` in any case. Any other value, an empty one too, is
+    /// true.
     pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
-        match self.get(key) {
-            None | Some("") | Some("false") | Some("0") => Ok(false),
-            Some("true") | Some("1") => Ok(true),
-            Some(other) => Err(ApiError::bad_request(format!(
-                "invalid value for {key}: {other:?} is not a boolean"
-            ))),
-        }
+        Ok(self
+            .get(key)
+            .is_some_and(|value| value != "0" && !value.eq_ignore_ascii_case("false")))
     }
 }
 

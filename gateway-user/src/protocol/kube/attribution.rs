@@ -60,7 +60,13 @@ pub fn attribute(method: &http::Method, path: &str, query: Option<&str>) -> Requ
         path: path.to_string(),
         ..RequestInfo::default()
     };
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // The API server routes by the decoded path, so `%73ecrets` is `secrets`.
+    let decoded: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(decode_segment)
+        .collect();
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
 
     // As in the API server, a path that ends at the version (`/api/v1`, `/apis/apps/v1`, the
     // discovery documents) is a non-resource request.
@@ -160,6 +166,64 @@ pub fn attribute(method: &http::Method, path: &str, query: Option<&str>) -> Requ
     info
 }
 
+/// Segments of a path that name the request: up to `/apis/GROUP/VERSION/namespaces/NS/
+/// RESOURCE/NAME/SUBRESOURCE`. Those after them (a proxy subresource's own path) belong to
+/// the target.
+const NAMING_SEGMENTS: usize = 8;
+
+/// Returns why the API server could route `path` to another request than the gateway
+/// attributes it to, or `None` for a plain path. An empty segment (`/api//v1`), a `.` or `..`
+/// segment and an escaped slash (`%2F`) in the segments that name the request are such
+/// reasons, because routers clean and split such paths in different ways.
+pub fn unclear_path(path: &str) -> Option<&'static str> {
+    let inner = path.strip_prefix('/').unwrap_or(path);
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    if inner.is_empty() {
+        return None;
+    }
+    for segment in inner.split('/').take(NAMING_SEGMENTS) {
+        if segment.is_empty() {
+            return Some("an empty segment");
+        }
+        let decoded = decode_segment(segment);
+        if decoded == "." || decoded == ".." {
+            return Some("a dot segment");
+        }
+        if decoded.contains('/') {
+            return Some("an escaped slash");
+        }
+    }
+    None
+}
+
+/// Decodes the `%XX` escapes of one path segment. Unlike a query string's, a `+` stays.
+fn decode_segment(segment: &str) -> String {
+    if !segment.contains('%') {
+        return segment.to_string();
+    }
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| bytes.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
 /// A decoded `application/x-www-form-urlencoded` query string.
 struct QueryParams(Vec<(String, String)>);
 
@@ -191,13 +255,12 @@ impl QueryParams {
             .collect()
     }
 
-    /// Reads a boolean parameter the way Go's `strconv.ParseBool` does; a missing or invalid
-    /// value is false.
+    /// Reads a boolean parameter as the API server converts query parameters: a missing one
+    /// is false, and so are `0` and `false` in any case. Any other value, an empty one too,
+    /// is true (`?watch`, `?stdin=yes`).
     fn flag(&self, key: &str) -> bool {
-        matches!(
-            self.first(key),
-            Some("1" | "t" | "T" | "true" | "TRUE" | "True")
-        )
+        self.first(key)
+            .is_some_and(|value| value != "0" && !value.eq_ignore_ascii_case("false"))
     }
 }
 
@@ -570,6 +633,70 @@ mod tests {
         assert!(!exec.stdin);
         assert!(exec.stdout);
         assert!(!exec.tty);
+    }
+
+    #[test]
+    fn unclear_paths_named() {
+        for (path, reason) in [
+            (
+                "/api//v1/namespaces/default/secrets/keep",
+                Some("an empty segment"),
+            ),
+            (
+                "/api/v1/namespaces/default/x/../secrets/keep",
+                Some("a dot segment"),
+            ),
+            (
+                "/api/v1/namespaces/./default/secrets",
+                Some("a dot segment"),
+            ),
+            (
+                "/api/v1/namespaces/default/%2e%2e/secrets",
+                Some("a dot segment"),
+            ),
+            (
+                "/api/v1/namespaces/default/secrets%2Fkeep",
+                Some("an escaped slash"),
+            ),
+            ("/api/v1/namespaces/default/secrets/keep", None),
+            ("/api/v1/namespaces/default/secrets/", None),
+            ("/", None),
+            // A proxy's own path belongs to its target.
+            ("/api/v1/namespaces/default/services/web/proxy/a//b", None),
+        ] {
+            assert_eq!(unclear_path(path), reason, "{path}");
+        }
+        let info = attribute(
+            &Method::GET,
+            "/api/v1/namespaces/default/%73ecrets/keep",
+            None,
+        );
+        assert_eq!(info.resource, "secrets");
+        assert_eq!(info.name, "keep");
+    }
+
+    #[test]
+    fn booleans_read_as_the_api_server_reads_them() {
+        let list = "/api/v1/namespaces/default/configmaps";
+        for (query, verb) in [
+            ("watch=true", "watch"),
+            ("watch", "watch"),
+            ("watch=", "watch"),
+            ("watch=yes", "watch"),
+            ("watch=tRUE", "watch"),
+            ("watch=0", "list"),
+            ("watch=FALSE", "list"),
+            ("limit=5", "list"),
+        ] {
+            let info = attribute(&Method::GET, list, Some(query));
+            assert_eq!(info.verb, verb, "{query}");
+        }
+        let exec = "/api/v1/namespaces/default/pods/web/exec";
+        for query in ["stdin=yes&tty=on", "stdin&tty", "stdin=tRUE&tty=1"] {
+            let info = attribute(&Method::POST, exec, Some(query));
+            let exec = info.exec.expect("exec parameters");
+            assert!(exec.stdin && exec.tty, "{query}");
+        }
     }
 
     #[test]

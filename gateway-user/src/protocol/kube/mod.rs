@@ -342,6 +342,22 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
         "token_pod_mismatch": mismatch,
     });
     let mut log = RequestLog::new(Arc::clone(&session.record), Value::Null, started);
+    if let Some(reason) = attribution::unclear_path(parts.uri.path()) {
+        *log.fields_mut() = fields;
+        log.outcome = "rejected";
+        let status = Status {
+            code: StatusCode::BAD_REQUEST,
+            reason: "BadRequest",
+            message: format!(
+                "the gateway rejects request paths with {reason}: {:?}; send the path in its plain form",
+                parts.uri.path()
+            ),
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+        };
+        return status_response(&status, &parts.headers, log);
+    }
 
     let exec = info.exec.as_ref();
     let facts = KubeRequestFacts {
