@@ -695,7 +695,8 @@ mod tests {
         for query in ["stdin=yes&tty=on", "stdin&tty", "stdin=tRUE&tty=1"] {
             let info = attribute(&Method::POST, exec, Some(query));
             let exec = info.exec.expect("exec parameters");
-            assert!(exec.stdin && exec.tty, "{query}");
+            assert!(exec.stdin, "{query}");
+            assert!(exec.tty, "{query}");
         }
     }
 

@@ -198,14 +198,131 @@ fn overwrite(value: &mut [u8], binary: bool, policy: &MaskPolicy) {
 
 /// Masks one value of a row, as binary or as text.
 pub(crate) fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) -> usize {
-    if binary && value.len() == 8 {
-        return mask_int8(value, policy);
-    }
-    if binary && let Some(masked) = mask_numeric(value, policy) {
-        return masked;
+    if binary {
+        return mask_binary_value(value, policy, 0);
     }
     // `float8` prints large whole numbers in exponent notation, alone or in arrays.
     mask_formatted_numbers(value, policy) + mask_in_place_with_hex(value, policy)
+}
+
+/// How deep binary arrays, records and ranges are opened inside one another.
+const MAX_CONTAINER_DEPTH: usize = 4;
+
+/// Masks the elements of a binary array, record (composite) or range by the binary rules, in
+/// place. Returns `None` when the bytes are none of these, checked strictly: every length
+/// must fit, and the elements must end where the value ends.
+///
+/// # Format
+///
+/// - array: `ndim: i32`, `has_null: i32`, element type OID, `ndim` pairs of `(length, lower
+///   bound)`, then each element as `length: i32` (-1 for NULL) and its bytes;
+/// - record: `nfields: i32`, then per field a type OID, `length: i32` and its bytes;
+/// - range: a flags byte, then the lower and upper bound as `length: i32` and bytes, each
+///   present unless the range is empty or that bound infinite.
+fn mask_container(value: &mut [u8], policy: &MaskPolicy, depth: usize) -> Option<usize> {
+    if depth >= MAX_CONTAINER_DEPTH {
+        return None;
+    }
+    let fields = array_elements(value)
+        .or_else(|| record_fields(value))
+        .or_else(|| range_bounds(value))?;
+    Some(
+        fields
+            .into_iter()
+            .map(|field| mask_binary_value(&mut value[field], policy, depth + 1))
+            .sum(),
+    )
+}
+
+/// Masks one binary value: an `int8`, a `numeric`, a container of such values, or else as
+/// text.
+fn mask_binary_value(value: &mut [u8], policy: &MaskPolicy, depth: usize) -> usize {
+    if value.len() == 8 {
+        return mask_int8(value, policy);
+    }
+    if let Some(masked) = mask_numeric(value, policy) {
+        return masked;
+    }
+    if let Some(masked) = mask_container(value, policy, depth) {
+        return masked;
+    }
+    mask_formatted_numbers(value, policy) + mask_in_place_with_hex(value, policy)
+}
+
+fn read_i32(value: &[u8], at: usize) -> Option<i32> {
+    Some(i32::from_be_bytes(value.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Reads `count` length-prefixed elements from `at`, each after `skip` bytes (a type OID for
+/// record fields). Returns their ranges when they end exactly at the value's end.
+fn length_prefixed(
+    value: &[u8],
+    mut at: usize,
+    count: usize,
+    skip: usize,
+) -> Option<Vec<std::ops::Range<usize>>> {
+    let mut fields = Vec::new();
+    for _ in 0..count {
+        at += skip;
+        let len = read_i32(value, at)?;
+        at += 4;
+        if len < 0 {
+            continue;
+        }
+        let end = at.checked_add(usize::try_from(len).ok()?)?;
+        value.get(at..end)?;
+        fields.push(at..end);
+        at = end;
+    }
+    (at == value.len()).then_some(fields)
+}
+
+fn array_elements(value: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    let ndim = usize::try_from(read_i32(value, 0)?).ok()?;
+    let has_null = read_i32(value, 4)?;
+    if !(1..=6).contains(&ndim) || !(0..=1).contains(&has_null) {
+        return None;
+    }
+    let mut count: usize = 1;
+    for dim in 0..ndim {
+        let len = usize::try_from(read_i32(value, 12 + dim * 8)?).ok()?;
+        read_i32(value, 16 + dim * 8)?;
+        count = count.checked_mul(len)?;
+    }
+    if count > value.len() / 4 {
+        return None;
+    }
+    length_prefixed(value, 12 + ndim * 8, count, 0)
+}
+
+fn record_fields(value: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    let count = usize::try_from(read_i32(value, 0)?).ok()?;
+    if count == 0 || count > value.len() / 8 {
+        return None;
+    }
+    length_prefixed(value, 4, count, 4)
+}
+
+/// Range flags: empty, lower bound infinite, upper bound infinite (`RANGE_EMPTY`,
+/// `RANGE_LB_INF`, `RANGE_UB_INF` in PostgreSQL's `rangetypes.h`).
+const RANGE_EMPTY: u8 = 0x01;
+const RANGE_LB_INF: u8 = 0x08;
+const RANGE_UB_INF: u8 = 0x10;
+
+fn range_bounds(value: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    let flags = *value.first()?;
+    // Only the flags a range sent to a client can carry.
+    if flags & !(RANGE_EMPTY | 0x02 | 0x04 | RANGE_LB_INF | RANGE_UB_INF) != 0 {
+        return None;
+    }
+    if flags & RANGE_EMPTY != 0 {
+        return (value.len() == 1).then(Vec::new);
+    }
+    let bounds = usize::from(flags & RANGE_LB_INF == 0) + usize::from(flags & RANGE_UB_INF == 0);
+    if bounds == 0 {
+        return (value.len() == 1).then(Vec::new);
+    }
+    length_prefixed(value, 1, bounds, 0)
 }
 
 /// Base of `numeric`'s digit groups.
@@ -706,6 +823,64 @@ mod tests {
         let mut body = data_row(&[Some(b"abc")]);
         body.truncate(body.len() - 1);
         assert!(mask_data_row(&mut body, &[], &MaskPolicy::default()).is_err());
+    }
+
+    /// Encodes `number` as a binary `int8` value with its length prefix.
+    fn int8_element(number: i64) -> Vec<u8> {
+        let mut element = 8i32.to_be_bytes().to_vec();
+        element.extend_from_slice(&number.to_be_bytes());
+        element
+    }
+
+    #[test]
+    fn binary_containers_masked_inside() {
+        const PAN: i64 = 4_111_111_111_111_111;
+        const MASKED: i64 = 4_111_110_000_001_111;
+        let policy = MaskPolicy::default();
+
+        // int8[] with one dimension of two elements, lower bound 1, type OID 20.
+        let mut array = [1i32, 0, 20, 2, 1]
+            .iter()
+            .flat_map(|word| word.to_be_bytes())
+            .collect::<Vec<u8>>();
+        array.extend(int8_element(PAN));
+        array.extend(int8_element(7));
+        let mut expected = array[..20].to_vec();
+        expected.extend(int8_element(MASKED));
+        expected.extend(int8_element(7));
+        assert_eq!(mask_value(&mut array, true, &policy), 1);
+        assert_eq!(array, expected);
+
+        // A record of (int8, int8[]): each field has its type OID before its length.
+        let inner: Vec<u8> = {
+            let mut inner = [1i32, 0, 20, 1, 1]
+                .iter()
+                .flat_map(|word| word.to_be_bytes())
+                .collect::<Vec<u8>>();
+            inner.extend(int8_element(PAN));
+            inner
+        };
+        let mut record = 2i32.to_be_bytes().to_vec();
+        record.extend(20u32.to_be_bytes());
+        record.extend(int8_element(PAN));
+        record.extend(1016u32.to_be_bytes());
+        record.extend((inner.len() as i32).to_be_bytes());
+        record.extend(&inner);
+        assert_eq!(mask_value(&mut record, true, &policy), 2);
+        let text = format!("{record:?}");
+        assert!(!record.windows(8).any(|w| w == PAN.to_be_bytes()), "{text}");
+
+        // int8range [PAN, PAN + 1): inclusive lower bound, two bounds.
+        let mut range = vec![0x02];
+        range.extend(int8_element(PAN));
+        range.extend(int8_element(PAN + 1));
+        assert_eq!(mask_value(&mut range, true, &policy), 1);
+        assert_eq!(&range[5..13], &MASKED.to_be_bytes());
+
+        // Bytes that only look like a header are scanned as text.
+        let mut text = b"\0\0\0\x01 4111111111111111".to_vec();
+        assert_eq!(mask_value(&mut text, true, &policy), 1);
+        assert!(text.ends_with(b"411111******1111"));
     }
 
     #[test]
