@@ -1451,6 +1451,15 @@ fn backend_message(
             // PostgreSQL sends one row per CopyData message, so a message is masked on its own
             // and keeps its length. Messages over the hold limit are streamed.
             let mut body = body.to_vec();
+            // In logical replication, XLogData (`w`, then three 8-byte positions) carries one
+            // pgoutput message, whose row changes are masked value by value.
+            let row_change = pump.startup.replication == Replication::Logical
+                && body.first() == Some(&b'w')
+                && body.len() > 25
+                && rows::mask_pgoutput(&mut body[25..], &context.mask).is_some();
+            if row_change {
+                return Ok(codec::frame(tag, &body));
+            }
             if state.copy_binary {
                 rows::mask_copy_binary(&mut body, &context.mask);
             } else {

@@ -205,11 +205,76 @@ pub(crate) fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) ->
     mask_formatted_numbers(value, policy) + mask_in_place_with_hex(value, policy)
 }
 
-/// How deep binary arrays, records and ranges are opened inside one another.
+/// Masks the column values of a pgoutput row change (`I`nsert, `U`pdate, `D`elete) in place,
+/// each value on its own, so the length before a value can never join its digits. Returns
+/// `None` for other messages and for bytes that do not parse whole, which the caller scans
+/// as text.
+///
+/// # Format
+///
+/// The message type, in a streamed transaction its transaction id (`i32`), the relation OID
+/// (`i32`), then tuples, each after a `K`, `O` or `N` byte: `ncols: i16` and per column `n`
+/// (NULL), `u` (unchanged TOAST value), or `t` (text) or `b` (binary) with `length: i32` and
+/// the bytes.
+pub fn mask_pgoutput(message: &mut [u8], policy: &MaskPolicy) -> Option<usize> {
+    if !matches!(message.first(), Some(b'I' | b'U' | b'D')) {
+        return None;
+    }
+    // Without, then with, the transaction id of a streamed transaction.
+    let values = pgoutput_values(message, 1).or_else(|| pgoutput_values(message, 5))?;
+    Some(
+        values
+            .into_iter()
+            .map(|(value, binary)| mask_value(&mut message[value], binary, policy))
+            .sum(),
+    )
+}
+
+/// Returns the value ranges of a row change whose relation OID starts at `at`, and whether
+/// each is binary, when the message parses whole.
+fn pgoutput_values(message: &[u8], at: usize) -> Option<Vec<(std::ops::Range<usize>, bool)>> {
+    let kind = message[0];
+    let mut at = at + 4;
+    message.get(..at)?;
+    let mut values = Vec::new();
+    loop {
+        let tuple = *message.get(at)?;
+        at += 1;
+        let last = match (kind, tuple) {
+            (b'U' | b'D', b'K' | b'O') => kind == b'D',
+            (b'I' | b'U', b'N') => true,
+            _ => return None,
+        };
+        let count = i16::from_be_bytes(message.get(at..at + 2)?.try_into().ok()?);
+        at += 2;
+        for _ in 0..usize::try_from(count).ok()? {
+            let column = *message.get(at)?;
+            at += 1;
+            match column {
+                b'n' | b'u' => {}
+                b't' | b'b' => {
+                    let len = usize::try_from(read_i32(message, at)?).ok()?;
+                    at += 4;
+                    let end = at.checked_add(len)?;
+                    message.get(at..end)?;
+                    values.push((at..end, column == b'b'));
+                    at = end;
+                }
+                _ => return None,
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    (at == message.len()).then_some(values)
+}
+
+/// Maximum depth of binary arrays, records and ranges opened inside one another.
 const MAX_CONTAINER_DEPTH: usize = 4;
 
 /// Masks the elements of a binary array, record (composite) or range by the binary rules, in
-/// place. Returns `None` when the bytes are none of these, checked strictly: every length
+/// place. Returns `None` when the bytes are not one of these, checked strictly: every length
 /// must fit, and the elements must end where the value ends.
 ///
 /// # Format
@@ -881,6 +946,46 @@ mod tests {
         let mut text = b"\0\0\0\x01 4111111111111111".to_vec();
         assert_eq!(mask_value(&mut text, true, &policy), 1);
         assert!(text.ends_with(b"411111******1111"));
+    }
+
+    #[test]
+    fn pgoutput_values_masked_apart_from_lengths() {
+        // An insert of one text column of 49 bytes: the length's last byte is `1`, which a
+        // scan of the whole message would join to the card number after it.
+        let value = format!("4111111111111111{}", "x".repeat(33));
+        let mut message = vec![b'I'];
+        message.extend(16_384u32.to_be_bytes());
+        message.push(b'N');
+        message.extend(1i16.to_be_bytes());
+        message.push(b't');
+        message.extend((value.len() as i32).to_be_bytes());
+        message.extend(value.as_bytes());
+        assert_eq!(message[message.len() - value.len() - 1], b'1');
+        assert_eq!(mask_pgoutput(&mut message, &MaskPolicy::default()), Some(1));
+        assert!(String::from_utf8_lossy(&message).contains("411111******1111x"));
+
+        // An update with its old key and new row, in a streamed transaction (with an xid).
+        let mut update = vec![b'U'];
+        update.extend(700u32.to_be_bytes());
+        update.extend(16_384u32.to_be_bytes());
+        for tuple in [b'K', b'N'] {
+            update.push(tuple);
+            update.extend(2i16.to_be_bytes());
+            update.push(b'n');
+            update.push(b't');
+            update.extend(16i32.to_be_bytes());
+            update.extend(b"5555555555554444");
+        }
+        assert_eq!(mask_pgoutput(&mut update, &MaskPolicy::default()), Some(2));
+        assert!(!String::from_utf8_lossy(&update).contains("5555555555554444"));
+
+        // Other messages, and bytes that do not parse whole, are left to the text scan.
+        assert_eq!(
+            mask_pgoutput(&mut b"R\0\0\0\x01".to_vec(), &MaskPolicy::default()),
+            None
+        );
+        let mut truncated = message[..message.len() - 1].to_vec();
+        assert_eq!(mask_pgoutput(&mut truncated, &MaskPolicy::default()), None);
     }
 
     #[test]
