@@ -212,10 +212,10 @@ pub(crate) fn mask_value(value: &mut [u8], binary: bool, policy: &MaskPolicy) ->
 ///
 /// # Format
 ///
-/// The message type, in a streamed transaction its transaction id (`i32`), the relation OID
-/// (`i32`), then tuples, each after a `K`, `O` or `N` byte: `ncols: i16` and per column `n`
-/// (NULL), `u` (unchanged TOAST value), or `t` (text) or `b` (binary) with `length: i32` and
-/// the bytes.
+/// The message type, the transaction id (`i32`) in a streamed transaction, and the relation
+/// OID (`i32`). Then come tuples, each after a `K`, `O` or `N` byte, as `ncols: i16` and per
+/// column `n` (NULL), `u` (unchanged TOAST value), or `t` (text) or `b` (binary) with
+/// `length: i32` and the bytes.
 pub fn mask_pgoutput(message: &mut [u8], policy: &MaskPolicy) -> Option<usize> {
     if !matches!(message.first(), Some(b'I' | b'U' | b'D')) {
         return None;
