@@ -1060,8 +1060,10 @@ where
 fn recorded_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
     let kept = &bytes[..bytes.len().min(MAX_RECORDED_BODY)];
     let mut copy = kept.to_vec();
-    // A PAN cut by the limit at the end is masked as far as it is kept.
+    // A PAN cut by the limit at the end is masked as far as it is kept. JSON strings in
+    // base64 are decoded as in responses.
     mask_in_place(&mut copy, mask);
+    crate::mask::mask_base64_strings(&mut copy, mask);
     json!({
         "bytes": bytes.len(),
         "truncated": bytes.len() > kept.len(),
@@ -1078,9 +1080,15 @@ const WITHHELD: &str = "(withheld)";
 /// one) replaced. Any other body (protobuf, YAML, a JSON patch) is left out whole.
 fn recorded_secret_body(bytes: &[u8], mask: &MaskPolicy) -> Value {
     let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(bytes) else {
+        // kubectl sends protobuf for built-in types such as Secrets.
+        let form = if bytes.starts_with(b"k8s\0") {
+            "protobuf"
+        } else {
+            "not a JSON object"
+        };
         return json!({
             "bytes": bytes.len(),
-            "withheld": "the Secret's body is not a JSON object, so it is left out; only JSON objects are recorded, without their values",
+            "withheld": format!("the Secret's body is {form}, so it is left out; only JSON objects are recorded, without their values"),
         });
     };
     for key in ["data", "stringData"] {
@@ -1353,6 +1361,14 @@ mod tests {
         let plain = br#"{"data":{"card":"4111111111111111"}}"#;
         let recorded = recorded_write_body(plain, &MaskPolicy::default());
         assert_eq!(recorded["text"], r#"{"data":{"card":"411111******1111"}}"#);
+
+        // A card number in base64 is masked in its decoded form, as in responses.
+        let encoded = br#"{"data":{"b64":"NDExMTExMTExMTExMTExMQ=="}}"#;
+        let recorded = recorded_write_body(encoded, &MaskPolicy::default());
+        assert_eq!(
+            recorded["text"],
+            r#"{"data":{"b64":"NDExMTExKioqKioqMTExMQ=="}}"#
+        );
     }
 
     #[test]
