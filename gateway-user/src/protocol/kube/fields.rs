@@ -199,19 +199,18 @@ impl FieldMasker {
 /// Tells whether a media range names a format the maskers cannot read: YAML, whose base64
 /// values are not quoted, and with `named_fields` also protobuf and CBOR, whose fields the
 /// field masker cannot find.
-fn unreadable_media(media_range: &str, named_fields: bool) -> bool {
+fn unreadable_media(media_range: &str) -> bool {
     let media_type = media_range
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let formats: &[&str] = if named_fields {
-        &["protobuf", "yaml", "cbor"]
-    } else {
-        &["yaml"]
-    };
-    formats.iter().any(|format| media_type.contains(format))
+    // Base64 values are found only in JSON strings, where quotes delimit them: protobuf,
+    // CBOR and YAML carry the same text unquoted. Named fields are found in JSON only too.
+    ["protobuf", "yaml", "cbor"]
+        .iter()
+        .any(|format| media_type.contains(format))
 }
 
 /// The handling of a request's `Accept` header when named fields are masked.
@@ -229,22 +228,19 @@ pub enum AcceptChoice {
 /// Named fields are found in JSON only, so a client that would take a protobuf, YAML or CBOR
 /// response gets the JSON one instead, when its `Accept` allows one (client-go sends
 /// `application/vnd.kubernetes.protobuf,application/json`). A missing header means JSON.
-pub fn json_accept(accept: &[&str], named_fields: bool) -> AcceptChoice {
+pub fn json_accept(accept: &[&str]) -> AcceptChoice {
     let ranges: Vec<&str> = accept
         .iter()
         .flat_map(|value| value.split(','))
         .map(str::trim)
         .filter(|range| !range.is_empty())
         .collect();
-    if !ranges
-        .iter()
-        .any(|range| unreadable_media(range, named_fields))
-    {
+    if !ranges.iter().any(|range| unreadable_media(range)) {
         return AcceptChoice::Unchanged;
     }
     let json_ranges: Vec<&str> = ranges
         .into_iter()
-        .filter(|range| !unreadable_media(range, named_fields))
+        .filter(|range| !unreadable_media(range))
         .collect();
     if json_ranges.is_empty() {
         AcceptChoice::Unacceptable
@@ -254,8 +250,8 @@ pub fn json_accept(accept: &[&str], named_fields: bool) -> AcceptChoice {
 }
 
 /// Tells whether a response of `content_type` is in a format the masker cannot read.
-pub fn unreadable_response(content_type: &str, named_fields: bool) -> bool {
-    unreadable_media(content_type, named_fields)
+pub fn unreadable_response(content_type: &str) -> bool {
+    unreadable_media(content_type)
 }
 
 #[cfg(test)]
@@ -347,27 +343,18 @@ mod tests {
     #[test]
     fn accept_keeps_json_entries_only() {
         assert_eq!(
-            json_accept(
-                &["application/vnd.kubernetes.protobuf,application/json"],
-                true
-            ),
+            json_accept(&["application/vnd.kubernetes.protobuf,application/json"]),
             AcceptChoice::Rewritten("application/json".into())
         );
         assert_eq!(
-            json_accept(
-                &[
-                    "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io",
-                    "application/json;as=Table;v=v1;g=meta.k8s.io, application/yaml, */*"
-                ],
-                true
-            ),
+            json_accept(&[
+                "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io",
+                "application/json;as=Table;v=v1;g=meta.k8s.io, application/yaml, */*"
+            ]),
             AcceptChoice::Rewritten("application/json;as=Table;v=v1;g=meta.k8s.io, */*".into())
         );
         assert_eq!(
-            json_accept(
-                &["application/vnd.kubernetes.protobuf;stream=watch, application/json"],
-                true
-            ),
+            json_accept(&["application/vnd.kubernetes.protobuf;stream=watch, application/json"]),
             AcceptChoice::Rewritten("application/json".into())
         );
     }
@@ -375,50 +362,45 @@ mod tests {
     #[test]
     fn accept_without_json_is_refused() {
         assert_eq!(
-            json_accept(&["application/vnd.kubernetes.protobuf"], true),
+            json_accept(&["application/vnd.kubernetes.protobuf"]),
             AcceptChoice::Unacceptable
         );
         assert_eq!(
-            json_accept(&["application/cbor", "Application/YAML"], true),
+            json_accept(&["application/cbor", "Application/YAML"]),
             AcceptChoice::Unacceptable
         );
     }
 
     #[test]
     fn accept_of_json_unchanged() {
-        assert_eq!(json_accept(&[], true), AcceptChoice::Unchanged);
+        assert_eq!(json_accept(&[]), AcceptChoice::Unchanged);
         assert_eq!(
-            json_accept(&["application/json, */*"], true),
+            json_accept(&["application/json, */*"]),
             AcceptChoice::Unchanged
         );
-        assert!(unreadable_response(
-            "application/vnd.kubernetes.protobuf",
-            true
-        ));
-        assert!(!unreadable_response(
-            "application/json; charset=utf-8",
-            true
-        ));
-        assert!(!unreadable_response("text/plain", true));
+        assert!(unreadable_response("application/vnd.kubernetes.protobuf"));
+        assert!(!unreadable_response("application/json; charset=utf-8"));
+        assert!(!unreadable_response("text/plain"));
     }
 
     #[test]
-    fn yaml_accept_rewritten_without_named_fields() {
-        // Protobuf carries byte fields as they are, so it stays; YAML's base64 is unquoted.
+    fn formats_without_quoted_strings_rewritten() {
+        // A ConfigMap's text in base64 is an unquoted string in protobuf, so JSON is asked
+        // for instead.
         let protobuf = "application/vnd.kubernetes.protobuf,application/json";
-        assert_eq!(json_accept(&[protobuf], false), AcceptChoice::Unchanged);
         assert_eq!(
-            json_accept(&["application/yaml, application/json"], false),
+            json_accept(&[protobuf]),
             AcceptChoice::Rewritten("application/json".into())
         );
         assert_eq!(
-            json_accept(&["application/yaml"], false),
+            json_accept(&["application/yaml, application/json"]),
+            AcceptChoice::Rewritten("application/json".into())
+        );
+        assert_eq!(
+            json_accept(&["application/yaml"]),
             AcceptChoice::Unacceptable
         );
-        assert!(unreadable_response("application/yaml", false));
-        assert!(!unreadable_response(
-            "application/vnd.kubernetes.protobuf",
-            false
-        ));
+        assert!(unreadable_response("application/yaml"));
+        assert!(unreadable_response("application/vnd.kubernetes.protobuf"));
     }
 }

@@ -474,7 +474,7 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
             .iter()
             .filter_map(|value| value.to_str().ok())
             .collect();
-        match fields::json_accept(&accept, named_fields) {
+        match fields::json_accept(&accept) {
             fields::AcceptChoice::Unchanged => {}
             fields::AcceptChoice::Rewritten(json) => {
                 let headers = upstream_request.headers_mut();
@@ -489,17 +489,15 @@ async fn handle(session: Arc<Session>, request: Request<Incoming>) -> Response<C
                 let status = Status {
                     code: StatusCode::NOT_ACCEPTABLE,
                     reason: "NotAcceptable",
-                    message: if named_fields {
-                        format!(
-                            "gateway: the policy masks named fields, which it finds in JSON only, and the request accepts none of {}; add application/json to Accept",
-                            accept.join(", ")
-                        )
-                    } else {
-                        format!(
-                            "gateway: base64 values in YAML cannot be scanned for card numbers, and the request accepts none of {}; add application/json to Accept",
-                            accept.join(", ")
-                        )
-                    },
+                    message: format!(
+                        "gateway: card numbers in base64 values{} are found in JSON only, and the request accepts none of {}; add application/json to Accept",
+                        if named_fields {
+                            " and named fields"
+                        } else {
+                            ""
+                        },
+                        accept.join(", ")
+                    ),
                     name: info.name.clone(),
                     group: info.group.clone(),
                     kind: info.resource.clone(),
@@ -703,8 +701,7 @@ fn client_response(
         .and_then(|value| value.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let named_fields = !session.context.masked_fields.is_empty();
-    if fields::unreadable_response(&content_type, named_fields) {
+    if fields::unreadable_response(&content_type) {
         log.outcome = "upstream_failed";
         log.error = Some(format!(
             "the API server responded in {content_type}, which cannot be masked"
