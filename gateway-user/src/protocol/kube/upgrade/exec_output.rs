@@ -227,9 +227,15 @@ impl OutputMasker {
                     StreamKey::Channel(_) if self.port_prefix => PORT_PREFIX_LEN,
                     _ => 0,
                 };
+                // Messages of a WebSocket without channels are a watch's JSON events or a
+                // log: JSON strings in base64 are decoded as in response bodies.
+                let masker = match key {
+                    StreamKey::Messages => StreamMasker::new(self.policy.clone()).with_base64(),
+                    _ => StreamMasker::new(self.policy.clone()),
+                };
                 self.streams.push(HeldStream {
                     key,
-                    masker: StreamMasker::new(self.policy.clone()),
+                    masker,
                     held: 0,
                     held_since: None,
                     opcode: 0x2,
@@ -604,6 +610,30 @@ mod tests {
             String::from_utf8_lossy(&expected)
         );
         assert_eq!(out.pans_masked, 2);
+    }
+
+    /// A watch over a WebSocket without channels sends JSON events, whose base64 strings
+    /// are decoded and masked as in response bodies.
+    #[test]
+    fn watch_messages_base64_masked() {
+        let framing = Framing::WebSocket { channels: false };
+        let mut masker = OutputMasker::new(framing, MaskPolicy::default(), HOLD);
+        let mut out = MaskedOutput::default();
+        let event = br#"{"type":"ADDED","object":{"data":{"pan":"NDExMTExMTExMTExMTExMQ=="}}}"#;
+        push_all(
+            &mut masker,
+            &websocket_message(WEBSOCKET_FIN | 0x1, event),
+            Instant::now(),
+            &mut out,
+        );
+        masker.flush_all(&mut out);
+        // One text message back, its payload after a 2-byte header.
+        let text = String::from_utf8_lossy(&out.bytes[2..]).into_owned();
+        assert!(
+            text.contains(r#""pan":"NDExMTExKioqKioqMTExMQ==""#),
+            "{text}"
+        );
+        assert_eq!(out.pans_masked, 1);
     }
 
     /// Without the port-forward setting, the first bytes of a channel are data like any other.
