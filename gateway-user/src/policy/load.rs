@@ -20,6 +20,7 @@ use serde::Deserialize as _;
 use tracing::{error, info};
 
 use super::{eval::Policy, spec::AccessPolicySpec};
+use crate::mask::MaskPolicy;
 
 /// Largest policy file read. Policies are hand-written text; a file this large is a mistake
 /// (a wrong path) rather than a policy.
@@ -268,7 +269,10 @@ impl PolicyStore {
                 Ok(())
             }
             Err(load_error) => {
-                error!(path = %path.display(), error = %load_error, "policy reload failed; keeping the last good policy");
+                // The parser quotes the value it rejected, which may be a card number.
+                let shown =
+                    crate::mask::masked_text(load_error.to_string(), &MaskPolicy::default());
+                error!(path = %path.display(), error = shown, "policy reload failed; keeping the last good policy");
                 self.status
                     .write()
                     .expect("policy status lock poisoned")
