@@ -404,11 +404,7 @@ pub fn mysql_mode_readings(text: &str, infos: &[StatementInfo]) -> Vec<Statement
         let Some(reread) = reread_mysql(text, ansi_quotes, no_backslash_escapes) else {
             continue;
         };
-        for info in analyze(&reread, SqlDialect::Mysql) {
-            if info.kind != "unparsed" && !infos.contains(&info) && !extra.contains(&info) {
-                extra.push(info);
-            }
-        }
+        add_new_statements(analyze(&reread, SqlDialect::Mysql), infos, &mut extra);
     }
     extra
 }
@@ -423,13 +419,24 @@ pub fn postgres_escape_readings(text: &str, infos: &[StatementInfo]) -> Vec<Stat
     let Some(reread) = reread_postgres_escapes(text) else {
         return Vec::new();
     };
-    let mut extra: Vec<StatementInfo> = Vec::new();
-    for info in analyze(&reread, SqlDialect::Postgres) {
+    let mut extra = Vec::new();
+    add_new_statements(analyze(&reread, SqlDialect::Postgres), infos, &mut extra);
+    extra
+}
+
+/// Appends to `extra` the statements of another reading that are in neither `infos` nor
+/// `extra`. Statements that did not tokenize are left out, because the server rejects such
+/// text in that reading too.
+fn add_new_statements(
+    found: Vec<StatementInfo>,
+    infos: &[StatementInfo],
+    extra: &mut Vec<StatementInfo>,
+) {
+    for info in found {
         if info.kind != "unparsed" && !infos.contains(&info) && !extra.contains(&info) {
             extra.push(info);
         }
     }
-    extra
 }
 
 /// Rewrites PostgreSQL `text` as read with `standard_conforming_strings` off into text that
@@ -601,17 +608,12 @@ fn reread_mysql(text: &str, ansi_quotes: bool, no_backslash_escapes: bool) -> Op
                 }
                 out.push(b'`');
             }
-            b'#' => {
-                let end = bytes[at..]
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(bytes.len(), |offset| at + offset);
-                out.extend_from_slice(&bytes[at..end]);
-                at = end;
-            }
-            b'-' if bytes.get(at + 1) == Some(&b'-')
-                && bytes.get(at + 2).is_none_or(|b| b.is_ascii_whitespace()) =>
+            b'#' | b'-'
+                if byte == b'#'
+                    || (bytes.get(at + 1) == Some(&b'-')
+                        && bytes.get(at + 2).is_none_or(|b| b.is_ascii_whitespace())) =>
             {
+                // A comment to the end of the line: `#`, or `--` and a space.
                 let end = bytes[at..]
                     .iter()
                     .position(|&b| b == b'\n')
@@ -1477,6 +1479,13 @@ mod tests {
         }
     }
 
+    /// Tells whether `infos` has a DELETE on the table `cards`.
+    fn deletes_cards(infos: &[StatementInfo]) -> bool {
+        infos
+            .iter()
+            .any(|info| info.kind == "delete" && info.tables == ["cards"])
+    }
+
     #[test]
     fn mysql_mode_readings_find_hidden_statements() {
         let read = |text: &str| {
@@ -1498,13 +1507,8 @@ mod tests {
         // With ANSI_QUOTES a double-quoted text is a name, in which a backslash escapes
         // nothing.
         let (infos, extra) = read(r#"SELECT "a\"; DELETE FROM cards; -- ""#);
-        assert!(infos.iter().all(|info| info.kind != "delete"), "{infos:?}");
-        assert!(
-            extra
-                .iter()
-                .any(|info| info.kind == "delete" && info.tables == ["cards"]),
-            "{extra:?}"
-        );
+        assert!(!deletes_cards(&infos), "{infos:?}");
+        assert!(deletes_cards(&extra), "{extra:?}");
 
         // Text read the same in every mode gives nothing more.
         for text in [
@@ -1524,12 +1528,7 @@ mod tests {
         let infos = analyze(text, SqlDialect::Postgres);
         assert!(infos.iter().all(|info| info.kind != "delete"), "{infos:?}");
         let extra = postgres_escape_readings(text, &infos);
-        assert!(
-            extra
-                .iter()
-                .any(|info| info.kind == "delete" && info.tables == ["cards"]),
-            "{extra:?}"
-        );
+        assert!(deletes_cards(&extra), "{extra:?}");
         // Strings whose backslashes never escape, and text without any, read the same.
         for text in [
             r"SELECT E'a\'b', B'101', $$a\$$ FROM t",
