@@ -596,8 +596,8 @@ fn kube_masks_json_protobuf_and_watch() {
     // A 13-digit timestamp passes Luhn but has no card issuer prefix.
     assert_eq!(object["data"]["note"], "order 1748503543012");
 
-    // Protobuf, as client-go asks for it with JSON beside it: base64 text is found in JSON
-    // strings only, so the gateway asks the API server for JSON.
+    // Protobuf with JSON beside it, as client-go requests it: base64 text is found in JSON
+    // strings only, so the gateway requests JSON from the API server.
     let protobuf = setup.curl(
         &setup.pod,
         &[

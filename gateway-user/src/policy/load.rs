@@ -270,9 +270,9 @@ impl PolicyStore {
             }
             Err(load_error) => {
                 // The parser quotes the value it rejected, which may be a card number.
-                let shown =
+                let masked_error =
                     crate::mask::masked_text(load_error.to_string(), &MaskPolicy::default());
-                error!(path = %path.display(), error = shown, "policy reload failed; keeping the last good policy");
+                error!(path = %path.display(), error = masked_error, "policy reload failed; keeping the last good policy");
                 self.status
                     .write()
                     .expect("policy status lock poisoned")
