@@ -851,7 +851,8 @@ impl LargeLexer<'_> {
                     && bytes[start - 1] == b'&'
                     && bytes[start - 2] | 0x20 == b'u';
                 let value = if escaped {
-                    unescape_unicode(&value, '\\').unwrap_or(value)
+                    let escape = self.uescape_after().unwrap_or('\\');
+                    unescape_unicode(&value, escape).unwrap_or(value)
                 } else {
                     value
                 };
@@ -876,6 +877,30 @@ impl LargeLexer<'_> {
             }
         };
         Some(item)
+    }
+
+    /// Returns the escape character of a `UESCAPE 'c'` clause right after the current
+    /// position, whitespace aside, without moving past it.
+    fn uescape_after(&self) -> Option<char> {
+        let rest = &self.bytes[self.at..];
+        let skip_space = |from: usize| {
+            from + rest[from..]
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count()
+        };
+        let keyword = skip_space(0);
+        if !rest
+            .get(keyword..keyword + 7)?
+            .eq_ignore_ascii_case(b"uescape")
+        {
+            return None;
+        }
+        let quote = skip_space(keyword + 7);
+        match rest.get(quote..quote + 3)? {
+            [b'\'', escape, b'\''] if escape.is_ascii() => Some(char::from(*escape)),
+            _ => None,
+        }
     }
 
     /// Moves past the first of `stops` at or after `from`, or to the end.
@@ -1616,6 +1641,11 @@ mod tests {
             (SqlDialect::Mysql, "/*!40101 DROP TABLE cards */", "cards"),
             (SqlDialect::Mysql, "/*M! DROP TABLE `cards` */", "cards"),
             (SqlDialect::Postgres, r#"DROP TABLE U&"c\0061rds""#, "cards"),
+            (
+                SqlDialect::Postgres,
+                r#"DROP TABLE U&"c!0061rds" UESCAPE '!'"#,
+                "cards",
+            ),
             (
                 SqlDialect::Postgres,
                 r#"DROP TABLE "Payments"."Cards""#,
