@@ -128,6 +128,8 @@ async fn serve_request(
         websocket_protocol: header(http::header::SEC_WEBSOCKET_PROTOCOL),
     });
     let accept = header(http::header::ACCEPT).unwrap_or_default();
+    // The API server answers HEAD as GET, without the content.
+    let head = request.method() == http::Method::HEAD;
 
     let response = match (request.uri().path(), request.uri().query()) {
         ("/api/v1/namespaces/default/configmaps/cards", _) if accept.contains("protobuf") => {
@@ -209,7 +211,12 @@ async fn serve_request(
                 r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"not found","reason":"NotFound","code":404}"#,
             )),
     };
-    Ok(response.expect("valid response"))
+    let response = response.expect("valid response");
+    if head {
+        let (parts, _) = response.into_parts();
+        return Ok(Response::from_parts(parts, full(Bytes::new())));
+    }
+    Ok(response)
 }
 
 /// Accepts `request`'s WebSocket upgrade with `protocol`, then writes `messages` as binary
@@ -2569,4 +2576,45 @@ spec:
         1,
         "{log}"
     );
+}
+
+/// A HEAD request gets its status and headers without content, over HTTP/2 and HTTP/1.1,
+/// whether the gateway denies it or the API server answers.
+#[test]
+fn head_requests_answered_without_content() {
+    let mut setup = kube_setup("head_requests_answered_without_content", DENY_RULES);
+    let token = bound_token(&setup.pod);
+    let auth = format!("Authorization: Bearer {token}");
+    for version in ["--http2", "--http1.1"] {
+        for (path, code) in [
+            ("/api/v1/namespaces/default/configmaps/cards", "200"),
+            ("/api/v1/namespaces/default/secrets/db", "403"),
+        ] {
+            let output = setup.curl(
+                &setup.pod,
+                &[
+                    version,
+                    "-I",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                    &auth,
+                    &setup.url(path),
+                ],
+            );
+            assert_eq!(stdout_of(&output, "curl -I"), code, "{version} {path}");
+        }
+    }
+    // Each is recorded as complete, without an error.
+    let events = setup.stop_and_read_events();
+    let heads: Vec<&Value> = events
+        .iter()
+        .filter(|event| event["event"] == "kube.request" && event["method"] == "HEAD")
+        .collect();
+    assert_eq!(heads.len(), 4, "{heads:#?}");
+    for head in heads {
+        assert!(head["error"].is_null(), "{head}");
+    }
 }

@@ -253,7 +253,11 @@ async fn serve(
         async move {
             session.responses.start();
             let counts = Arc::clone(&session.responses);
-            let response = handle(session, request).await;
+            let head = request.method() == http::Method::HEAD;
+            let mut response = handle(session, request).await;
+            if head {
+                response = without_content(response, h2).await;
+            }
             Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, counts).boxed_unsync()))
         }
     });
@@ -282,6 +286,20 @@ fn full_body(bytes: Bytes) -> ClientBody {
     Full::new(bytes)
         .map_err(|never: Infallible| match never {})
         .boxed_unsync()
+}
+
+/// Returns the response to a HEAD request without content. Its body is read to the end first,
+/// so its record is complete. Over HTTP/2 the `Content-Length` of the content a GET would get
+/// goes too, because the HTTP/2 layer resets a stream whose data falls short of it.
+async fn without_content(response: Response<ClientBody>, h2: bool) -> Response<ClientBody> {
+    let (mut parts, body) = response.into_parts();
+    if let Err(error) = body.collect().await {
+        debug!(%error, "body of a HEAD response failed");
+    }
+    if h2 {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    Response::from_parts(parts, full_body(Bytes::new()))
 }
 
 /// Handles one request: attribute, check, decide, forward, mask, record.
