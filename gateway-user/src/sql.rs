@@ -485,25 +485,18 @@ fn reread_postgres_escapes(text: &str) -> Option<String> {
                 out.extend_from_slice(&bytes[at..=close]);
                 at = close + 1;
             }
-            b'$' if at == 0 || !word_byte(bytes[at - 1]) => {
-                let tag_len = bytes[at + 1..]
-                    .iter()
-                    .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
-                    .count();
-                let tag_end = at + 1 + tag_len;
-                let opens = bytes.get(tag_end) == Some(&b'$')
-                    && !bytes.get(at + 1).is_some_and(u8::is_ascii_digit);
-                if opens {
-                    let tag = &bytes[at..=tag_end];
-                    let body = tag_end + 1;
+            b'$' if at == 0 || !word_byte(bytes[at - 1]) => match dollar_tag(bytes, at) {
+                Some(tag) => {
+                    let body = at + tag.len();
                     let end = body + memchr::memmem::find(&bytes[body..], tag)? + tag.len();
                     out.extend_from_slice(&bytes[at..end]);
                     at = end;
-                } else {
+                }
+                None => {
                     out.push(byte);
                     at += 1;
                 }
-            }
+            },
             b'\'' => {
                 let prefix_start = bytes[..at]
                     .iter()
@@ -980,23 +973,28 @@ impl LargeLexer<'_> {
     /// `$tag$...$tag$`) skipped whole.
     fn dollar_quoted(&mut self, start: usize) -> Lexed {
         let bytes = self.bytes;
-        let tag_len = bytes[start + 1..]
-            .iter()
-            .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
-            .count();
-        let tag_end = start + 1 + tag_len;
-        let opens = bytes.get(tag_end) == Some(&b'$')
-            && !bytes.get(start + 1).is_some_and(u8::is_ascii_digit);
-        if !opens {
-            self.at = tag_end.max(start + 1);
+        let Some(tag) = dollar_tag(bytes, start) else {
+            self.at = start + 1;
             return Lexed::Other;
-        }
-        let tag = &bytes[start..=tag_end];
-        let body = tag_end + 1;
+        };
+        let body = start + tag.len();
         self.at = memchr::memmem::find(&bytes[body..], tag)
             .map_or(bytes.len(), |offset| body + offset + tag.len());
         Lexed::Other
     }
+}
+
+/// Returns the tag (`$$` or `$name$`) of a PostgreSQL dollar-quoted string that opens at
+/// `start`, a `$`. `None` for a parameter (`$1`) or a lone `$`.
+fn dollar_tag(bytes: &[u8], start: usize) -> Option<&[u8]> {
+    let name_len = bytes[start + 1..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+        .count();
+    let end = start + 1 + name_len;
+    let opens =
+        bytes.get(end) == Some(&b'$') && !bytes.get(start + 1).is_some_and(u8::is_ascii_digit);
+    opens.then(|| &bytes[start..=end])
 }
 
 /// Tells whether a word-like run of bytes is a number: digits with an optional fraction or

@@ -128,7 +128,7 @@ async fn serve_request(
         websocket_protocol: header(http::header::SEC_WEBSOCKET_PROTOCOL),
     });
     let accept = header(http::header::ACCEPT).unwrap_or_default();
-    // The API server answers HEAD as GET, without the content.
+    // The API server responds to HEAD as to GET, without the content.
     let head = request.method() == http::Method::HEAD;
 
     let response = match (request.uri().path(), request.uri().query()) {
@@ -2579,7 +2579,7 @@ spec:
 }
 
 /// A HEAD request gets its status and headers without content, over HTTP/2 and HTTP/1.1,
-/// whether the gateway denies it or the API server answers.
+/// whether the gateway denies it or the API server responds.
 #[test]
 fn head_requests_answered_without_content() {
     let mut setup = kube_setup("head_requests_answered_without_content", DENY_RULES);
